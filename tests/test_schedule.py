@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from torchrl_bdpo.diffusion import NoiseSchedule, make_schedule
+
+
+def test_vp_n5_matches_design_values():
+    s = make_schedule("vp", 5)
+    torch.testing.assert_close(
+        s.betas[1:], torch.tensor([0.1959, 0.4588, 0.6358, 0.7549, 0.8350]), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(
+        s.kl_weights[1:], torch.tensor([0.622, 0.751, 1.037, 1.602, 2.547]), atol=1e-3, rtol=0
+    )
+    assert s.num_steps == 5
+    assert s.betas[0] == 0 and s.alphas_cumprod[0] == 1 and s.kl_weights[0] == 0
+
+
+def test_vp_formula_any_n():
+    N = 50
+    s = make_schedule("vp", N)
+    n = torch.arange(1, N + 1, dtype=torch.float64)
+    alpha = torch.exp(-0.1 / N - 0.5 * 9.9 * (2 * n - 1) / N**2)
+    torch.testing.assert_close(s.alphas[1:].double(), alpha, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(s.alphas_cumprod[1:].double(), torch.cumprod(alpha, 0), rtol=1e-5, atol=1e-7)
+    # the chain ends close to N(0, I)
+    assert s.alphas_cumprod[N] < 1e-2
+
+
+def test_linear_and_cosine():
+    lin = make_schedule("linear", 10)
+    torch.testing.assert_close(lin.betas[1:], torch.linspace(1e-4, 2e-2, 10))
+    cos = make_schedule("cosine", 10)
+    t = torch.arange(11, dtype=torch.float64) / 10
+    f = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    abar = (f / f[0]).float()
+    torch.testing.assert_close(cos.alphas_cumprod[1:10], abar[1:10], rtol=1e-5, atol=1e-6)
+    assert cos.betas[10] == pytest.approx(0.999)
+
+
+def test_reverse_mean_identities():
+    s = make_schedule("vp", 5)
+    a = torch.randn(7, 3)
+    eps = torch.randn(7, 3)
+    for n in range(1, 6):
+        mu = s.reverse_mean(a, n, eps)
+        # eps form of the DDPM mean
+        eps_form = (a - s.betas[n] / (1 - s.alphas_cumprod[n]).sqrt() * eps) / s.alphas[n].sqrt()
+        torch.testing.assert_close(mu, eps_form, rtol=1e-5, atol=1e-5)
+    # at n = 1 the mean is the denoised action, and a reverse step adds no noise
+    torch.testing.assert_close(s.reverse_mean(a, 1, eps), s.predict_x0(a, 1, eps))
+    torch.testing.assert_close(s.reverse_step(a, 1, eps, torch.randn(7, 3)), s.predict_x0(a, 1, eps))
+    # the forward noising inverts through predict_x0
+    a0 = torch.rand(7, 3)
+    n = torch.randint(1, 6, (7,))
+    torch.testing.assert_close(s.predict_x0(s.q_sample(a0, n, eps), n, eps), a0, rtol=1e-4, atol=1e-4)
+
+
+def test_clip_denoised():
+    s = make_schedule("vp", 5)
+    a = torch.full((4, 2), 5.0)
+    x0 = s.predict_x0(a, 3, torch.zeros(4, 2), clip_denoised=True)
+    assert x0.max() == 1.0
+
+
+def test_posterior_sigma():
+    s = make_schedule("vp", 5, sigma="posterior")
+    b, ab = s.betas, s.alphas_cumprod
+    for n in range(2, 6):
+        assert s.sigmas[n] ** 2 == pytest.approx((b[n] * (1 - ab[n - 1]) / (1 - ab[n])).item(), rel=1e-5)
+        w = b[n] ** 2 / (2 * (1 - b[n]) * (1 - ab[n]) * s.sigmas[n] ** 2)
+        assert s.kl_weights[n] == pytest.approx(w.item(), rel=1e-5)
+    assert s.noise_scales[1] == 0 and s.kl_weights[1] > 0
+
+
+def test_step_kl_weights():
+    s = make_schedule("vp", 5)
+    e1, e2 = torch.randn(3, 2), torch.randn(3, 2)
+    n = torch.tensor([1, 3, 5])
+    expected = s.kl_weights[n] * ((e1 - e2) ** 2).sum(-1)
+    torch.testing.assert_close(s.step_kl(e1, e2, n), expected)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_bad_num_steps(n):
+    with pytest.raises(ValueError, match="num_steps"):
+        make_schedule("vp", n)
+
+
+def test_unknown_name_and_sigma():
+    with pytest.raises(ValueError, match="'sigmoid'.*expected one of"):
+        make_schedule("sigmoid", 5)
+    with pytest.raises(ValueError, match="sigma='fixed'"):
+        make_schedule("vp", 5, sigma="fixed")
+    with pytest.raises(ValueError, match="open interval"):
+        NoiseSchedule(torch.tensor([0.1, 1.2]))
+
+
+def test_compatibility():
+    s = make_schedule("vp", 5)
+    assert s.is_compatible(make_schedule("vp", 5))
+    assert not s.is_compatible(make_schedule("vp", 6))
+    assert not s.is_compatible(make_schedule("cosine", 5))
+    assert not s.is_compatible(make_schedule("vp", 5, sigma="posterior"))

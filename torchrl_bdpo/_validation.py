@@ -1,0 +1,37 @@
+"""Input checks shared by the modules and losses.
+
+Checks that read tensor values (finiteness) synchronise with the device, so
+they are skipped while ``torch.compile`` traces and can be switched off with
+the ``validate`` flag of each module once a pipeline is known to be clean.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming ``name`` when ``tensor`` holds NaN or inf."""
+    if _is_compiling() or not torch.is_floating_point(tensor):
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = (~finite).sum().item()
+        raise ValueError(
+            f"{name} holds {bad} non-finite value(s) (NaN or inf) out of "
+            f"{tensor.numel()}; expected finite numbers. Clean or filter the data "
+            f"before it reaches the module (e.g. drop the transitions with "
+            f"torch.isfinite), or fix the upstream computation that produced them."
+        )
+
+
+def check_last_dim(name: str, tensor: torch.Tensor, expected: int, fix: str) -> None:
+    """Raise a ``ValueError`` when the feature dimension of ``tensor`` is not ``expected``."""
+    if tensor.ndim == 0 or tensor.shape[-1] != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}: expected a last dimension of "
+            f"{expected}. {fix}"
+        )

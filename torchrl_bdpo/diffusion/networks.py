@@ -1,0 +1,212 @@
+"""Plain ``nn.Module`` networks of the reference implementation (DESIGN.md section 3).
+
+They take tensors, not TensorDicts; :class:`~torchrl_bdpo.diffusion.DiffusionActor`
+and TorchRL's ``ValueOperator`` are their TensorDict faces.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torchrl_bdpo._validation import check_last_dim
+
+
+def orthogonal_init_(module: nn.Module, gain: float = math.sqrt(2)) -> nn.Module:
+    """Orthogonal weights (gain sqrt 2) and zero biases for every ``nn.Linear`` in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.orthogonal_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def mlp(in_dim: int, hidden: int, depth: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
+    """``depth`` hidden layers of ``hidden`` units with Mish (and LayerNorm on request), then a linear head."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(depth):
+        layers.append(nn.Linear(d, hidden))
+        if layer_norm:
+            layers.append(nn.LayerNorm(hidden))
+        layers.append(nn.Mish())
+        d = hidden
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+class SinusoidalTimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of the raw integer step ``n`` (not rescaled to [0, 1]).
+
+    ``emb(n) = [sin(n f_0), ..., sin(n f_{h-1}), cos(n f_0), ..., cos(n f_{h-1})]``
+    with ``f_i = exp(-log(10000) i / (h - 1))`` and ``h = dim / 2``.
+    """
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        if dim < 4 or dim % 2:
+            raise ValueError(f"embedding dim={dim}: expected an even integer >= 4.")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half) / (half - 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.dim = dim
+
+    def forward(self, n: torch.Tensor) -> torch.Tensor:
+        arg = n.to(self.freqs.dtype).unsqueeze(-1) * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], -1)
+
+
+def timestep_embedding(dim: int = 64, hidden: int = 64, out_dim: int = 64) -> nn.Sequential:
+    """Sinusoidal embedding followed by ``Linear(hidden)-Mish-Linear(out_dim)-Mish``."""
+    return nn.Sequential(
+        SinusoidalTimestepEmbedding(dim),
+        nn.Linear(dim, hidden),
+        nn.Mish(),
+        nn.Linear(hidden, out_dim),
+        nn.Mish(),
+    )
+
+
+def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
+    if isinstance(n, int):
+        return torch.full(batch_shape, n, dtype=torch.long, device=device)
+    if n.shape != batch_shape:
+        n = n.expand(batch_shape)
+    return n
+
+
+class EpsilonNetwork(nn.Module):
+    """The noise-prediction network ``eps(a^n, n, s)``.
+
+    ``concat[a^n, time_embedding(n), s] -> depth x hidden Mish MLP -> action_dim``.
+    Defaults: 4 x 256 (use ``hidden=512`` for antmaze), time embedding of 64 dims.
+
+    Args:
+        action_dim (int): dimension of the action ``a``.
+        observation_dim (int): dimension of the observation ``s`` (0 for an
+            unconditional model; pass ``observation=None`` then).
+
+    Keyword Args:
+        hidden (int): hidden width. Defaults to 256.
+        depth (int): number of hidden layers. Defaults to 4.
+        time_dim (int): time-embedding width. Defaults to 64.
+
+    ``forward(action, step, observation)``: ``action`` is ``[*B, action_dim]``,
+    ``step`` an integer or a long tensor of shape ``B``, ``observation``
+    ``[*B, observation_dim]``; returns eps of shape ``[*B, action_dim]``.
+    """
+
+    def __init__(
+        self,
+        action_dim: int,
+        observation_dim: int,
+        *,
+        hidden: int = 256,
+        depth: int = 4,
+        time_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        for name, v in (("action_dim", action_dim), ("observation_dim", observation_dim)):
+            if not isinstance(v, int) or v < (1 if name == "action_dim" else 0):
+                raise ValueError(f"{name}={v!r}: expected a positive integer.")
+        self.action_dim = action_dim
+        self.observation_dim = observation_dim
+        self.time_mlp = timestep_embedding(time_dim, time_dim, time_dim)
+        self.body = mlp(action_dim + time_dim + observation_dim, hidden, depth, action_dim)
+        orthogonal_init_(self)
+
+    def check_inputs(self, action: torch.Tensor, observation: torch.Tensor | None) -> None:
+        """Shape checks (cheap, no device sync)."""
+        check_last_dim(
+            "action", action, self.action_dim,
+            "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
+        )
+        if self.observation_dim:
+            if observation is None:
+                raise ValueError(
+                    f"observation is None: this EpsilonNetwork was built with "
+                    f"observation_dim={self.observation_dim}; pass an observation."
+                )
+            check_last_dim(
+                "observation", observation, self.observation_dim,
+                "Build the EpsilonNetwork with the observation dimension of the data "
+                "(observation_dim).",
+            )
+
+    def forward(self, action: torch.Tensor, step, observation: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_inputs(action, observation)
+        step = _broadcast_step(step, action.shape[:-1], action.device)
+        parts = [action, self.time_mlp(step)]
+        if self.observation_dim:
+            if observation.shape[:-1] != action.shape[:-1]:
+                observation = observation.expand(*action.shape[:-1], self.observation_dim)
+            parts.append(observation)
+        return self.body(torch.cat(parts, -1))
+
+
+class DiffusionValueNetwork(nn.Module):
+    """The diffusion value ``V(s, a^n, n)`` for ``n >= 1`` (``V_0`` is ``Q``).
+
+    Time branch ``emb(64) -> Linear(128)-Mish-Linear(64)-Mish``; body
+    ``concat[s, a^n, t] -> depth x hidden (LayerNorm, Mish) -> 1``.
+
+    ``forward(observation, action, step)`` returns ``[*B, 1]``.
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        *,
+        hidden: int = 256,
+        depth: int = 3,
+        time_dim: int = 64,
+    ) -> None:
+        super().__init__()
+        self.action_dim = action_dim
+        self.observation_dim = observation_dim
+        self.time_mlp = timestep_embedding(time_dim, 2 * time_dim, time_dim)
+        self.body = mlp(observation_dim + action_dim + time_dim, hidden, depth, 1, layer_norm=True)
+        orthogonal_init_(self)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor, step) -> torch.Tensor:
+        check_last_dim("action", action, self.action_dim, "Match the value network's action_dim.")
+        check_last_dim(
+            "observation", observation, self.observation_dim,
+            "Match the value network's observation_dim.",
+        )
+        step = _broadcast_step(step, action.shape[:-1], action.device)
+        if observation.shape[:-1] != action.shape[:-1]:
+            observation = observation.expand(*action.shape[:-1], self.observation_dim)
+        return self.body(torch.cat([observation, action, self.time_mlp(step)], -1))
+
+
+class QValueNetwork(nn.Module):
+    """``Q(s, a)``: ``concat[s, a] -> depth x hidden Mish (LayerNorm on request) -> 1``."""
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        *,
+        hidden: int = 256,
+        depth: int = 3,
+        layer_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.action_dim = action_dim
+        self.observation_dim = observation_dim
+        self.body = mlp(observation_dim + action_dim, hidden, depth, 1, layer_norm=layer_norm)
+        orthogonal_init_(self)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        check_last_dim("action", action, self.action_dim, "Match the Q network's action_dim.")
+        check_last_dim(
+            "observation", observation, self.observation_dim,
+            "Match the Q network's observation_dim.",
+        )
+        if observation.shape[:-1] != action.shape[:-1]:
+            observation = observation.expand(*action.shape[:-1], self.observation_dim)
+        return self.body(torch.cat([observation, action], -1))
