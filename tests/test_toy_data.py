@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from torchrl_bdpo.data import (
+    TOY_DATASETS,
+    make_toy_buffer,
+    make_toy_data,
+    optimal_policy_weights,
+    optimal_value,
+    sample_optimal_policy,
+)
+from torchrl_bdpo.data.toy import checkerboard_energy, ring_energy
+
+
+@pytest.mark.parametrize("name", TOY_DATASETS)
+def test_structure(name):
+    td = make_toy_data(name, 4000, seed=1)
+    assert td.batch_size == (4000,)
+    assert td["action"].shape == (4000, 2) and td["action"].dtype == torch.float32
+    assert (td["observation"] == 0).all() and td["observation"].shape == (4000, 1)
+    assert (td["next", "observation"] == 0).all()
+    assert td["next", "reward"].shape == (4000, 1)
+    assert td["next", "terminated"].all() and td["next", "done"].all() and not td["next", "truncated"].any()
+    assert torch.isfinite(td["action"]).all()
+    # seeded
+    torch.testing.assert_close(make_toy_data(name, 4000, seed=1)["action"], td["action"])
+    assert not torch.allclose(make_toy_data(name, 4000, seed=2)["action"], td["action"])
+
+
+def test_swissroll_energy():
+    td = make_toy_data("swissroll", 5000)
+    a, r = td["action"], td["next", "reward"].squeeze(-1)
+    torch.testing.assert_close(r, a.pow(2).sum(-1) / 9, rtol=1e-5, atol=1e-6)
+
+
+def test_rings_energy_at_known_points():
+    sq = torch.tensor([9.0, 8.5, 5.0625, 5.0, 2.25, 2.0, 0.5625])
+    torch.testing.assert_close(ring_energy(sq), torch.tensor([0.667, 0.667, 0.333, 0.333, 1.0, 1.0, 0.0]))
+    td = make_toy_data("rings", 8000)
+    r = td["next", "reward"].squeeze(-1)
+    radius = td["action"].norm(dim=-1)
+    # the energy comes from the clean radius: each ring keeps its value despite the noise
+    for rad, energy in ((3.0, 0.667), (2.25, 0.333), (1.5, 1.0), (0.75, 0.0)):
+        near = (radius - rad).abs() < 0.2
+        assert near.sum() > 1500
+        assert torch.allclose(r[near], torch.full_like(r[near], energy))
+    assert (r == 0.667).sum() == 2000  # equal counts
+
+
+def test_moons_energy_is_label():
+    td = make_toy_data("moons", 8000)
+    a, r = td["action"], td["next", "reward"].squeeze(-1)
+    assert set(r.unique().tolist()) == {0.0, 1.0} and (r == 1).sum() == 4000
+    # undo the affine map: the outer moon (label 0) lies above the inner one on average
+    x = (a - torch.tensor([-1.0, -0.2])) / 2
+    assert x[r == 0, 1].mean() > 0.5 and x[r == 1, 1].mean() < 0
+
+
+def test_eight_gaussians_energy_at_centres():
+    td = make_toy_data("8gaussians", 8000)
+    a, r = td["action"], td["next", "reward"].squeeze(-1)
+    s = 1 / math.sqrt(2)
+    centres = 4 * torch.tensor([(0, 1), (-s, s), (-1, 0), (-s, -s), (0, -1), (s, -s), (1, 0), (s, s)]) / 1.414
+    for i, c in enumerate(centres):
+        near = (a - c).norm(dim=-1) < 0.5
+        assert near.sum() > 500
+        assert torch.allclose(r[near], torch.full_like(r[near], i / 7))
+
+
+def test_two_spirals_energy_range():
+    td = make_toy_data("2spirals", 8000)
+    a, r = td["action"], td["next", "reward"].squeeze(-1)
+    assert r.min() >= 1 - 3 * math.pi / 10 - 1e-6 and r.max() <= 1
+    # points near the centre have small t, hence high energy; the outer ends low energy
+    centre, outer = a.norm(dim=-1) < 0.4, a.norm(dim=-1) > 2.8
+    assert r[centre].mean() > 0.85 and r[outer].mean() < 0.2
+
+
+def test_checkerboard_energy_at_known_points():
+    c = torch.tensor([0.5, 2.0, 2.5, -1.0, -2.0, -3.0, 0.0])
+    torch.testing.assert_close(checkerboard_energy(c), torch.tensor([1.0, 1, 0, 0, 1, 1, 0], dtype=torch.float64))
+    td = make_toy_data("checkerboard", 8000)
+    a = td["action"]
+    assert a.abs().max() <= 4
+    # occupied cells alternate: floor(x1) and floor(x2) (in half units) have the same parity
+    cell = torch.floor(a / 2)
+    assert (torch.remainder(cell[:, 0] + cell[:, 1], 2) == 0).all()
+
+
+def test_buffer_samples_transitions():
+    buffer = make_toy_buffer("moons", batch_size=64, num_points=1000)
+    assert len(buffer) == 1000
+    batch = buffer.sample()
+    assert batch.batch_size == (64,)
+    assert batch["next", "terminated"].all()
+
+
+def test_optimal_policy_weights_and_samples():
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.5])
+    eta = 0.5
+    w = optimal_policy_weights(rewards, eta)
+    expected = torch.exp(rewards.double() / eta)
+    torch.testing.assert_close(w, expected / expected.sum())
+    assert optimal_value(rewards, eta) == pytest.approx(eta * math.log(expected.mean().item()))
+    actions = torch.arange(4.0).unsqueeze(-1)
+    draws = sample_optimal_policy(actions, rewards, eta, 200_000, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws.squeeze(-1).long(), minlength=4).double() / 200_000
+    torch.testing.assert_close(freq, w, atol=5e-3, rtol=0)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="'spiral'.*expected one of"):
+        make_toy_data("spiral")
+    with pytest.raises(ValueError, match="num_points=0"):
+        make_toy_data("moons", 0)
+    with pytest.raises(ValueError, match="eta=0"):
+        optimal_policy_weights(torch.ones(3), 0)
+    with pytest.raises(ValueError, match="one reward per action"):
+        sample_optimal_policy(torch.zeros(3, 2), torch.zeros(4), 1.0, 5)
