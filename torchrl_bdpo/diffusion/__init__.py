@@ -6,9 +6,12 @@ from torchrl_bdpo.diffusion.networks import (
     QValueNetwork,
     SinusoidalTimestepEmbedding,
     orthogonal_init_,
+    make_qvalue_operator,
+    make_value_operator,
     timestep_embedding,
 )
 from torchrl_bdpo.diffusion.schedule import NoiseSchedule, make_schedule
+from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
 
 __all__ = [
     "DiffusionActor",
@@ -17,9 +20,13 @@ __all__ = [
     "DiffusionValueNetwork",
     "EpsilonNetwork",
     "NoiseSchedule",
+    "QSelectActor",
     "QValueNetwork",
     "SinusoidalTimestepEmbedding",
+    "make_qvalue_operator",
     "make_schedule",
+    "make_value_operator",
     "orthogonal_init_",
+    "select_by_q",
     "timestep_embedding",
 ]

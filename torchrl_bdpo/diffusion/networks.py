@@ -210,3 +210,36 @@ class QValueNetwork(nn.Module):
         if observation.shape[:-1] != action.shape[:-1]:
             observation = observation.expand(*action.shape[:-1], self.observation_dim)
         return self.body(torch.cat([observation, action], -1))
+
+
+def make_qvalue_operator(
+    observation_dim: int,
+    action_dim: int,
+    *,
+    hidden: int = 256,
+    depth: int = 3,
+    layer_norm: bool = False,
+    in_keys=("observation", "action"),
+    out_keys=("state_action_value",),
+):
+    """``Q(s, a)`` as a TensorDictModule (``observation, action -> state_action_value``)."""
+    from tensordict.nn import TensorDictModule
+
+    net = QValueNetwork(observation_dim, action_dim, hidden=hidden, depth=depth, layer_norm=layer_norm)
+    return TensorDictModule(net, in_keys=list(in_keys), out_keys=list(out_keys))
+
+
+def make_value_operator(
+    observation_dim: int,
+    action_dim: int,
+    *,
+    hidden: int = 256,
+    depth: int = 3,
+    in_keys=("observation", "action", "diffusion_step"),
+    out_keys=("diffusion_value",),
+):
+    """``V(s, a^n, n)`` as a TensorDictModule (``observation, action, diffusion_step -> diffusion_value``)."""
+    from tensordict.nn import TensorDictModule
+
+    net = DiffusionValueNetwork(observation_dim, action_dim, hidden=hidden, depth=depth)
+    return TensorDictModule(net, in_keys=list(in_keys), out_keys=list(out_keys))

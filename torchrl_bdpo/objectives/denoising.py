@@ -21,6 +21,17 @@ def _check_actor(actor, name: str) -> None:
         )
 
 
+def denoising_error(actor: DiffusionActor, params, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """``||eps_theta(a^n, n, s) - eps||^2 / action_dim`` at a random ``n ~ U{1..N}`` per sample."""
+    schedule = actor.schedule
+    n = torch.randint(1, schedule.num_steps + 1, action.shape[:-1], device=action.device)
+    noise = torch.randn_like(action)
+    action_n = schedule.q_sample(action, n, noise)
+    with params.to_module(actor):
+        eps = actor.predict_eps(action_n, n, observation)
+    return (eps - noise).pow(2).mean(-1)
+
+
 class DenoisingLoss(LossModule):
     r"""The denoising (behavior-cloning) loss of a DDPM diffusion policy.
 
@@ -99,14 +110,7 @@ class DenoisingLoss(LossModule):
 
     def denoising_error(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Per-sample squared eps error (mean over action dims), shape ``action.shape[:-1]``."""
-        actor = self.actor_network
-        schedule = actor.schedule
-        n = torch.randint(1, schedule.num_steps + 1, action.shape[:-1], device=action.device)
-        noise = torch.randn_like(action)
-        action_n = schedule.q_sample(action, n, noise)
-        with self.actor_network_params.to_module(actor):
-            eps = actor.predict_eps(action_n, n, observation)
-        return (eps - noise).pow(2).mean(-1)
+        return denoising_error(self.actor_network, self.actor_network_params, observation, action)
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

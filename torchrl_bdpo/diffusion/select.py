@@ -1,0 +1,93 @@
+"""Best-of-K acting: draw candidates from a diffusion actor, keep the one the Q ensemble likes best."""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule, TensorDictModuleBase
+from tensordict.utils import NestedKey
+from torchrl.envs.utils import ExplorationType, exploration_type
+
+from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo.diffusion.actor import DiffusionActor
+
+
+def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
+    """Pick ``candidates[..., argmax_k q_values[..., k], :]``: ``[*B, K, A], [*B, K] -> [*B, A]``."""
+    idx = q_values.argmax(-1, keepdim=True).unsqueeze(-1).expand(*candidates.shape[:-2], 1, candidates.shape[-1])
+    return candidates.gather(-2, idx).squeeze(-2)
+
+
+class QSelectActor(TensorDictModuleBase):
+    """Acting module of BDPO: ``num_candidates`` actions from the (target) actor, argmax of the ensemble-mean Q.
+
+    Exploration types: ``RANDOM`` returns one sample of the actor (no selection); any
+    other type, or none set, returns the best of ``num_candidates``.
+
+    Args:
+        actor (DiffusionActor): the diffusion policy.
+        qvalue_network (TensorDictModule): ``Q(s, a)`` with in_keys (observation, action).
+
+    Keyword Args:
+        actor_params (TensorDictBase, optional): parameters to run the actor with (e.g. a
+            loss's ``target_actor_network_params``); defaults to the actor's own.
+        qvalue_params (TensorDictBase, optional): ensemble parameters ``[K, ...]``; defaults
+            to the Q network's own (``K = 1``).
+        num_qvalue_nets (int): ``K``. Defaults to 1.
+        num_candidates (int): candidates per state. Defaults to 10.
+        observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
+    """
+
+    def __init__(
+        self,
+        actor: DiffusionActor,
+        qvalue_network: TensorDictModule,
+        *,
+        actor_params: TensorDictBase | None = None,
+        qvalue_params: TensorDictBase | None = None,
+        num_qvalue_nets: int = 1,
+        num_candidates: int = 10,
+        observation_key: NestedKey = "observation",
+        action_key: NestedKey = "action",
+    ) -> None:
+        super().__init__()
+        from tensordict import TensorDict
+
+        if not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
+        self.actor = actor
+        self.qvalue_network = qvalue_network
+        self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)
+        if qvalue_params is None:
+            qvalue_params = TensorDict.from_module(qvalue_network, as_module=True).unsqueeze(0)
+            num_qvalue_nets = 1
+        self.qvalue_params = qvalue_params
+        self.num_qvalue_nets = num_qvalue_nets
+        self.num_candidates = num_candidates
+        self.observation_key = observation_key
+        self.action_key = action_key
+        self.in_keys = [observation_key]
+        self.out_keys = [action_key]
+
+    def select(self, observation: torch.Tensor) -> torch.Tensor:
+        """The best-of-K action for ``observation`` ``[*B, S]``."""
+        from torchrl_bdpo.objectives.utils import ensemble_apply
+
+        with self.actor_params.to_module(self.actor):
+            candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
+        obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], self.num_candidates, observation.shape[-1])
+        values = {self.observation_key: obs, self.action_key: candidates}
+        inputs = [values[k] for k in self.qvalue_network.in_keys]
+        q = ensemble_apply(self.qvalue_network, self.qvalue_params, inputs, self.num_qvalue_nets)
+        return select_by_q(candidates, q.squeeze(-1).mean(0))
+
+    @torch.no_grad()
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        observation = tensordict.get(self.observation_key)
+        check_finite(f"tensordict[{self.observation_key!r}]", observation)
+        if exploration_type() == ExplorationType.RANDOM:
+            with self.actor_params.to_module(self.actor):
+                action = self.actor.sample_path(observation).action
+        else:
+            action = self.select(observation)
+        tensordict.set(self.action_key, action)
+        return tensordict

@@ -1,0 +1,365 @@
+"""BDPO: the Q TD with a KL-penalised target, the diffusion value, the one-step actor and the behavior."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModule, dispatch
+from torch import nn
+from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
+
+from torchrl_bdpo.diffusion.actor import DiffusionActor
+from torchrl_bdpo.diffusion.networks import orthogonal_init_
+from torchrl_bdpo.objectives.denoising import denoising_error
+from torchrl_bdpo.objectives.utils import aggregate_ensemble
+from torchrl_bdpo.objectives.value import DiffusionValueLoss
+
+
+class BDPOLoss(DiffusionValueLoss):
+    r"""Behavior-Regularized Diffusion Policy Optimization (Gao et al., ICML 2025).
+
+    Paper: https://arxiv.org/abs/2502.04778. BDPO maximises
+    ``E_pi[Q(s, a)] - eta KL(p^pi_{0:N} || p^nu_{0:N})`` with the path KL split into
+    per-step terms ``l_n`` (see :class:`PathwiseKLLoss`), and learns at two time scales:
+
+    1. :meth:`qvalue_loss` — upper-level TD for the Q ensemble:
+       ``y_Q = r + gamma (1 - terminated) (agg_k mean_M Q^tgt_k(s', a'^0) - eta mean_M sum_n l_n(s', a'^n))``,
+       the paths ``a'^{N..0}`` drawn from the *target* actor at ``s'`` (``M`` per state)
+       and ``l_n`` measured against the behavior EMA. ``truncated`` never stops bootstrapping.
+       Transitions whose next state is terminal need no path: they are skipped
+       (eager mode), with the same targets.
+    2. :meth:`value_loss` — lower-level TD for ``V_n`` (:class:`DiffusionValueLoss`).
+    3. :meth:`actor_loss` — the one-step actor: ``a^n`` from a dataset action at a fresh
+       ``n``, one reparameterised step of the *online* actor gives ``M`` samples of
+       ``a^{n-1}``, ``J = agg_k mean_M V^tgt_{n-1}(s, a^{n-1}) - eta l_n`` (``Q^tgt`` at
+       ``n = 1``), ``loss_actor = -J``. No backpropagation through the chain.
+    4. :meth:`behavior_loss` — the behavior model's continued denoising training
+       (``train_behavior=True``); its EMA stays the KL reference.
+
+    :meth:`forward` runs the four in that order and returns every ``loss_*`` with
+    detached diagnostics. Scripts call the methods themselves to run the actor and the
+    behavior every k-th step. Targets move with :class:`TargetSoftUpdate`
+    (``loss.make_target_updaters()``): critics every step, actor and behavior after
+    their own steps.
+
+    Args:
+        actor_network (DiffusionActor): the policy ``pi``.
+        behavior_network (DiffusionActor): the behavior ``nu`` (pretrained with
+            :class:`DenoisingLoss`); same schedule as the actor.
+        value_network (TensorDictModule): ``V(s, a^n, n)``, e.g. :func:`make_value_operator`.
+        qvalue_network (TensorDictModule): ``Q(s, a)``, e.g. :func:`make_qvalue_operator`.
+
+    Keyword Args:
+        eta (float): KL weight ``eta > 0`` (hopper 0.2, walker 0.15, halfcheetah 0.05, toy 0.06).
+        rho (float): LCB coefficient (hopper 2.0, walker 1.0, halfcheetah 0.5, antmaze 0.8, toy 0).
+        aggregation (str): ``"lcb"`` | ``"min"`` | ``"mean"``. Defaults to ``"lcb"``.
+        num_qvalue_nets (int): ensemble size ``K`` of Q and V. Defaults to 10.
+        num_samples (int): ``M``. Defaults to 10.
+        gamma (float): discount of the Q TD. Defaults to 0.99. Also settable with
+            ``make_value_estimator(ValueEstimators.TD0, gamma=...)``.
+        max_q_backup (bool): max over the ``M`` next actions instead of the mean (antmaze).
+            Defaults to ``False``.
+        train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
+        skip_terminal_next (bool): skip the path sampling for terminal next states in
+            eager mode. Defaults to ``True``.
+        network_init, reduction, deactivate_vmap, validate: see :class:`DiffusionValueLoss`.
+
+    The sigma choice (``sigma_n^2 = beta_n`` or the posterior variance) belongs to the
+    schedule: ``make_schedule("vp", N, sigma="posterior")``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_bdpo.diffusion import (DiffusionActor, EpsilonNetwork, make_schedule,
+        ...     make_qvalue_operator, make_value_operator)
+        >>> from torchrl_bdpo.objectives import BDPOLoss
+        >>> actor = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), make_schedule("vp", 5))
+        >>> behavior = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), make_schedule("vp", 5))
+        >>> loss = BDPOLoss(actor, behavior, make_value_operator(3, 2, hidden=32),
+        ...     make_qvalue_operator(3, 2, hidden=32), eta=0.2, rho=2.0, num_qvalue_nets=2,
+        ...     num_samples=4)
+        >>> critic_updater, actor_updater, behavior_updater = loss.make_target_updaters(tau=0.005)
+        >>> data = TensorDict({
+        ...     "observation": torch.randn(8, 3), "action": torch.rand(8, 2) * 2 - 1,
+        ...     ("next", "observation"): torch.randn(8, 3), ("next", "reward"): torch.randn(8, 1),
+        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
+        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
+        >>> out = loss(data)
+        >>> (out["loss_qvalue"] + out["loss_value"] + out["loss_actor"] + out["loss_behavior"]).backward()
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_actor', 'loss_behavior', 'loss_qvalue', 'loss_value']
+    """
+
+    out_keys = [
+        "loss_qvalue",
+        "loss_value",
+        "loss_actor",
+        "loss_behavior",
+        "qvalue_pred",
+        "qvalue_target",
+        "path_kl",
+        "kl_per_step",
+        "value_pred",
+        "value_target",
+        "value_step_kl",
+        "actor_objective",
+        "actor_next_value",
+        "actor_step_kl",
+    ]
+    default_value_estimator = ValueEstimators.TD0
+    SUPPORTED_VALUE_ESTIMATORS = (ValueEstimators.TD0,)
+
+    def __init__(
+        self,
+        actor_network: DiffusionActor,
+        behavior_network: DiffusionActor,
+        value_network: TensorDictModule,
+        qvalue_network: TensorDictModule,
+        *,
+        eta: float,
+        rho: float = 0.0,
+        aggregation: str = "lcb",
+        num_qvalue_nets: int = 10,
+        num_samples: int = 10,
+        gamma: float = 0.99,
+        max_q_backup: bool = False,
+        train_behavior: bool = True,
+        skip_terminal_next: bool = True,
+        network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
+        reduction: str | None = None,
+        deactivate_vmap: bool = False,
+        validate: bool = True,
+    ) -> None:
+        super().__init__(
+            actor_network,
+            behavior_network,
+            value_network,
+            qvalue_network,
+            eta=eta,
+            rho=rho,
+            aggregation=aggregation,
+            num_qvalue_nets=num_qvalue_nets,
+            num_samples=num_samples,
+            network_init=network_init,
+            reduction=reduction,
+            deactivate_vmap=deactivate_vmap,
+            validate=validate,
+        )
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
+        self.gamma = gamma
+        self.max_q_backup = max_q_backup
+        self.train_behavior = train_behavior
+        self.skip_terminal_next = skip_terminal_next
+        self.make_value_estimator(self.default_value_estimator, gamma=gamma)
+
+    # ---------------------------------------------------------------- plumbing
+    def make_value_estimator(self, value_type: ValueEstimators = None, **hyperparams):
+        """TD(0) only: BDPO's Q target bootstraps one transition. ``gamma`` goes in ``hyperparams``."""
+        if value_type is None:
+            value_type = self.default_value_estimator
+        if "gamma" in hyperparams:
+            self.gamma = hyperparams["gamma"]
+        dispatch_value_estimator(
+            self,
+            value_type,
+            supported=self.SUPPORTED_VALUE_ESTIMATORS,
+            tensor_keys={
+                "reward": self.tensor_keys.reward,
+                "done": self.tensor_keys.done,
+                "terminated": self.tensor_keys.terminated,
+            },
+            value_network=None,
+            **hyperparams,
+        )
+        return self
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        if self._value_estimator is not None:
+            self._value_estimator.set_keys(
+                reward=self.tensor_keys.reward,
+                done=self.tensor_keys.done,
+                terminated=self.tensor_keys.terminated,
+            )
+
+    @property
+    def in_keys(self):
+        k = self.tensor_keys
+        return [
+            k.observation,
+            k.action,
+            ("next", k.observation),
+            ("next", k.reward),
+            ("next", k.done),
+            ("next", k.terminated),
+        ]
+
+    def make_target_updaters(self, tau: float = 0.005):
+        """``(critics, actor, behavior)`` :class:`TargetSoftUpdate` objects with EMA rate ``tau``."""
+        from torchrl_bdpo.objectives.utils import TargetSoftUpdate
+
+        return (
+            TargetSoftUpdate(self, ("qvalue_network", "value_network"), tau),
+            TargetSoftUpdate(self, ("actor_network",), tau),
+            TargetSoftUpdate(self, ("behavior_network",), tau),
+        )
+
+    def make_acting_module(self, num_candidates: int = 10):
+        """A :class:`~torchrl_bdpo.diffusion.QSelectActor` over the target actor and target Q.
+
+        It shares their storage, so it always acts with the current targets.
+        """
+        from torchrl_bdpo.diffusion.select import QSelectActor
+
+        return QSelectActor(
+            self.actor_network,
+            self.qvalue_network,
+            actor_params=self.target_actor_network_params,
+            qvalue_params=self.target_qvalue_network_params,
+            num_qvalue_nets=self.num_qvalue_nets,
+            num_candidates=num_candidates,
+            observation_key=self.tensor_keys.observation,
+            action_key=self.tensor_keys.action,
+        )
+
+    # ------------------------------------------------------------ Q target
+    def next_state_value(self, next_observation: torch.Tensor, terminated: torch.Tensor, noise: torch.Tensor | None = None):
+        """``agg_k(mean_M Q^tgt_k(s', a'^0)) - eta * mean_M sum_n l_n(s', a'^n)`` per transition.
+
+        Returns ``(value, path_kl, kl_per_step)`` with ``value`` and ``path_kl`` of the batch
+        shape (0 where the next state is terminal) and ``kl_per_step`` ``[N]`` averaged over the
+        non-terminal rows. ``noise`` (``[N + 1, *B, M, A]``) fixes the paths' draws; it is
+        drawn for the whole batch either way, so skipping terminal rows changes nothing else.
+        """
+        actor = self.actor_network
+        N, M, A = actor.num_steps, self.num_samples, actor.action_dim
+        batch = next_observation.shape[:-1]
+        if noise is None:
+            noise = torch.randn(N + 1, *batch, M, A, dtype=next_observation.dtype, device=next_observation.device)
+        obs, noise_rows = next_observation, noise
+        rows = None
+        if self.skip_terminal_next and not torch.compiler.is_compiling():
+            flat_term = terminated.reshape(-1)
+            rows = (~flat_term).nonzero().squeeze(-1)
+            obs = next_observation.reshape(-1, next_observation.shape[-1])[rows]
+            noise_rows = noise.reshape(N + 1, -1, M, A)[:, rows]
+            if rows.numel() == 0:  # every next state is terminal: nothing to bootstrap
+                zeros = next_observation.new_zeros(batch)
+                return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
+        with self.target_actor_network_params.to_module(actor):
+            path = actor.sample_path(obs, num_samples=M, noise=noise_rows)
+        obs_m = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
+        # l_n for all n in one batched pass of the behavior EMA
+        steps = torch.arange(1, N + 1, device=obs.device).view(N, *([1] * (path.actions.ndim - 2)))
+        steps = steps.expand(N, *path.actions.shape[1:-1])
+        eps_nu = self._eps(
+            "behavior_network",
+            self.target_behavior_network_params,
+            path.actions[1:],
+            steps,
+            obs_m.expand(N, *obs_m.shape),
+        )
+        per_step = actor.schedule.step_kl(path.eps, eps_nu, steps)  # [N, rows, M]
+        path_kl = per_step.sum(0).mean(-1)
+        q = self._qvalue(self.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
+        q = q.max(-1).values if self.max_q_backup else q.mean(-1)
+        value = aggregate_ensemble(q, self.aggregation, self.rho) - self.eta * path_kl
+        if rows is not None:
+            kl_per_step = per_step.mean((1, 2))
+            numel = terminated.numel()
+            value = value.new_zeros(numel).index_copy(0, rows, value).reshape(batch)
+            path_kl = path_kl.new_zeros(numel).index_copy(0, rows, path_kl).reshape(batch)
+        else:
+            live = (~terminated.reshape(batch)).to(value.dtype)
+            value, path_kl = value * live, path_kl * live
+            # mean over the non-terminal rows only (NaN if there are none), as with the skip
+            kl_per_step = (per_step * live.unsqueeze(-1)).sum(tuple(range(1, per_step.ndim))) / (live.sum() * M)
+        return value, path_kl, kl_per_step
+
+    # --------------------------------------------------------------- losses
+    def qvalue_target(self, tensordict: TensorDictBase, noise: torch.Tensor | None = None):
+        """``y_Q = r + gamma (1 - terminated) * next_state_value`` per transition (no gradient).
+
+        Returns ``(target, path_kl, kl_per_step)``; see :meth:`next_state_value`.
+        """
+        k = self.tensor_keys
+        reward = tensordict.get(("next", k.reward))
+        terminated = tensordict.get(("next", k.terminated), default=None)
+        if terminated is None:
+            raise KeyError(
+                f"The batch has no {('next', k.terminated)!r} entry: BDPO bootstraps on "
+                f"'terminated' (never 'truncated'). Store it in the replay buffer, or rename "
+                f"it with loss.set_keys(terminated=...)."
+            )
+        with torch.no_grad():
+            next_value, path_kl, kl_per_step = self.next_state_value(
+                tensordict.get(("next", k.observation)), terminated, noise=noise
+            )
+            td = TensorDict(
+                {
+                    ("next", k.reward): reward,
+                    ("next", k.terminated): terminated,
+                    ("next", k.done): tensordict.get(("next", k.done), default=terminated),
+                },
+                batch_size=tensordict.batch_size,
+            )
+            target = self.value_estimator.value_estimate(td, next_value=next_value.reshape(reward.shape))
+        return target.reshape(next_value.shape), path_kl, kl_per_step
+
+    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """The Q-ensemble TD loss with the KL-penalised target; returns ``(loss_qvalue, metadata)``."""
+        k = self.tensor_keys
+        self._validate(
+            tensordict, (k.observation, k.action, ("next", k.observation), ("next", k.reward))
+        )
+        target, path_kl, kl_per_step = self.qvalue_target(tensordict)
+        pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
+        loss = (pred - target).pow(2).mean(0)
+        live = ~tensordict.get(("next", k.terminated)).reshape(target.shape)
+        metadata = {
+            "qvalue_pred": pred.detach().mean(),
+            "qvalue_target": target.detach().mean(),
+            # NaN when every next state of the batch is terminal: no path was sampled
+            "path_kl": path_kl[live].mean() if bool(live.any()) else path_kl.new_tensor(float("nan")),
+            "kl_per_step": kl_per_step.detach(),
+        }
+        return self._reduce_loss(loss, tensordict), metadata
+
+    def actor_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """The one-step actor loss ``-J``; returns ``(loss_actor, metadata)``."""
+        k = self.tensor_keys
+        self._validate(tensordict, (k.observation, k.action))
+        observation, action = tensordict.get(k.observation), tensordict.get(k.action)
+        action_n, n = self._noised_dataset_action(action)
+        objective, next_value, step_kl = self.one_step_objective(
+            observation, action_n, n, self.actor_network_params
+        )
+        metadata = {
+            "actor_objective": objective.detach().mean(),
+            "actor_next_value": next_value.detach().mean(),
+            "actor_step_kl": step_kl.detach().mean(),
+        }
+        return self._reduce_loss(-objective, tensordict), metadata
+
+    def behavior_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """The behavior model's denoising loss; returns ``(loss_behavior, metadata)``."""
+        k = self.tensor_keys
+        self._validate(tensordict, (k.observation, k.action))
+        err = denoising_error(
+            self.behavior_network,
+            self.behavior_network_params,
+            tensordict.get(k.observation),
+            tensordict.get(k.action),
+        )
+        return self._reduce_loss(err, tensordict), {}
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        loss_q, meta_q = self.qvalue_loss(tensordict)
+        loss_v, meta_v = self.value_loss(tensordict)
+        loss_a, meta_a = self.actor_loss(tensordict)
+        out = {"loss_qvalue": loss_q, "loss_value": loss_v, "loss_actor": loss_a, **meta_q, **meta_v, **meta_a}
+        if self.train_behavior:
+            out["loss_behavior"], _ = self.behavior_loss(tensordict)
+        return TensorDict(out)

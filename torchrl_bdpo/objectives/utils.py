@@ -1,0 +1,128 @@
+"""Small pure helpers shared by the BDPO losses: ensemble aggregation and calls, target updates."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Sequence
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+AGGREGATIONS = ("lcb", "min", "mean")
+
+
+def aggregate_ensemble(values: torch.Tensor, aggregation: str = "lcb", rho: float = 0.0, dim: int = 0) -> torch.Tensor:
+    """Reduce the ensemble dim: ``lcb`` = mean - rho * std (population std), ``min`` or ``mean``."""
+    if aggregation == "lcb":
+        mean = values.mean(dim)
+        if rho == 0:
+            return mean
+        return mean - rho * values.std(dim, correction=0)
+    if aggregation == "min":
+        return values.min(dim).values
+    if aggregation == "mean":
+        return values.mean(dim)
+    raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+
+
+def has_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def make_ensemble_members(
+    module: nn.Module | Sequence[nn.Module], size: int, init: Callable[[nn.Module], object] | None
+) -> nn.Module | list[nn.Module]:
+    """``size`` independently initialised copies of ``module`` (or the given list, unchanged).
+
+    TorchRL's ``convert_to_functional(expand_dim=K)`` resamples each parameter uniformly
+    between its min and max, which discards the reference implementation's orthogonal
+    init. Copies re-initialised by ``init`` keep it. Parameter-free modules (a fixed
+    reward, say) are returned as they are.
+    """
+    if isinstance(module, (list, tuple)):
+        if len(module) != size:
+            raise ValueError(f"got {len(module)} ensemble members but num_qvalue_nets={size}.")
+        return list(module)
+    if not has_parameters(module):
+        return module
+    members = [copy.deepcopy(module) for _ in range(size)]
+    if init is not None:
+        for m in members:
+            init(m)
+    return members
+
+
+def ensemble_apply(
+    module: nn.Module,
+    params: TensorDictBase,
+    inputs: Sequence[torch.Tensor],
+    size: int,
+    *,
+    use_vmap: bool = True,
+) -> torch.Tensor:
+    """``module.module(*inputs)`` under each member of ``params`` (leading dim ``size``): ``[size, *out]``.
+
+    The inputs are shared by all members. A parameter-free module is called once and
+    broadcast across the ensemble.
+    """
+    inner = getattr(module, "module", module)
+    if params.is_empty():
+        out = inner(*inputs)
+        return out.unsqueeze(0).expand(size, *out.shape)
+
+    def call(p, *xs):
+        with p.to_module(module):
+            return inner(*xs)
+
+    if use_vmap:
+        in_dims = (0,) + (None,) * len(inputs)
+        return torch.vmap(call, in_dims, randomness="different")(params, *inputs)
+    return torch.stack([call(params[i], *inputs) for i in range(size)], 0)
+
+
+class TargetSoftUpdate:
+    """Exponential moving average of the target parameters of *some* networks of a loss.
+
+    ``target <- (1 - tau) * target + tau * online`` for each name in ``networks``.
+    TorchRL's :class:`~torchrl.objectives.SoftUpdate` moves every target of a loss at
+    once (and copies online into target when it is built); BDPO moves the critics'
+    targets every step but the actor's and the behavior's only after their own
+    updates, so each group gets its own updater. Building one changes no parameter.
+
+    Args:
+        loss_module (LossModule): the loss holding ``<name>_params`` and ``target_<name>_params``.
+        networks (sequence of str): e.g. ``("qvalue_network", "value_network")``.
+        tau (float): the EMA rate, in (0, 1]. Defaults to 0.005.
+    """
+
+    def __init__(self, loss_module, networks: Sequence[str], tau: float = 0.005) -> None:
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau={tau!r}: expected a number in (0, 1].")
+        self.loss_module = loss_module
+        self.networks = tuple(networks)
+        self.tau = tau
+        for name in self.networks:
+            if not hasattr(loss_module, f"target_{name}_params"):
+                raise ValueError(
+                    f"{type(loss_module).__name__} has no target parameters for {name!r}; "
+                    f"networks with targets: {sorted(loss_module._has_update_associated)}."
+                )
+            loss_module._has_update_associated[name] = True
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for name in self.networks:
+            online = getattr(self.loss_module, f"{name}_params")
+            target = getattr(self.loss_module, f"target_{name}_params")
+            if online.is_empty():
+                continue
+            target.data.lerp_(online.data, self.tau)
+
+    @torch.no_grad()
+    def hard_update(self) -> None:
+        """Copy online into target (``tau = 1``)."""
+        for name in self.networks:
+            online = getattr(self.loss_module, f"{name}_params")
+            target = getattr(self.loss_module, f"target_{name}_params")
+            if not online.is_empty():
+                target.data.copy_(online.data)

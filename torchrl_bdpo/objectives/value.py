@@ -1,0 +1,328 @@
+"""The lower-level (diffusion-step) TD loss of BDPO for the diffusion value V_n."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase, TensorDictParams
+from tensordict.nn import TensorDictModule, dispatch
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.objectives.common import LossModule
+
+from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo.diffusion.actor import DiffusionActor
+from torchrl_bdpo.diffusion.networks import orthogonal_init_
+from torchrl_bdpo.objectives.denoising import _check_actor
+from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
+from torchrl_bdpo.objectives.utils import (
+    AGGREGATIONS,
+    aggregate_ensemble,
+    ensemble_apply,
+    make_ensemble_members,
+)
+
+
+def _check_positive_int(name: str, value, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected an integer >= 1. {hint}")
+    return value
+
+
+class DiffusionValueLoss(LossModule):
+    r"""Lower-level TD for the diffusion value ``V_n`` of BDPO (Gao et al. 2025, eq. 10).
+
+    For dataset ``(s, a)``: ``n ~ U{1..N}``, ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps``;
+    one reverse step of the *target* actor draws ``M`` samples of ``a^{n-1}``; the
+    target is
+
+    .. math::
+        y_V = \mathrm{agg}_k\Big(\frac1M \sum_m V^{tgt}_k(s, a^{n-1}_m, n-1)\Big) - \eta\, l_n(s, a^n),
+
+    with ``V_0 := Q`` (the target Q ensemble at ``n = 1``), ``agg`` the LCB
+    ``mean_k - rho std_k`` (or ``min`` / ``mean``) and ``l_n`` the per-step KL to the
+    behavior model's EMA. ``loss_value`` is the mean over members (and batch) of
+    ``(V_k(s, a^n, n) - y_V)^2``. No discount: the diffusion steps are not time steps.
+
+    It stands alone for any diffusion policy with a per-step value (e.g. fine-tuning a
+    diffusion model on a black-box reward: pass the reward as a parameter-free
+    ``qvalue_network``). :class:`BDPOLoss` adds the Q TD, the actor and the behavior.
+
+    Args:
+        actor_network (DiffusionActor): the policy ``pi``; its EMA target takes the step.
+        behavior_network (DiffusionActor): the behavior ``nu``; its EMA target is the KL
+            reference. Same schedule as the actor.
+        value_network (TensorDictModule): ``V(s, a^n, n)`` with in_keys among
+            (observation, action, diffusion_step) keys, e.g. :func:`make_value_operator`.
+        qvalue_network (TensorDictModule): ``Q(s, a)`` (in_keys observation, action), or a
+            parameter-free module computing a known reward.
+
+    Keyword Args:
+        eta (float): the KL weight ``eta > 0``.
+        rho (float): the LCB coefficient, ``>= 0``. Defaults to 0.
+        aggregation (str): ``"lcb"`` | ``"min"`` | ``"mean"``. Defaults to ``"lcb"``.
+        num_qvalue_nets (int): ensemble size ``K`` of both Q and V. Defaults to 10.
+        num_samples (int): ``M``, the ``a^{n-1}`` samples per state. Defaults to 10.
+        network_init (callable or None): re-initialises each ensemble copy; defaults to
+            orthogonal (gain sqrt 2) with zero biases. ``None`` keeps TorchRL's
+            resampling. Pass a list of ``K`` modules to keep your own members.
+        reduction (str): ``"none"`` | ``"mean"`` | ``"sum"``. Defaults to ``"mean"``.
+        deactivate_vmap (bool): loop over the ensemble instead of vmap. Defaults to ``False``.
+        validate (bool): raise a ``ValueError`` on NaN/inf inputs. Defaults to ``True``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_bdpo.diffusion import (DiffusionActor, EpsilonNetwork, make_schedule,
+        ...     make_qvalue_operator, make_value_operator)
+        >>> from torchrl_bdpo.objectives import DiffusionValueLoss
+        >>> schedule = make_schedule("vp", 5)
+        >>> actor = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), schedule)
+        >>> behavior = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), make_schedule("vp", 5))
+        >>> loss = DiffusionValueLoss(actor, behavior, make_value_operator(3, 2, hidden=32),
+        ...     make_qvalue_operator(3, 2, hidden=32), eta=0.1, num_qvalue_nets=2, num_samples=4)
+        >>> data = TensorDict({"observation": torch.randn(8, 3), "action": torch.rand(8, 2)}, [8])
+        >>> out = loss(data)
+        >>> out["loss_value"].backward()
+        >>> sorted(out.keys())
+        ['loss_value', 'value_pred', 'value_step_kl', 'value_target']
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Configurable tensordict keys (change them with ``set_keys``).
+
+        Attributes:
+            observation (NestedKey): the state ``s``. Defaults to ``"observation"``.
+            action (NestedKey): the dataset action. Defaults to ``"action"``.
+            diffusion_step (NestedKey): the input key of the step ``n`` for the value
+                network. Defaults to ``"diffusion_step"``.
+            reward (NestedKey): the reward, read under ``"next"``. Defaults to ``"reward"``.
+            done (NestedKey): read under ``"next"``. Defaults to ``"done"``.
+            terminated (NestedKey): read under ``"next"``; stops bootstrapping. Defaults to ``"terminated"``.
+        """
+
+        observation: NestedKey = "observation"
+        action: NestedKey = "action"
+        diffusion_step: NestedKey = "diffusion_step"
+        reward: NestedKey = "reward"
+        done: NestedKey = "done"
+        terminated: NestedKey = "terminated"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+    out_keys = ["loss_value", "value_pred", "value_target", "value_step_kl"]
+
+    actor_network: DiffusionActor
+    actor_network_params: TensorDictParams
+    target_actor_network_params: TensorDictParams
+    behavior_network: DiffusionActor
+    behavior_network_params: TensorDictParams
+    target_behavior_network_params: TensorDictParams
+    value_network: TensorDictModule
+    value_network_params: TensorDictParams
+    target_value_network_params: TensorDictParams
+    qvalue_network: TensorDictModule
+    qvalue_network_params: TensorDictParams
+    target_qvalue_network_params: TensorDictParams
+
+    def __init__(
+        self,
+        actor_network: DiffusionActor,
+        behavior_network: DiffusionActor,
+        value_network: TensorDictModule,
+        qvalue_network: TensorDictModule,
+        *,
+        eta: float,
+        rho: float = 0.0,
+        aggregation: str = "lcb",
+        num_qvalue_nets: int = 10,
+        num_samples: int = 10,
+        network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
+        reduction: str | None = None,
+        deactivate_vmap: bool = False,
+        validate: bool = True,
+    ) -> None:
+        _check_actor(actor_network, "actor_network")
+        _check_actor(behavior_network, "behavior_network")
+        check_same_schedule(actor_network, behavior_network)
+        if not (isinstance(eta, (int, float)) and eta > 0):
+            raise ValueError(
+                f"eta={eta!r}: expected a positive KL weight (the paper uses 0.05-1.0; "
+                f"0.06 for the toy tasks)."
+            )
+        if not (isinstance(rho, (int, float)) and rho >= 0):
+            raise ValueError(f"rho={rho!r}: expected a number >= 0 (0 turns the LCB into the mean).")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+        _check_positive_int("num_qvalue_nets", num_qvalue_nets, "It is the ensemble size K of Q and V.")
+        _check_positive_int("num_samples", num_samples, "It is M, the samples per state.")
+        super().__init__()
+        self.eta = float(eta)
+        self.rho = float(rho)
+        self.aggregation = aggregation
+        self.num_qvalue_nets = num_qvalue_nets
+        self.num_samples = num_samples
+        self.reduction = "mean" if reduction is None else reduction
+        self.deactivate_vmap = deactivate_vmap
+        self.validate = validate
+        self._check_critic(value_network, "value_network", actor_network)
+        self._check_critic(qvalue_network, "qvalue_network", actor_network)
+
+        self.convert_to_functional(actor_network, "actor_network", create_target_params=True)
+        self.convert_to_functional(behavior_network, "behavior_network", create_target_params=True)
+        self._convert_ensemble(value_network, "value_network", network_init)
+        self._convert_ensemble(qvalue_network, "qvalue_network", network_init)
+
+    # ------------------------------------------------------------------ set-up
+    def _check_critic(self, module, name, actor) -> None:
+        inner = getattr(module, "module", module)
+        for attr in ("observation_dim", "action_dim"):
+            mine = getattr(inner, attr, None)
+            theirs = actor.action_dim if attr == "action_dim" else getattr(actor.network, attr, None)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(
+                    f"{name} has {attr}={mine} but the actor has {attr}={theirs}: build the "
+                    f"critics with the dimensions of the data."
+                )
+        if not hasattr(module, "in_keys"):
+            raise ValueError(
+                f"{name} is a {type(module).__name__}: expected a TensorDictModule whose in_keys "
+                f"name the inputs, e.g. make_qvalue_operator / make_value_operator."
+            )
+
+    def _convert_ensemble(self, module, name, init) -> None:
+        members = make_ensemble_members(module, self.num_qvalue_nets, init)
+        if isinstance(members, list):
+            self.convert_to_functional(members, name, self.num_qvalue_nets, create_target_params=True)
+        else:  # parameter-free: nothing to expand or train
+            self.convert_to_functional(members, name, create_target_params=True)
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass
+
+    @property
+    def in_keys(self):
+        return [self.tensor_keys.observation, self.tensor_keys.action]
+
+    # --------------------------------------------------------------- pieces
+    def _critic_inputs(self, module, observation, action, step=None):
+        keys = self.tensor_keys
+        values = {keys.observation: observation, keys.action: action}
+        if step is not None:
+            values[keys.diffusion_step] = step
+        try:
+            return [values[k] for k in module.in_keys]
+        except KeyError as err:
+            raise KeyError(
+                f"{type(module).__name__} reads in_keys={module.in_keys}, but the loss provides "
+                f"{list(values)}; rename with loss.set_keys(...) or build the network with those keys."
+            ) from err
+
+    def _qvalue(self, params, observation, action) -> torch.Tensor:
+        """Q ensemble at ``(s, a)``: ``[K, *B]``."""
+        inputs = self._critic_inputs(self.qvalue_network, observation, action)
+        out = ensemble_apply(
+            self.qvalue_network, params, inputs, self.num_qvalue_nets, use_vmap=not self.deactivate_vmap
+        )
+        return out.squeeze(-1)
+
+    def _value(self, params, observation, action, step) -> torch.Tensor:
+        """V ensemble at ``(s, a^n, n)``: ``[K, *B]``."""
+        inputs = self._critic_inputs(self.value_network, observation, action, step)
+        out = ensemble_apply(
+            self.value_network, params, inputs, self.num_qvalue_nets, use_vmap=not self.deactivate_vmap
+        )
+        return out.squeeze(-1)
+
+    def _eps(self, which: str, params, action_n, n, observation) -> torch.Tensor:
+        net = getattr(self, which)
+        with params.to_module(net):
+            return net.predict_eps(action_n, n, observation)
+
+    def _next_value(self, observation, action_prev, step_prev) -> torch.Tensor:
+        """Target ``V_{n-1}`` at ``(s, a^{n-1})``, with ``V_0 = Q``: ``[K, *B]``.
+
+        Eager: rows with ``n - 1 = 0`` go to Q and the others to V (each row evaluated once).
+        Under ``torch.compile`` both are evaluated on every row and selected with
+        ``torch.where``, which keeps shapes static.
+        """
+        q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
+        if torch.compiler.is_compiling():
+            q = self._qvalue(q_params, observation, action_prev)
+            v = self._value(v_params, observation, action_prev, step_prev)
+            return torch.where(step_prev == 0, q, v)
+        flat_obs = observation.reshape(-1, observation.shape[-1])
+        flat_act = action_prev.reshape(-1, action_prev.shape[-1])
+        flat_step = step_prev.reshape(-1)
+        last = flat_step == 0
+        rows_q = last.nonzero().squeeze(-1)
+        rows_v = (~last).nonzero().squeeze(-1)
+        out = flat_act.new_zeros(self.num_qvalue_nets, flat_step.numel())
+        out = out.index_copy(1, rows_q, self._qvalue(q_params, flat_obs[rows_q], flat_act[rows_q]))
+        out = out.index_copy(
+            1, rows_v, self._value(v_params, flat_obs[rows_v], flat_act[rows_v], flat_step[rows_v])
+        )
+        return out.reshape(self.num_qvalue_nets, *step_prev.shape)
+
+    def one_step_objective(self, observation, action_n, n, actor_params: TensorDictBase | None = None):
+        """The one-step objective at ``(s, a^n, n)`` under the given actor parameters.
+
+        Returns ``(J, next_value, l_n)``, each of the batch shape:
+        ``next_value = agg_k(mean_M V^tgt_{n-1}(s, a^{n-1}))`` with ``a^{n-1}`` drawn by one
+        reparameterised reverse step, ``l_n`` the KL of that step to the behavior EMA, and
+        ``J = next_value - eta * l_n``. Gradients flow to ``actor_params`` (and through
+        ``a^{n-1}`` into the critics' inputs, never their parameters).
+        """
+        if actor_params is None:
+            actor_params = self.target_actor_network_params
+        actor = self.actor_network
+        schedule = actor.schedule
+        M = self.num_samples
+        eps_pi = self._eps("actor_network", actor_params, action_n, n, observation)
+        mean = schedule.reverse_mean(action_n, n, eps_pi, actor.clip_denoised)
+        z = torch.randn(*action_n.shape[:-1], M, action_n.shape[-1], dtype=mean.dtype, device=mean.device)
+        scale = schedule.noise_scales[n].unsqueeze(-1).unsqueeze(-1)
+        action_prev = mean.unsqueeze(-2) + scale * z
+        obs_m = observation.unsqueeze(-2).expand(*observation.shape[:-1], M, observation.shape[-1])
+        step_prev = (n - 1).unsqueeze(-1).expand(*n.shape, M)
+        next_value = self._next_value(obs_m, action_prev, step_prev).mean(-1)
+        next_value = aggregate_ensemble(next_value, self.aggregation, self.rho)
+        with torch.no_grad():
+            eps_nu = self._eps("behavior_network", self.target_behavior_network_params, action_n, n, observation)
+        step_kl = schedule.step_kl(eps_pi, eps_nu, n)
+        return next_value - self.eta * step_kl, next_value, step_kl
+
+    def _noised_dataset_action(self, action):
+        schedule = self.actor_network.schedule
+        n = torch.randint(1, schedule.num_steps + 1, action.shape[:-1], device=action.device)
+        return schedule.q_sample(action, n, torch.randn_like(action)), n
+
+    def _validate(self, tensordict, keys) -> None:
+        if self.validate:
+            for key in keys:
+                check_finite(f"tensordict[{key!r}]", tensordict.get(key))
+
+    # ---------------------------------------------------------------- losses
+    def value_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
+        """The V_n TD loss; returns ``(loss_value, metadata)``."""
+        keys = self.tensor_keys
+        self._validate(tensordict, (keys.observation, keys.action))
+        observation, action = tensordict.get(keys.observation), tensordict.get(keys.action)
+        action_n, n = self._noised_dataset_action(action)
+        with torch.no_grad():
+            target, _, step_kl = self.one_step_objective(observation, action_n, n)
+        pred = self._value(self.value_network_params, observation, action_n, n)
+        loss = (pred - target).pow(2).mean(0)
+        metadata = {
+            "value_pred": pred.detach().mean(),
+            "value_target": target.detach().mean(),
+            "value_step_kl": step_kl.detach().mean(),
+        }
+        return self._reduce_loss(loss, tensordict), metadata
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        loss, metadata = self.value_loss(tensordict)
+        return TensorDict({"loss_value": loss, **metadata})
