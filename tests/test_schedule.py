@@ -104,3 +104,14 @@ def test_compatibility():
     assert not s.is_compatible(make_schedule("vp", 6))
     assert not s.is_compatible(make_schedule("cosine", 5))
     assert not s.is_compatible(make_schedule("vp", 5, sigma="posterior"))
+
+
+def test_final_noise():
+    plain = make_schedule("vp", 5)
+    noisy = make_schedule("vp", 5, final_noise=True)
+    assert plain.noise_scales[1] == 0
+    assert noisy.noise_scales[1] == pytest.approx(plain.betas[1].sqrt().item())
+    torch.testing.assert_close(noisy.noise_scales[2:], plain.noise_scales[2:])
+    torch.testing.assert_close(noisy.kl_weights, plain.kl_weights)
+    a, eps, z = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2)
+    torch.testing.assert_close(noisy.reverse_step(a, 1, eps, z), noisy.predict_x0(a, 1, eps) + plain.betas[1].sqrt() * z)

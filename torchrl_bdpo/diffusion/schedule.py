@@ -61,12 +61,18 @@ class NoiseSchedule(nn.Module):
             value of ``n = 2`` instead (DDPM's clipped log-variance), so the last
             step still counts in the path KL.
         name (str): a label, e.g. ``"vp"``.
+        final_noise (bool): add ``sigma_1 z`` at the last step too. DDPM (and BDPO's
+            reference) returns the denoised mean at ``n = 1``; the per-step KL
+            nevertheless counts ``l_1`` with variance ``sigma_1^2``. Only with
+            ``final_noise=True`` is ``sum_n l_n`` the exact KL between the two sampling
+            processes, so that the regularized optimum is exactly ``nu exp(r / eta)``
+            (up to what Gaussian kernels can represent). Defaults to ``False``.
 
     Attributes (buffers of length ``N + 1``, indexed by ``n``):
         betas, alphas, alphas_cumprod: ``beta_n``, ``alpha_n = 1 - beta_n``, ``abar_n``.
         sigmas: ``sigma_n``, the reverse-kernel standard deviation.
-        noise_scales: ``[n > 1] sigma_n``, the scale of the noise a reverse step adds
-            (the last step returns the denoised mean with no noise).
+        noise_scales: ``[n > 1] sigma_n`` (``sigma_n`` for every ``n >= 1`` with
+            ``final_noise``), the scale of the noise a reverse step adds.
         kl_weights: ``w_n`` with ``l_n = w_n ||eps_pi - eps_nu||^2``.
 
     Examples:
@@ -77,7 +83,9 @@ class NoiseSchedule(nn.Module):
         tensor([0.6218, 0.7505, 1.0372, 1.6020, 2.5472])
     """
 
-    def __init__(self, betas: torch.Tensor, *, sigma: str = "beta", name: str = "custom") -> None:
+    def __init__(
+        self, betas: torch.Tensor, *, sigma: str = "beta", name: str = "custom", final_noise: bool = False
+    ) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         _check_num_steps(betas.numel())
@@ -89,6 +97,7 @@ class NoiseSchedule(nn.Module):
             raise ValueError(f"sigma={sigma!r}: expected one of {SIGMAS}.")
         self.name = name
         self.sigma_type = sigma
+        self.final_noise = final_noise
         n_steps = betas.numel()
         zero = betas.new_zeros(1)
         betas = torch.cat([zero, betas])
@@ -106,7 +115,8 @@ class NoiseSchedule(nn.Module):
         kl_weights = torch.zeros_like(betas)
         kl_weights[1:] = betas[1:] ** 2 / (2 * alphas[1:] * (1 - abar[1:]) * kl_var[1:])
         noise_scales = var.sqrt()
-        noise_scales[:2] = 0
+        noise_scales[0] = 0
+        noise_scales[1] = kl_var[1].sqrt() if final_noise else 0
 
         def reg(name, value):
             self.register_buffer(name, value.to(torch.get_default_dtype()))
@@ -135,7 +145,10 @@ class NoiseSchedule(nn.Module):
         return self.betas.numel() - 1
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, num_steps={self.num_steps}, sigma={self.sigma_type!r}"
+        return (
+            f"name={self.name!r}, num_steps={self.num_steps}, sigma={self.sigma_type!r}, "
+            f"final_noise={self.final_noise}"
+        )
 
     def is_compatible(self, other: "NoiseSchedule") -> bool:
         """Whether ``other`` has the same N, betas and sigma choice (so per-step KLs are defined)."""
@@ -191,7 +204,7 @@ class NoiseSchedule(nn.Module):
         noise: torch.Tensor,
         clip_denoised: bool = False,
     ) -> torch.Tensor:
-        """``a^{n-1} = mu_n + [n > 1] sigma_n z`` for the standard normal draw ``noise``."""
+        """``a^{n-1} = mu_n + [n > 1 or final_noise] sigma_n z`` for the standard normal draw ``noise``."""
         return self.reverse_mean(action_n, n, eps, clip_denoised) + self._gather(
             self.noise_scales, n, action_n
         ) * noise
@@ -202,7 +215,9 @@ class NoiseSchedule(nn.Module):
         return w * (eps_policy - eps_reference).pow(2).sum(-1)
 
 
-def make_schedule(name: str, num_steps: int, *, sigma: str = "beta", **kwargs) -> NoiseSchedule:
+def make_schedule(
+    name: str, num_steps: int, *, sigma: str = "beta", final_noise: bool = False, **kwargs
+) -> NoiseSchedule:
     """Build a :class:`NoiseSchedule` by name.
 
     Args:
@@ -214,6 +229,7 @@ def make_schedule(name: str, num_steps: int, *, sigma: str = "beta", **kwargs) -
 
     Keyword Args:
         sigma (str): ``"beta"`` or ``"posterior"``, see :class:`NoiseSchedule`.
+        final_noise (bool): noise at the last step too, see :class:`NoiseSchedule`.
         **kwargs: passed to the beta formula (``b_min``/``b_max`` for vp,
             ``beta_start``/``beta_end`` for linear, ``s``/``max_beta`` for cosine).
     """
@@ -224,4 +240,4 @@ def make_schedule(name: str, num_steps: int, *, sigma: str = "beta", **kwargs) -
             f"BDPO's reference implementation uses."
         )
     _check_num_steps(num_steps)
-    return NoiseSchedule(builders[name](num_steps, **kwargs), sigma=sigma, name=name)
+    return NoiseSchedule(builders[name](num_steps, **kwargs), sigma=sigma, name=name, final_noise=final_noise)

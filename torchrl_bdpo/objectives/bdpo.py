@@ -12,10 +12,11 @@ from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.objectives.denoising import denoising_error
-from torchrl_bdpo.objectives.utils import aggregate_ensemble
+from torchrl_bdpo.objectives.utils import aggregate_ensemble, unwrap_exploration_wrappers
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
 
+@unwrap_exploration_wrappers
 class BDPOLoss(DiffusionValueLoss):
     r"""Behavior-Regularized Diffusion Policy Optimization (Gao et al., ICML 2025).
 
@@ -316,12 +317,12 @@ class BDPOLoss(DiffusionValueLoss):
         target, path_kl, kl_per_step = self.qvalue_target(tensordict)
         pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         loss = (pred - target).pow(2).mean(0)
-        live = ~tensordict.get(("next", k.terminated)).reshape(target.shape)
+        live = (~tensordict.get(("next", k.terminated))).reshape(target.shape).to(path_kl.dtype)
         metadata = {
             "qvalue_pred": pred.detach().mean(),
             "qvalue_target": target.detach().mean(),
-            # NaN when every next state of the batch is terminal: no path was sampled
-            "path_kl": path_kl[live].mean() if bool(live.any()) else path_kl.new_tensor(float("nan")),
+            # mean over non-terminal next states; NaN (0/0) when there is none: no path was sampled
+            "path_kl": (path_kl * live).sum() / live.sum(),
             "kl_per_step": kl_per_step.detach(),
         }
         return self._reduce_loss(loss, tensordict), metadata

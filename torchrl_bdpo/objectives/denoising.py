@@ -11,6 +11,7 @@ from torchrl.objectives.common import LossModule
 
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor
+from torchrl_bdpo.objectives.utils import unwrap_exploration_wrappers
 
 
 def _check_actor(actor, name: str) -> None:
@@ -32,6 +33,7 @@ def denoising_error(actor: DiffusionActor, params, observation: torch.Tensor, ac
     return (eps - noise).pow(2).mean(-1)
 
 
+@unwrap_exploration_wrappers
 class DenoisingLoss(LossModule):
     r"""The denoising (behavior-cloning) loss of a DDPM diffusion policy.
 

@@ -12,6 +12,7 @@ from torchrl.objectives.common import LossModule
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath
 from torchrl_bdpo.objectives.denoising import _check_actor
+from torchrl_bdpo.objectives.utils import unwrap_exploration_wrappers
 
 
 def check_same_schedule(policy: DiffusionActor, reference: DiffusionActor) -> None:
@@ -43,6 +44,7 @@ def frozen_params(module: torch.nn.Module) -> TensorDictParams:
     return TensorDictParams(params.data, no_convert=True)
 
 
+@unwrap_exploration_wrappers
 class PathwiseKLLoss(LossModule):
     r"""KL between the reverse paths of a diffusion policy and a frozen reference.
 

@@ -126,3 +126,19 @@ class TargetSoftUpdate:
             target = getattr(self.loss_module, f"target_{name}_params")
             if not online.is_empty():
                 target.data.copy_(online.data)
+
+
+def unwrap_exploration_wrappers(cls):
+    """Class decorator: undo TorchRL's per-method exploration-type wrapper on ``cls``'s own methods.
+
+    TorchRL's ``LossModule`` metaclass wraps ``forward`` and every public ``*_loss`` method
+    in one shared function that sets ``ExplorationType.DETERMINISTIC``. Our losses draw
+    every diffusion sample explicitly and never read the exploration type, so the wrapper
+    does nothing for them; but because all wrapped methods share one code object, torch
+    2.13's dynamo fails to build guards (``NameError: SYNTHETIC_LOCAL``) when a compiled
+    update inlines several of them. Removing it keeps ``torch.compile`` of a full update working.
+    """
+    for name, value in list(vars(cls).items()):
+        if (name == "forward" or (not name.startswith("_") and name.endswith("loss"))) and hasattr(value, "__wrapped__"):
+            setattr(cls, name, value.__wrapped__)
+    return cls

@@ -21,6 +21,7 @@ from torchrl_bdpo.objectives.utils import (
     aggregate_ensemble,
     ensemble_apply,
     make_ensemble_members,
+    unwrap_exploration_wrappers,
 )
 
 
@@ -30,6 +31,7 @@ def _check_positive_int(name: str, value, hint: str) -> int:
     return value
 
 
+@unwrap_exploration_wrappers
 class DiffusionValueLoss(LossModule):
     r"""Lower-level TD for the diffusion value ``V_n`` of BDPO (Gao et al. 2025, eq. 10).
 
@@ -196,6 +198,16 @@ class DiffusionValueLoss(LossModule):
         members = make_ensemble_members(module, self.num_qvalue_nets, init)
         if isinstance(members, list):
             self.convert_to_functional(members, name, self.num_qvalue_nets, create_target_params=True)
+            if len(members) == 1:
+                # TorchRL stacks a one-module list with expand_identical=True, which leaves
+                # views instead of trainable leaves; rebuild a [1, ...] stack of Parameters.
+                params = TensorDict.from_modules(members[0], as_module=True)
+                setattr(self, f"{name}_params", params)
+                setattr(
+                    self,
+                    f"target_{name}_params",
+                    TensorDictParams(params.data.clone(), no_convert=True),
+                )
         else:  # parameter-free: nothing to expand or train
             self.convert_to_functional(members, name, create_target_params=True)
 
