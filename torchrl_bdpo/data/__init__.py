@@ -1,4 +1,14 @@
-"""Offline data: the toy 2D bandits (and, later, the offline buffers)."""
+"""Offline data: the toy 2D bandits and the offline replay buffers (Minari, D4RL, local)."""
+from torchrl_bdpo.data.offline import (
+    D4RL_ANTMAZE,
+    D4RL_LOCOMOTION,
+    D4RL_REF_SCORES,
+    DatasetInfo,
+    check_env_compatibility,
+    episode_returns,
+    make_offline_buffer,
+    transitions_from_episodes,
+)
 from torchrl_bdpo.data.toy import (
     TOY_DATASETS,
     make_toy_buffer,
@@ -9,6 +19,14 @@ from torchrl_bdpo.data.toy import (
 )
 
 __all__ = [
+    "D4RL_ANTMAZE",
+    "D4RL_LOCOMOTION",
+    "D4RL_REF_SCORES",
+    "DatasetInfo",
+    "check_env_compatibility",
+    "episode_returns",
+    "make_offline_buffer",
+    "transitions_from_episodes",
     "TOY_DATASETS",
     "make_toy_buffer",
     "make_toy_data",

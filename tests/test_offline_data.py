@@ -1,0 +1,224 @@
+"""Offline buffers keep every transition: checked against minari's own episodes."""
+import json
+import os
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from torchrl_bdpo.data import (
+    DatasetInfo,
+    check_env_compatibility,
+    episode_returns,
+    make_offline_buffer,
+    transitions_from_episodes,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def make_episodes(num=4, obs_dim=3, act_dim=1, seed=0, nan_at=None):
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(seed)
+    episodes = []
+    for i in range(num):
+        T = 5 + 3 * i
+        obs = rng.normal(size=(T + 1, obs_dim)).astype(np.float32)
+        if nan_at is not None and nan_at[0] == i:
+            obs[nan_at[1], 0] = np.nan
+        episodes.append(
+            EpisodeBuffer(
+                id=i,
+                observations=obs,
+                actions=rng.uniform(-1, 1, size=(T, act_dim)).astype(np.float32),
+                rewards=rng.normal(size=T).astype(np.float64).tolist(),
+                terminations=[False] * (T - 1) + [i % 2 == 0],
+                truncations=[False] * (T - 1) + [i % 2 == 1],
+            )
+        )
+    return episodes
+
+
+@pytest.fixture
+def minari_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    return tmp_path / "minari"
+
+
+def create(dataset_id, episodes, **kwargs):
+    import minari
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(
+            dataset_id,
+            episodes,
+            env="Pendulum-v1",
+            action_space=gym.spaces.Box(-1, 1, (1,)),
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (3,)),
+            ref_min_score=-5.0,
+            ref_max_score=10.0,
+            algorithm_name="random",
+            **kwargs,
+        )
+
+
+def test_round_trip_every_transition(minari_root):
+    import minari
+
+    create("test/pendulum/random-v0", make_episodes())
+    path = minari_root / "test" / "pendulum" / "random-v0"
+    buffer = make_offline_buffer(str(path), batch_size=16, reward_mode="none", action_clip=None)
+    info = buffer.dataset_info
+    reference = minari.MinariDataset(str(path / "data"))
+    episodes = list(reference.iterate_episodes())
+    total = sum(len(ep.actions) for ep in episodes)
+    data = buffer[:]
+    assert len(buffer) == total == info.num_transitions == reference.total_steps
+    assert info.num_episodes == len(episodes) == 4
+    expected_obs = np.concatenate([ep.observations[:-1] for ep in episodes])
+    expected_next = np.concatenate([ep.observations[1:] for ep in episodes])
+    expected_act = np.concatenate([ep.actions for ep in episodes])
+    expected_rew = np.concatenate([ep.rewards for ep in episodes])
+    expected_term = np.concatenate([ep.terminations for ep in episodes])
+    expected_trunc = np.concatenate([ep.truncations for ep in episodes])
+    # storage order is the dataset order: compare every transition, not only sums
+    np.testing.assert_array_equal(data["observation"].numpy(), expected_obs)
+    np.testing.assert_array_equal(data["next", "observation"].numpy(), expected_next)
+    np.testing.assert_array_equal(data["action"].numpy(), expected_act)
+    np.testing.assert_allclose(data["next", "reward"].squeeze(-1).numpy(), expected_rew, rtol=1e-6)
+    np.testing.assert_array_equal(data["next", "terminated"].squeeze(-1).numpy(), expected_term)
+    np.testing.assert_array_equal(data["next", "truncated"].squeeze(-1).numpy(), expected_trunc)
+    assert data["next", "terminated"].sum() == 2 and data["next", "truncated"].sum() == 2
+    assert float(data["observation"].sum()) == pytest.approx(float(expected_obs.sum()), rel=1e-5)
+    assert data["observation"].dtype == torch.float32 and data["action"].dtype == torch.float32
+    assert (info.ref_min_score, info.ref_max_score) == (-5.0, 10.0)
+    assert info.env_id == "Pendulum-v1"
+    assert info.normalized_score(10.0) == pytest.approx(100.0)
+    assert info.normalized_score(2.5) == pytest.approx(50.0)
+    batch = buffer.sample()
+    assert batch.batch_size == (16,)
+    # by id, from the local store
+    by_id = make_offline_buffer("test/pendulum/random-v0", 8, reward_mode="none", action_clip=None, download=False)
+    torch.testing.assert_close(by_id[:]["observation"], data["observation"])
+
+
+def test_action_clip_and_reward_scaling():
+    class Ep:
+        def __init__(self, rewards, actions):
+            T = len(rewards)
+            self.observations = np.zeros((T + 1, 2), dtype=np.float32)
+            self.actions = np.asarray(actions, dtype=np.float32).reshape(T, 1)
+            self.rewards = np.asarray(rewards)
+            self.terminations = [False] * (T - 1) + [True]
+            self.truncations = [False] * T
+
+    # two episodes returning 10 and 30: locomotion scale 1000 / 20 = 50
+    td = transitions_from_episodes([Ep([4.0, 6.0], [1.0, -1.0]), Ep([10.0, 10.0, 10.0], [0.5, 0.2, -0.3])])
+    torch.testing.assert_close(episode_returns(td), torch.tensor([10.0, 30.0], dtype=torch.float64))
+    from torchrl_bdpo.data.offline import reward_scale_for
+
+    assert reward_scale_for(td, "locomotion") == pytest.approx(50.0)
+    assert reward_scale_for(td, "antmaze") == 100.0
+    assert reward_scale_for(td, "none") == 1.0
+    with pytest.raises(ValueError, match="reward_mode='bogus'"):
+        reward_scale_for(td, "bogus")
+    flat = transitions_from_episodes([Ep([1.0], [0.0]), Ep([1.0], [0.0])])
+    with pytest.raises(ValueError, match="every one of the 2 episodes returns 1"):
+        reward_scale_for(flat, "locomotion")
+
+
+def test_buffer_scales_and_clips(minari_root):
+    create("test/pendulum/scaled-v0", make_episodes())
+    path = minari_root / "test" / "pendulum" / "scaled-v0"
+    raw = make_offline_buffer(str(path), 4, reward_mode="none", action_clip=None)[:]
+    buf = make_offline_buffer(str(path), 4, reward_mode="locomotion")
+    returns = episode_returns(raw)
+    scale = 1000.0 / float(returns.max() - returns.min())
+    assert buf.dataset_info.reward_scale == pytest.approx(scale)
+    torch.testing.assert_close(buf[:]["next", "reward"], raw["next", "reward"] * scale)
+    assert buf[:]["action"].abs().max() <= 1 - 1e-5
+    torch.testing.assert_close(buf[:]["action"], raw["action"].clamp(-(1 - 1e-5), 1 - 1e-5))
+
+
+def test_nan_rows_are_reported(minari_root):
+    create("test/pendulum/nan-v0", make_episodes(nan_at=(2, 3)))
+    path = minari_root / "test" / "pendulum" / "nan-v0"
+    # observation 3 of episode 2 is both the next observation of step 2 and the observation of step 3
+    with pytest.raises(ValueError, match=r"2 of \d+ transitions hold NaN.*episodes \[2\]"):
+        make_offline_buffer(str(path), 4)
+
+
+def test_unknown_id_offline(minari_root):
+    with pytest.raises(FileNotFoundError, match=r"not found locally.*minari download mujoco/nothing/here-v0.*generate"):
+        make_offline_buffer("mujoco/nothing/here-v0", 4, download=False)
+    with pytest.raises(FileNotFoundError, match="neither an existing path, a D4RL id"):
+        make_offline_buffer("nothing-here", 4)
+
+
+def test_missing_and_corrupted_files(tmp_path, minari_root):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="main_data.hdf5 does not exist"):
+        make_offline_buffer(str(empty), 4)
+    create("test/pendulum/broken-v0", make_episodes())
+    path = minari_root / "test" / "pendulum" / "broken-v0"
+    (path / "data" / "main_data.hdf5").write_bytes(b"this is not an hdf5 file")
+    with pytest.raises(ValueError, match="corrupted or incomplete"):
+        make_offline_buffer(str(path), 4)
+
+
+def test_env_dimension_check():
+    info = DatasetInfo("x", "minari-local", 10, 1, observation_dim=3, action_dim=2, reward_mode="none", reward_scale=1.0, env_id="Pendulum-v1")
+    env = gym.make("Pendulum-v1")
+    with pytest.raises(ValueError, match="action dim 2 in the dataset vs 1 in the environment"):
+        check_env_compatibility(info, env)
+    ok = DatasetInfo("x", "minari-local", 10, 1, observation_dim=3, action_dim=1, reward_mode="none", reward_scale=1.0)
+    check_env_compatibility(ok, env)
+    from torchrl.envs import GymEnv
+
+    with pytest.raises(ValueError, match="action dim 2"):
+        check_env_compatibility(info, GymEnv("Pendulum-v1"))
+
+
+def test_d4rl_path_converts_torchrl_layout(monkeypatch):
+    """The D4RL branch (download needs a network): torchrl's layout becomes ours, with D4RL's scores."""
+    from tensordict import TensorDict
+
+    import torchrl.data.datasets as datasets
+
+    n = 6
+    fake = TensorDict(
+        {
+            "observation": torch.randn(n, 11, dtype=torch.float64),
+            "action": torch.full((n, 3), 1.0, dtype=torch.float64),
+            "next": {
+                "observation": torch.randn(n, 11, dtype=torch.float64),
+                "reward": torch.tensor([1.0, 2.0, 3.0, 1.0, 1.0, 1.0]),
+                "terminated": torch.tensor([False, False, True, False, False, False]),
+                "truncated": torch.tensor([False, False, False, False, False, True]),
+                "done": torch.tensor([False, False, True, False, False, True]),
+            },
+        },
+        [n],
+    )
+
+    class FakeD4RL:
+        def __init__(self, dataset_id, batch_size, direct_download, **kwargs):
+            assert direct_download and dataset_id == "hopper-medium-v2"
+
+        def __getitem__(self, idx):
+            return fake
+
+    monkeypatch.setattr(datasets, "D4RLExperienceReplay", FakeD4RL)
+    buf = make_offline_buffer("hopper-medium-v2", 2)
+    data, info = buf[:], buf.dataset_info
+    assert info.source == "d4rl" and (info.ref_min_score, info.ref_max_score) == (-20.272305, 3234.3)
+    assert data["observation"].dtype == torch.float32
+    assert data["action"].max() == pytest.approx(1 - 1e-5)
+    # episodes [1,2,3] and [1,1,1]: returns 6 and 3, scale 1000/3
+    torch.testing.assert_close(data["next", "reward"].squeeze(-1), fake["next", "reward"].float() * 1000 / 3)
+    assert data["next", "terminated"].sum() == 1 and data["next", "truncated"].sum() == 1

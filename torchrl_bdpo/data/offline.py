@@ -1,0 +1,394 @@
+"""Offline datasets as TensorDictReplayBuffers: local Minari datasets, Minari ids and D4RL ids.
+
+Every loaded transition is kept and checked: float32 data, actions clipped to
+``±(1 - 1e-5)``, ``terminated`` apart from ``truncated``, rewards scaled by mode, and
+the reference scores for normalised returns carried in ``buffer.dataset_info``.
+TorchRL 0.14's ``MinariExperienceReplay`` is never used: its cache is written with
+``memmap_like`` and comes back all zeros (DESIGN.md section 6).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data.replay_buffers.samplers import RandomSampler
+
+REWARD_MODES = ("locomotion", "antmaze", "none")
+ACTION_CLIP = 1 - 1e-5
+
+# D4RL's published reference returns (d4rl/infos.py): the random and expert policies.
+D4RL_REF_SCORES = {
+    "halfcheetah": (-280.178953, 12135.0),
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "antmaze": (0.0, 1.0),
+}
+D4RL_LOCOMOTION = tuple(
+    f"{env}-{level}-v2"
+    for env in ("halfcheetah", "hopper", "walker2d")
+    for level in ("random", "medium", "medium-replay", "medium-expert", "expert")
+)
+D4RL_ANTMAZE = tuple(
+    f"antmaze-{maze}-v2"
+    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+)
+_D4RL_PATTERN = re.compile(r"^(halfcheetah|hopper|walker2d|antmaze)-[a-z-]+-v\d+$")
+GENERATE_HINT = (
+    "To make a D4RL-style dataset here instead, generate one for a Gymnasium MuJoCo task "
+    "(see the README, section 'Generated datasets') and pass its path."
+)
+
+
+@dataclass
+class DatasetInfo:
+    """What a loaded offline dataset is, and how to normalise returns against it."""
+
+    name: str
+    source: str  # "minari-local", "minari", "d4rl"
+    num_transitions: int
+    num_episodes: int
+    observation_dim: int
+    action_dim: int
+    reward_mode: str
+    reward_scale: float
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    env_id: str | None = None
+
+    def normalized_score(self, returns):
+        """``100 (R - R_random) / (R_expert - R_random)`` (D4RL's convention)."""
+        if self.ref_min_score is None or self.ref_max_score is None:
+            raise ValueError(
+                f"dataset {self.name!r} carries no reference scores (ref_min_score / "
+                f"ref_max_score): normalised scores are undefined. Generate the dataset with "
+                f"reference scores, or report raw returns."
+            )
+        return 100.0 * (np.asarray(returns) - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _flatten_obs(obs) -> np.ndarray:
+    if isinstance(obs, dict):  # goal-conditioned tasks: every part, in key order
+        return np.concatenate([_flatten_obs(obs[k]) for k in sorted(obs)], -1)
+    return np.asarray(obs, dtype=np.float32).reshape(len(obs), -1)
+
+
+def transitions_from_episodes(episodes, name: str = "dataset") -> TensorDict:
+    """One TensorDict of transitions from Minari-style episodes.
+
+    Each episode has ``observations`` (T + 1 rows), ``actions``, ``rewards``, ``terminations``
+    and ``truncations`` (T rows). Transition t is ``(o_t, a_t, r_t, o_{t+1}, terminated_t,
+    truncated_t)``; every one is kept. Raises a ``ValueError`` that lists where NaN/inf are.
+    """
+    obs, next_obs, actions, rewards, terms, truncs, episode_ids = [], [], [], [], [], [], []
+    for i, ep in enumerate(episodes):
+        o = _flatten_obs(ep.observations if hasattr(ep, "observations") else ep["observations"])
+        get = (lambda k: getattr(ep, k)) if hasattr(ep, "observations") else ep.__getitem__
+        a = np.asarray(get("actions"), dtype=np.float32)
+        a = a.reshape(len(a), -1)
+        T = len(a)
+        if o.shape[0] != T + 1:
+            raise ValueError(
+                f"{name}: episode {i} has {o.shape[0]} observations for {T} actions; expected "
+                f"{T + 1} (the last observation closes the episode). The file is inconsistent: "
+                f"regenerate or re-download it."
+            )
+        obs.append(o[:-1])
+        next_obs.append(o[1:])
+        actions.append(a)
+        rewards.append(np.asarray(get("rewards"), dtype=np.float32).reshape(T, 1))
+        terms.append(np.asarray(get("terminations"), dtype=bool).reshape(T, 1))
+        truncs.append(np.asarray(get("truncations"), dtype=bool).reshape(T, 1))
+        episode_ids.append(np.full((T,), i, dtype=np.int64))
+    if not actions:
+        raise ValueError(f"{name} holds no episodes: expected at least one transition.")
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs, 0))  # noqa: E731
+    term, trunc = cat(terms), cat(truncs)
+    td = TensorDict(
+        {
+            "observation": cat(obs),
+            "action": cat(actions),
+            "episode": cat(episode_ids),
+            "next": {
+                "observation": cat(next_obs),
+                "reward": cat(rewards),
+                "terminated": term,
+                "truncated": trunc,
+                "done": term | trunc,
+            },
+        },
+        batch_size=[term.shape[0]],
+    )
+    check_finite_transitions(td, name)
+    return td
+
+
+def check_finite_transitions(td: TensorDict, name: str = "dataset") -> None:
+    """Raise a ``ValueError`` that counts the transitions with NaN/inf and says where they are."""
+    bad = torch.zeros(td.batch_size, dtype=torch.bool)
+    where = []
+    for key in ("observation", "action", ("next", "observation"), ("next", "reward")):
+        value = td.get(key)
+        rows = ~torch.isfinite(value.reshape(value.shape[0], -1)).all(-1)
+        if rows.any():
+            where.append(f"{key!r} in {int(rows.sum())} row(s)")
+        bad |= rows
+    if bad.any():
+        idx = bad.nonzero().squeeze(-1)
+        first = idx[:5].tolist()
+        episodes = td.get("episode")[idx].unique()[:5].tolist() if "episode" in td.keys() else "?"
+        raise ValueError(
+            f"{name}: {int(bad.sum())} of {td.shape[0]} transitions hold NaN or inf ({'; '.join(where)}); "
+            f"first transition indices {first}, episodes {episodes}. Nothing is dropped silently: "
+            f"remove or repair those episodes and load the dataset again."
+        )
+
+
+def episode_returns(td: TensorDict) -> torch.Tensor:
+    """Undiscounted return of each episode (episodes delimited by ``done``, or by ``episode`` ids)."""
+    reward = td.get(("next", "reward")).reshape(-1).double()
+    if "episode" in td.keys():
+        ids = td.get("episode")
+        ids = torch.unique(ids, return_inverse=True)[1]
+    else:
+        done = td.get(("next", "done")).reshape(-1).long()
+        ids = torch.cat([done.new_zeros(1), done[:-1].cumsum(0)])
+    return torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, reward)
+
+
+def reward_scale_for(td: TensorDict, mode: str) -> float:
+    """``locomotion``: 1000 / (max - min episode return); ``antmaze``: 100; ``none``: 1."""
+    if mode == "none":
+        return 1.0
+    if mode == "antmaze":
+        return 100.0
+    if mode == "locomotion":
+        returns = episode_returns(td)
+        spread = float(returns.max() - returns.min())
+        if not spread > 0:
+            raise ValueError(
+                f"reward_mode='locomotion' divides by (max - min) episode return, but every one "
+                f"of the {returns.numel()} episodes returns {float(returns[0]):.6g}. Use "
+                f"reward_mode='none' for this dataset."
+            )
+        return 1000.0 / spread
+    raise ValueError(f"reward_mode={mode!r}: expected one of {REWARD_MODES} or 'auto'.")
+
+
+def _resolve_minari_path(path: Path) -> Path:
+    data = path / "data" if (path / "data").is_dir() else path
+    hdf5 = data / "main_data.hdf5"
+    if not hdf5.exists():
+        raise FileNotFoundError(
+            f"{path} is not a Minari dataset: {hdf5} does not exist (and neither does a Minari "
+            f"dataset with that id). Point to the dataset folder (the one holding 'data/'), "
+            f"download it with `minari download <id>` where the network allows, or generate it "
+            f"again. {GENERATE_HINT}"
+        )
+    return data
+
+
+def _corrupted(data: Path, err: Exception) -> ValueError:
+    return ValueError(
+        f"could not read the Minari dataset at {data} ({type(err).__name__}: {err}). The file "
+        f"{data / 'main_data.hdf5'} or its metadata is corrupted or incomplete: delete the "
+        f"folder and download or generate the dataset again."
+    )
+
+
+def _open_minari(path: Path):
+    import minari
+
+    data = _resolve_minari_path(path)
+    try:
+        return minari.MinariDataset(str(data))
+    except Exception as err:  # h5py/json errors name neither the file nor the fix
+        raise _corrupted(data, err) from err
+
+
+def _read_minari(mds, name: str) -> TensorDict:
+    """Every transition of a MinariDataset; hdf5 read errors become a clear ``ValueError``."""
+    try:
+        return transitions_from_episodes(mds.iterate_episodes(), name)
+    except (OSError, KeyError, RuntimeError) as err:
+        raise _corrupted(Path(mds.storage.data_path), err) from err
+
+
+def _load_minari_id(dataset_id: str, download: bool):
+    import minari
+    from minari.storage import get_dataset_path
+
+    local = Path(get_dataset_path(dataset_id))
+    if (local / "data" / "main_data.hdf5").exists():
+        return _open_minari(local)
+    if not download:
+        raise FileNotFoundError(
+            f"Minari dataset {dataset_id!r} was not found locally (looked in {local}; set "
+            f"MINARI_DATASETS_PATH to search elsewhere) and download=False. Download it where "
+            f"the network allows with `minari download {dataset_id}` (or download=True). "
+            f"{GENERATE_HINT}"
+        )
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"Minari dataset {dataset_id!r} is not stored locally (looked in {local}) and could "
+            f"not be downloaded ({type(err).__name__}: {err}). Check the id (`minari list remote` "
+            f"lists them) and the network, or copy the dataset into {local}. {GENERATE_HINT}"
+        ) from err
+
+
+def _minari_ref_scores(dataset) -> tuple[float | None, float | None, str | None]:
+    storage = dataset.storage
+    meta = getattr(storage, "metadata", {}) or {}
+    env_id = None
+    spec = getattr(dataset, "env_spec", None)
+    if spec is not None:
+        env_id = spec.id
+    return meta.get("ref_min_score"), meta.get("ref_max_score"), env_id
+
+
+def load_d4rl_transitions(dataset_id: str, **kwargs) -> TensorDict:
+    """D4RL transitions through torchrl's ``D4RLExperienceReplay(direct_download=True)``."""
+    from torchrl.data.datasets import D4RLExperienceReplay
+
+    try:
+        rb = D4RLExperienceReplay(dataset_id, batch_size=1, direct_download=True, **kwargs)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"D4RL dataset {dataset_id!r} could not be loaded ({type(err).__name__}: {err}). D4RL "
+            f"files are downloaded on first use and cached by torchrl: check the id and the "
+            f"network. {GENERATE_HINT}"
+        ) from err
+    data = rb[:]
+    term = data.get(("next", "terminated")).reshape(-1, 1).bool()
+    trunc = data.get(("next", "truncated"), None)
+    trunc = torch.zeros_like(term) if trunc is None else trunc.reshape(-1, 1).bool()
+    td = TensorDict(
+        {
+            "observation": data.get("observation").float(),
+            "action": data.get("action").float(),
+            "next": {
+                "observation": data.get(("next", "observation")).float(),
+                "reward": data.get(("next", "reward")).reshape(-1, 1).float(),
+                "terminated": term,
+                "truncated": trunc,
+                "done": term | trunc,
+            },
+        },
+        batch_size=[term.shape[0]],
+    )
+    check_finite_transitions(td, dataset_id)
+    return td
+
+
+def make_offline_buffer(
+    dataset: str | os.PathLike,
+    batch_size: int,
+    *,
+    reward_mode: str = "auto",
+    action_clip: float = ACTION_CLIP,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+) -> TensorDictReplayBuffer:
+    """A ``TensorDictReplayBuffer`` of every transition of an offline dataset.
+
+    Args:
+        dataset: the path of a local Minari dataset (the folder holding ``data/``), a Minari
+            id (``"mujoco/hopper/medium-v0"``: local if stored, downloaded otherwise when
+            ``download``), or a D4RL id (``"hopper-medium-v2"``, via torchrl's
+            ``D4RLExperienceReplay`` with ``direct_download=True``).
+        batch_size: transitions per ``sample()``.
+
+    Keyword Args:
+        reward_mode: ``"locomotion"`` (x 1000 / (max - min episode return)), ``"antmaze"``
+            (x 100), ``"none"``, or ``"auto"`` (antmaze for antmaze ids, else locomotion).
+        action_clip: actions are clipped to ``±action_clip``. Defaults to ``1 - 1e-5``.
+        download: allow downloading a Minari id that is not stored locally.
+        device: storage device.
+
+    The buffer's ``dataset_info`` (:class:`DatasetInfo`) holds the counts, the reward
+    scale and the reference scores (D4RL's published ones, or the Minari metadata).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer.")
+    name = str(dataset)
+    ref_min = ref_max = env_id = None
+    if os.path.exists(name):
+        mds = _open_minari(Path(name))
+        td = _read_minari(mds, name)
+        ref_min, ref_max, env_id = _minari_ref_scores(mds)
+        source = "minari-local"
+    elif _D4RL_PATTERN.match(name):
+        td = load_d4rl_transitions(name)
+        ref_min, ref_max = D4RL_REF_SCORES[name.split("-")[0]]
+        env_id = name
+        source = "d4rl"
+    elif "/" in name:
+        mds = _load_minari_id(name, download)
+        td = _read_minari(mds, name)
+        ref_min, ref_max, env_id = _minari_ref_scores(mds)
+        source = "minari"
+    else:
+        raise FileNotFoundError(
+            f"dataset {name!r} is neither an existing path, a D4RL id (e.g. 'hopper-medium-v2'; "
+            f"known: {', '.join(D4RL_LOCOMOTION[:3])}, ..., {', '.join(D4RL_ANTMAZE[:2])}, ...) nor "
+            f"a Minari id (namespace/.../name-vN, e.g. 'mujoco/hopper/medium-v0'). {GENERATE_HINT}"
+        )
+    if reward_mode == "auto":
+        reward_mode = "antmaze" if "antmaze" in name else "locomotion"
+    scale = reward_scale_for(td, reward_mode)
+    td.set(("next", "reward"), td.get(("next", "reward")) * scale)
+    if action_clip is not None:
+        td.set("action", td.get("action").clamp(-action_clip, action_clip))
+    info = DatasetInfo(
+        name=name,
+        source=source,
+        num_transitions=td.shape[0],
+        num_episodes=int(episode_returns(td).numel()),
+        observation_dim=td.get("observation").shape[-1],
+        action_dim=td.get("action").shape[-1],
+        reward_mode=reward_mode,
+        reward_scale=scale,
+        ref_min_score=None if ref_min is None else float(ref_min),
+        ref_max_score=None if ref_max is None else float(ref_max),
+        env_id=env_id,
+    )
+    buffer = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(td.shape[0], device=device), sampler=RandomSampler(), batch_size=batch_size
+    )
+    buffer.extend(td)
+    buffer.dataset_info = info
+    return buffer
+
+
+def check_env_compatibility(info: DatasetInfo, env) -> None:
+    """Raise a ``ValueError`` before training when the dataset and the environment disagree on dims.
+
+    ``env`` is a TorchRL env (specs) or a Gymnasium env (spaces).
+    """
+    if hasattr(env, "observation_spec"):
+        obs_spec = env.observation_spec
+        obs_dim = sum(int(np.prod(spec.shape[len(env.batch_size):])) for spec in obs_spec.values(True, True))
+        act_dim = int(np.prod(env.action_spec.shape[len(env.batch_size):]))
+    else:
+        obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 0
+        act_dim = int(np.prod(env.action_space.shape))
+    problems = []
+    if obs_dim != info.observation_dim:
+        problems.append(f"observation dim {info.observation_dim} in the dataset vs {obs_dim} in the environment")
+    if act_dim != info.action_dim:
+        problems.append(f"action dim {info.action_dim} in the dataset vs {act_dim} in the environment")
+    if problems:
+        raise ValueError(
+            f"dataset {info.name!r} does not match the evaluation environment: {'; '.join(problems)}. "
+            f"Evaluate on the task the data came from (dataset env: {info.env_id!r})."
+        )
