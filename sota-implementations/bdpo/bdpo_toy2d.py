@@ -1,0 +1,272 @@
+"""BDPO on the paper's 2D bandits: train, compare with the exact optimum, draw the figures.
+
+    python sota-implementations/bdpo/bdpo_toy2d.py env.dataset=8gaussians
+    python sota-implementations/bdpo/bdpo_toy2d.py --config-name toy2d_paper   # GPU-sized
+
+Phase A pretrains the behavior diffusion model (with its EMA); the actor starts as a
+copy of that EMA; phase B trains Q, V_n, the actor and the behavior (DESIGN section 4).
+Every transition is terminal, so the Q target is the reward and no next-state path is
+sampled. The run writes, under its output directory: CSV logs, checkpoints, summary.json
+and three PNG figures (targets at a few eta, actor samples with their paths, V_n
+landscapes at n = N, 3N/4, N/2, N/4 and 0 where V_0 = Q).
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import (  # noqa: E402
+    check_finite_loss,
+    hand_over,
+    load_checkpoint,
+    log_scalars,
+    make_bdpo_loss,
+    make_logger,
+    make_optimizers,
+    make_schedulers,
+    make_updaters,
+    optimizer_step,
+    save_checkpoint,
+    set_seed,
+    training_state,
+    write_json,
+)
+
+from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, sample_optimal_policy  # noqa: E402
+from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
+
+
+def knn_reward(points: torch.Tensor, data_actions: torch.Tensor, data_rewards: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Energy at arbitrary points: mean energy of the k nearest dataset points.
+
+    Some toy energies depend on a latent label (the moon, the spiral's t), not on the
+    point alone; the same estimator is applied to actor, behavior and pi* samples.
+    """
+    out = []
+    for chunk in points.split(2048):
+        idx = torch.cdist(chunk, data_actions).topk(k, largest=False).indices
+        out.append(data_rewards[idx].mean(-1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(loss, data_actions, data_rewards, eta, num, seed):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.zeros(num, 1)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        actor = loss.actor_network.sample_path(obs).action
+    with loss.target_behavior_network_params.to_module(loss.behavior_network):
+        behavior = loss.behavior_network.sample_path(obs).action
+    p_star = sample_optimal_policy(data_actions, data_rewards, eta, num, generator=g)
+    r = lambda x: knn_reward(x, data_actions, data_rewards).mean().item()  # noqa: E731
+    return {
+        "sw_actor_pstar": sliced_wasserstein(actor, p_star, generator=g).item(),
+        "sw_behavior_pstar": sliced_wasserstein(behavior, p_star, generator=g).item(),
+        "mmd2_actor_pstar": mmd_rbf(actor, p_star).item(),
+        "mmd2_behavior_pstar": mmd_rbf(behavior, p_star).item(),
+        "reward_actor": r(actor),
+        "reward_behavior": r(behavior),
+        "reward_pstar": r(p_star),
+        "reward_data": data_rewards.mean().item(),
+        "optimal_value": optimal_value(data_rewards, eta),
+    }
+
+
+def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(seed)
+    lim = float(data_actions.abs().quantile(0.999)) * 1.1
+    paths = []
+
+    # 1. target distributions: the data reweighted by exp(r / eta)
+    etas = [eta * 10, eta * 3, eta, eta / 3]
+    fig, axes = plt.subplots(1, len(etas) + 1, figsize=(3.2 * (len(etas) + 1), 3.4))
+    sub = data_actions[torch.randint(0, data_actions.shape[0], (4000,), generator=g)]
+    axes[0].scatter(*sub.T, s=1, alpha=0.4)
+    axes[0].set_title("behavior data")
+    for ax, e in zip(axes[1:], etas):
+        s = sample_optimal_policy(data_actions, data_rewards, e, 4000, generator=g)
+        ax.scatter(*s.T, s=1, alpha=0.4, color="C3")
+        ax.set_title(f"π* ∝ ν exp(r/η), η={e:.3g}")
+    for ax in axes:
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+    fig.tight_layout()
+    paths.append(out_dir / "targets.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    # 2. actor samples and their diffusion paths
+    with torch.no_grad(), loss.target_actor_network_params.to_module(loss.actor_network):
+        path = loss.actor_network.sample_path(torch.zeros(2000, 1))
+    p_star = sample_optimal_policy(data_actions, data_rewards, eta, 2000, generator=g)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    axes[0].scatter(*p_star.T, s=1, alpha=0.4, color="C3")
+    axes[0].set_title(f"π* (η={eta:g})")
+    axes[1].scatter(*path.action.T, s=1, alpha=0.4, color="C2")
+    axes[1].set_title("BDPO actor samples")
+    for i in range(40):
+        axes[2].plot(*path.actions[:, i].T, lw=0.5, alpha=0.7)
+        axes[2].plot(*path.action[i], "k.", ms=3)
+    axes[2].set_title("actor paths a^N → a^0")
+    for ax in axes:
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+    fig.tight_layout()
+    paths.append(out_dir / "actor_samples.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+
+    # 3. V_n landscapes on a grid; V_0 is Q
+    N = loss.actor_network.num_steps
+    steps = sorted({N, (3 * N) // 4, N // 2, N // 4, 0}, reverse=True)
+    grid = torch.linspace(-lim, lim, 80)
+    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
+    obs = torch.zeros(pts.shape[0], 1)
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.2))
+    with torch.no_grad():
+        for ax, n in zip(axes, steps):
+            if n == 0:
+                v = loss._qvalue(loss.target_qvalue_network_params, obs, pts).mean(0)
+            else:
+                v = loss._value(loss.target_value_network_params, obs, pts, torch.full((pts.shape[0],), n)).mean(0)
+            ax.imshow(v.reshape(80, 80), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
+            ax.set_title(f"V_{n}" + (" = Q" if n == 0 else ""))
+    fig.tight_layout()
+    paths.append(out_dir / "values.png")
+    fig.savefig(paths[-1], dpi=90)
+    plt.close(fig)
+    return paths
+
+
+def train(cfg: DictConfig) -> dict:
+    if cfg.env.dataset not in TOY_DATASETS:
+        raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
+    warnings.filterwarnings("ignore", message="No target network updater")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+
+    buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed)
+    all_data = buffer[:]
+    data_actions, data_rewards = all_data["action"], all_data["next", "reward"].squeeze(-1)
+    loss = make_bdpo_loss(cfg, observation_dim=1, action_dim=2)
+    optimizers = make_optimizers(cfg, loss)
+    schedulers = make_schedulers(cfg, optimizers)
+    updaters = make_updaters(cfg, loss)
+    logger = make_logger(cfg, out_dir)
+    ckpt = out_dir / "checkpoint.pt"
+    o = cfg.optim
+
+    phase, step = "pretrain", 0
+    if cfg.checkpoint.resume and ckpt.exists():
+        phase, step = load_checkpoint(ckpt, cfg, loss, optimizers, schedulers)
+        print(f"resumed from {ckpt}: phase {phase}, step {step}")
+    written = ckpt if ckpt.exists() else None
+
+    def checkpoint(phase_name, next_step):
+        nonlocal written
+        save_checkpoint(ckpt, training_state(loss, optimizers, schedulers, phase_name, next_step, cfg))
+        written = ckpt
+
+    behavior_params = list(loss.behavior_network_params.parameters())
+    # ---------------------------------------------------------------- phase A
+    if phase == "pretrain":
+        for step in tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps):
+            batch = buffer.sample()
+            b_loss, _ = loss.behavior_loss(batch)
+            check_finite_loss("loss_behavior", b_loss, step, written)
+            optimizer_step(optimizers["behavior"], b_loss, behavior_params, o.grad_clip)
+            updaters["behavior"].step()
+            if step % cfg.logger.log_interval == 0:
+                log_scalars(logger, {"pretrain/loss_behavior": b_loss.item()}, step)
+            if (step + 1) % cfg.checkpoint.interval == 0:
+                checkpoint("pretrain", step + 1)
+        hand_over(loss)
+        phase, step = "train", 0
+        checkpoint("train", 0)
+
+    # ---------------------------------------------------------------- phase B
+    critic_params = [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()]
+    actor_params = list(loss.actor_network_params.parameters())
+    history = []
+    tic, tic_step = time.perf_counter(), step
+    for step in tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps):
+        batch = buffer.sample()
+        q_loss, q_meta = loss.qvalue_loss(batch)
+        v_loss, v_meta = loss.value_loss(batch)
+        check_finite_loss("loss_qvalue + loss_value", q_loss + v_loss, step, written)
+        optimizer_step(optimizers["critic"], q_loss + v_loss, critic_params, o.grad_clip)
+        schedulers["critic"].step()
+        updaters["critic"].step()
+        row = {"loss_qvalue": q_loss.item(), "loss_value": v_loss.item()}
+        if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
+            a_loss, a_meta = loss.actor_loss(batch)
+            check_finite_loss("loss_actor", a_loss, step, written)
+            optimizer_step(optimizers["actor"], a_loss, actor_params, o.grad_clip)
+            schedulers["actor"].step()
+            updaters["actor"].step()
+            row.update(loss_actor=a_loss.item(), **{k: v.item() for k, v in a_meta.items()})
+            if o.train_behavior:
+                b_loss, _ = loss.behavior_loss(batch)
+                optimizer_step(optimizers["behavior"], b_loss, behavior_params, o.grad_clip)
+                updaters["behavior"].step()
+                row["loss_behavior"] = b_loss.item()
+        history.append(row)
+        if step % cfg.logger.log_interval == 0:
+            now = time.perf_counter()
+            rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
+            tic, tic_step = now, step
+            log_scalars(
+                logger,
+                {**{f"train/{k}": v for k, v in row.items()}, "train/qvalue_pred": q_meta["qvalue_pred"].item(),
+                 "train/value_pred": v_meta["value_pred"].item(), "train/value_target": v_meta["value_target"].item(),
+                 "train/value_step_kl": v_meta["value_step_kl"].item(), "train/steps_per_s": rate},
+                step,
+            )
+        if (step + 1) % cfg.checkpoint.interval == 0:
+            checkpoint("train", step + 1)
+    if o.steps > 0:
+        checkpoint("train", o.steps)
+
+    metrics = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
+    log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)
+    figures = plot_figures(loss, data_actions, data_rewards, cfg.loss.eta, out_dir, cfg.seed)
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": metrics,
+        "distance_ratio_behavior_over_actor": metrics["sw_behavior_pstar"] / max(metrics["sw_actor_pstar"], 1e-12),
+        "wall_time_s": time.perf_counter() - start,
+        "figures": [str(p) for p in figures],
+    }
+    write_json(out_dir / "summary.json", summary)
+    print(
+        f"[{cfg.env.dataset}] sliced W2 to pi*: actor {metrics['sw_actor_pstar']:.3f}, behavior "
+        f"{metrics['sw_behavior_pstar']:.3f}; E r: actor {metrics['reward_actor']:.3f}, behavior "
+        f"{metrics['reward_behavior']:.3f}, pi* {metrics['reward_pstar']:.3f}; "
+        f"{summary['wall_time_s']:.0f} s; outputs in {out_dir}"
+    )
+    summary["history"] = history
+    return summary
+
+
+@hydra.main(config_path="config", config_name="toy2d", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

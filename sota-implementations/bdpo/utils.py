@@ -1,0 +1,197 @@
+"""Builders and helpers shared by the BDPO scripts (models, loss, optimizers, checkpoints, plots)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from torchrl_bdpo.diffusion import (
+    DiffusionActor,
+    EpsilonNetwork,
+    make_qvalue_operator,
+    make_schedule,
+    make_value_operator,
+)
+from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BDPOLoss:
+    d, c, lc = cfg.diffusion, cfg.critic, cfg.loss
+
+    def diffusion_model():
+        schedule = make_schedule(d.schedule, d.num_steps, sigma=d.sigma, final_noise=d.final_noise)
+        net = EpsilonNetwork(action_dim, observation_dim, hidden=d.hidden, depth=d.depth)
+        return DiffusionActor(net, schedule, clip_denoised=d.clip_denoised)
+
+    behavior = diffusion_model()
+    actor = diffusion_model()
+    loss = BDPOLoss(
+        actor,
+        behavior,
+        make_value_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth),
+        make_qvalue_operator(
+            observation_dim, action_dim, hidden=c.hidden, depth=c.depth, layer_norm=c.get("layer_norm", False)
+        ),
+        eta=lc.eta,
+        rho=lc.rho,
+        aggregation=lc.aggregation,
+        num_qvalue_nets=c.num_qvalue_nets,
+        num_samples=lc.num_samples,
+        gamma=lc.get("gamma", 0.99),
+        max_q_backup=lc.get("max_q_backup", False),
+        train_behavior=cfg.optim.train_behavior,
+    )
+    return loss.to(cfg.device)
+
+
+def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:
+    o = cfg.optim
+    return {
+        "behavior": torch.optim.Adam(loss.behavior_network_params.parameters(), lr=o.behavior_lr),
+        "critic": torch.optim.Adam(
+            [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()], lr=o.critic_lr
+        ),
+        "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=o.actor_lr),
+    }
+
+
+def make_schedulers(cfg: DictConfig, optimizers: dict) -> dict:
+    """Cosine decay to 0: critics over phase B, the actor over its own steps (DESIGN section 4)."""
+    o = cfg.optim
+    actor_steps = max(1, (o.steps - o.warmup + o.actor_every - 1) // o.actor_every)
+    return {
+        "critic": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["critic"], max(1, o.steps)),
+        "actor": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["actor"], actor_steps),
+    }
+
+
+def make_updaters(cfg: DictConfig, loss: BDPOLoss) -> dict:
+    return {
+        "critic": TargetSoftUpdate(loss, ("qvalue_network", "value_network"), cfg.optim.critic_tau),
+        "actor": TargetSoftUpdate(loss, ("actor_network",), cfg.optim.tau),
+        "behavior": TargetSoftUpdate(loss, ("behavior_network",), cfg.optim.tau),
+    }
+
+
+@torch.no_grad()
+def hand_over(loss: BDPOLoss) -> None:
+    """Actor and actor target start as copies of the behavior EMA."""
+    loss.actor_network_params.data.copy_(loss.target_behavior_network_params.data)
+    loss.target_actor_network_params.data.copy_(loss.target_behavior_network_params.data)
+
+
+def optimizer_step(optimizer, loss_value: torch.Tensor, params, grad_clip: float | None) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    loss_value.backward()
+    norm = float("nan")
+    if grad_clip:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    optimizer.step()
+    return norm
+
+
+def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Path | None) -> None:
+    if not torch.isfinite(value).all():
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        raise FloatingPointError(
+            f"{name} became {value.item()} at step {step}; training stopped and nothing was "
+            f"overwritten ({where}). Lower the learning rates or check the data."
+        )
+
+
+# ---------------------------------------------------------------- checkpoints
+def config_fingerprint(cfg: DictConfig) -> dict:
+    """The config minus the keys that may change on resume."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("output_dir", "checkpoint", "logger"):
+        c.pop(key, None)
+    return c
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: to a temporary file, then rename over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> dict:
+    return {
+        "loss": loss.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+        "phase": phase,
+        "step": step,
+        "config": config_fingerprint(cfg),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+
+
+def load_checkpoint(path: Path, cfg, loss, optimizers, schedulers) -> tuple[str, int]:
+    state = torch.load(path, weights_only=False)
+    mine, theirs = config_fingerprint(cfg), state["config"]
+    if mine != theirs:
+        diff = _diff_keys(mine, theirs)
+        raise ValueError(
+            f"checkpoint {path} was made with another config; differing keys: {diff}. Resume with "
+            f"the same settings, or start a fresh run (checkpoint.resume=false) in a new directory."
+        )
+    loss.load_state_dict(state["loss"])
+    for k, o in optimizers.items():
+        o.load_state_dict(state["optimizers"][k])
+    for k, s in schedulers.items():
+        s.load_state_dict(state["schedulers"][k])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["phase"], state["step"]
+
+
+def _diff_keys(a, b, prefix="") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        name = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], name + ".")
+        elif a.get(k) != b.get(k):
+            keys.append(f"{name} ({b.get(k)!r} in the checkpoint, {a.get(k)!r} now)")
+    return keys
+
+
+def make_logger(cfg: DictConfig, output_dir: Path):
+    if not cfg.logger.backend:
+        return None
+    from torchrl.record.loggers import get_logger
+
+    return get_logger(
+        cfg.logger.backend, logger_name=str(output_dir / "logs"), experiment_name=cfg.logger.exp_name
+    )
+
+
+def log_scalars(logger, values: dict, step: int) -> None:
+    if logger is None:
+        return
+    for k, v in values.items():
+        v = float(v)
+        if np.isfinite(v):
+            logger.log_scalar(k, v, step=step)
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))

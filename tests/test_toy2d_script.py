@@ -1,0 +1,112 @@
+"""Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_toy2d.py at tiny budgets."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+sys.path.insert(0, str(SCRIPT_DIR))
+_spec = importlib.util.spec_from_file_location("bdpo_toy2d", SCRIPT_DIR / "bdpo_toy2d.py")
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+TINY = [
+    "env.num_points=2000",
+    "diffusion.num_steps=5",
+    "diffusion.hidden=16",
+    "diffusion.depth=2",
+    "critic.hidden=16",
+    "critic.num_qvalue_nets=2",
+    "loss.num_samples=2",
+    "optim.batch_size=32",
+    "optim.pretrain_steps=20",
+    "optim.steps=30",
+    "optim.warmup=5",
+    "optim.actor_every=2",
+    "eval.num_samples=200",
+    "logger.log_interval=5",
+    "checkpoint.interval=10",
+]
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        return compose("toy2d", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
+
+
+def test_smoke_outputs(tmp_path):
+    summary = toy.train(config(tmp_path))
+    for name in ("summary.json", "targets.png", "actor_samples.png", "values.png", "checkpoint.pt", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert set(written["metrics"]) >= {"sw_actor_pstar", "sw_behavior_pstar", "reward_actor", "reward_pstar"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in written["metrics"].values())
+    csvs = list((tmp_path / "logs").rglob("*.csv"))
+    assert any(p.name == "loss_value.csv" for p in csvs) and any(p.name == "loss_actor.csv" for p in csvs)
+    assert len(summary["history"]) == 30
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_losses_step_for_step(tmp_path, monkeypatch):
+    full = toy.train(config(tmp_path / "full"))["history"]
+
+    real = toy.make_toy_buffer
+    calls = {"n": 0}
+
+    def interrupted_buffer(*args, **kwargs):
+        buffer = real(*args, **kwargs)
+        sample = buffer.sample
+
+        def sample_then_die():
+            calls["n"] += 1
+            if calls["n"] > 20 + 17:  # 20 phase-A batches, then die during phase-B step 17
+                raise _Interrupt()
+            return sample()
+
+        buffer.sample = sample_then_die
+        return buffer
+
+    monkeypatch.setattr(toy, "make_toy_buffer", interrupted_buffer)
+    with pytest.raises(_Interrupt):
+        toy.train(config(tmp_path / "resumed"))
+    monkeypatch.setattr(toy, "make_toy_buffer", real)
+    resumed = toy.train(config(tmp_path / "resumed", "checkpoint.resume=true"))["history"]
+    # the last checkpoint was at phase-B step 10: the resumed run redoes steps 10..29
+    assert len(resumed) == 20
+    for a, b in zip(full[10:], resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match=r"env.dataset='8gausians'.*8gaussians"):
+        toy.train(config(tmp_path / "a", "env.dataset=8gausians"))
+    toy.train(config(tmp_path / "b", "optim.steps=10"))
+    with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(0.06 in the checkpoint, 0.5 now\)'\]"):
+        toy.train(config(tmp_path / "b", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    from torchrl_bdpo.objectives import BDPOLoss
+
+    real = BDPOLoss.actor_loss
+
+    def broken(self, td):
+        value, meta = real(self, td)
+        return value * float("nan"), meta
+
+    monkeypatch.setattr(BDPOLoss, "actor_loss", broken)
+    with pytest.raises(FloatingPointError, match=r"loss_actor became nan at step 5.*checkpoint.pt"):
+        toy.train(config(tmp_path))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["phase"] == "train" and state["step"] == 0
