@@ -44,14 +44,17 @@ from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, samp
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
 
 
-def knn_reward(points: torch.Tensor, data_actions: torch.Tensor, data_rewards: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """Energy at arbitrary points: mean energy of the k nearest dataset points.
+def knn_reward(
+    points: torch.Tensor, data_actions: torch.Tensor, data_rewards: torch.Tensor, k: int = 10, max_data: int = 100_000
+) -> torch.Tensor:
+    """Energy at arbitrary points: mean energy of the k nearest dataset points (of the first ``max_data``).
 
     Some toy energies depend on a latent label (the moon, the spiral's t), not on the
     point alone; the same estimator is applied to actor, behavior and pi* samples.
     """
+    data_actions, data_rewards = data_actions[:max_data], data_rewards[:max_data]
     out = []
-    for chunk in points.split(2048):
+    for chunk in points.split(1024):
         idx = torch.cdist(chunk, data_actions).topk(k, largest=False).indices
         out.append(data_rewards[idx].mean(-1))
     return torch.cat(out)
