@@ -112,23 +112,29 @@ def transitions_from_episodes(episodes, name: str = "dataset") -> TensorDict:
         raise ValueError(f"{name} holds no episodes: expected at least one transition.")
     cat = lambda xs: torch.from_numpy(np.concatenate(xs, 0))  # noqa: E731
     term, trunc = cat(terms), cat(truncs)
-    td = TensorDict(
-        {
-            "observation": cat(obs),
-            "action": cat(actions),
-            "episode": cat(episode_ids),
-            "next": {
-                "observation": cat(next_obs),
-                "reward": cat(rewards),
-                "terminated": term,
-                "truncated": trunc,
-                "done": term | trunc,
-            },
-        },
-        batch_size=[term.shape[0]],
-    )
+    td = make_transitions(cat(obs), cat(actions), cat(next_obs), cat(rewards), term, trunc, cat(episode_ids))
     check_finite_transitions(td, name)
     return td
+
+
+def make_transitions(observation, action, next_observation, reward, terminated, truncated, episode=None) -> TensorDict:
+    """The transition layout of every buffer here: float32 data, ``[n, 1]`` reward and flags, done = term | trunc."""
+    terminated = terminated.reshape(-1, 1).bool()
+    truncated = truncated.reshape(-1, 1).bool()
+    fields = {
+        "observation": observation.float(),
+        "action": action.float(),
+        "next": {
+            "observation": next_observation.float(),
+            "reward": reward.reshape(-1, 1).float(),
+            "terminated": terminated,
+            "truncated": truncated,
+            "done": terminated | truncated,
+        },
+    }
+    if episode is not None:
+        fields["episode"] = episode
+    return TensorDict(fields, batch_size=[terminated.shape[0]])
 
 
 def check_finite_transitions(td: TensorDict, name: str = "dataset") -> None:
@@ -269,22 +275,15 @@ def load_d4rl_transitions(dataset_id: str, **kwargs) -> TensorDict:
             f"network. {GENERATE_HINT}"
         ) from err
     data = rb[:]
-    term = data.get(("next", "terminated")).reshape(-1, 1).bool()
+    term = data.get(("next", "terminated"))
     trunc = data.get(("next", "truncated"), None)
-    trunc = torch.zeros_like(term) if trunc is None else trunc.reshape(-1, 1).bool()
-    td = TensorDict(
-        {
-            "observation": data.get("observation").float(),
-            "action": data.get("action").float(),
-            "next": {
-                "observation": data.get(("next", "observation")).float(),
-                "reward": data.get(("next", "reward")).reshape(-1, 1).float(),
-                "terminated": term,
-                "truncated": trunc,
-                "done": term | trunc,
-            },
-        },
-        batch_size=[term.shape[0]],
+    td = make_transitions(
+        data.get("observation"),
+        data.get("action"),
+        data.get(("next", "observation")),
+        data.get(("next", "reward")),
+        term,
+        torch.zeros_like(term) if trunc is None else trunc,
     )
     check_finite_transitions(td, dataset_id)
     return td
