@@ -49,7 +49,7 @@ class PathwiseKLLoss(LossModule):
     r"""KL between the reverse paths of a diffusion policy and a frozen reference.
 
     With Gaussian reverse kernels of equal variance ``sigma_n^2`` the path KL splits
-    into per-step terms (BDPO, Gao et al. 2025, https://arxiv.org/abs/2502.04778, eq. 7):
+    into per-step terms (BDPO, Gao et al. 2025, https://arxiv.org/abs/2502.04778):
 
     .. math::
         KL(p^{\pi}_{0:N} \| p^{\nu}_{0:N}) = E_{\pi}\Big[\sum_{n=1}^N l_n(s, a^n)\Big],

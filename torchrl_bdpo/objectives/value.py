@@ -33,7 +33,7 @@ def _check_positive_int(name: str, value, hint: str) -> int:
 
 @unwrap_exploration_wrappers
 class DiffusionValueLoss(LossModule):
-    r"""Lower-level TD for the diffusion value ``V_n`` of BDPO (Gao et al. 2025, eq. 10).
+    r"""Lower-level TD for the diffusion value ``V_n`` of BDPO (Gao et al. 2025).
 
     For dataset ``(s, a)``: ``n ~ U{1..N}``, ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps``;
     one reverse step of the *target* actor draws ``M`` samples of ``a^{n-1}``; the
