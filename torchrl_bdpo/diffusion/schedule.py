@@ -179,6 +179,12 @@ class NoiseSchedule(nn.Module):
             + self._gather(self.sqrt_one_minus_alphas_cumprod, n, action) * noise
         )
 
+    def noise_action(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``n ~ U{1..N}`` per sample and ``eps ~ N(0, I)``; return ``(a^n, n, eps)``."""
+        n = torch.randint(1, self.num_steps + 1, action.shape[:-1], device=action.device)
+        noise = torch.randn_like(action)
+        return self.q_sample(action, n, noise), n, noise
+
     def predict_x0(self, action_n: torch.Tensor, n, eps: torch.Tensor, clip_denoised: bool = False) -> torch.Tensor:
         """``x0_hat = (a^n - sqrt(1 - abar_n) eps) / sqrt(abar_n)``, clipped to [-1, 1] on request."""
         x0 = (

@@ -11,7 +11,8 @@ from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
-from torchrl_bdpo.objectives.denoising import denoising_error
+from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
+from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
 from torchrl_bdpo.objectives.utils import aggregate_ensemble, unwrap_exploration_wrappers
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
@@ -252,15 +253,8 @@ class BDPOLoss(DiffusionValueLoss):
             path = actor.sample_path(obs, num_samples=M, noise=noise_rows)
         obs_m = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
         # l_n for all n in one batched pass of the behavior EMA
-        steps = torch.arange(1, N + 1, device=obs.device).view(N, *([1] * (path.actions.ndim - 2)))
-        steps = steps.expand(N, *path.actions.shape[1:-1])
-        eps_nu = self._eps(
-            "behavior_network",
-            self.target_behavior_network_params,
-            path.actions[1:],
-            steps,
-            obs_m.expand(N, *obs_m.shape),
-        )
+        actions, steps, obs_n = path_step_inputs(obs_m, path)
+        eps_nu = predict_eps_with(self.behavior_network, self.target_behavior_network_params, actions, steps, obs_n)
         per_step = actor.schedule.step_kl(path.eps, eps_nu, steps)  # [N, rows, M]
         path_kl = per_step.sum(0).mean(-1)
         q = self._qvalue(self.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
@@ -332,7 +326,7 @@ class BDPOLoss(DiffusionValueLoss):
         k = self.tensor_keys
         self._validate(tensordict, (k.observation, k.action))
         observation, action = tensordict.get(k.observation), tensordict.get(k.action)
-        action_n, n = self._noised_dataset_action(action)
+        action_n, n, _ = self.actor_network.schedule.noise_action(action)
         objective, next_value, step_kl = self.one_step_objective(
             observation, action_n, n, self.actor_network_params
         )

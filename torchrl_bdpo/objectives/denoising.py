@@ -22,14 +22,16 @@ def _check_actor(actor, name: str) -> None:
         )
 
 
+def predict_eps_with(actor: DiffusionActor, params, action_n, n, observation) -> torch.Tensor:
+    """``actor``'s epsilon at ``(s, a^n, n)`` under the functional parameters ``params``."""
+    with params.to_module(actor):
+        return actor.predict_eps(action_n, n, observation)
+
+
 def denoising_error(actor: DiffusionActor, params, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """``||eps_theta(a^n, n, s) - eps||^2 / action_dim`` at a random ``n ~ U{1..N}`` per sample."""
-    schedule = actor.schedule
-    n = torch.randint(1, schedule.num_steps + 1, action.shape[:-1], device=action.device)
-    noise = torch.randn_like(action)
-    action_n = schedule.q_sample(action, n, noise)
-    with params.to_module(actor):
-        eps = actor.predict_eps(action_n, n, observation)
+    action_n, n, noise = actor.schedule.noise_action(action)
+    eps = predict_eps_with(actor, params, action_n, n, observation)
     return (eps - noise).pow(2).mean(-1)
 
 

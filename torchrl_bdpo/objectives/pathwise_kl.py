@@ -11,7 +11,7 @@ from torchrl.objectives.common import LossModule
 
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath
-from torchrl_bdpo.objectives.denoising import _check_actor
+from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.utils import unwrap_exploration_wrappers
 
 
@@ -36,6 +36,20 @@ def check_same_schedule(policy: DiffusionActor, reference: DiffusionActor) -> No
             f"policy observation_dim={p_obs} but reference observation_dim={r_obs}: "
             f"both models must condition on the same observation."
         )
+
+
+def path_step_inputs(observation: torch.Tensor, path: DiffusionPath):
+    """``(a^n, n, s)`` for every step of ``path`` stacked on a leading ``N`` dim, for one batched pass.
+
+    ``observation`` has the path's batch shape (``[*B(, M)], obs_dim``); returns tensors of
+    shapes ``[N, *B, A]``, ``[N, *B]`` and ``[N, *B, obs_dim]``.
+    """
+    actions = path.actions[1:]  # a^1 .. a^N
+    N = actions.shape[0]
+    steps = torch.arange(1, N + 1, device=actions.device).view(N, *([1] * (actions.ndim - 2)))
+    steps = steps.expand(actions.shape[:-1])
+    obs = observation.expand(N, *actions.shape[1:-1], observation.shape[-1])
+    return actions, steps, obs
 
 
 def frozen_params(module: torch.nn.Module) -> TensorDictParams:
@@ -156,9 +170,7 @@ class PathwiseKLLoss(LossModule):
         return [self.tensor_keys.observation]
 
     def _eps(self, which: str, action_n, n, observation):
-        net = getattr(self, which)
-        with getattr(self, which + "_params").to_module(net):
-            return net.predict_eps(action_n, n, observation)
+        return predict_eps_with(getattr(self, which), getattr(self, which + "_params"), action_n, n, observation)
 
     def step_kl(self, observation: torch.Tensor, action_n: torch.Tensor, n) -> torch.Tensor:
         """``l_n(s, a^n)`` for ``a^n`` of shape ``[*B, action_dim]`` and ``n`` an int or a long tensor ``B``.
@@ -175,11 +187,7 @@ class PathwiseKLLoss(LossModule):
         ``eps_policy`` (``[N, *B, A]``) reuses the policy's eps from sampling; when omitted
         the policy is evaluated at the path's ``a^n``.
         """
-        N = self.actor_network.num_steps
-        actions = path.actions[1:]  # a^1 .. a^N
-        steps = torch.arange(1, N + 1, device=actions.device).view(N, *([1] * (actions.ndim - 2)))
-        steps = steps.expand(actions.shape[:-1])
-        obs = observation.expand(N, *actions.shape[1:-1], observation.shape[-1])
+        actions, steps, obs = path_step_inputs(observation, path)
         if eps_policy is None:
             eps_policy = self._eps("actor_network", actions, steps, obs)
         eps_nu = self._eps("reference_network", actions, steps, obs)

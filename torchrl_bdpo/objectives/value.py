@@ -14,7 +14,7 @@ from torchrl.objectives.common import LossModule
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
-from torchrl_bdpo.objectives.denoising import _check_actor
+from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
 from torchrl_bdpo.objectives.utils import (
     AGGREGATIONS,
@@ -248,11 +248,6 @@ class DiffusionValueLoss(LossModule):
         )
         return out.squeeze(-1)
 
-    def _eps(self, which: str, params, action_n, n, observation) -> torch.Tensor:
-        net = getattr(self, which)
-        with params.to_module(net):
-            return net.predict_eps(action_n, n, observation)
-
     def _next_value(self, observation, action_prev, step_prev) -> torch.Tensor:
         """Target ``V_{n-1}`` at ``(s, a^{n-1})``, with ``V_0 = Q``: ``[K, *B]``.
 
@@ -292,7 +287,7 @@ class DiffusionValueLoss(LossModule):
         actor = self.actor_network
         schedule = actor.schedule
         M = self.num_samples
-        eps_pi = self._eps("actor_network", actor_params, action_n, n, observation)
+        eps_pi = predict_eps_with(actor, actor_params, action_n, n, observation)
         mean = schedule.reverse_mean(action_n, n, eps_pi, actor.clip_denoised)
         z = torch.randn(*action_n.shape[:-1], M, action_n.shape[-1], dtype=mean.dtype, device=mean.device)
         scale = schedule.noise_scales[n].unsqueeze(-1).unsqueeze(-1)
@@ -302,14 +297,11 @@ class DiffusionValueLoss(LossModule):
         next_value = self._next_value(obs_m, action_prev, step_prev).mean(-1)
         next_value = aggregate_ensemble(next_value, self.aggregation, self.rho)
         with torch.no_grad():
-            eps_nu = self._eps("behavior_network", self.target_behavior_network_params, action_n, n, observation)
+            eps_nu = predict_eps_with(
+                self.behavior_network, self.target_behavior_network_params, action_n, n, observation
+            )
         step_kl = schedule.step_kl(eps_pi, eps_nu, n)
         return next_value - self.eta * step_kl, next_value, step_kl
-
-    def _noised_dataset_action(self, action):
-        schedule = self.actor_network.schedule
-        n = torch.randint(1, schedule.num_steps + 1, action.shape[:-1], device=action.device)
-        return schedule.q_sample(action, n, torch.randn_like(action)), n
 
     def _validate(self, tensordict, keys) -> None:
         if self.validate:
@@ -322,7 +314,7 @@ class DiffusionValueLoss(LossModule):
         keys = self.tensor_keys
         self._validate(tensordict, (keys.observation, keys.action))
         observation, action = tensordict.get(keys.observation), tensordict.get(keys.action)
-        action_n, n = self._noised_dataset_action(action)
+        action_n, n, _ = self.actor_network.schedule.noise_action(action)
         with torch.no_grad():
             target, _, step_kl = self.one_step_objective(observation, action_n, n)
         pred = self._value(self.value_network_params, observation, action_n, n)
