@@ -29,7 +29,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
-from torchrl_bdpo.objectives import BDPOLoss
+from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized
@@ -76,66 +76,89 @@ def timed(fn, steps, device, warmup=2):
     return (time.perf_counter() - t) / steps
 
 
-def matmul_peak(device, n=2048, reps=20):
+def matmul_peak(device, n=None, reps=20):
+    """fp32 matmul GFLOP/s (the update runs in fp32; TF32 stays off, torch's default)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     sec = timed(lambda: a @ b, reps, device)
     return 2 * n**3 / sec / 1e9
 
 
-def bench_update(args, device):
-    """Phase-B steps/s: critics every step, actor + behavior every 5th (amortised), eager vs compiled."""
-    loss = make_loss(device=device)
-    batch = make_batch(args.batch_size, device)
-    methods = {m: getattr(loss, m) for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")}
-
-    def step_fn(fns):
-        def critic():
-            (fns["qvalue_loss"](batch)[0] + fns["value_loss"](batch)[0]).backward()
-
-        def policy():
-            (fns["actor_loss"](batch)[0] + fns["behavior_loss"](batch)[0]).backward()
-
-        return critic, policy
-
-    out = {}
-    critic, policy = step_fn(methods)
-    t_c, t_p = timed(critic, args.steps, device), timed(policy, args.steps, device)
-    out["eager"] = {"critic_s": t_c, "actor_behavior_s": t_p, "phase_b_steps_per_s": 1 / (t_c + t_p / 5)}
-    with FlopCounterMode(display=False) as fc:
-        critic()
-    critic_flops = fc.get_total_flops()
-    with FlopCounterMode(display=False) as fc:
-        policy()
-    policy_flops = fc.get_total_flops()
-    flops = critic_flops + policy_flops / 5
-    out["gflop_per_phase_b_step"] = flops / 1e9
-    out["eager"]["gflops_per_s"] = flops / (t_c + t_p / 5) / 1e9
+def variants(args, device) -> dict:
+    """Which (compile, cudagraphs) pairs to time: eager and compiled everywhere, CUDA graphs on a GPU."""
+    out = {"eager": (False, False)}
+    if device.type == "cuda":
+        out["cudagraphs"] = (False, True)
     if not args.no_compile:
+        out["compiled"] = (True, False)
+        if device.type == "cuda":
+            out["compiled_cudagraphs"] = (True, True)
+    return out
+
+
+def make_update(device, compile=False, cudagraphs=False):
+    loss = make_loss(device=device)
+    optimizers = {g: torch.optim.Adam(p, lr=3e-4) for g, p in BDPOUpdate.param_groups(loss).items()}
+    updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
+    return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
+
+
+def bench_update(args, device):
+    """Phase-B steps/s of full optimizer steps: critics every step, actor + behavior every 5th (amortised)."""
+    batch = make_batch(args.batch_size, device)
+    out = {}
+    flops = None
+    for name, (compile, cudagraphs) in variants(args, device).items():
+        torch.manual_seed(0)
+        update = make_update(device, compile, cudagraphs)
         t0 = time.perf_counter()
-        compiled = {k: torch.compile(v) for k, v in methods.items()}
-        critic, policy = step_fn(compiled)
-        critic(), policy()
-        out["compile_time_s"] = time.perf_counter() - t0
-        t_c, t_p = timed(critic, args.steps, device), timed(policy, args.steps, device)
-        out["compiled"] = {
-            "critic_s": t_c,
-            "actor_behavior_s": t_p,
-            "phase_b_steps_per_s": 1 / (t_c + t_p / 5),
-            "gflops_per_s": flops / (t_c + t_p / 5) / 1e9,
+        for _ in range(3):  # first (eager) call, compilation, warm-up and capture
+            update.critic(batch), update.policy(batch)
+        sync(device)
+        setup_s = time.perf_counter() - t0
+        if flops is None:  # counted on the eager update
+            with FlopCounterMode(display=False) as fc:
+                update.critic(batch)
+            critic_flops = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc:
+                update.policy(batch)
+            flops = critic_flops + fc.get_total_flops() / 5
+            out["gflop_per_phase_b_step"] = flops / 1e9
+        steps = args.steps * (args.graph_factor if cudagraphs else 1)
+        t_c = timed(lambda: update.critic(batch), steps, device)
+        t_p = timed(lambda: update.policy(batch), steps, device)
+        step_s = t_c + t_p / 5
+        out[name] = {
+            "critic_step_s": t_c,
+            "actor_behavior_step_s": t_p,
+            "phase_b_steps_per_s": 1 / step_s,
+            "gflops_per_s": flops / step_s / 1e9,
+            "setup_s": setup_s,
+            "timed_steps": steps,
         }
-        out["compiled_over_eager"] = out["compiled"]["phase_b_steps_per_s"] / out["eager"]["phase_b_steps_per_s"]
+        print(name, json.dumps(out[name]), flush=True)
+    for name in out:
+        if isinstance(out[name], dict) and name != "eager":
+            out[name]["speedup_over_eager"] = out[name]["phase_b_steps_per_s"] / out["eager"]["phase_b_steps_per_s"]
     return out
 
 
 def bench_acting(args, device):
     """Best-of-10 acting latency at batch 1 and throughput at batch 256 (N=5, target actor, ensemble-mean Q)."""
     loss = make_loss(device=device)
-    acting = loss.make_acting_module(num_candidates=10)
     out = {}
-    for B in (1, 256):
-        td = TensorDict({"observation": torch.randn(B, OBS, device=device)}, [B])
-        sec = timed(lambda: acting(td), max(args.steps, 20), device)
-        out[f"batch_{B}"] = {"latency_ms": sec * 1e3, "actions_per_s": B / sec}
+    for name, (compile, cudagraphs) in variants(args, device).items():
+        acting = loss.make_acting_module(num_candidates=10, compile=compile, cudagraphs=cudagraphs, validate=False)
+        res = {}
+        for B in (1, 256):
+            td = TensorDict({"observation": torch.randn(B, OBS, device=device)}, [B])
+            for _ in range(3):
+                acting(td)
+            steps = max(args.steps, 20) * (args.graph_factor if cudagraphs else 1)
+            sec = timed(lambda: acting(td), steps, device)
+            res[f"batch_{B}"] = {"latency_ms": sec * 1e3, "actions_per_s": B / sec}
+        out[name] = res
+        print("acting", name, json.dumps(res), flush=True)
     return out
 
 
@@ -176,25 +199,31 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=("update", "acting", "actor_cost"), action="append")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument(
+        "--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+        help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
+    )
+    p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
-    parts = args.only or ["update", "acting", "actor_cost"]
+    parts = args.only or ["acting", "update", "actor_cost"]
     result = {
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"N": 5, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps},
+        "settings": {"N": 5, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision},
         "matmul_peak_gflops": matmul_peak(device),
     }
-    for part in parts:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for part in parts:  # the JSON is rewritten after each part: a run cut short keeps what it measured
         result[part] = {"update": bench_update, "acting": bench_acting, "actor_cost": bench_actor_cost}[part](args, device)
         print(part, json.dumps(result[part], indent=1))
-    if "update" in result:
-        best = max(v.get("gflops_per_s", 0) for v in result["update"].values() if isinstance(v, dict))
-        result["update"]["fraction_of_matmul_peak"] = best / result["matmul_peak_gflops"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+        if part == "update":
+            best = max(v.get("gflops_per_s", 0) for v in result["update"].values() if isinstance(v, dict))
+            result["update"]["best_fraction_of_matmul_peak"] = best / result["matmul_peak_gflops"]
+        args.out.write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")
     return result
 

@@ -1,21 +1,29 @@
 """Input checks shared by the modules and losses.
 
 Checks that read tensor values (finiteness) synchronise with the device, so
-they are skipped while ``torch.compile`` traces and can be switched off with
-the ``validate`` flag of each module once a pipeline is known to be clean.
+they are skipped while ``torch.compile`` traces or a CUDA graph is captured,
+and can be switched off with the ``validate`` flag of each module once a
+pipeline is known to be clean.
 """
 from __future__ import annotations
 
 import torch
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def static_graph() -> bool:
+    """True while ``torch.compile`` traces or a CUDA graph is being captured.
+
+    Code paths with data-dependent shapes (``nonzero``) or host syncs (``.item()``)
+    must take their static alternative then.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
     """Raise a ``ValueError`` naming ``name`` when ``tensor`` holds NaN or inf."""
-    if _is_compiling() or not torch.is_floating_point(tensor):
+    if not torch.is_floating_point(tensor) or static_graph():
         return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):

@@ -32,8 +32,8 @@ from utils import (  # noqa: E402
     make_logger,
     make_optimizers,
     make_schedulers,
+    make_update,
     make_updaters,
-    optimizer_step,
     save_checkpoint,
     set_seed,
     training_state,
@@ -185,17 +185,15 @@ def train(cfg: DictConfig) -> dict:
         save_checkpoint(ckpt, training_state(loss, optimizers, schedulers, phase_name, next_step, cfg))
         written = ckpt
 
-    behavior_params = list(loss.behavior_network_params.parameters())
+    update = make_update(cfg, loss, optimizers, updaters)
+    device = torch.device(cfg.device)
     # ---------------------------------------------------------------- phase A
     if phase == "pretrain":
         for step in tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps):
-            batch = buffer.sample()
-            b_loss, _ = loss.behavior_loss(batch)
-            check_finite_loss("loss_behavior", b_loss, step, written)
-            optimizer_step(optimizers["behavior"], b_loss, behavior_params, o.grad_clip)
-            updaters["behavior"].step()
+            out = update.behavior(buffer.sample().to(device))
+            check_finite_loss("loss_behavior", out["loss_behavior"], step, written)
             if step % cfg.logger.log_interval == 0:
-                log_scalars(logger, {"pretrain/loss_behavior": b_loss.item()}, step)
+                log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
             if (step + 1) % cfg.checkpoint.interval == 0:
                 checkpoint("pretrain", step + 1)
         hand_over(loss)
@@ -203,41 +201,30 @@ def train(cfg: DictConfig) -> dict:
         checkpoint("train", 0)
 
     # ---------------------------------------------------------------- phase B
-    critic_params = [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()]
-    actor_params = list(loss.actor_network_params.parameters())
     history = []
     tic, tic_step = time.perf_counter(), step
     for step in tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps):
-        batch = buffer.sample()
-        q_loss, q_meta = loss.qvalue_loss(batch)
-        v_loss, v_meta = loss.value_loss(batch)
-        check_finite_loss("loss_qvalue + loss_value", q_loss + v_loss, step, written)
-        optimizer_step(optimizers["critic"], q_loss + v_loss, critic_params, o.grad_clip)
+        batch = buffer.sample().to(device)
+        critic = update.critic(batch)
+        check_finite_loss("loss_qvalue + loss_value", critic["loss_qvalue"] + critic["loss_value"], step, written)
         schedulers["critic"].step()
-        updaters["critic"].step()
-        row = {"loss_qvalue": q_loss.item(), "loss_value": v_loss.item()}
+        row = {"loss_qvalue": critic["loss_qvalue"].item(), "loss_value": critic["loss_value"].item()}
         if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
-            a_loss, a_meta = loss.actor_loss(batch)
-            check_finite_loss("loss_actor", a_loss, step, written)
-            optimizer_step(optimizers["actor"], a_loss, actor_params, o.grad_clip)
+            policy = update.policy(batch)
+            check_finite_loss("loss_actor", policy["loss_actor"], step, written)
             schedulers["actor"].step()
-            updaters["actor"].step()
-            row.update(loss_actor=a_loss.item(), **{k: v.item() for k, v in a_meta.items()})
-            if o.train_behavior:
-                b_loss, _ = loss.behavior_loss(batch)
-                optimizer_step(optimizers["behavior"], b_loss, behavior_params, o.grad_clip)
-                updaters["behavior"].step()
-                row["loss_behavior"] = b_loss.item()
+            row.update({k: v.item() for k, v in policy.items() if not k.startswith("grad_norm")})
         history.append(row)
         if step % cfg.logger.log_interval == 0:
             now = time.perf_counter()
             rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
             tic, tic_step = now, step
+            diagnostics = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_critic")
             log_scalars(
                 logger,
-                {**{f"train/{k}": v for k, v in row.items()}, "train/qvalue_pred": q_meta["qvalue_pred"].item(),
-                 "train/value_pred": v_meta["value_pred"].item(), "train/value_target": v_meta["value_target"].item(),
-                 "train/value_step_kl": v_meta["value_step_kl"].item(), "train/steps_per_s": rate},
+                {**{f"train/{k}": v for k, v in row.items()},
+                 **{f"train/{k}": critic[k].item() for k in diagnostics if k in critic.keys()},
+                 "train/steps_per_s": rate},
                 step,
             )
         if (step + 1) % cfg.checkpoint.interval == 0:

@@ -17,7 +17,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
-from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
+from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate, TargetSoftUpdate
 
 
 def set_seed(seed: int) -> None:
@@ -91,14 +91,19 @@ def hand_over(loss: BDPOLoss) -> None:
     loss.target_actor_network_params.data.copy_(loss.target_behavior_network_params.data)
 
 
-def optimizer_step(optimizer, loss_value: torch.Tensor, params, grad_clip: float | None) -> float:
-    optimizer.zero_grad(set_to_none=True)
-    loss_value.backward()
-    norm = float("nan")
-    if grad_clip:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    optimizer.step()
-    return norm
+def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dict) -> BDPOUpdate:
+    """The optimizer steps, eager / compiled / CUDA-graphed as ``cfg.compile`` says."""
+    c = cfg.get("compile", {})
+    return BDPOUpdate(
+        loss,
+        optimizers,
+        updaters,
+        grad_clip=cfg.optim.grad_clip or None,
+        compile=c.get("compile", False),
+        compile_mode=c.get("mode", None),
+        cudagraphs=c.get("cudagraphs", False),
+        warmup=c.get("warmup", 2),
+    )
 
 
 def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Path | None) -> None:
@@ -112,9 +117,9 @@ def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Pat
 
 # ---------------------------------------------------------------- checkpoints
 def config_fingerprint(cfg: DictConfig) -> dict:
-    """The config minus the keys that may change on resume."""
+    """The config minus the keys that may change on resume (compile options change no number)."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir", "checkpoint", "logger"):
+    for key in ("output_dir", "checkpoint", "logger", "compile"):
         c.pop(key, None)
     return c
 

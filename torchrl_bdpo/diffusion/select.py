@@ -8,6 +8,7 @@ from tensordict.utils import NestedKey
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 
 
@@ -35,6 +36,14 @@ class QSelectActor(TensorDictModuleBase):
         num_qvalue_nets (int): ``K``. Defaults to 1.
         num_candidates (int): candidates per state. Defaults to 10.
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
+        compile (bool): ``torch.compile`` the sampling and selection (first call eager).
+            Defaults to ``False``.
+        cudagraphs (bool): capture them in a CUDA graph per batch shape
+            (:func:`torchrl_bdpo.compile.accelerate`); CUDA only. Defaults to ``False``.
+        compile_mode, compile_backend: passed to ``torch.compile``.
+        warmup (int): eager calls before a capture. Defaults to 2.
+        validate (bool): check that observations are finite (one host sync per call).
+            Defaults to ``True``.
     """
 
     def __init__(
@@ -48,6 +57,12 @@ class QSelectActor(TensorDictModuleBase):
         num_candidates: int = 10,
         observation_key: NestedKey = "observation",
         action_key: NestedKey = "action",
+        compile: bool = False,
+        cudagraphs: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str | None = None,
+        warmup: int = 2,
+        validate: bool = True,
     ) -> None:
         super().__init__()
         from tensordict import TensorDict
@@ -67,6 +82,18 @@ class QSelectActor(TensorDictModuleBase):
         self.action_key = action_key
         self.in_keys = [observation_key]
         self.out_keys = [action_key]
+        self.validate = validate
+        kw = dict(compile=compile, cudagraphs=cudagraphs, mode=compile_mode, backend=compile_backend, warmup=warmup)
+        # wrapped only when accelerated: a plain module holds no bound method of itself
+        self._select = self._sample = None
+        if compile or cudagraphs:
+            self._select = accelerate(self.select, name="QSelectActor.select", **kw)
+            self._sample = accelerate(self.sample, name="QSelectActor.sample", **kw)
+
+    def sample(self, observation: torch.Tensor) -> torch.Tensor:
+        """One action of the actor for ``observation`` ``[*B, S]`` (no selection)."""
+        with self.actor_params.to_module(self.actor):
+            return self.actor.sample_path(observation).action
 
     def select(self, observation: torch.Tensor) -> torch.Tensor:
         """The best-of-K action for ``observation`` ``[*B, S]``."""
@@ -83,11 +110,11 @@ class QSelectActor(TensorDictModuleBase):
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         observation = tensordict.get(self.observation_key)
-        check_finite(f"tensordict[{self.observation_key!r}]", observation)
+        if self.validate:
+            check_finite(f"tensordict[{self.observation_key!r}]", observation)
         if exploration_type() == ExplorationType.RANDOM:
-            with self.actor_params.to_module(self.actor):
-                action = self.actor.sample_path(observation).action
+            action = (self._sample or self.sample)(observation)
         else:
-            action = self.select(observation)
+            action = (self._select or self.select)(observation)
         tensordict.set(self.action_key, action)
         return tensordict

@@ -9,6 +9,7 @@ from tensordict.nn import TensorDictModule, dispatch
 from torch import nn
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 
+from torchrl_bdpo._validation import static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
@@ -30,7 +31,7 @@ class BDPOLoss(DiffusionValueLoss):
        the paths ``a'^{N..0}`` drawn from the *target* actor at ``s'`` (``M`` per state)
        and ``l_n`` measured against the behavior EMA. ``truncated`` never stops bootstrapping.
        Transitions whose next state is terminal need no path: they are skipped
-       (eager mode), with the same targets.
+       (outside torch.compile and CUDA-graph capture, whose shapes must stay static), with the same targets.
     2. :meth:`value_loss` — lower-level TD for ``V_n`` (:class:`DiffusionValueLoss`).
     3. :meth:`actor_loss` — the one-step actor: ``a^n`` from a dataset action at a fresh
        ``n``, one reparameterised step of the *online* actor gives ``M`` samples of
@@ -207,10 +208,11 @@ class BDPOLoss(DiffusionValueLoss):
             TargetSoftUpdate(self, ("behavior_network",), tau),
         )
 
-    def make_acting_module(self, num_candidates: int = 10):
+    def make_acting_module(self, num_candidates: int = 10, **kwargs):
         """A :class:`~torchrl_bdpo.diffusion.QSelectActor` over the target actor and target Q.
 
-        It shares their storage, so it always acts with the current targets.
+        It shares their storage, so it always acts with the current targets. ``kwargs``
+        (``compile``, ``cudagraphs``, ``validate``, ...) go to :class:`QSelectActor`.
         """
         from torchrl_bdpo.diffusion.select import QSelectActor
 
@@ -223,6 +225,7 @@ class BDPOLoss(DiffusionValueLoss):
             num_candidates=num_candidates,
             observation_key=self.tensor_keys.observation,
             action_key=self.tensor_keys.action,
+            **kwargs,
         )
 
     # ------------------------------------------------------------ Q target
@@ -241,7 +244,7 @@ class BDPOLoss(DiffusionValueLoss):
             noise = torch.randn(N + 1, *batch, M, A, dtype=next_observation.dtype, device=next_observation.device)
         obs, noise_rows = next_observation, noise
         rows = None
-        if self.skip_terminal_next and not torch.compiler.is_compiling():
+        if self.skip_terminal_next and not static_graph():
             flat_term = terminated.reshape(-1)
             rows = (~flat_term).nonzero().squeeze(-1)
             obs = next_observation.reshape(-1, next_observation.shape[-1])[rows]

@@ -11,7 +11,7 @@ from torchrl.objectives.common import LossModule
 
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor
-from torchrl_bdpo.objectives.utils import unwrap_exploration_wrappers
+from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 
 
 def _check_actor(actor, name: str) -> None:
@@ -36,7 +36,7 @@ def denoising_error(actor: DiffusionActor, params, observation: torch.Tensor, ac
 
 
 @unwrap_exploration_wrappers
-class DenoisingLoss(LossModule):
+class DenoisingLoss(MovesSchedules, LossModule):
     r"""The denoising (behavior-cloning) loss of a DDPM diffusion policy.
 
     For a dataset pair ``(s, a)``: ``n ~ U{1..N}``, ``eps ~ N(0, I)``,

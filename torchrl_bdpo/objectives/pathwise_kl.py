@@ -12,7 +12,7 @@ from torchrl.objectives.common import LossModule
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
-from torchrl_bdpo.objectives.utils import unwrap_exploration_wrappers
+from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 
 
 def check_same_schedule(policy: DiffusionActor, reference: DiffusionActor) -> None:
@@ -59,7 +59,7 @@ def frozen_params(module: torch.nn.Module) -> TensorDictParams:
 
 
 @unwrap_exploration_wrappers
-class PathwiseKLLoss(LossModule):
+class PathwiseKLLoss(MovesSchedules, LossModule):
     r"""KL between the reverse paths of a diffusion policy and a frozen reference.
 
     With Gaussian reverse kernels of equal variance ``sigma_n^2`` the path KL splits

@@ -142,3 +142,25 @@ def unwrap_exploration_wrappers(cls):
         if (name == "forward" or (not name.startswith("_") and name.endswith("loss"))) and hasattr(value, "__wrapped__"):
             setattr(cls, name, value.__wrapped__)
     return cls
+
+
+class MovesSchedules:
+    """Mixin for losses: ``loss.to(device)`` also moves the noise schedules of its diffusion models.
+
+    TorchRL keeps a loss's networks outside its module tree (in ``__dict__``): ``loss.to``
+    moves their parameters and buffers held in ``*_params`` but not the module's own
+    tensors. The schedule's tables are read outside ``to_module`` contexts (noising a
+    dataset action, the step KL), so they must follow the loss.
+    """
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        from torchrl_bdpo.diffusion.actor import DiffusionActor
+
+        seen = set()
+        for value in list(self.__dict__.values()):
+            if isinstance(value, DiffusionActor) and id(value.schedule) not in seen:
+                seen.add(id(value.schedule))
+                value.schedule._apply(fn)
+        return out
+

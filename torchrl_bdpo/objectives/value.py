@@ -11,12 +11,13 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo._validation import check_finite, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
 from torchrl_bdpo.objectives.utils import (
+    MovesSchedules,
     AGGREGATIONS,
     aggregate_ensemble,
     ensemble_apply,
@@ -32,7 +33,7 @@ def _check_positive_int(name: str, value, hint: str) -> int:
 
 
 @unwrap_exploration_wrappers
-class DiffusionValueLoss(LossModule):
+class DiffusionValueLoss(MovesSchedules, LossModule):
     r"""Lower-level TD for the diffusion value ``V_n`` of BDPO (Gao et al. 2025).
 
     For dataset ``(s, a)``: ``n ~ U{1..N}``, ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps``;
@@ -252,11 +253,11 @@ class DiffusionValueLoss(LossModule):
         """Target ``V_{n-1}`` at ``(s, a^{n-1})``, with ``V_0 = Q``: ``[K, *B]``.
 
         Eager: rows with ``n - 1 = 0`` go to Q and the others to V (each row evaluated once).
-        Under ``torch.compile`` both are evaluated on every row and selected with
+        Under ``torch.compile`` or CUDA-graph capture both are evaluated on every row and selected with
         ``torch.where``, which keeps shapes static.
         """
         q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
-        if torch.compiler.is_compiling():
+        if static_graph():
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
             return torch.where(step_prev == 0, q, v)

@@ -1,0 +1,278 @@
+"""compile / cudagraphs options: the same numbers as eager, and clear errors.
+
+CPU tests run in CI (aot_eager: dynamo + AOTAutograd, no code generation). The
+``gpu`` tests need CUDA (``pytest -m gpu``): CUDA graphs, and inductor on the GPU.
+"""
+import pytest
+import torch
+from tensordict import TensorDict
+
+from tests.test_bdpo import ACT, M, N, OBS, make_batch, make_loss
+from torchrl_bdpo.compile import AcceleratedFunction, accelerate, input_signature
+from torchrl_bdpo.objectives import BDPOUpdate
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+LOSSES = ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
+
+
+def make_update(device="cpu", seed=0, **kwargs):
+    loss = make_loss(seed=seed).to(device)
+    optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
+    updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
+    return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, **kwargs)
+
+
+def run_steps(update, batches, seed=0):
+    """Alternate critic / policy / behavior steps with fixed seeds; return every output."""
+    outs = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(seed + i)
+        outs.append(update.critic(batch))
+        outs.append(update.policy(batch))
+        outs.append(update.behavior(batch))
+    return outs
+
+
+def assert_same_run(outs, ref_outs, update, ref_update, rtol=1e-4, atol=1e-5):
+    assert len(outs) == len(ref_outs)
+    for out, ref in zip(outs, ref_outs):
+        assert set(out.keys()) == set(ref.keys())
+        for key in ref.keys():
+            torch.testing.assert_close(out[key], ref[key], rtol=rtol, atol=atol, equal_nan=True, msg=key)
+    params = dict(update.loss.named_parameters())
+    ref_params = dict(ref_update.loss.named_parameters())
+    assert params.keys() == ref_params.keys()
+    moved = 0
+    for name, p in ref_params.items():
+        torch.testing.assert_close(params[name], p, rtol=rtol, atol=atol, msg=name)
+    # the steps did train: the online parameters moved away from a fresh loss's
+    fresh = dict(make_loss(seed=0).named_parameters())
+    for name, p in ref_params.items():
+        moved += not torch.allclose(p.detach().cpu(), fresh[name].detach())
+    assert moved > 0
+
+
+def cpu_batches(n=2, B=8):
+    term = torch.tensor([[True], [False], [False], [False]] * (B // 4))
+    return [make_batch(B=B, terminated=term, seed=10 + i) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- CPU
+def test_input_signature_tells_batch_shapes_and_keys_apart():
+    a = TensorDict({"x": torch.zeros(4, 3)}, [4])
+    assert input_signature((a,)) == input_signature((a.clone(),))
+    assert input_signature((a,)) != input_signature((a[:2],))
+    assert input_signature((a,)) != input_signature((a.clone().set("y", torch.zeros(4)),))
+    assert input_signature((torch.zeros(2),)) != input_signature((torch.zeros(2, dtype=torch.float64),))
+    with pytest.raises(TypeError, match="neither a tensor"):
+        input_signature((bytearray(b"x"),))
+
+
+def test_loss_to_moves_the_schedules():
+    """TorchRL keeps networks outside the loss's module tree; their schedules must still follow .to()."""
+    from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule
+    from torchrl_bdpo.objectives import DenoisingLoss, PathwiseKLLoss
+
+    def model():
+        return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8, depth=1), make_schedule("vp", N))
+
+    losses = [make_loss(), DenoisingLoss(model()), PathwiseKLLoss(model(), model())]
+    for loss in losses:
+        loss.to(torch.float16)  # a dtype stands in for a device here: the same _apply path
+        models = [v for v in vars(loss).values() if isinstance(v, DiffusionActor)]
+        assert models
+        for m in models:
+            floats = [b for b in m.schedule.buffers() if b.is_floating_point()]
+            assert floats and {b.dtype for b in floats} == {torch.float16}, type(loss).__name__
+
+
+def test_accelerate_off_returns_the_function():
+    def f(x):
+        return x + 1
+
+    assert accelerate(f) is f
+    wrapped = accelerate(f, compile=True, backend="eager")
+    assert isinstance(wrapped, AcceleratedFunction) and wrapped.__name__ == "f"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cudagraphs_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="cudagraphs=True needs a CUDA device.*Set cudagraphs=False"):
+        accelerate(lambda x: x, cudagraphs=True)
+    with pytest.raises(RuntimeError, match="critic step: cudagraphs=True needs a CUDA device"):
+        make_update(cudagraphs=True)
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        make_loss().make_acting_module(num_candidates=4, cudagraphs=True)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="warmup=0"):
+        accelerate(lambda x: x, compile=True, warmup=0)
+    loss = make_loss()
+    opts = {g: torch.optim.Adam(p) for g, p in BDPOUpdate.param_groups(loss).items()}
+    with pytest.raises(KeyError, match=r"updaters lacks \['behavior'\]"):
+        BDPOUpdate(loss, opts, dict(zip(("critic", "actor"), loss.make_target_updaters())))
+    with pytest.raises(ValueError, match="grad_clip=0"):
+        BDPOUpdate(loss, opts, dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters())), grad_clip=0)
+
+
+def test_loss_methods_trace_without_graph_breaks():
+    """fullgraph=True fails on any host sync or data-dependent shape: what CUDA-graph capture forbids."""
+    loss = make_loss()
+    data = make_batch(terminated=torch.tensor([[True], [False]] * 4))
+    for m in LOSSES:
+        getattr(loss, m)(data)  # eager first (lazy state)
+        torch.compile(getattr(loss, m), fullgraph=True, backend="eager")(data)
+    acting = loss.make_acting_module(num_candidates=3)
+    acting.select(data["observation"])
+    torch.compile(acting.select, fullgraph=True, backend="eager")(data["observation"])
+
+
+def test_eager_update_matches_the_hand_written_steps():
+    """BDPOUpdate's steps are the script's: losses, backward, clip, Adam, target EMA."""
+    batches = cpu_batches()
+    update = make_update()
+    outs = run_steps(update, batches)
+    # by hand, on an identical loss
+    loss = make_loss(seed=0)
+    groups = BDPOUpdate.param_groups(loss)
+    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in groups.items()}
+    upd = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
+    for i, batch in enumerate(batches):
+        torch.manual_seed(i)
+        for group, methods in (("critic", ("qvalue_loss", "value_loss")), ("actor", ("actor_loss", "behavior_loss")), ("behavior", ("behavior_loss",))):
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
+            total = sum(getattr(loss, m)(batch)[0] for m in methods)
+            total.backward()
+            applied = (group, "behavior") if group == "actor" else (group,)
+            for g in applied:
+                torch.nn.utils.clip_grad_norm_(groups[g], 1.0)
+                opts[g].step()
+                upd[g].step()
+    for name, p in loss.named_parameters():
+        torch.testing.assert_close(dict(update.loss.named_parameters())[name], p, msg=name)
+    assert torch.isfinite(outs[-1]["loss_behavior"])
+
+
+def test_compiled_update_matches_eager():
+    """Compiled losses inside full optimizer steps: same outputs and parameters, step for step."""
+    batches = cpu_batches()
+    ref = make_update()
+    ref_outs = run_steps(ref, batches)
+    upd = make_update(compile=True, compile_backend="aot_eager")
+    outs = run_steps(upd, batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+
+
+def test_compiled_acting_and_q_target_match_eager():
+    loss = make_loss()
+    eager = loss.make_acting_module(num_candidates=4)
+    compiled = loss.make_acting_module(num_candidates=4, compile=True, compile_backend="aot_eager")
+    for B in (1, 5, 1):
+        td = TensorDict({"observation": torch.randn(B, OBS)}, [B])
+        torch.manual_seed(B)
+        ref = eager(td.clone())["action"]
+        torch.manual_seed(B)
+        out = compiled(td.clone())["action"]
+        torch.testing.assert_close(out, ref)
+        assert out.shape == (B, ACT)
+    # the Q-target paths (next-state value with its path KL), fixed noise, terminal rows
+    B = 6
+    obs, term = torch.randn(B, OBS), torch.tensor([True, False, False, True, False, False]).unsqueeze(-1)
+    noise = torch.randn(N + 1, B, M, ACT)
+    fn = accelerate(loss.next_state_value, compile=True, backend="aot_eager")
+    ref = loss.next_state_value(obs, term, noise=noise)
+    fn(obs, term, noise=noise)  # first call: eager
+    out = fn(obs, term, noise=noise)  # compiled: static path over every row, masked
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (out[0][term.squeeze(-1)] == 0).all()
+
+
+# --------------------------------------------------------------------------- GPU
+def gpu_batches(n=3, B=16):
+    return [b.to("cuda") for b in cpu_batches(n, B)]
+
+
+@pytest.mark.gpu
+def test_cudagraph_update_matches_eager_and_recaptures_new_batch_sizes():
+    ref = make_update("cuda")
+    upd = make_update("cuda", cudagraphs=True, warmup=2)
+    batches = gpu_batches(4) + [b.to("cuda") for b in cpu_batches(2, B=8)] + gpu_batches(2)
+    ref_outs = run_steps(ref, batches)
+    outs = run_steps(upd, batches)  # warm-up, capture, replays, a second batch size, back to the first
+    assert upd.critic.num_graphs == 2 and upd.policy.num_graphs == 2
+    # GEMMs of other shapes (all next states vs the non-terminal ones) round differently
+    assert_same_run(outs, ref_outs, upd, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cudagraph_q_target_with_terminal_rows_matches_eager():
+    loss = make_loss().to("cuda")
+    B = 8
+    obs = torch.randn(B, OBS, device="cuda")
+    term = (torch.arange(B, device="cuda") % 3 == 0).unsqueeze(-1)
+    noise = torch.randn(N + 1, B, M, ACT, device="cuda")
+    ref = loss.next_state_value(obs, term, noise=noise)
+    fn = accelerate(loss.next_state_value, cudagraphs=True, warmup=1)
+    for _ in range(3):
+        out = fn(obs, term, noise=noise)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cudagraph_acting_matches_eager(compile):
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    loss = make_loss().to("cuda")
+    eager = loss.make_acting_module(num_candidates=10)
+    graphed = loss.make_acting_module(num_candidates=10, cudagraphs=True, compile=compile)
+    for i, B in enumerate((1, 256, 1, 1, 256, 1)):
+        td = TensorDict({"observation": torch.randn(B, OBS, device="cuda")}, [B])
+        torch.manual_seed(i)
+        ref = eager(td.clone())["action"]
+        torch.manual_seed(i)
+        out = graphed(td.clone())["action"]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert graphed._select.num_graphs == 2
+
+
+@pytest.mark.gpu
+def test_compiled_cudagraph_update_matches_eager():
+    """inductor (random ops left to eager's RNG) inside CUDA graphs."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    batches = gpu_batches(4)
+    ref = make_update("cuda")
+    upd = make_update("cuda", compile=True, cudagraphs=True)
+    assert_same_run(run_steps(upd, batches), run_steps(ref, batches), upd, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cudagraph_on_cpu_inputs_is_a_clear_error():
+    upd = make_update("cuda", cudagraphs=True)
+    with pytest.raises(RuntimeError, match="inputs live on"):
+        upd.critic(cpu_batches(1)[0])
+
+
+@pytest.mark.gpu
+def test_every_loss_runs_on_cuda():
+    """The schedules follow loss.to("cuda") (TorchRL keeps networks out of the module tree)."""
+    from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule
+    from torchrl_bdpo.objectives import DenoisingLoss, PathwiseKLLoss
+
+    def model():
+        return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8, depth=1), make_schedule("vp", N))
+
+    batch = cpu_batches(1)[0].to("cuda")
+    out = make_loss().to("cuda")(batch)
+    assert all(v.device.type == "cuda" for v in out.values())
+    assert DenoisingLoss(model()).to("cuda")(batch)["loss_denoising"].device.type == "cuda"
+    kl = PathwiseKLLoss(model(), model()).to("cuda")(batch)
+    assert kl["loss_kl"].device.type == "cuda" and torch.isfinite(kl["loss_kl"])

@@ -1,0 +1,182 @@
+"""BDPO's optimizer steps as three callables, eager, compiled or CUDA-graphed with the same results."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from tensordict import TensorDict
+
+from torchrl_bdpo.compile import accelerate
+
+_GROUPS = ("critic", "actor", "behavior")
+_PARAMS = {
+    "critic": ("qvalue_network_params", "value_network_params"),
+    "actor": ("actor_network_params",),
+    "behavior": ("behavior_network_params",),
+}
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Prepare an optimizer for CUDA-graph capture, in place: ``capturable=True`` and a tensor ``lr``.
+
+    The learning rate becomes a tensor on the parameters' device, so LR schedulers that
+    run outside the graph (``scheduler.step()``) still reach the captured update; any
+    existing ``step`` state moves to that device too.
+    """
+    for group in optimizer.param_groups:
+        if "capturable" not in group:
+            raise ValueError(
+                f"{type(optimizer).__name__} has no 'capturable' option: it cannot run inside a CUDA "
+                f"graph. Use torch.optim.Adam / AdamW (or another optimizer with capturable=True)."
+            )
+        device = group["params"][0].device
+        group["capturable"] = True
+        lr = group["lr"]
+        group["lr"] = (lr.detach().clone() if isinstance(lr, torch.Tensor) else torch.tensor(float(lr))).to(device)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state and isinstance(state["step"], torch.Tensor):
+                state["step"] = state["step"].to(device)
+    return optimizer
+
+
+class BDPOUpdate:
+    """One BDPO optimizer step per call: :attr:`critic`, :attr:`policy` and :attr:`behavior`.
+
+    - ``critic(batch)``: Q TD + V TD, backward, grad clip, the critic optimizer, the critic
+      target EMA (phase B, every step).
+    - ``policy(batch)``: the one-step actor loss (and the behavior's denoising loss when
+      the loss has ``train_behavior=True``), their optimizers and target EMAs (phase B,
+      every k-th step after the warm-up).
+    - ``behavior(batch)``: the behavior's denoising step and EMA (phase A).
+
+    Each returns a TensorDict of detached losses and diagnostics (``grad_norm_*`` when
+    clipping). LR schedulers stay outside: call ``scheduler.step()`` after a step.
+
+    Args:
+        loss (BDPOLoss): the loss.
+        optimizers (mapping): ``"critic"``, ``"actor"`` and ``"behavior"`` optimizers over
+            the loss's ``qvalue/value``, ``actor`` and ``behavior`` parameters.
+        updaters (mapping): ``"critic"``, ``"actor"``, ``"behavior"`` target updaters
+            (:meth:`BDPOLoss.make_target_updaters`).
+
+    Keyword Args:
+        grad_clip (float, optional): max global gradient norm per group. Defaults to ``None``.
+        compile (bool): ``torch.compile`` each loss method (one graph per loss keeps the
+            random draws in eager's order). Defaults to ``False``.
+        compile_mode, compile_backend: passed to ``torch.compile``.
+        cudagraphs (bool): capture each whole step (losses, backward, clip, optimizer,
+            target EMA) in a CUDA graph, one per batch shape. Makes the optimizers
+            capturable (:func:`make_capturable`). CUDA only: a ``RuntimeError`` otherwise.
+        warmup (int): eager calls before each capture. Defaults to 2.
+
+    Captured steps skip the losses' finiteness checks and always evaluate the Q-target
+    paths of terminal next states (their value is masked): shapes must stay static.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl_bdpo.diffusion import (DiffusionActor, EpsilonNetwork, make_schedule,
+        ...     make_qvalue_operator, make_value_operator)
+        >>> from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
+        >>> def model():
+        ...     return DiffusionActor(EpsilonNetwork(2, 3, hidden=16), make_schedule("vp", 5))
+        >>> loss = BDPOLoss(model(), model(), make_value_operator(3, 2, hidden=16),
+        ...     make_qvalue_operator(3, 2, hidden=16), eta=0.2, num_qvalue_nets=2, num_samples=2)
+        >>> optimizers = {g: torch.optim.Adam(p, lr=3e-4) for g, p in BDPOUpdate.param_groups(loss).items()}
+        >>> update = BDPOUpdate(loss, optimizers, dict(zip(("critic", "actor", "behavior"),
+        ...     loss.make_target_updaters())), grad_clip=1.0)
+        >>> data = TensorDict({
+        ...     "observation": torch.randn(8, 3), "action": torch.rand(8, 2) * 2 - 1,
+        ...     ("next", "observation"): torch.randn(8, 3), ("next", "reward"): torch.randn(8, 1),
+        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
+        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
+        >>> sorted(update.critic(data).keys())[:3]
+        ['grad_norm_critic', 'kl_per_step', 'loss_qvalue']
+        >>> "loss_actor" in update.policy(data).keys()
+        True
+    """
+
+    def __init__(
+        self,
+        loss,
+        optimizers: Mapping[str, torch.optim.Optimizer],
+        updaters: Mapping[str, object],
+        *,
+        grad_clip: float | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str | None = None,
+        cudagraphs: bool = False,
+        warmup: int = 2,
+    ) -> None:
+        for name, given in (("optimizers", optimizers), ("updaters", updaters)):
+            missing = [g for g in _GROUPS if g not in given]
+            if missing:
+                raise KeyError(f"{name} lacks {missing}: expected the keys {list(_GROUPS)}.")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip={grad_clip!r}: expected a positive number or None.")
+        self.loss = loss
+        self.optimizers = dict(optimizers)
+        self.updaters = dict(updaters)
+        self.grad_clip = grad_clip
+        if cudagraphs:
+            for opt in self.optimizers.values():
+                make_capturable(opt)
+        self._params = self.param_groups(loss)
+        self._fns = {
+            m: accelerate(getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, name=m)
+            for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
+        }
+        kw = dict(cudagraphs=cudagraphs, warmup=warmup)
+        self.critic = accelerate(self._critic_step, name="critic step", **kw)
+        self.policy = accelerate(self._policy_step, name="policy step", **kw)
+        self.behavior = accelerate(self._behavior_step, name="behavior step", **kw)
+
+    @staticmethod
+    def param_groups(loss) -> dict[str, list[torch.nn.Parameter]]:
+        """The trainable parameters of each group: ``{"critic", "actor", "behavior"} -> list``."""
+        return {
+            g: [p for attr in attrs for p in getattr(loss, attr).parameters()] for g, attrs in _PARAMS.items()
+        }
+
+    def _apply(self, group: str, out: dict) -> None:
+        if self.grad_clip:
+            out[f"grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(self._params[group], self.grad_clip)
+        self.optimizers[group].step()
+        self.updaters[group].step()
+
+    def _critic_step(self, batch):
+        self.optimizers["critic"].zero_grad(set_to_none=True)
+        q_loss, q_meta = self._fns["qvalue_loss"](batch)
+        v_loss, v_meta = self._fns["value_loss"](batch)
+        (q_loss + v_loss).backward()
+        out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
+        self._apply("critic", out)
+        return TensorDict(out)
+
+    def _policy_step(self, batch):
+        train_behavior = self.loss.train_behavior
+        self.optimizers["actor"].zero_grad(set_to_none=True)
+        if train_behavior:
+            self.optimizers["behavior"].zero_grad(set_to_none=True)
+        a_loss, a_meta = self._fns["actor_loss"](batch)
+        out = {"loss_actor": a_loss.detach(), **a_meta}
+        total = a_loss
+        if train_behavior:
+            b_loss, _ = self._fns["behavior_loss"](batch)
+            out["loss_behavior"] = b_loss.detach()
+            total = total + b_loss  # disjoint parameters: the same gradients as two backwards
+        total.backward()
+        self._apply("actor", out)
+        if train_behavior:
+            self._apply("behavior", out)
+        return TensorDict(out)
+
+    def _behavior_step(self, batch):
+        self.optimizers["behavior"].zero_grad(set_to_none=True)
+        b_loss, _ = self._fns["behavior_loss"](batch)
+        b_loss.backward()
+        out = {"loss_behavior": b_loss.detach()}
+        self._apply("behavior", out)
+        return TensorDict(out)
