@@ -1,4 +1,4 @@
-"""Offline data: the toy 2D bandits and the offline replay buffers (Minari, D4RL, local)."""
+"""Offline data: the toy 2D bandits, the offline replay buffers (Minari, D4RL, local) and generated datasets."""
 from torchrl_bdpo.data.offline import (
     D4RL_ANTMAZE,
     D4RL_LOCOMOTION,
@@ -9,6 +9,7 @@ from torchrl_bdpo.data.offline import (
     make_offline_buffer,
     transitions_from_episodes,
 )
+from torchrl_bdpo.data.generate import GenerateConfig, generate
 from torchrl_bdpo.data.toy import (
     TOY_DATASETS,
     make_toy_buffer,
@@ -23,6 +24,8 @@ __all__ = [
     "D4RL_LOCOMOTION",
     "D4RL_REF_SCORES",
     "DatasetInfo",
+    "GenerateConfig",
+    "generate",
     "check_env_compatibility",
     "episode_returns",
     "make_offline_buffer",

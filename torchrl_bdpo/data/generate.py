@@ -1,0 +1,637 @@
+"""D4RL-style datasets for Gymnasium MuJoCo tasks, made here with TorchRL's SAC.
+
+Following D4RL's recipe (Fu et al. 2020), for one task:
+
+- ``random``: a uniformly random policy;
+- ``medium``: the first SAC policy whose deterministic evaluation return reaches
+  ``medium_band[0]`` (a third, by default) of the expert return, rolled out stochastically;
+- ``medium-replay``: every transition SAC collected until that policy (its replay buffer);
+- ``expert``: the SAC policy after ``expert_frames`` environment steps, rolled out stochastically;
+- ``medium-expert``: the medium and expert datasets together.
+
+SAC is TorchRL's own: :class:`~torchrl.objectives.SACLoss`, a
+:class:`~torchrl.collectors.Collector` and a ``TensorDictReplayBuffer``. The datasets are
+written with ``minari.create_dataset_from_buffers`` (Minari's ``DataCollector`` needs jax)
+under ids ``{prefix}/{task}/{level}-v0``, with ``ref_min_score`` the measured return of the
+random policy and ``ref_max_score`` the measured return of our expert when the run trains
+one, else the task's reference expert return (``expert_return``, D4RL's by default); the
+dataset description says which.
+
+Everything is resumable: a checkpoint (SAC, optimizers, replay buffer, collected levels,
+RNG) is written every ``checkpoint_every`` frames and after each level; a rerun with the
+same settings continues from it. See ``sota-implementations/bdpo/make_dataset.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+
+LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+
+# reference expert returns (D4RL's ref_max_score for the v2 tasks; Ant from D4RL's ant tasks)
+EXPERT_RETURNS = {
+    "Hopper": 3234.3,
+    "HalfCheetah": 12135.0,
+    "Walker2d": 4592.3,
+    "Ant": 3879.7,
+}
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one generation run (see the README's 'Generated datasets' for budgets)."""
+
+    env_id: str = "Hopper-v5"
+    levels: tuple = ("random", "medium", "medium-replay")
+    num_transitions: int = 100_000  # per level (D4RL: 1M); medium-expert has twice as many
+    seed: int = 0
+    out_dir: str = "outputs/datasets/Hopper-v5"
+    dataset_prefix: str = "generated"
+    expert_return: float | None = None  # None: EXPERT_RETURNS for the task
+    medium_band: tuple = (1 / 3, 1 / 2)
+    max_medium_frames: int = 400_000
+    expert_frames: int = 1_000_000
+    eval_every: int = 5_000
+    eval_episodes: int = 5
+    random_return_episodes: int = 20
+    frames_per_batch: int = 1_000
+    init_random_frames: int = 5_000
+    utd_ratio: float = 1.0
+    batch_size: int = 256
+    hidden: int = 256
+    lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    checkpoint_every: int = 20_000
+    overwrite: bool = False  # replace datasets with the same ids
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        bad = [lv for lv in self.levels if lv not in LEVELS]
+        if bad or not self.levels:
+            raise ValueError(f"levels={list(self.levels)}: expected a non-empty subset of {list(LEVELS)}.")
+        if self.num_transitions < 1:
+            raise ValueError(f"num_transitions={self.num_transitions}: expected >= 1.")
+        lo, hi = self.medium_band
+        if not 0 < lo <= hi:
+            raise ValueError(f"medium_band={self.medium_band}: expected 0 < low <= high (fractions of the expert return).")
+        if self.frames_per_batch < 1 or self.eval_every < self.frames_per_batch:
+            raise ValueError(
+                f"eval_every={self.eval_every}, frames_per_batch={self.frames_per_batch}: expected "
+                f"frames_per_batch >= 1 and eval_every >= frames_per_batch."
+            )
+        if self.expert_return is None and self.task not in EXPERT_RETURNS:
+            raise ValueError(
+                f"env_id={self.env_id!r}: no reference expert return is known for {self.task!r} "
+                f"(known: {sorted(EXPERT_RETURNS)}); pass expert_return=... ."
+            )
+
+    @property
+    def task(self) -> str:
+        return self.env_id.split("-v")[0]
+
+    @property
+    def reference_expert_return(self) -> float:
+        return float(self.expert_return if self.expert_return is not None else EXPERT_RETURNS[self.task])
+
+    def dataset_id(self, level: str) -> str:
+        return f"{self.dataset_prefix}/{self.task.lower()}/{level}-v0"
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        for k in ("out_dir", "overwrite", "progress", "levels"):
+            d.pop(k)
+        d["levels"] = sorted(self.levels)
+        return json.loads(json.dumps(d, default=list))
+
+
+# ----------------------------------------------------------------------------- env, SAC
+def make_env(env_id: str, seed: int):
+    from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
+
+    env = TransformedEnv(GymEnv(env_id), DoubleToFloat())
+    env.set_seed(seed)
+    return env
+
+
+def make_sac(env, hidden: int, gamma: float):
+    from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+    from torchrl.objectives import SACLoss
+
+    obs_dim = env.observation_spec["observation"].shape[-1]
+    act_dim = env.action_spec.shape[-1]
+    low, high = env.action_spec.space.low, env.action_spec.space.high
+    net = nn.Sequential(
+        MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=[hidden, hidden], activation_class=nn.ReLU),
+        NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=1e-4),
+    )
+    actor = ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=env.action_spec,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": low, "high": high, "tanh_loc": False},
+        return_log_prob=False,
+    )
+    qnet = MLP(in_features=obs_dim + act_dim, out_features=1, num_cells=[hidden, hidden], activation_class=nn.ReLU)
+    qvalue = ValueOperator(qnet, in_keys=["observation", "action"])
+    loss = SACLoss(actor, qvalue, num_qvalue_nets=2, loss_function="l2", delay_qvalue=True, action_spec=env.action_spec)
+    loss.make_value_estimator(gamma=gamma)
+    return actor, loss
+
+
+# ----------------------------------------------------------------------------- episodes
+class EpisodeSplitter:
+    """Cuts a stream of collector batches (one env) into episodes; tags each transition's episode."""
+
+    def __init__(self, next_id: int = 0) -> None:
+        self.next_id = next_id
+        self.current: list[TensorDict] = []
+
+    def add(self, batch: TensorDict) -> tuple[TensorDict, list[TensorDict]]:
+        """Returns the batch with an ``episode`` entry and the episodes it completed."""
+        batch = batch.reshape(-1)
+        done = batch["next", "done"].reshape(-1)
+        ids = torch.empty(batch.shape[0], dtype=torch.int64)
+        finished = []
+        start = 0
+        for end in (done.nonzero().squeeze(-1) + 1).tolist() + [batch.shape[0]]:
+            if end <= start:
+                continue
+            ids[start:end] = self.next_id
+            self.current.append(batch[start:end])
+            if end <= batch.shape[0] and bool(done[end - 1]):
+                finished.append(torch.cat(self.current))
+                self.current = []
+                self.next_id += 1
+            start = end
+        batch.set("episode", ids)
+        return batch, finished
+
+    def close(self) -> TensorDict | None:
+        """The open episode, truncated where the stream stopped (None if there is none)."""
+        if not self.current:
+            return None
+        ep = torch.cat(self.current)
+        ep["next", "truncated"][-1] = True
+        ep["next", "done"][-1] = True
+        self.current = []
+        self.next_id += 1
+        return ep
+
+
+def episodes_to_transitions(episodes: list[TensorDict], limit: int | None = None) -> TensorDict:
+    """Concatenate episodes (the layout of ``make_offline_buffer``), cut to ``limit`` transitions.
+
+    The episode that the cut goes through ends truncated.
+    """
+    from torchrl_bdpo.data.offline import make_transitions
+
+    rows, total = [], 0
+    for i, ep in enumerate(episodes):
+        if limit is not None and total >= limit:
+            break
+        if limit is not None and total + ep.shape[0] > limit:
+            ep = ep[: limit - total].clone()
+            ep["next", "truncated"][-1] = True
+        rows.append(ep.set("episode", torch.full((ep.shape[0],), i, dtype=torch.int64)))
+        total += ep.shape[0]
+    td = torch.cat(rows)
+    return make_transitions(
+        td["observation"], td["action"], td["next", "observation"], td["next", "reward"],
+        td["next", "terminated"], td["next", "truncated"] & ~td["next", "terminated"], td["episode"],
+    )
+
+
+def transitions_to_minari_episodes(td: TensorDict) -> list:
+    """EpisodeBuffers (observations T + 1, actions, rewards, flags) from a transition TensorDict."""
+    from minari.data_collector import EpisodeBuffer
+
+    episodes = []
+    ids = td["episode"]
+    bounds = torch.nonzero(ids[1:] != ids[:-1]).squeeze(-1) + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), td.shape[0]]
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        ep = td[s:e]
+        obs = torch.cat([ep["observation"], ep["next", "observation"][-1:]]).numpy()
+        episodes.append(
+            EpisodeBuffer(
+                id=k,
+                observations=obs,
+                actions=ep["action"].numpy(),
+                rewards=ep["next", "reward"].reshape(-1).double().tolist(),
+                terminations=ep["next", "terminated"].reshape(-1).tolist(),
+                truncations=ep["next", "truncated"].reshape(-1).tolist(),
+            )
+        )
+    return episodes
+
+
+def mean_episode_return(episodes: list[TensorDict]) -> float:
+    complete = [ep for ep in episodes if bool(ep["next", "done"][-1])]
+    if not complete:
+        return float("nan")
+    return float(np.mean([ep["next", "reward"].sum().item() for ep in complete]))
+
+
+# ----------------------------------------------------------------------------- generator
+class DatasetGenerator:
+    """Runs :class:`GenerateConfig`: random data, SAC to medium (and expert), rollouts, Minari files."""
+
+    def __init__(self, cfg: GenerateConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpt = self.out / "checkpoint.pt"
+        self.logger = None
+        self.timings: dict[str, float] = {}
+        self.evals: list[tuple[int, float]] = []
+
+    # -- state
+    def _save(self, state: dict) -> None:
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def _log(self, name: str, value: float, step: int) -> None:
+        if self.logger is None:
+            from torchrl.record.loggers import get_logger
+
+            self.logger = get_logger("csv", logger_name=str(self.out / "logs"), experiment_name="generate")
+        if math.isfinite(value):
+            self.logger.log_scalar(name, value, step=step)
+
+    def _check_ids_free(self) -> None:
+        from minari.storage import get_dataset_path
+
+        for level in self.cfg.levels:
+            path = Path(get_dataset_path(self.cfg.dataset_id(level)))
+            if path.exists() and not self.cfg.overwrite:
+                raise FileExistsError(
+                    f"Minari dataset {self.cfg.dataset_id(level)!r} exists already ({path}). Pass "
+                    f"overwrite=true to replace it, another dataset_prefix, or another seed/out_dir."
+                )
+
+    # -- collection
+    def _rollout(self, env, policy, frames: int, desc: str, exploration=None) -> tuple[list[TensorDict], int]:
+        """Episodes of ``policy`` (None: uniform random) totalling at least ``frames`` transitions.
+
+        Returns ``(episodes, n_complete)``: the first ``n_complete`` ended by the environment,
+        the last one may be cut where the frames ran out (it ends truncated).
+        """
+        from torchrl.collectors import Collector
+        from torchrl.envs.utils import ExplorationType
+
+        from tqdm import tqdm
+
+        splitter = EpisodeSplitter()
+        episodes: list[TensorDict] = []
+        fpb = min(self.cfg.frames_per_batch, frames)
+        collector = Collector(
+            env, policy, frames_per_batch=fpb, total_frames=-1,
+            exploration_type=exploration or ExplorationType.RANDOM,
+        )
+        got = 0
+        with tqdm(total=frames, desc=desc, disable=not self.cfg.progress) as bar:
+            for batch in collector:
+                _, done = splitter.add(batch.cpu())
+                episodes += done
+                got += batch.numel()
+                bar.update(batch.numel())
+                if got >= frames:
+                    break
+        collector.shutdown()
+        n_complete = len(episodes)
+        last = splitter.close()
+        if last is not None:
+            episodes.append(last)
+        return episodes, n_complete
+
+    def _evaluate(self, env, actor) -> float:
+        from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+        returns = []
+        with set_exploration_type(ExplorationType.DETERMINISTIC), torch.no_grad():
+            for _ in range(self.cfg.eval_episodes):
+                td = env.rollout(1000, actor, auto_reset=True, break_when_any_done=True)
+                returns.append(td["next", "reward"].sum().item())
+        return float(np.mean(returns))
+
+    # -- main
+    def run(self) -> dict:
+        cfg = self.cfg
+        from torchrl.collectors import Collector
+        from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+        from torchrl.objectives import SoftUpdate
+        from tqdm import tqdm
+
+        warnings.filterwarnings("ignore", message=".*No target network updater.*")
+        start = time.perf_counter()
+        state = {"config": cfg.fingerprint(), "levels": {}, "frames": 0, "stage": "start"}
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, weights_only=False)
+            if state["config"] != cfg.fingerprint():
+                diff = sorted(k for k in set(state["config"]) | set(cfg.fingerprint()) if state["config"].get(k) != cfg.fingerprint().get(k))
+                raise ValueError(
+                    f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
+                    f"the same settings to resume, or another out_dir for a new run."
+                )
+            print(f"resuming from {self.ckpt}: stage {state['stage']}, {state['frames']} SAC frames")
+        else:
+            self._check_ids_free()
+        self.timings = state.get("timings", {})
+        self.evals = state.get("evals", [])
+        torch.manual_seed(cfg.seed + state["frames"])
+        np.random.seed(cfg.seed)
+        levels = state["levels"]  # level -> transition TensorDict
+        need_medium = any(lv in cfg.levels for lv in ("medium", "medium-replay", "medium-expert"))
+        need_expert = any(lv in cfg.levels for lv in ("expert", "medium-expert"))
+
+        # 1. random policy: its dataset, and ref_min_score
+        if "random_return" not in state:
+            t0 = time.perf_counter()
+            env = make_env(cfg.env_id, cfg.seed)
+            frames = cfg.num_transitions if "random" in cfg.levels else 0
+            episodes, n = self._rollout(env, None, frames, "random policy") if frames else ([], 0)
+            complete = episodes[:n]
+            while len(complete) < cfg.random_return_episodes:  # ref_min_score needs whole episodes
+                more, m = self._rollout(env, None, 1000, "random-policy returns")
+                complete += more[:m]
+            state["random_return"] = mean_episode_return(complete)
+            if episodes:
+                levels["random"] = episodes_to_transitions(episodes, cfg.num_transitions)
+            env.close()
+            self.timings["random_s"] = time.perf_counter() - t0
+            state["stage"] = "random done"
+            self._save({**state, "timings": self.timings, "evals": self.evals})
+
+        # 2. SAC until medium (and expert)
+        if need_medium or need_expert:
+            t0 = time.perf_counter()
+            env = make_env(cfg.env_id, cfg.seed + 1 + state["frames"])
+            eval_env = make_env(cfg.env_id, cfg.seed + 10_000 + state["frames"])
+            actor, loss = make_sac(env, cfg.hidden, cfg.gamma)
+            updater = SoftUpdate(loss, tau=cfg.tau)
+            optim = {
+                "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=cfg.lr),
+                "qvalue": torch.optim.Adam(loss.qvalue_network_params.parameters(), lr=cfg.lr),
+                "alpha": torch.optim.Adam([loss.log_alpha], lr=cfg.lr),
+            }
+            capacity = max(cfg.expert_frames if need_expert else 0, cfg.max_medium_frames) + cfg.frames_per_batch
+            rb = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=cfg.batch_size)
+            splitter = EpisodeSplitter()
+            if "sac" in state:
+                loss.load_state_dict(state["sac"]["loss"])
+                for k, o in optim.items():
+                    o.load_state_dict(state["sac"]["optim"][k])
+                stored = state["sac"]["buffer"]
+                if stored is not None:
+                    rb.extend(stored)
+                splitter.next_id = state["sac"]["next_episode"]
+                torch.set_rng_state(state["sac"]["rng"])
+            sac_needed = (need_medium and "medium_policy" not in state) or (
+                need_expert and "expert_policy" not in state
+            )
+            frames = state["frames"]
+            if sac_needed:
+                target = cfg.expert_frames if need_expert else cfg.max_medium_frames
+                lo, hi = (f * cfg.reference_expert_return for f in cfg.medium_band)
+                frames = state["frames"]
+                collector = Collector(
+                    env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1,
+                    init_random_frames=max(0, cfg.init_random_frames - frames),
+                )
+                updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
+                last_ckpt = frames
+                bar = tqdm(total=target, initial=frames, desc=f"SAC on {cfg.env_id}", disable=not cfg.progress)
+                for batch in collector:
+                    batch, _ = splitter.add(batch.cpu())
+                    rb.extend(batch)
+                    frames += batch.numel()
+                    bar.update(batch.numel())
+                    if frames >= cfg.init_random_frames:
+                        for _ in range(updates_per_batch):
+                            out = loss(rb.sample())
+                            total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+                            for o in optim.values():
+                                o.zero_grad(set_to_none=True)
+                            total.backward()
+                            for o in optim.values():
+                                o.step()
+                            updater.step()
+                        if not torch.isfinite(total):
+                            raise FloatingPointError(
+                                f"SAC loss became {total.item()} at frame {frames}; the last checkpoint "
+                                f"({self.ckpt}, frame {last_ckpt}) is intact. Lower lr or check the task."
+                            )
+                        self._log("sac/loss_qvalue", out["loss_qvalue"].item(), frames)
+                        self._log("sac/alpha", out["alpha"].item(), frames)
+                    collector.update_policy_weights_()
+                    if frames % cfg.eval_every < cfg.frames_per_batch and frames >= cfg.init_random_frames:
+                        ret = self._evaluate(eval_env, actor)
+                        self.evals.append((frames, ret))
+                        self._log("eval/return", ret, frames)
+                        bar.set_postfix(eval_return=f"{ret:.0f}", medium_at=f"{lo:.0f}")
+                        if need_medium and "medium_policy" not in state and ret >= lo:
+                            state["medium_policy"] = {
+                                "params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret,
+                                "in_band": ret <= hi,
+                            }
+                            if ret > hi:
+                                warnings.warn(
+                                    f"the first policy past {lo:.0f} returned {ret:.0f} (> {hi:.0f}, the band's top); "
+                                    f"it is used as the medium policy. Evaluate more often (eval_every) for a closer one."
+                                )
+                            levels["medium-replay"] = _replay_transitions(rb.storage[: len(rb)])
+                            self.timings["sac_to_medium_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
+                            last_ckpt = frames
+                            if not need_expert:
+                                break
+                    if need_medium and "medium_policy" not in state and frames >= cfg.max_medium_frames:
+                        best = max(r for _, r in self.evals) if self.evals else float("nan")
+                        raise RuntimeError(
+                            f"SAC on {cfg.env_id} did not reach the medium level ({lo:.0f} = "
+                            f"{cfg.medium_band[0]:.2f} x the expert return {cfg.reference_expert_return:.0f}) in "
+                            f"{frames} frames (best evaluation {best:.0f}). Raise max_medium_frames, or lower "
+                            f"medium_band / expert_return."
+                        )
+                    if need_expert and frames >= cfg.expert_frames:
+                        break
+                    if frames - last_ckpt >= cfg.checkpoint_every:
+                        self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
+                        last_ckpt = frames
+                bar.close()
+                collector.shutdown()
+                self.timings["sac_total_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                if need_expert and "expert_policy" not in state:
+                    state["expert_policy"] = {
+                        "params": TensorDict.from_module(actor).clone(), "frames": frames,
+                        "eval_return": self._evaluate(eval_env, actor),
+                    }
+            state["frames"] = frames
+            # 3. rollouts of the medium and expert policies
+            for name, key in (("medium", "medium_policy"), ("expert", "expert_policy")):
+                wanted = name in cfg.levels or "medium-expert" in cfg.levels
+                if key in state and wanted and name not in levels:
+                    t1 = time.perf_counter()
+                    state[key]["params"].to_module(actor)
+                    env_r = make_env(cfg.env_id, cfg.seed + (20_000 if name == "medium" else 30_000))
+                    eps, _ = self._rollout(env_r, actor, cfg.num_transitions, f"{name} policy rollouts")
+                    levels[name] = episodes_to_transitions(eps, cfg.num_transitions)
+                    self.timings[f"{name}_rollout_s"] = time.perf_counter() - t1
+            env.close()
+            eval_env.close()
+            self._checkpoint(state, levels, loss, optim, None, splitter, frames, stage="policies done")
+        if "medium-expert" in cfg.levels and "medium-expert" not in levels:
+            med, exp = levels["medium"], levels["expert"].clone()
+            exp["episode"] = exp["episode"] + med["episode"].max() + 1
+            levels["medium-expert"] = torch.cat([med, exp])
+
+        # 4. Minari files
+        return self._write(state, levels, time.perf_counter() - start)
+
+    def _checkpoint(self, state, levels, loss, optim, rb, splitter, frames, stage="sac") -> None:
+        state["frames"] = frames
+        state["stage"] = stage
+        state["levels"] = levels
+        state["sac"] = {
+            "loss": loss.state_dict(),
+            "optim": {k: o.state_dict() for k, o in optim.items()},
+            "buffer": rb.storage[: len(rb)].clone() if rb is not None and len(rb) else state.get("sac", {}).get("buffer"),
+            "next_episode": splitter.next_id,
+            "rng": torch.get_rng_state(),
+        }
+        self._save({**state, "timings": self.timings, "evals": self.evals})
+
+    def _write(self, state, levels, wall_s) -> dict:
+        import minari
+
+        from torchrl_bdpo.data.offline import episode_returns
+
+        cfg = self.cfg
+        ref_min = state["random_return"]
+        expert = state.get("expert_policy")
+        ref_max = expert["eval_return"] if expert else cfg.reference_expert_return
+        ref_max_source = (
+            "the deterministic evaluation return of this run's expert"
+            if expert
+            else f"the reference expert return for {cfg.task} ({cfg.reference_expert_return}, D4RL's unless set)"
+        )
+        written = {}
+        for level in cfg.levels:
+            td = levels[level]
+            dataset_id = cfg.dataset_id(level)
+            from minari.storage import get_dataset_path
+
+            path = Path(get_dataset_path(dataset_id))
+            if path.exists():
+                if not cfg.overwrite and not state.get("written", {}).get(level):
+                    raise FileExistsError(
+                        f"Minari dataset {dataset_id!r} exists already ({path}); pass overwrite=true."
+                    )
+                minari.delete_dataset(dataset_id)
+            desc = (
+                f"D4RL-style '{level}' data for {cfg.env_id}, made by torchrl_bdpo with TorchRL's SAC "
+                f"(seed {cfg.seed}). ref_min_score: mean return of a uniformly random policy; "
+                f"ref_max_score: {ref_max_source}."
+            )
+            if "medium_policy" in state:
+                desc += f" Medium policy: eval return {state['medium_policy']['eval_return']:.1f} after {state['medium_policy']['frames']} SAC frames."
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                minari.create_dataset_from_buffers(
+                    dataset_id,
+                    transitions_to_minari_episodes(td),
+                    env=cfg.env_id,
+                    algorithm_name=f"TorchRL SAC ({level})" if level != "random" else "uniform random policy",
+                    author="torchrl_bdpo",
+                    ref_min_score=float(ref_min),
+                    ref_max_score=float(ref_max),
+                    description=desc,
+                )
+            state.setdefault("written", {})[level] = True
+            written[level] = {
+                "dataset_id": dataset_id,
+                "path": str(path),
+                "transitions": int(td.shape[0]),
+                "episodes": int(td["episode"].unique().numel()),
+                "mean_episode_return": float(episode_returns(td).mean()),
+            }
+        summary = {
+            "config": asdict(cfg),
+            "ref_min_score": ref_min,
+            "ref_max_score": ref_max,
+            "ref_max_source": ref_max_source,
+            "medium_policy": {k: v for k, v in state.get("medium_policy", {}).items() if k != "params"},
+            "expert_policy": {k: v for k, v in (expert or {}).items() if k != "params"},
+            "sac_frames": state["frames"],
+            "timings_s": self.timings,
+            "wall_time_this_call_s": wall_s,
+            "evaluations": self.evals,
+            "datasets": written,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        self._plot(summary)
+        state["stage"] = "written"
+        self._save({**state, "timings": self.timings, "evals": self.evals})
+        return summary
+
+    def _plot(self, summary) -> None:
+        if not self.evals:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        f, r = zip(*self.evals)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(f, r, marker=".", label="SAC evaluation return")
+        lo, hi = (x * self.cfg.reference_expert_return for x in self.cfg.medium_band)
+        ax.axhspan(lo, hi, color="C1", alpha=0.2, label="medium band")
+        ax.axhline(summary["ref_min_score"], color="gray", ls="--", label="random policy")
+        ax.set_xlabel("environment frames")
+        ax.set_ylabel("return")
+        ax.set_title(self.cfg.env_id)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "sac_learning_curve.png", dpi=120)
+        plt.close(fig)
+
+
+def _replay_transitions(data: TensorDict) -> TensorDict:
+    """The SAC replay buffer (in collection order) as dataset transitions; its open episode ends truncated."""
+    from torchrl_bdpo.data.offline import make_transitions
+
+    data = data.clone()
+    ids = data["episode"]
+    if not bool(data["next", "done"][-1]):
+        data["next", "truncated"][-1] = True
+    # renumber episodes 0..E-1 in order
+    _, episode = torch.unique_consecutive(ids, return_inverse=True)
+    return make_transitions(
+        data["observation"], data["action"], data["next", "observation"], data["next", "reward"],
+        data["next", "terminated"], data["next", "truncated"] & ~data["next", "terminated"], episode,
+    )
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    """Make the datasets ``cfg.levels`` for ``cfg.env_id``; returns the run summary (also in ``summary.json``)."""
+    return DatasetGenerator(cfg).run()
