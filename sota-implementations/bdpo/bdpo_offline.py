@@ -1,0 +1,296 @@
+"""BDPO on offline RL datasets (D4RL, Minari, or generated here), evaluated in Gymnasium MuJoCo.
+
+    python sota-implementations/bdpo/bdpo_offline.py task=generated-hopper-medium   # CPU-sized
+    python sota-implementations/bdpo/bdpo_offline.py task=hopper-medium-v2 optim=paper  # the paper's budget
+
+Phase A pretrains the behavior diffusion model (with its EMA); the actor and its target
+start as copies of that EMA; phase B trains Q and V_n every step, and the actor and the
+behavior every ``optim.actor_every``-th step after ``optim.warmup`` (DESIGN section 4).
+Evaluation runs the K-candidate acting module (the behavior model during phase A) in
+TorchRL ``GymEnv``s (a ``ParallelEnv`` when ``eval.num_envs > 1``) and reports the mean and
+std return and the normalised score. Under the output directory: CSV logs (or another
+torchrl logger), ``checkpoint.pt`` (atomic; ``checkpoint.resume=true`` continues from it),
+``summary.json`` and ``eval_returns.png``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import (  # noqa: E402
+    check_finite_loss,
+    hand_over,
+    load_checkpoint,
+    log_scalars,
+    make_bdpo_loss,
+    make_logger,
+    make_optimizers,
+    make_schedulers,
+    make_update,
+    make_updaters,
+    save_checkpoint,
+    set_seed,
+    training_state,
+    write_json,
+)
+
+from torchrl_bdpo.data import check_env_compatibility, make_offline_buffer  # noqa: E402
+from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
+
+# D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
+# same observation and action spaces and are what evaluates them here.
+D4RL_EVAL_ENVS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+
+
+def eval_env_id(cfg: DictConfig, info) -> str:
+    if cfg.env.get("eval_env"):
+        return cfg.env.eval_env
+    name = str(info.env_id or "")
+    prefix = name.split("-")[0]
+    if info.source == "d4rl" and prefix in D4RL_EVAL_ENVS:
+        return D4RL_EVAL_ENVS[prefix]
+    if info.env_id:
+        return info.env_id
+    raise ValueError(
+        f"dataset {info.name!r} names no environment to evaluate in; set env.eval_env=<Gymnasium id> "
+        f"or eval.episodes=0 to train without evaluation."
+    )
+
+
+def make_eval_env(env_id: str, num_envs: int, seed: int):
+    from torchrl.envs import DoubleToFloat, GymEnv, ParallelEnv, TransformedEnv
+
+    def make():
+        return TransformedEnv(GymEnv(env_id), DoubleToFloat())
+
+    try:
+        env = ParallelEnv(num_envs, make) if num_envs > 1 else make()
+    except Exception as err:
+        raise RuntimeError(
+            f"could not build the evaluation environment {env_id!r} ({type(err).__name__}: {err}). Install "
+            f"its package (gymnasium[mujoco]; gymnasium-robotics for antmaze), set env.eval_env, or "
+            f"eval.episodes=0."
+        ) from err
+    env.set_seed(seed)
+    return env
+
+
+def evaluate(env, policy, episodes: int, max_steps: int, exploration) -> np.ndarray:
+    """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done)."""
+    from torchrl.envs.utils import set_exploration_type
+
+    n_envs = env.batch_size.numel() if env.batch_size else 1
+    returns = []
+    with set_exploration_type(exploration), torch.no_grad():
+        while len(returns) < episodes:
+            td = env.rollout(max_steps, policy, break_when_any_done=False, break_when_all_done=True)
+            td = td.reshape(n_envs, -1) if env.batch_size else td.unsqueeze(0)
+            reward = td["next", "reward"].reshape(n_envs, -1)
+            done = td["next", "done"].reshape(n_envs, -1).long()
+            before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
+            returns += (reward * before_first_done).sum(-1).tolist()
+    return np.asarray(returns[:episodes])
+
+
+def plot_evals(rows: list[dict], out: Path) -> Path | None:
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for phase, color in (("pretrain", "C0"), ("train", "C1")):
+        pts = [r for r in rows if r["phase"] == phase]
+        if pts:
+            x = [r["global_step"] for r in pts]
+            m = np.array([r["return_mean"] for r in pts])
+            s = np.array([r["return_std"] for r in pts])
+            ax.plot(x, m, marker=".", color=color, label="behavior (phase A)" if phase == "pretrain" else "BDPO actor (phase B)")
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2)
+    if rows[0].get("dataset_return") is not None:
+        ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
+    ax.set_xlabel("gradient steps (phase A, then phase B)")
+    ax.set_ylabel("evaluation return")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "eval_returns.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: DictConfig) -> dict:
+    warnings.filterwarnings("ignore", message="No target network updater")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    o, e = cfg.optim, cfg.eval
+
+    buffer = make_offline_buffer(
+        cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download
+    )
+    info = buffer.dataset_info
+    dataset_returns = None
+    if info.reward_scale:
+        from torchrl_bdpo.data import episode_returns
+
+        dataset_returns = (episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).numpy()
+    env = None
+    if e.episodes > 0:
+        env_id = eval_env_id(cfg, info)
+        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345)
+        check_env_compatibility(info, env)  # before any training
+    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
+    optimizers = make_optimizers(cfg, loss)
+    schedulers = make_schedulers(cfg, optimizers)
+    updaters = make_updaters(cfg, loss)
+    update = make_update(cfg, loss, optimizers, updaters)
+    logger = make_logger(cfg, out_dir)
+    device = torch.device(cfg.device)
+    ckpt = out_dir / "checkpoint.pt"
+
+    phase, step = "pretrain", 0
+    eval_rows: list[dict] = []
+    if cfg.checkpoint.resume and ckpt.exists():
+        phase, step = load_checkpoint(ckpt, cfg, loss, optimizers, schedulers)
+        eval_rows = torch.load(ckpt, weights_only=False).get("evals", [])
+        print(f"resumed from {ckpt}: phase {phase}, step {step}")
+    written = ckpt if ckpt.exists() else None
+
+    def checkpoint(phase_name, next_step):
+        nonlocal written
+        state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg)
+        state["evals"] = eval_rows
+        save_checkpoint(ckpt, state)
+        written = ckpt
+
+    behavior_policy = QSelectActor(
+        loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
+        qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
+    )
+    acting = loss.make_acting_module(num_candidates=e.num_candidates)
+
+    def run_eval(phase_name, step_, global_step):
+        from torchrl.envs.utils import ExplorationType
+
+        if env is None:
+            return None
+        policy, exploration = (
+            (behavior_policy, ExplorationType.RANDOM) if phase_name == "pretrain" else (acting, ExplorationType.DETERMINISTIC)
+        )
+        returns = evaluate(env, policy, e.episodes, e.max_steps, exploration)
+        row = {
+            "phase": phase_name, "step": step_, "global_step": global_step,
+            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "dataset_return": None if dataset_returns is None else float(dataset_returns.mean()),
+        }
+        if info.ref_min_score is not None and info.ref_max_score is not None:
+            scores = info.normalized_score(returns)
+            row.update(score_mean=float(scores.mean()), score_std=float(scores.std()))
+        eval_rows.append(row)
+        log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if isinstance(v, float)}, global_step)
+        return row
+
+    # ---------------------------------------------------------------- phase A
+    if phase == "pretrain":
+        bar = tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps)
+        for step in bar:
+            out = update.behavior(buffer.sample().to(device))
+            check_finite_loss("loss_behavior", out["loss_behavior"], step, written)
+            if step % cfg.logger.log_interval == 0:
+                log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
+            if e.pretrain_interval and (step + 1) % e.pretrain_interval == 0:
+                row = run_eval("pretrain", step + 1, step + 1)
+                if row:
+                    bar.set_postfix(eval_return=f"{row['return_mean']:.0f}")
+            if (step + 1) % cfg.checkpoint.interval == 0:
+                checkpoint("pretrain", step + 1)
+        hand_over(loss)
+        phase, step = "train", 0
+        checkpoint("train", 0)
+
+    # ---------------------------------------------------------------- phase B
+    history = []
+    tic, tic_step = time.perf_counter(), step
+    bar = tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps)
+    for step in bar:
+        batch = buffer.sample().to(device)
+        critic = update.critic(batch)
+        check_finite_loss("loss_qvalue + loss_value", critic["loss_qvalue"] + critic["loss_value"], step, written)
+        schedulers["critic"].step()
+        row = {"loss_qvalue": critic["loss_qvalue"].item(), "loss_value": critic["loss_value"].item()}
+        if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
+            policy = update.policy(batch)
+            check_finite_loss("loss_actor", policy["loss_actor"], step, written)
+            schedulers["actor"].step()
+            row.update({k: v.item() for k, v in policy.items() if not k.startswith("grad_norm")})
+        history.append(row)
+        if step % cfg.logger.log_interval == 0:
+            now = time.perf_counter()
+            rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
+            tic, tic_step = now, step
+            diagnostics = ("qvalue_pred", "qvalue_target", "path_kl", "value_pred", "value_target", "value_step_kl", "grad_norm_critic")
+            scalars = {f"train/{k}": v for k, v in row.items()}
+            scalars.update({f"train/{k}": critic[k].item() for k in diagnostics if k in critic.keys()})
+            kl = critic["kl_per_step"]
+            scalars.update({f"train/kl_step_{n + 1}": kl[n].item() for n in range(kl.numel())})
+            scalars["train/steps_per_s"] = rate
+            log_scalars(logger, scalars, o.pretrain_steps + step)
+        if e.interval and (step + 1) % e.interval == 0:
+            r = run_eval("train", step + 1, o.pretrain_steps + step + 1)
+            if r:
+                bar.set_postfix(eval_return=f"{r['return_mean']:.0f}")
+        if (step + 1) % cfg.checkpoint.interval == 0:
+            checkpoint("train", step + 1)
+    if o.steps > 0:
+        if e.episodes > 0 and not (e.interval and o.steps % e.interval == 0):
+            run_eval("train", o.steps, o.pretrain_steps + o.steps)  # the final policy is always evaluated
+        checkpoint("train", o.steps)
+    if env is not None:
+        env.close()
+
+    final = next((r for r in reversed(eval_rows) if r["phase"] == "train"), None)
+    trained = [r for r in eval_rows if r["phase"] == "train"]
+    best = max(trained, key=lambda r: r["return_mean"]) if trained else None
+    figure = plot_evals(eval_rows, out_dir)
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "dataset": {**info.as_dict(), "mean_episode_return": None if dataset_returns is None else float(dataset_returns.mean())},
+        "final": final,
+        "best": best,
+        "evaluations": eval_rows,
+        "wall_time_s": time.perf_counter() - start,
+        "figure": None if figure is None else str(figure),
+    }
+    write_json(out_dir / "summary.json", summary)
+    if final:
+        score = f", normalised {final['score_mean']:.1f}" if "score_mean" in final else ""
+        data_ret = summary["dataset"]["mean_episode_return"]
+        print(
+            f"[{cfg.env.dataset}] final return {final['return_mean']:.1f} +- {final['return_std']:.1f}{score} "
+            f"(dataset mean {data_ret:.1f}); {summary['wall_time_s']:.0f} s; outputs in {out_dir}"
+        )
+    summary["history"] = history
+    return summary
+
+
+@hydra.main(config_path="config", config_name="offline", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_offline.py on a tiny generated dataset."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+sys.path.insert(0, str(SCRIPT_DIR))
+_spec = importlib.util.spec_from_file_location("bdpo_offline", SCRIPT_DIR / "bdpo_offline.py")
+off = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(off)
+
+TINY = [
+    "task=generated-hopper-random",
+    "budget=cpu",
+    "diffusion.hidden=16",
+    "diffusion.depth=2",
+    "critic.hidden=16",
+    "critic.num_qvalue_nets=2",
+    "loss.num_samples=2",
+    "optim.batch_size=32",
+    "optim.pretrain_steps=20",
+    "optim.steps=30",
+    "optim.warmup=5",
+    "optim.actor_every=2",
+    "eval.interval=15",
+    "eval.pretrain_interval=10",
+    "eval.episodes=2",
+    "eval.max_steps=20",
+    "eval.num_candidates=3",
+    "logger.log_interval=5",
+    "checkpoint.interval=10",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A 300-transition random-policy Hopper-v5 dataset, made by the generator."""
+    import os
+
+    from torchrl_bdpo.data.generate import GenerateConfig, generate
+
+    root = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
+                            random_return_episodes=3, progress=False))
+    yield root
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH")
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+def config(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        return compose("offline", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
+
+
+def test_smoke_outputs(tmp_path, dataset):
+    summary = off.train(config(tmp_path, "eval.num_envs=2"))  # a ParallelEnv of 2 workers
+    for name in ("summary.json", "eval_returns.png", "checkpoint.pt", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    written = json.loads((tmp_path / "summary.json").read_text())
+    phases = [r["phase"] for r in written["evaluations"]]
+    assert phases == ["pretrain", "pretrain", "train", "train"]  # phase A at 10, 20; phase B at 15, 30
+    final = written["final"]
+    assert final["step"] == 30 and "score_mean" in final and written["best"] is not None
+    assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
+    csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
+    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv"} <= csvs
+    assert len(summary["history"]) == 30
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_losses_step_for_step(tmp_path, dataset, monkeypatch):
+    no_eval = ("eval.episodes=0",)
+    full = off.train(config(tmp_path / "full", *no_eval))["history"]
+    real = off.make_offline_buffer
+    calls = {"n": 0}
+
+    def interrupted_buffer(*args, **kwargs):
+        buffer = real(*args, **kwargs)
+        sample = buffer.sample
+
+        def sample_then_die():
+            calls["n"] += 1
+            if calls["n"] > 20 + 17:  # 20 phase-A batches, then die during phase-B step 17
+                raise _Interrupt()
+            return sample()
+
+        buffer.sample = sample_then_die
+        return buffer
+
+    monkeypatch.setattr(off, "make_offline_buffer", interrupted_buffer)
+    with pytest.raises(_Interrupt):
+        off.train(config(tmp_path / "resumed", *no_eval))
+    monkeypatch.setattr(off, "make_offline_buffer", real)
+    resumed = off.train(config(tmp_path / "resumed", *no_eval, "checkpoint.resume=true"))["history"]
+    assert len(resumed) == 20  # from the checkpoint at phase-B step 10
+    for a, b in zip(full[10:], resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_bad_input(tmp_path, dataset):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match=r"(?s)hoper-medium-v2.*hopper-medium-v2"):
+        config(tmp_path, "task=hoper-medium-v2")
+    # dimensions that disagree: hopper data, HalfCheetah environment; before any training step
+    with pytest.raises(ValueError, match=r"observation dim 11 in the dataset vs 17 in the environment"):
+        off.train(config(tmp_path / "dims", "env.eval_env=HalfCheetah-v5"))
+    assert not (tmp_path / "dims" / "checkpoint.pt").exists()
+    off.train(config(tmp_path / "b", "eval.episodes=0", "optim.steps=10"))
+    with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(0.2 in the checkpoint, 0.5 now\)'\]"):
+        off.train(config(tmp_path / "b", "eval.episodes=0", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, dataset, monkeypatch):
+    from torchrl_bdpo.objectives import BDPOLoss
+
+    real = BDPOLoss.qvalue_loss
+
+    def broken(self, td):
+        value, meta = real(self, td)
+        return value * float("nan"), meta
+
+    monkeypatch.setattr(BDPOLoss, "qvalue_loss", broken)
+    with pytest.raises(FloatingPointError, match=r"loss_qvalue \+ loss_value became nan at step 0.*checkpoint.pt"):
+        off.train(config(tmp_path, "eval.episodes=0"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["phase"] == "train" and state["step"] == 0
