@@ -10,7 +10,6 @@ Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 256.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time

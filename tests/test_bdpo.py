@@ -1,9 +1,7 @@
-import copy
 
 import pytest
 import torch
 from tensordict import TensorDict
-from tensordict.nn import TensorDictModule
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_bdpo.diffusion import (
@@ -13,7 +11,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
-from torchrl_bdpo.objectives import BDPOLoss, DiffusionValueLoss, PathwiseKLLoss
+from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss
 from torchrl_bdpo.objectives.utils import aggregate_ensemble
 
 OBS, ACT, K, M, N = 3, 2, 3, 4, 5

@@ -1,6 +1,4 @@
 """Offline buffers keep every transition: checked against minari's own episodes."""
-import json
-import os
 import warnings
 
 import gymnasium as gym
