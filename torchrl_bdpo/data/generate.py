@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +76,6 @@ class GenerateConfig:
     checkpoint_every: int = 20_000
     overwrite: bool = False  # replace datasets with the same ids
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         bad = [lv for lv in self.levels if lv not in LEVELS]
