@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
-    check_finite_loss,
     hand_over,
     load_checkpoint,
     log_scalars,
@@ -37,13 +36,16 @@ from utils import (  # noqa: E402
     make_schedulers,
     make_update,
     make_updaters,
+    pretrain_step,
     save_checkpoint,
     set_seed,
+    train_step,
     training_state,
     write_json,
 )
 
 from torchrl_bdpo.data import check_env_compatibility, make_offline_buffer  # noqa: E402
+from torchrl_bdpo.data.generate import make_env  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
@@ -67,11 +69,11 @@ def eval_env_id(cfg: DictConfig, info) -> str:
 
 
 def make_eval_env(env_id: str, num_envs: int, seed: int):
-    from torchrl.envs import DoubleToFloat, GymEnv, ParallelEnv, TransformedEnv
+    from functools import partial
 
-    def make():
-        return TransformedEnv(GymEnv(env_id), DoubleToFloat())
+    from torchrl.envs import ParallelEnv
 
+    make = partial(make_env, env_id)
     try:
         env = ParallelEnv(num_envs, make) if num_envs > 1 else make()
     except Exception as err:
@@ -208,8 +210,7 @@ def train(cfg: DictConfig) -> dict:
     if phase == "pretrain":
         bar = tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps)
         for step in bar:
-            out = update.behavior(buffer.sample().to(device))
-            check_finite_loss("loss_behavior", out["loss_behavior"], step, written)
+            out = pretrain_step(update, buffer.sample().to(device), step, written)
             if step % cfg.logger.log_interval == 0:
                 log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
             if e.pretrain_interval and (step + 1) % e.pretrain_interval == 0:
@@ -227,16 +228,7 @@ def train(cfg: DictConfig) -> dict:
     tic, tic_step = time.perf_counter(), step
     bar = tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps)
     for step in bar:
-        batch = buffer.sample().to(device)
-        critic = update.critic(batch)
-        check_finite_loss("loss_qvalue + loss_value", critic["loss_qvalue"] + critic["loss_value"], step, written)
-        schedulers["critic"].step()
-        row = {"loss_qvalue": critic["loss_qvalue"].item(), "loss_value": critic["loss_value"].item()}
-        if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
-            policy = update.policy(batch)
-            check_finite_loss("loss_actor", policy["loss_actor"], step, written)
-            schedulers["actor"].step()
-            row.update({k: v.item() for k, v in policy.items() if not k.startswith("grad_norm")})
+        row, critic = train_step(update, schedulers, buffer.sample().to(device), step, o, written)
         history.append(row)
         if step % cfg.logger.log_interval == 0:
             now = time.perf_counter()

@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
-    check_finite_loss,
     hand_over,
     load_checkpoint,
     log_scalars,
@@ -34,8 +33,10 @@ from utils import (  # noqa: E402
     make_schedulers,
     make_update,
     make_updaters,
+    pretrain_step,
     save_checkpoint,
     set_seed,
+    train_step,
     training_state,
     write_json,
 )
@@ -190,8 +191,7 @@ def train(cfg: DictConfig) -> dict:
     # ---------------------------------------------------------------- phase A
     if phase == "pretrain":
         for step in tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps):
-            out = update.behavior(buffer.sample().to(device))
-            check_finite_loss("loss_behavior", out["loss_behavior"], step, written)
+            out = pretrain_step(update, buffer.sample().to(device), step, written)
             if step % cfg.logger.log_interval == 0:
                 log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
             if (step + 1) % cfg.checkpoint.interval == 0:
@@ -204,16 +204,7 @@ def train(cfg: DictConfig) -> dict:
     history = []
     tic, tic_step = time.perf_counter(), step
     for step in tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps):
-        batch = buffer.sample().to(device)
-        critic = update.critic(batch)
-        check_finite_loss("loss_qvalue + loss_value", critic["loss_qvalue"] + critic["loss_value"], step, written)
-        schedulers["critic"].step()
-        row = {"loss_qvalue": critic["loss_qvalue"].item(), "loss_value": critic["loss_value"].item()}
-        if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
-            policy = update.policy(batch)
-            check_finite_loss("loss_actor", policy["loss_actor"], step, written)
-            schedulers["actor"].step()
-            row.update({k: v.item() for k, v in policy.items() if not k.startswith("grad_norm")})
+        row, critic = train_step(update, schedulers, buffer.sample().to(device), step, o, written)
         history.append(row)
         if step % cfg.logger.log_interval == 0:
             now = time.perf_counter()

@@ -106,6 +106,32 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
     )
 
 
+def pretrain_step(update: BDPOUpdate, batch, step: int, checkpoint: Path | None):
+    """Phase A: one behavior step; stops on a non-finite loss. Returns the step's TensorDict."""
+    out = update.behavior(batch)
+    check_finite_loss("loss_behavior", out["loss_behavior"], step, checkpoint)
+    return out
+
+
+def train_step(update: BDPOUpdate, schedulers: dict, batch, step: int, optim_cfg, checkpoint: Path | None):
+    """Phase B: the critic step every step, the actor + behavior step every ``actor_every``-th after ``warmup``.
+
+    Stops on a non-finite loss (naming the step and the last checkpoint). Returns ``(row,
+    critic)``: the step's losses as floats, and the critic step's TensorDict for diagnostics.
+    """
+    o = optim_cfg
+    critic = update.critic(batch)
+    check_finite_loss("loss_qvalue + loss_value", critic["loss_qvalue"] + critic["loss_value"], step, checkpoint)
+    schedulers["critic"].step()
+    row = {"loss_qvalue": critic["loss_qvalue"].item(), "loss_value": critic["loss_value"].item()}
+    if step >= o.warmup and (step - o.warmup) % o.actor_every == 0:
+        policy = update.policy(batch)
+        check_finite_loss("loss_actor", policy["loss_actor"], step, checkpoint)
+        schedulers["actor"].step()
+        row.update({k: v.item() for k, v in policy.items() if not k.startswith("grad_norm")})
+    return row, critic
+
+
 def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Path | None) -> None:
     if not torch.isfinite(value).all():
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
