@@ -117,11 +117,13 @@ class GenerateConfig:
 
 
 # ----------------------------------------------------------------------------- env, SAC
-def make_env(env_id: str, seed: int):
+def make_env(env_id: str, seed: int | None = None):
+    """A TorchRL ``GymEnv`` with float32 observations (Gymnasium MuJoCo returns float64)."""
     from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
 
     env = TransformedEnv(GymEnv(env_id), DoubleToFloat())
-    env.set_seed(seed)
+    if seed is not None:
+        env.set_seed(seed)
     return env
 
 
@@ -196,8 +198,6 @@ def episodes_to_transitions(episodes: list[TensorDict], limit: int | None = None
 
     The episode that the cut goes through ends truncated.
     """
-    from torchrl_bdpo.data.offline import make_transitions
-
     rows, total = [], 0
     for i, ep in enumerate(episodes):
         if limit is not None and total >= limit:
@@ -207,10 +207,17 @@ def episodes_to_transitions(episodes: list[TensorDict], limit: int | None = None
             ep["next", "truncated"][-1] = True
         rows.append(ep.set("episode", torch.full((ep.shape[0],), i, dtype=torch.int64)))
         total += ep.shape[0]
-    td = torch.cat(rows)
+    return _as_dataset(torch.cat(rows))
+
+
+def _as_dataset(td: TensorDict, episode: torch.Tensor | None = None) -> TensorDict:
+    """Collected rows in ``make_offline_buffer``'s layout; a terminated step is never also truncated."""
+    from torchrl_bdpo.data.offline import make_transitions
+
     return make_transitions(
         td["observation"], td["action"], td["next", "observation"], td["next", "reward"],
-        td["next", "terminated"], td["next", "truncated"] & ~td["next", "terminated"], td["episode"],
+        td["next", "terminated"], td["next", "truncated"] & ~td["next", "terminated"],
+        td["episode"] if episode is None else episode,
     )
 
 
@@ -521,6 +528,7 @@ class DatasetGenerator:
 
     def _write(self, state, levels, wall_s) -> dict:
         import minari
+        from minari.storage import get_dataset_path
 
         from torchrl_bdpo.data.offline import episode_returns
 
@@ -537,8 +545,6 @@ class DatasetGenerator:
         for level in cfg.levels:
             td = levels[level]
             dataset_id = cfg.dataset_id(level)
-            from minari.storage import get_dataset_path
-
             path = Path(get_dataset_path(dataset_id))
             if path.exists():
                 if not cfg.overwrite and not state.get("written", {}).get(level):
@@ -617,18 +623,11 @@ class DatasetGenerator:
 
 def _replay_transitions(data: TensorDict) -> TensorDict:
     """The SAC replay buffer (in collection order) as dataset transitions; its open episode ends truncated."""
-    from torchrl_bdpo.data.offline import make_transitions
-
     data = data.clone()
-    ids = data["episode"]
     if not bool(data["next", "done"][-1]):
         data["next", "truncated"][-1] = True
-    # renumber episodes 0..E-1 in order
-    _, episode = torch.unique_consecutive(ids, return_inverse=True)
-    return make_transitions(
-        data["observation"], data["action"], data["next", "observation"], data["next", "reward"],
-        data["next", "terminated"], data["next", "truncated"] & ~data["next", "terminated"], episode,
-    )
+    _, episode = torch.unique_consecutive(data["episode"], return_inverse=True)  # 0..E-1 in order
+    return _as_dataset(data, episode)
 
 
 def generate(cfg: GenerateConfig) -> dict:
