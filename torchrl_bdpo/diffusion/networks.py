@@ -23,6 +23,32 @@ def orthogonal_init_(module: nn.Module, gain: float = math.sqrt(2)) -> nn.Module
     return module
 
 
+def mish_one_exp(x: torch.Tensor) -> torch.Tensor:
+    """``mish(x) = x tanh(softplus(x))`` written with a single ``exp``.
+
+    With ``n = e^x (e^x + 2)``, ``tanh(softplus(x)) = n / (n + 2)``. Clamping ``x`` at 20
+    before the ``exp`` changes nothing in float32 (``n / (n + 2)`` is already 1 there) and
+    keeps ``n`` finite. Elementwise-fused by a compiler this is ~5x faster on a CPU than
+    ATen's ``mish`` (``tanh`` and ``log1p`` per element), whose inductor lowering is no faster.
+    """
+    e = torch.exp(x.clamp(max=20.0))
+    n = e * (e + 2.0)
+    return x * (n / (n + 2.0))
+
+
+class Mish(nn.Mish):
+    """``nn.Mish`` that traces as :func:`mish_one_exp` under ``torch.compile``.
+
+    Eager keeps ATen's kernel (faster there: one pass instead of several); compiled code
+    gets a single fused ``exp`` kernel. Both agree to float32 rounding (tested).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return mish_one_exp(input)
+        return super().forward(input)
+
+
 def mlp(in_dim: int, hidden: int, depth: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
     """``depth`` hidden layers of ``hidden`` units with Mish (and LayerNorm on request), then a linear head."""
     layers: list[nn.Module] = []
@@ -31,7 +57,7 @@ def mlp(in_dim: int, hidden: int, depth: int, out_dim: int, layer_norm: bool = F
         layers.append(nn.Linear(d, hidden))
         if layer_norm:
             layers.append(nn.LayerNorm(hidden))
-        layers.append(nn.Mish())
+        layers.append(Mish())
         d = hidden
     layers.append(nn.Linear(d, out_dim))
     return nn.Sequential(*layers)
@@ -63,9 +89,9 @@ def timestep_embedding(dim: int = 64, hidden: int = 64, out_dim: int = 64) -> nn
     return nn.Sequential(
         SinusoidalTimestepEmbedding(dim),
         nn.Linear(dim, hidden),
-        nn.Mish(),
+        Mish(),
         nn.Linear(hidden, out_dim),
-        nn.Mish(),
+        Mish(),
     )
 
 
