@@ -92,4 +92,34 @@ def test_mish_module_compiled_equals_eager():
     compiled = torch.compile(Mish(), backend=recording_backend, fullgraph=True)(x)
     assert "exp" in graphs[0] and "mish" not in graphs[0]  # the one-exp form was traced
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(eager, nn.functional.mish(x), rtol=0, atol=0)
+    torch.testing.assert_close(eager, nn.functional.mish(x), rtol=1e-6, atol=1e-6)
+
+
+def test_mish_module_eager_paths():
+    """No autograd: the in-place one-exp path; with autograd: ATen's kernel and its gradient."""
+    from torchrl_bdpo.diffusion.networks import Mish
+
+    x = torch.cat([torch.randn(10_000) * 8, torch.linspace(-30, 30, 601), torch.tensor([-1e4, 20.0, 1e4])])
+    ref = nn.functional.mish(x)
+    with torch.no_grad():
+        fast = Mish()(x)
+    big = ref.abs() > 1e-30
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
+    assert ((fast - ref).abs()[big] / ref.abs()[big]).max() < 1e-6  # no cancellation near 0
+    torch.testing.assert_close(Mish()(x.double()), nn.functional.mish(x.double()), rtol=1e-13, atol=1e-13)
+    with torch.no_grad():  # the ensembles run under vmap
+        batched = torch.vmap(Mish())(x[:9000].reshape(3, -1))
+    torch.testing.assert_close(batched, ref[:9000].reshape(3, -1), rtol=0, atol=1e-6)
+    # autograd through vmap (the actor's gradient through the V ensemble): a batched tensor
+    # says requires_grad=False, yet the graph must stay intact
+    w = torch.randn(3, 1, requires_grad=True)
+    out = torch.vmap(lambda wi, xi: Mish()(xi * wi))(w, x[:9000].reshape(3, -1))
+    (gw,) = torch.autograd.grad(out.sum(), w)
+    (gw_ref,) = torch.autograd.grad(nn.functional.mish(x[:9000].reshape(3, -1) * w).sum(), w)
+    torch.testing.assert_close(gw, gw_ref)
+    xg = x.clone().requires_grad_()
+    out = Mish()(xg)
+    assert torch.equal(out, ref) and out.grad_fn is not None
+    (g,) = torch.autograd.grad(out.sum(), xg)
+    (g_ref,) = torch.autograd.grad(nn.functional.mish(xg).sum(), xg)
+    assert torch.equal(g, g_ref)
