@@ -5,6 +5,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 
 from torchrl_bdpo.data import (
     DatasetInfo,
@@ -220,3 +221,36 @@ def test_d4rl_path_converts_torchrl_layout(monkeypatch):
     # episodes [1,2,3] and [1,1,1]: returns 6 and 3, scale 1000/3
     torch.testing.assert_close(data["next", "reward"].squeeze(-1), fake["next", "reward"].float() * 1000 / 3)
     assert data["next", "terminated"].sum() == 1 and data["next", "truncated"].sum() == 1
+
+
+def test_discounted_returns_by_hand_and_across_blocks():
+    from torchrl_bdpo.data import discounted_returns
+
+    # two episodes [1, 2] and [3, 4, 5], gamma 0.5
+    td = TensorDict(
+        {
+            ("next", "reward"): torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]),
+            ("next", "done"): torch.tensor([[False], [True], [False], [False], [True]]),
+        },
+        [5],
+    )
+    expected = torch.tensor([2.0, 2.0, 3 + 0.5 * 4 + 0.25 * 5, 4 + 0.5 * 5, 5.0], dtype=torch.float64)
+    torch.testing.assert_close(discounted_returns(td, 0.5), expected)
+    torch.testing.assert_close(discounted_returns(td, 0.0), td["next", "reward"].reshape(-1).double())
+    # an episode of 15k steps crosses the 4096-step blocks; episode ids instead of done flags
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    reward = torch.rand(n, 1, generator=g)
+    episode = torch.zeros(n, dtype=torch.long)
+    episode[1000:] = 1
+    episode[16_000:] = 2
+    long_td = TensorDict({("next", "reward"): reward, ("next", "done"): torch.zeros(n, 1, dtype=torch.bool), "episode": episode}, [n])
+    ref, carry = torch.empty(n, dtype=torch.float64), 0.0
+    for i in range(n - 1, -1, -1):
+        if i + 1 < n and episode[i + 1] != episode[i]:
+            carry = 0.0
+        carry = float(reward[i]) + 0.99 * carry
+        ref[i] = carry
+    torch.testing.assert_close(discounted_returns(long_td, 0.99), ref, rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="gamma=1.5"):
+        discounted_returns(td, 1.5)

@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -36,6 +37,7 @@ TINY = [
     "eval.num_candidates=3",
     "logger.log_interval=5",
     "checkpoint.interval=10",
+    "compile.compile=false",  # the cpu budget compiles; tests/test_accelerate.py covers that path
 ]
 
 
@@ -72,9 +74,11 @@ def test_smoke_outputs(tmp_path, dataset):
     assert phases == ["pretrain", "pretrain", "train", "train"]  # phase A at 10, 20; phase B at 15, 30
     final = written["final"]
     assert final["step"] == 30 and "score_mean" in final and written["best"] is not None
+    # Q diagnostic: finite Q on dataset pairs next to their (positive, Hopper) MC returns
+    assert np.isfinite(final["q_dataset"]) and final["mc_return_dataset"] > 0
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
-    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv"} <= csvs
+    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv"} <= csvs
     assert len(summary["history"]) == 30
 
 

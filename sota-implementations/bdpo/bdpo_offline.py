@@ -44,7 +44,7 @@ from utils import (  # noqa: E402
     write_json,
 )
 
-from torchrl_bdpo.data import check_env_compatibility, make_offline_buffer  # noqa: E402
+from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.data.generate import make_env  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 
@@ -111,7 +111,9 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    probe = [r for r in rows if "q_dataset" in r]
+    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(11 if probe else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     for phase, color in (("pretrain", "C0"), ("train", "C1")):
         pts = [r for r in rows if r["phase"] == phase]
         if pts:
@@ -125,6 +127,14 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
     ax.set_xlabel("gradient steps (phase A, then phase B)")
     ax.set_ylabel("evaluation return")
     ax.legend(fontsize=8)
+    if probe:  # a Q that runs away from the data's returns is the usual way offline RL fails
+        ax = axes[0, 1]
+        x = [r["global_step"] for r in probe]
+        ax.plot(x, [r["q_dataset"] for r in probe], marker=".", color="C1", label="target Q on dataset (s, a)")
+        ax.plot(x, [r["mc_return_dataset"] for r in probe], ls="--", color="gray", label="their MC return (scaled)")
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("value (scaled rewards)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "eval_returns.png"
     fig.savefig(path, dpi=120)
@@ -150,6 +160,12 @@ def train(cfg: DictConfig) -> dict:
         from torchrl_bdpo.data import episode_returns
 
         dataset_returns = (episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).numpy()
+    # Q diagnostic: the target Q ensemble on a fixed set of dataset (s, a) next to their Monte
+    # Carlo returns (scaled rewards, no bootstrap: a lower bound where episodes were truncated)
+    probe = buffer.storage[: len(buffer)]
+    probe_rows = torch.randperm(len(probe), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
+    probe_mc = float(discounted_returns(probe, cfg.loss.gamma)[probe_rows].mean())
+    probe = probe[probe_rows]
     env = None
     if e.episodes > 0:
         env_id = eval_env_id(cfg, info)
@@ -199,6 +215,14 @@ def train(cfg: DictConfig) -> dict:
             "return_mean": float(returns.mean()), "return_std": float(returns.std()),
             "dataset_return": None if dataset_returns is None else float(dataset_returns.mean()),
         }
+        if phase_name == "train":
+            with torch.no_grad():
+                q = loss._qvalue(
+                    loss.target_qvalue_network_params,
+                    probe.get("observation").to(device),
+                    probe.get("action").to(device),
+                )
+            row.update(q_dataset=float(q.mean()), mc_return_dataset=probe_mc)
         if info.ref_min_score is not None and info.ref_max_score is not None:
             scores = info.normalized_score(returns)
             row.update(score_mean=float(scores.mean()), score_std=float(scores.std()))
