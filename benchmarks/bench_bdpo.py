@@ -5,7 +5,8 @@
 
 Every ratio is measured in the same run as its baseline. Random batches of
 non-terminal transitions (the expensive case: every next state needs M x N chains).
-Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 256.
+Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 256;
+``--preset toy`` takes the paper's toy 2D ones: N=50, batch 512, 1-D observation, 2-D action.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized
+PRESETS = {  # the settings the authors' figures in the speed issue were measured at
+    "d4rl": {"N": 5, "obs_dim": 17, "act_dim": 6, "batch": 256},
+    "toy": {"N": 50, "obs_dim": 1, "act_dim": 2, "batch": 512},
+}
 
 
 def make_loss(N=5, K=10, M=10, hidden=256, device="cpu"):
@@ -95,21 +100,23 @@ def variants(args, device) -> dict:
     return out
 
 
-def make_update(device, compile=False, cudagraphs=False):
-    loss = make_loss(device=device)
-    optimizers = {g: torch.optim.Adam(p, lr=3e-4) for g, p in BDPOUpdate.param_groups(loss).items()}
+def make_update(device, compile=False, cudagraphs=False, N=5):
+    loss = make_loss(N=N, device=device)
+    kw = {"fused": True} if device.type == "cpu" else {}  # as the scripts do
+    optimizers = {g: torch.optim.Adam(p, lr=3e-4, **kw) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
 
 
 def bench_update(args, device):
-    """Phase-B steps/s of full optimizer steps: critics every step, actor + behavior every 5th (amortised)."""
+    """Phase-B steps/s of full optimizer steps (critics every step, actor + behavior every 5th, amortised)
+    and phase-A (behavior pretraining) steps/s."""
     batch = make_batch(args.batch_size, device)
     out = {}
     flops = None
     for name, (compile, cudagraphs) in variants(args, device).items():
         torch.manual_seed(0)
-        update = make_update(device, compile, cudagraphs)
+        update = make_update(device, compile, cudagraphs, N=args.N)
         t0 = time.perf_counter()
         for _ in range(3):  # first (eager) call, compilation, warm-up and capture
             update.critic(batch), update.policy(batch)
@@ -126,11 +133,13 @@ def bench_update(args, device):
         steps = args.steps * (args.graph_factor if cudagraphs else 1)
         t_c = timed(lambda: update.critic(batch), steps, device)
         t_p = timed(lambda: update.policy(batch), steps, device)
+        t_b = timed(lambda: update.behavior(batch), steps * 10, device)
         step_s = t_c + t_p / 5
         out[name] = {
             "critic_step_s": t_c,
             "actor_behavior_step_s": t_p,
             "phase_b_steps_per_s": 1 / step_s,
+            "pretrain_steps_per_s": 1 / t_b,
             "gflops_per_s": flops / step_s / 1e9,
             "setup_s": setup_s,
             "timed_steps": steps,
@@ -144,7 +153,7 @@ def bench_update(args, device):
 
 def bench_acting(args, device):
     """Best-of-10 acting latency at batch 1 and throughput at batch 256 (N=5, target actor, ensemble-mean Q)."""
-    loss = make_loss(device=device)
+    loss = make_loss(N=args.N, device=device)
     out = {}
     for name, (compile, cudagraphs) in variants(args, device).items():
         acting = loss.make_acting_module(num_candidates=10, compile=compile, cudagraphs=cudagraphs, validate=False)
@@ -194,7 +203,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="d4rl", help="d4rl: N=5, batch 256; toy: N=50, batch 512")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=("update", "acting", "actor_cost"), action="append")
     p.add_argument("--no-compile", action="store_true")
@@ -204,6 +214,10 @@ def main(argv=None):
     )
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     args = p.parse_args(argv)
+    global OBS, ACT
+    preset = PRESETS[args.preset]
+    OBS, ACT, args.N = preset["obs_dim"], preset["act_dim"], preset["N"]
+    args.batch_size = args.batch_size or preset["batch"]
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
@@ -212,7 +226,7 @@ def main(argv=None):
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"N": 5, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision},
+        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision},
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ class Mish(nn.Mish):
             return mish_one_exp(input)
         # grad mode, not input.requires_grad: inside vmap a batched tensor reports False even
         # when autograd records through it, and the in-place passes would corrupt its graph
-        if input.device.type == "cpu" and not torch.is_grad_enabled():
+        # (small tensors, e.g. batch-1 acting, pay more for the extra op launches than they save)
+        if input.device.type == "cpu" and not torch.is_grad_enabled() and input.numel() >= 32768:
             return _mish_no_grad_(input)
         return super().forward(input)
 
