@@ -155,19 +155,20 @@ def train(cfg: DictConfig) -> dict:
         cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download
     )
     info = buffer.dataset_info
+    data = buffer.storage[: len(buffer)]
     dataset_returns = None
     if info.reward_scale:
         from torchrl_bdpo.data import episode_returns
 
-        dataset_returns = (episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).numpy()
-    # Q diagnostic: the target Q ensemble on a fixed set of dataset (s, a) next to their Monte
-    # Carlo returns (scaled rewards, no bootstrap: a lower bound where episodes were truncated)
-    probe = buffer.storage[: len(buffer)]
-    probe_rows = torch.randperm(len(probe), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
-    probe_mc = float(discounted_returns(probe, cfg.loss.gamma)[probe_rows].mean())
-    probe = probe[probe_rows]
+        dataset_returns = (episode_returns(data) / info.reward_scale).numpy()
     env = None
     if e.episodes > 0:
+        # Q diagnostic, logged with each evaluation: the target Q ensemble on a fixed set of
+        # dataset (s, a) next to their Monte Carlo returns (scaled rewards, no bootstrap: a
+        # lower bound where episodes were truncated)
+        probe_rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
+        probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
+        probe = data[probe_rows]
         env_id = eval_env_id(cfg, info)
         env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345)
         check_env_compatibility(info, env)  # before any training

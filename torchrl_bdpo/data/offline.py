@@ -9,7 +9,6 @@ TorchRL 0.14's ``MinariExperienceReplay`` is never used: its cache is written wi
 from __future__ import annotations
 
 import math
-
 import os
 import re
 from dataclasses import asdict, dataclass

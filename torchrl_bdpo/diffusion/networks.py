@@ -28,7 +28,7 @@ def mish_one_exp(x: torch.Tensor) -> torch.Tensor:
 
     With ``n = e^x (e^x + 2)``, ``tanh(softplus(x)) = n / (n + 2)``. Clamping ``x`` at 20
     before the ``exp`` changes nothing in float32 (``n / (n + 2)`` is already 1 there) and
-    keeps ``n`` finite. Elementwise-fused by a compiler this is ~5x faster on a CPU than
+    keeps ``n`` finite. Elementwise-fused by a compiler this is ~6x faster on a CPU than
     ATen's ``mish`` (``tanh`` and ``log1p`` per element), whose inductor lowering is no faster.
     """
     e = torch.exp(x.clamp(max=20.0))
