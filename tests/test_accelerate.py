@@ -16,9 +16,9 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 LOSSES = ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
 
 
-def make_update(device="cpu", seed=0, **kwargs):
+def make_update(device="cpu", seed=0, fused=None, **kwargs):
     loss = make_loss(seed=seed).to(device)
-    optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
+    optimizers = {g: torch.optim.Adam(p, lr=1e-3, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
     return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, **kwargs)
 
@@ -197,9 +197,10 @@ def gpu_batches(n=3, B=16):
 
 
 @pytest.mark.gpu
-def test_cudagraph_update_matches_eager_and_recaptures_new_batch_sizes():
-    ref = make_update("cuda")
-    upd = make_update("cuda", cudagraphs=True, warmup=2)
+@pytest.mark.parametrize("fused", [None, True])  # foreach Adam (CUDA's default) and the fused kernel the scripts use
+def test_cudagraph_update_matches_eager_and_recaptures_new_batch_sizes(fused):
+    ref = make_update("cuda", fused=fused)
+    upd = make_update("cuda", fused=fused, cudagraphs=True, warmup=2)
     batches = gpu_batches(4) + [b.to("cuda") for b in cpu_batches(2, B=8)] + gpu_batches(2)
     ref_outs = run_steps(ref, batches)
     outs = run_steps(upd, batches)  # warm-up, capture, replays, a second batch size, back to the first

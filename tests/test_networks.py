@@ -123,3 +123,43 @@ def test_mish_module_eager_paths():
     (g,) = torch.autograd.grad(out.sum(), xg)
     (g_ref,) = torch.autograd.grad(nn.functional.mish(xg).sum(), xg)
     assert torch.equal(g, g_ref)
+
+
+@pytest.mark.parametrize("obs_dim", [3, 0])
+def test_chain_cache_matches_plain_forward_values_and_gradients(obs_dim):
+    torch.manual_seed(0)
+    net = EpsilonNetwork(2, obs_dim, hidden=16, time_dim=8)
+    a = torch.randn(4, 6, 2)
+    s = torch.randn(4, obs_dim) if obs_dim else None
+    cache = net.chain_cache(s, 5)
+    assert cache.time.shape == (6, 16)
+    assert (cache.observation is None) == (obs_dim == 0)
+    if obs_dim:  # [4, H] -> [4, 1, H] against actions [4, 6, 2]
+        cache = cache._replace(observation=cache.observation.unsqueeze(-2))
+    s_full = s.unsqueeze(-2).expand(4, 6, obs_dim) if obs_dim else None
+    for n in (0, 1, 5):
+        cached = net(a, n, cache=cache)
+        plain = net(a, n, s_full)
+        torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-6)
+    # the same gradients for every parameter (the split first layer included)
+    g_cached = torch.autograd.grad(net(a, 3, cache=net.chain_cache(s, 5) if not obs_dim else cache).sum(), list(net.parameters()))
+    g_plain = torch.autograd.grad(net(a, 3, s_full).sum(), list(net.parameters()))
+    for gc, gp in zip(g_cached, g_plain):
+        torch.testing.assert_close(gc, gp, rtol=1e-4, atol=1e-5)
+
+
+def test_chain_cache_bad_input():
+    net = EpsilonNetwork(2, 3, hidden=16)
+    cache = net.chain_cache(torch.randn(4, 3), 5)
+    with pytest.raises(ValueError, match=r"step=tensor.*expected an integer in \[0, 5\].*drop cache="):
+        net(torch.randn(4, 2), torch.tensor([1, 2, 3, 4]), cache=cache)
+    with pytest.raises(ValueError, match=r"step=6 .*expected an integer in \[0, 5\]"):
+        net(torch.randn(4, 2), 6, cache=cache)
+    with pytest.raises(ValueError, match=r"action has shape \(4, 5\)"):
+        net(torch.randn(4, 5), 1, cache=cache)
+    with pytest.raises(ValueError, match=r"observation has shape \(4, 7\)"):
+        net.chain_cache(torch.randn(4, 7), 5)
+    with pytest.raises(ValueError, match="observation is None"):
+        net.chain_cache(None, 5)
+    with pytest.raises(ValueError, match="num_steps=0"):
+        net.chain_cache(torch.randn(4, 3), 0)

@@ -56,9 +56,10 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BD
 
 
 def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:
-    """Adam per group; on a CPU the fused kernel (one vectorised pass: -16% per behavior step here)."""
+    """Adam per group, fused: one kernel per step (CPU: -16% per behavior step here; GPU: far
+    fewer kernels than the foreach default, CUDA-graph safe)."""
     o = cfg.optim
-    kw = {"fused": True} if torch.device(cfg.device).type == "cpu" else {}
+    kw = {"fused": True}
     return {
         "behavior": torch.optim.Adam(loss.behavior_network_params.parameters(), lr=o.behavior_lr, **kw),
         "critic": torch.optim.Adam(

@@ -1,6 +1,7 @@
 """Diffusion core: noise schedules, networks and the reverse-chain actor."""
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath, DiffusionSampler
 from torchrl_bdpo.diffusion.networks import (
+    ChainCache,
     DiffusionValueNetwork,
     EpsilonNetwork,
     QValueNetwork,
@@ -14,6 +15,7 @@ from torchrl_bdpo.diffusion.schedule import NoiseSchedule, make_schedule
 from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
 
 __all__ = [
+    "ChainCache",
     "DiffusionActor",
     "DiffusionPath",
     "DiffusionSampler",

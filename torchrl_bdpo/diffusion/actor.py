@@ -144,9 +144,20 @@ class DiffusionSampler(nn.Module):
         action = noise[self.num_steps]
         actions = [action]
         eps_all = []
+        # what the N network calls share (time MLP, the observation's part of the first layer),
+        # computed once on the observations before their expansion to num_samples
+        cache = None
+        if hasattr(self.network, "chain_cache"):
+            cache = self.network.chain_cache(observation, self.num_steps)
+            if cache.observation is not None and num_samples is not None:
+                cache = cache._replace(observation=cache.observation.unsqueeze(-2))
         # static unroll over n = N..1: no branch on tensor values
         for n in range(self.num_steps, 0, -1):
-            action, eps = self.reverse_step(obs, action, n, noise[n - 1])
+            if cache is None:
+                action, eps = self.reverse_step(obs, action, n, noise[n - 1])
+            else:
+                eps = self.network(action, n, cache=cache)
+                action = self.schedule.reverse_step(action, n, eps, noise[n - 1], self.clip_denoised)
             actions.append(action)
             eps_all.append(eps)
         return DiffusionPath(torch.stack(actions[::-1], 0), torch.stack(eps_all[::-1], 0))

@@ -6,8 +6,10 @@ and TorchRL's ``ValueOperator`` are their TensorDict faces.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchrl_bdpo._validation import check_last_dim
@@ -118,6 +120,20 @@ def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
     return n
 
 
+class ChainCache(NamedTuple):
+    """What the steps of one reverse chain share in an :class:`EpsilonNetwork`'s first layer.
+
+    Attributes:
+        time: ``[N + 1, hidden]``, row ``n`` the first layer's response to the time embedding
+            of step ``n``, bias included.
+        observation: ``[*B, hidden]`` (broadcastable to the actions' batch shape), the first
+            layer's response to the observation; ``None`` for an unconditional network.
+    """
+
+    time: torch.Tensor
+    observation: torch.Tensor | None
+
+
 class EpsilonNetwork(nn.Module):
     """The noise-prediction network ``eps(a^n, n, s)``.
 
@@ -137,6 +153,12 @@ class EpsilonNetwork(nn.Module):
     ``forward(action, step, observation)``: ``action`` is ``[*B, action_dim]``,
     ``step`` an integer or a long tensor of shape ``B``, ``observation``
     ``[*B, observation_dim]``; returns eps of shape ``[*B, action_dim]``.
+
+    A reverse chain evaluates the network ``N`` times at the same observation and at known
+    steps: :meth:`chain_cache` computes the time MLP for every step and the first layer's
+    observation part once, and ``forward(action, n, cache=cache)`` (``n`` an int) then runs
+    only the action part of the first layer per step. The result equals the plain forward up
+    to float rounding (the first layer's matmul is split in three).
     """
 
     def __init__(
@@ -154,6 +176,7 @@ class EpsilonNetwork(nn.Module):
                 raise ValueError(f"{name}={v!r}: expected a positive integer.")
         self.action_dim = action_dim
         self.observation_dim = observation_dim
+        self.time_dim = time_dim
         self.time_mlp = timestep_embedding(time_dim, time_dim, time_dim)
         self.body = mlp(action_dim + time_dim + observation_dim, hidden, depth, action_dim)
         orthogonal_init_(self)
@@ -176,7 +199,61 @@ class EpsilonNetwork(nn.Module):
                 "(observation_dim).",
             )
 
-    def forward(self, action: torch.Tensor, step, observation: torch.Tensor | None = None) -> torch.Tensor:
+    def chain_cache(self, observation: torch.Tensor | None, num_steps: int) -> ChainCache:
+        """The first layer's time part for steps ``0..num_steps`` and its observation part.
+
+        ``observation`` is ``[*B, observation_dim]`` (``None`` for an unconditional network).
+        Pass the result as ``cache=`` with an integer step; the observation part broadcasts
+        against actions of shape ``[*B, action_dim]`` (unsqueeze it for extra sample dims).
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}: expected the number of diffusion steps (an integer >= 1).")
+        first = self.body[0]
+        A, T = self.action_dim, self.time_dim
+        steps = torch.arange(num_steps + 1, device=first.weight.device)
+        time = F.linear(self.time_mlp(steps), first.weight[:, A : A + T], first.bias)
+        obs = None
+        if self.observation_dim:
+            if observation is None:
+                raise ValueError(
+                    f"observation is None: this EpsilonNetwork was built with "
+                    f"observation_dim={self.observation_dim}; pass an observation."
+                )
+            check_last_dim(
+                "observation", observation, self.observation_dim,
+                "Build the EpsilonNetwork with the observation dimension of the data "
+                "(observation_dim).",
+            )
+            obs = F.linear(observation, first.weight[:, A + T :])
+        return ChainCache(time, obs)
+
+    def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < cache.time.shape[0]:
+            raise ValueError(
+                f"step={step!r} with a chain cache: expected an integer in [0, {cache.time.shape[0] - 1}] "
+                f"(a per-row tensor of steps needs the plain forward: drop cache=)."
+            )
+        check_last_dim(
+            "action", action, self.action_dim,
+            "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
+        )
+        h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + cache.time[step]
+        if cache.observation is not None:
+            h = h + cache.observation
+        for layer in self.body[1:]:
+            h = layer(h)
+        return h
+
+    def forward(
+        self,
+        action: torch.Tensor,
+        step,
+        observation: torch.Tensor | None = None,
+        *,
+        cache: ChainCache | None = None,
+    ) -> torch.Tensor:
+        if cache is not None:
+            return self._forward_cached(action, step, cache)
         self.check_inputs(action, observation)
         step = _broadcast_step(step, action.shape[:-1], action.device)
         parts = [action, self.time_mlp(step)]
