@@ -33,6 +33,7 @@ from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized
+ADAM = "fused"
 PRESETS = {  # the settings the authors' figures in the speed issue were measured at
     "d4rl": {"N": 5, "obs_dim": 17, "act_dim": 6, "batch": 256},
     "toy": {"N": 50, "obs_dim": 1, "act_dim": 2, "batch": 512},
@@ -102,8 +103,8 @@ def variants(args, device) -> dict:
 
 def make_update(device, compile=False, cudagraphs=False, N=5):
     loss = make_loss(N=N, device=device)
-    kw = {"fused": True} if device.type == "cpu" else {}  # as the scripts do
-    optimizers = {g: torch.optim.Adam(p, lr=3e-4, **kw) for g, p in BDPOUpdate.param_groups(loss).items()}
+    fused = None if ADAM == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
+    optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
 
@@ -212,9 +213,11 @@ def main(argv=None):
         "--matmul-precision", default="highest", choices=("highest", "high", "medium"),
         help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
     )
+    p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     args = p.parse_args(argv)
-    global OBS, ACT
+    global OBS, ACT, ADAM
+    ADAM = args.adam
     preset = PRESETS[args.preset]
     OBS, ACT, args.N = preset["obs_dim"], preset["act_dim"], preset["N"]
     args.batch_size = args.batch_size or preset["batch"]
@@ -226,7 +229,7 @@ def main(argv=None):
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision},
+        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision, "adam": args.adam},
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,81 @@
+"""Kernel profile of one compiled phase-B step (no CUDA graphs): what a graph replay has to run.
+
+    python benchmarks/profile_step.py --out benchmarks/results/profile.json   # D4RL defaults
+
+For each of the critic step and the actor + behavior step it reports, per step, the number of
+device kernels (CPU ops on a CPU), their summed time and the 25 most expensive kernel names.
+Under CUDA graphs the launches disappear but every kernel still runs: the kernel count times a
+few microseconds and the summed kernel time bound what a graphed step can reach.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import bench_bdpo as bench
+
+
+def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25) -> dict:
+    total_us, count = defaultdict(float), defaultdict(int)
+    for e in prof.events():
+        if e.device_type != device_type or getattr(e, "is_user_annotation", False):
+            continue  # GPU-side ranges of record_function (e.g. Optimizer.step) span kernels counted apart
+        if device_type == DeviceType.CPU and e.cpu_parent is not None:
+            continue  # top-level CPU ops only: no double counting
+        total_us[e.name] += e.time_range.elapsed_us()
+        count[e.name] += 1
+    names = sorted(total_us, key=total_us.get, reverse=True)
+    return {
+        "kernels_per_step": sum(count.values()) / steps,
+        "kernel_us_per_step": sum(total_us.values()) / steps,
+        "top": [
+            {"name": n[:120], "calls_per_step": count[n] / steps, "us_per_step": total_us[n] / steps}
+            for n in names[:top]
+        ],
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/profile.json"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    torch.manual_seed(0)
+    update = bench.make_update(device, compile=not args.no_compile, cudagraphs=False)
+    batch = bench.make_batch(args.batch_size, device)
+    for _ in range(3):
+        update.critic(batch), update.policy(batch)
+    bench.sync(device)
+    kind = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "matmul_precision": args.matmul_precision,
+              "compiled": not args.no_compile}
+    for name, fn in (("critic_step", update.critic), ("actor_behavior_step", update.policy)):
+        with profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                fn(batch)
+            bench.sync(device)
+        result[name] = kernel_table(prof, args.steps, kind)
+        print(name, json.dumps({k: v for k, v in result[name].items() if k != "top"}), flush=True)
+        for row in result[name]["top"][:12]:
+            print(f"  {row['us_per_step']:9.1f} us  x{row['calls_per_step']:5.1f}  {row['name']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
