@@ -151,9 +151,9 @@ def test_chain_cache_matches_plain_forward_values_and_gradients(obs_dim):
 def test_chain_cache_bad_input():
     net = EpsilonNetwork(2, 3, hidden=16)
     cache = net.chain_cache(torch.randn(4, 3), 5)
-    with pytest.raises(ValueError, match=r"step=tensor.*expected an integer in \[0, 5\].*drop cache="):
-        net(torch.randn(4, 2), torch.tensor([1, 2, 3, 4]), cache=cache)
-    with pytest.raises(ValueError, match=r"step=6 .*expected an integer in \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"step has dtype torch.float32: expected integer"):
+        net(torch.randn(4, 2), torch.tensor([1.0, 2.0, 3.0, 4.0]), cache=cache)
+    with pytest.raises(ValueError, match=r"step=6 .*expected an integer in \[0, 5\] or a long tensor"):
         net(torch.randn(4, 2), 6, cache=cache)
     with pytest.raises(ValueError, match=r"action has shape \(4, 5\)"):
         net(torch.randn(4, 5), 1, cache=cache)
@@ -163,3 +163,22 @@ def test_chain_cache_bad_input():
         net.chain_cache(None, 5)
     with pytest.raises(ValueError, match="num_steps=0"):
         net.chain_cache(torch.randn(4, 3), 0)
+
+
+def test_chain_cache_with_tensor_steps_and_expanded_inputs():
+    # per-row steps are looked up in the cache's time table; dimensions an input was expanded
+    # along are computed once: the same values as the plain forward on the expanded tensors
+    torch.manual_seed(0)
+    net = EpsilonNetwork(2, 3, hidden=16, time_dim=8)
+    s = torch.randn(4, 3)
+    s_exp = s.unsqueeze(0).unsqueeze(-2).expand(5, 4, 6, 3)  # [N, rows, M, obs]
+    n = torch.arange(1, 6).view(5, 1, 1).expand(5, 4, 6)
+    a = torch.randn(5, 4, 6, 2)
+    cache = net.chain_cache(s_exp, 5)
+    assert cache.observation.shape == (1, 4, 1, 16)  # computed on the 4 distinct rows
+    torch.testing.assert_close(net(a, n, cache=cache), net(a, n, s_exp), rtol=1e-5, atol=1e-6)
+    n_rand = torch.randint(0, 6, (4,))
+    a2 = torch.randn(4, 2)
+    torch.testing.assert_close(net(a2, n_rand, cache=net.chain_cache(s, 5)), net(a2, n_rand, s), rtol=1e-5, atol=1e-6)
+    with pytest.raises(IndexError):
+        net(a2, torch.tensor([0, 1, 2, 6]), cache=net.chain_cache(s, 5))

@@ -85,9 +85,22 @@ class DiffusionSampler(nn.Module):
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
-    def predict_eps(self, action_n: torch.Tensor, n, observation: torch.Tensor) -> torch.Tensor:
-        """The network's epsilon at ``(s, a^n, n)``."""
-        return self.network(action_n, n, observation)
+    def predict_eps(self, action_n: torch.Tensor, n, observation: torch.Tensor, *, cache=None) -> torch.Tensor:
+        """The network's epsilon at ``(s, a^n, n)``.
+
+        Networks with a ``chain_cache(observation, N)`` method (:class:`EpsilonNetwork`) get
+        their step-independent parts computed once (or taken from ``cache``); others are
+        called as ``network(a^n, n, s)``.
+        """
+        if cache is None:
+            cache = self._chain_cache(observation)
+        if cache is None:
+            return self.network(action_n, n, observation)
+        return self.network(action_n, n, cache=cache)
+
+    def _chain_cache(self, observation: torch.Tensor):
+        make = getattr(self.network, "chain_cache", None)
+        return None if make is None else make(observation, self.num_steps)
 
     def reverse_step(
         self,
@@ -146,18 +159,13 @@ class DiffusionSampler(nn.Module):
         eps_all = []
         # what the N network calls share (time MLP, the observation's part of the first layer),
         # computed once on the observations before their expansion to num_samples
-        cache = None
-        if hasattr(self.network, "chain_cache"):
-            cache = self.network.chain_cache(observation, self.num_steps)
-            if cache.observation is not None and num_samples is not None:
-                cache = cache._replace(observation=cache.observation.unsqueeze(-2))
+        cache = self._chain_cache(observation)
+        if cache is not None and cache.observation is not None and num_samples is not None:
+            cache = cache._replace(observation=cache.observation.unsqueeze(-2))
         # static unroll over n = N..1: no branch on tensor values
         for n in range(self.num_steps, 0, -1):
-            if cache is None:
-                action, eps = self.reverse_step(obs, action, n, noise[n - 1])
-            else:
-                eps = self.network(action, n, cache=cache)
-                action = self.schedule.reverse_step(action, n, eps, noise[n - 1], self.clip_denoised)
+            eps = self.predict_eps(action, n, obs, cache=cache)
+            action = self.schedule.reverse_step(action, n, eps, noise[n - 1], self.clip_denoised)
             actions.append(action)
             eps_all.append(eps)
         return DiffusionPath(torch.stack(actions[::-1], 0), torch.stack(eps_all[::-1], 0))

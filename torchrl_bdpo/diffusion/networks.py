@@ -112,6 +112,17 @@ def timestep_embedding(dim: int = 64, hidden: int = 64, out_dim: int = 64) -> nn
     )
 
 
+def _undo_expand(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with every dimension it was ``expand``-ed along (stride 0) narrowed to size 1.
+
+    Row-wise functions of the result broadcast back to ``x``'s shape, computed once per distinct row.
+    """
+    for d in range(x.ndim):
+        if x.stride(d) == 0 and x.shape[d] > 1:
+            x = x.narrow(d, 0, 1)
+    return x
+
+
 def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
     if isinstance(n, int):
         return torch.full(batch_shape, n, dtype=torch.long, device=device)
@@ -155,10 +166,11 @@ class EpsilonNetwork(nn.Module):
     ``[*B, observation_dim]``; returns eps of shape ``[*B, action_dim]``.
 
     A reverse chain evaluates the network ``N`` times at the same observation and at known
-    steps: :meth:`chain_cache` computes the time MLP for every step and the first layer's
-    observation part once, and ``forward(action, n, cache=cache)`` (``n`` an int) then runs
-    only the action part of the first layer per step. The result equals the plain forward up
-    to float rounding (the first layer's matmul is split in three).
+    steps: :meth:`chain_cache` computes the time MLP for every step ``0..N`` and the first
+    layer's observation part once, and ``forward(action, n, cache=cache)`` (``n`` an int or a
+    long tensor) then runs only the action part of the first layer and looks the rest up.
+    The result equals the plain forward up to float rounding (the first layer's matmul is
+    split in three). :class:`~torchrl_bdpo.diffusion.DiffusionActor` does this for every call.
     """
 
     def __init__(
@@ -202,11 +214,12 @@ class EpsilonNetwork(nn.Module):
     def chain_cache(self, observation: torch.Tensor | None, num_steps: int) -> ChainCache:
         """The first layer's time part for steps ``0..num_steps`` and its observation part.
 
-        ``observation`` is ``[*B, observation_dim]`` (``None`` for an unconditional network).
-        Pass the result as ``cache=`` with an integer step; the observation part broadcasts
-        against actions of shape ``[*B, action_dim]`` (unsqueeze it for extra sample dims).
+        ``observation`` is ``[*B, observation_dim]`` (``None`` for an unconditional network);
+        dimensions it was ``expand``-ed along are computed once and broadcast. Pass the result
+        as ``cache=``; the observation part broadcasts against actions of shape ``[*B, action_dim]``
+        (unsqueeze it for extra sample dims).
         """
-        if not isinstance(num_steps, int) or num_steps < 1:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}: expected the number of diffusion steps (an integer >= 1).")
         first = self.body[0]
         A, T = self.action_dim, self.time_dim
@@ -224,20 +237,27 @@ class EpsilonNetwork(nn.Module):
                 "Build the EpsilonNetwork with the observation dimension of the data "
                 "(observation_dim).",
             )
-            obs = F.linear(observation, first.weight[:, A + T :])
+            obs = F.linear(_undo_expand(observation), first.weight[:, A + T :])
         return ChainCache(time, obs)
 
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < cache.time.shape[0]:
+        num_rows = cache.time.shape[0]
+        if isinstance(step, torch.Tensor):
+            if step.dtype in (torch.bool,) or step.is_floating_point() or step.is_complex():
+                raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
+            time = cache.time[_undo_expand(step)]  # rows outside [0, N] raise an IndexError
+        elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_rows:
             raise ValueError(
-                f"step={step!r} with a chain cache: expected an integer in [0, {cache.time.shape[0] - 1}] "
-                f"(a per-row tensor of steps needs the plain forward: drop cache=)."
+                f"step={step!r} with a chain cache: expected an integer in [0, {num_rows - 1}] "
+                f"or a long tensor of such steps."
             )
+        else:
+            time = cache.time[step]
         check_last_dim(
             "action", action, self.action_dim,
             "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
         )
-        h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + cache.time[step]
+        h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + time
         if cache.observation is not None:
             h = h + cache.observation
         for layer in self.body[1:]:
