@@ -254,3 +254,26 @@ def test_discounted_returns_by_hand_and_across_blocks():
     torch.testing.assert_close(discounted_returns(long_td, 0.99), ref, rtol=1e-12, atol=1e-9)
     with pytest.raises(ValueError, match="gamma=1.5"):
         discounted_returns(td, 1.5)
+
+
+def test_episode_helpers_share_one_rule_for_interleaved_episode_ids():
+    # two environments' episodes stored interleaved (ids 7, 3, 7, 3, 7): episode 7 is rows 0, 2, 4
+    from torchrl_bdpo.data import discounted_returns, episode_index
+
+    td = TensorDict(
+        {
+            ("next", "reward"): torch.tensor([[1.0], [10.0], [2.0], [20.0], [4.0]]),
+            ("next", "done"): torch.zeros(5, 1, dtype=torch.bool),
+            "episode": torch.tensor([7, 3, 7, 3, 7]),
+        },
+        [5],
+    )
+    assert episode_index(td).tolist() == [1, 0, 1, 0, 1]
+    torch.testing.assert_close(episode_returns(td), torch.tensor([30.0, 7.0], dtype=torch.float64))
+    expected = torch.tensor([1 + 0.5 * 2 + 0.25 * 4, 10 + 0.5 * 20, 2 + 0.5 * 4, 20.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(discounted_returns(td, 0.5), expected)
+    # without ids, done flags delimit contiguous episodes
+    td_done = TensorDict(
+        {("next", "reward"): torch.ones(4, 1), ("next", "done"): torch.tensor([[False], [True], [False], [True]])}, [4]
+    )
+    assert episode_index(td_done).tolist() == [0, 0, 1, 1]

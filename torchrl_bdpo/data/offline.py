@@ -159,42 +159,48 @@ def check_finite_transitions(td: TensorDict, name: str = "dataset") -> None:
         )
 
 
-def episode_returns(td: TensorDict) -> torch.Tensor:
-    """Undiscounted return of each episode (episodes delimited by ``done``, or by ``episode`` ids)."""
-    reward = td.get(("next", "reward")).reshape(-1).double()
+def episode_index(td: TensorDict) -> torch.Tensor:
+    """The episode of every transition, as ``0..E-1`` (flattened).
+
+    One rule for every helper here: with an ``episode`` entry, transitions that share an id
+    form one episode, in storage order, wherever they are stored (interleaved episodes of
+    parallel environments included); without one, an episode ends at each ``("next", "done")``.
+    """
     if "episode" in td.keys():
-        ids = td.get("episode")
-        ids = torch.unique(ids, return_inverse=True)[1]
-    else:
-        done = td.get(("next", "done")).reshape(-1).long()
-        ids = torch.cat([done.new_zeros(1), done[:-1].cumsum(0)])
+        return torch.unique(td.get("episode").reshape(-1), return_inverse=True)[1]
+    done = td.get(("next", "done")).reshape(-1).long()
+    return torch.cat([done.new_zeros(1), done[:-1].cumsum(0)])
+
+
+def episode_returns(td: TensorDict) -> torch.Tensor:
+    """Undiscounted return of each episode (episodes as in :func:`episode_index`)."""
+    reward = td.get(("next", "reward")).reshape(-1).double()
+    ids = episode_index(td)
     return torch.zeros(int(ids.max()) + 1, dtype=torch.float64).index_add_(0, ids, reward)
 
 
 def discounted_returns(td: TensorDict, gamma: float) -> torch.Tensor:
     """Monte Carlo return-to-go ``sum_k gamma^k r_{t+k}`` of every transition, within its episode.
 
-    Episodes are contiguous and delimited as in :func:`episode_returns`. Nothing is
-    bootstrapped: for an episode cut by ``truncated`` (a time limit) it is a lower bound
-    of the true value. A diagnostic for the learned Q (``Q(s, a)`` of a policy close to the
-    data's should be near it), not a training target.
+    Episodes as in :func:`episode_index`; within one, transitions follow their storage order.
+    Nothing is bootstrapped: for an episode cut by ``truncated`` (a time limit) it is a lower
+    bound of the true value. A diagnostic for the learned Q (``Q(s, a)`` of a policy close to
+    the data's should be near it), not a training target.
     """
     if not 0 <= gamma <= 1:
         raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
     reward = td.get(("next", "reward")).reshape(-1).double()
-    if "episode" in td.keys():
-        ids = td.get("episode").reshape(-1)
-        starts = torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])
-    else:
-        done = td.get(("next", "done")).reshape(-1)
-        starts = torch.cat([torch.ones(1, dtype=torch.bool), done[:-1].bool()])
     if gamma == 0:
         return reward.clone()
+    ids = episode_index(td)
+    order = torch.sort(ids, stable=True).indices  # each episode's transitions contiguous, in order
+    reward, ids = reward[order], ids[order]
+    starts = torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])
     bounds = starts.nonzero().squeeze(-1).tolist() + [reward.numel()]
     # blocks short enough that gamma^block stays far from float64 underflow
     block = max(1, min(4096, int(250 / max(-math.log10(gamma), 1e-12))))
     disc_full = gamma ** torch.arange(block, dtype=torch.float64)
-    out = torch.empty_like(reward)
+    sorted_out = torch.empty_like(reward)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         carry = 0.0  # the return-to-go just after the block
         for end in range(hi, lo, -block):
@@ -202,9 +208,9 @@ def discounted_returns(td: TensorDict, gamma: float) -> torch.Tensor:
             disc = disc_full[: end - start]
             # G_j = sum_{k >= j} gamma^(k - j) r_k + gamma^(L - j) carry, by a reversed cumsum
             tail = (reward[start:end] * disc).flip(0).cumsum(0).flip(0) / disc
-            out[start:end] = tail + carry * gamma * disc.flip(0)
-            carry = float(out[start])
-    return out
+            sorted_out[start:end] = tail + carry * gamma * disc.flip(0)
+            carry = float(sorted_out[start])
+    return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
 
 
 def reward_scale_for(td: TensorDict, mode: str) -> float:
