@@ -14,11 +14,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import sys
+
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-import bench_bdpo as bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_bdpo as bench  # noqa: E402  (the benchmark's own models and batches)
 
 
 def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25) -> dict:

@@ -20,3 +20,18 @@ def test_benchmark_writes_json(tmp_path):
     assert result["acting"]["eager"]["batch_256"]["actions_per_s"] > 0
     assert result["update"]["eager"]["phase_b_steps_per_s"] > 0
     assert result["update"]["gflop_per_phase_b_step"] > 0
+
+
+def test_profile_script_counts_the_step_ops(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    )
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+    out = tmp_path / "profile.json"
+    profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    for step in ("critic_step", "actor_behavior_step"):
+        assert result[step]["kernels_per_step"] > 0 and result[step]["kernel_us_per_step"] > 0
+        top = result[step]["top"]
+        assert 0 < len(top) <= 25 and top[0]["us_per_step"] >= top[-1]["us_per_step"]
