@@ -195,21 +195,28 @@ class EpsilonNetwork(nn.Module):
 
     def check_inputs(self, action: torch.Tensor, observation: torch.Tensor | None) -> None:
         """Shape checks (cheap, no device sync)."""
+        self._check_action(action)
+        self._check_observation(observation)
+
+    def _check_action(self, action: torch.Tensor) -> None:
         check_last_dim(
             "action", action, self.action_dim,
             "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
         )
-        if self.observation_dim:
-            if observation is None:
-                raise ValueError(
-                    f"observation is None: this EpsilonNetwork was built with "
-                    f"observation_dim={self.observation_dim}; pass an observation."
-                )
-            check_last_dim(
-                "observation", observation, self.observation_dim,
-                "Build the EpsilonNetwork with the observation dimension of the data "
-                "(observation_dim).",
+
+    def _check_observation(self, observation: torch.Tensor | None) -> None:
+        if not self.observation_dim:
+            return
+        if observation is None:
+            raise ValueError(
+                f"observation is None: this EpsilonNetwork was built with "
+                f"observation_dim={self.observation_dim}; pass an observation."
             )
+        check_last_dim(
+            "observation", observation, self.observation_dim,
+            "Build the EpsilonNetwork with the observation dimension of the data "
+            "(observation_dim).",
+        )
 
     def chain_cache(self, observation: torch.Tensor | None, num_steps: int) -> ChainCache:
         """The first layer's time part for steps ``0..num_steps`` and its observation part.
@@ -225,25 +232,16 @@ class EpsilonNetwork(nn.Module):
         A, T = self.action_dim, self.time_dim
         steps = torch.arange(num_steps + 1, device=first.weight.device)
         time = F.linear(self.time_mlp(steps), first.weight[:, A : A + T], first.bias)
+        self._check_observation(observation)
         obs = None
         if self.observation_dim:
-            if observation is None:
-                raise ValueError(
-                    f"observation is None: this EpsilonNetwork was built with "
-                    f"observation_dim={self.observation_dim}; pass an observation."
-                )
-            check_last_dim(
-                "observation", observation, self.observation_dim,
-                "Build the EpsilonNetwork with the observation dimension of the data "
-                "(observation_dim).",
-            )
             obs = F.linear(_undo_expand(observation), first.weight[:, A + T :])
         return ChainCache(time, obs)
 
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
         num_rows = cache.time.shape[0]
         if isinstance(step, torch.Tensor):
-            if step.dtype in (torch.bool,) or step.is_floating_point() or step.is_complex():
+            if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
                 raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
             time = cache.time[_undo_expand(step)]  # rows outside [0, N] raise an IndexError
         elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_rows:
@@ -253,10 +251,7 @@ class EpsilonNetwork(nn.Module):
             )
         else:
             time = cache.time[step]
-        check_last_dim(
-            "action", action, self.action_dim,
-            "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
-        )
+        self._check_action(action)
         h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + time
         if cache.observation is not None:
             h = h + cache.observation
