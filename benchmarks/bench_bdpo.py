@@ -33,7 +33,6 @@ from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized
-ADAM = "fused"
 PRESETS = {  # the settings the authors' figures in the speed issue were measured at
     "d4rl": {"N": 5, "obs_dim": 17, "act_dim": 6, "batch": 256},
     "toy": {"N": 50, "obs_dim": 1, "act_dim": 2, "batch": 512},
@@ -101,9 +100,9 @@ def variants(args, device) -> dict:
     return out
 
 
-def make_update(device, compile=False, cudagraphs=False, N=5):
+def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused"):
     loss = make_loss(N=N, device=device)
-    fused = None if ADAM == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
+    fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
@@ -117,7 +116,7 @@ def bench_update(args, device):
     flops = None
     for name, (compile, cudagraphs) in variants(args, device).items():
         torch.manual_seed(0)
-        update = make_update(device, compile, cudagraphs, N=args.N)
+        update = make_update(device, compile, cudagraphs, N=args.N, adam=args.adam)
         t0 = time.perf_counter()
         for _ in range(3):  # first (eager) call, compilation, warm-up and capture
             update.critic(batch), update.policy(batch)
@@ -216,8 +215,7 @@ def main(argv=None):
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     args = p.parse_args(argv)
-    global OBS, ACT, ADAM
-    ADAM = args.adam
+    global OBS, ACT
     preset = PRESETS[args.preset]
     OBS, ACT, args.N = preset["obs_dim"], preset["act_dim"], preset["N"]
     args.batch_size = args.batch_size or preset["batch"]

@@ -59,13 +59,14 @@ def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:
     """Adam per group, fused: one kernel per step (CPU: -16% per behavior step here; GPU: far
     fewer kernels than the foreach default, CUDA-graph safe)."""
     o = cfg.optim
-    kw = {"fused": True}
     return {
-        "behavior": torch.optim.Adam(loss.behavior_network_params.parameters(), lr=o.behavior_lr, **kw),
+        "behavior": torch.optim.Adam(loss.behavior_network_params.parameters(), lr=o.behavior_lr, fused=True),
         "critic": torch.optim.Adam(
-            [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()], lr=o.critic_lr, **kw
+            [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()],
+            lr=o.critic_lr,
+            fused=True,
         ),
-        "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=o.actor_lr, **kw),
+        "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=o.actor_lr, fused=True),
     }
 
 
