@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 import warnings
 from datetime import date
@@ -29,6 +30,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
+from torchrl_bdpo.diffusion.networks import mlp
 from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
@@ -108,94 +110,171 @@ def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused"):
     return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
 
 
+def bare_mlp_step(device, batch_size, compile=False, hidden=256, depth=4, time_dim=64):
+    """One Adam step of a bare ``nn.Sequential`` with the behavior network's layer sizes.
+
+    ``[a^n, time embedding, s] -> depth x hidden (Linear + Mish) -> action``, fused Adam,
+    squared error to a fixed random target (``compile``: the network ``torch.compile``d): what
+    this machine gives those GEMM shapes in a training step, without our losses, time MLP,
+    gradient clip or target EMA.
+    """
+    net = mlp(ACT + time_dim + OBS, hidden, depth, ACT).to(device)
+    forward = torch.compile(net) if compile else net
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4, fused=True)
+    x = torch.randn(batch_size, ACT + time_dim + OBS, device=device)
+    y = torch.randn(batch_size, ACT, device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        (forward(x) - y).pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Per-key median over rounds (``rounds`` kept alongside)."""
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+
+
 def bench_update(args, device):
     """Phase-B steps/s of full optimizer steps (critics every step, actor + behavior every 5th, amortised)
-    and phase-A (behavior pretraining) steps/s."""
+    and phase-A (behavior pretraining) steps/s.
+
+    Every variant is built (compiled, captured) first; then ``--repeats`` rounds time each
+    variant in turn, so a machine that speeds up or slows down during the run (a shared VM)
+    weighs on every variant alike. Reported: the per-round median, and every round.
+    """
     batch = make_batch(args.batch_size, device)
     out = {}
-    flops = None
+    built = {}
     for name, (compile, cudagraphs) in variants(args, device).items():
         torch.manual_seed(0)
         update = make_update(device, compile, cudagraphs, N=args.N, adam=args.adam)
         t0 = time.perf_counter()
         for _ in range(3):  # first (eager) call, compilation, warm-up and capture
-            update.critic(batch), update.policy(batch)
+            update.critic(batch), update.policy(batch), update.behavior(batch)
         sync(device)
-        setup_s = time.perf_counter() - t0
-        if flops is None:  # counted on the eager update
+        built[name] = (update, cudagraphs, time.perf_counter() - t0)
+        print(name, f"built in {built[name][2]:.1f} s", flush=True)
+        if "gflop_per_phase_b_step" not in out:  # counted on the eager update
             with FlopCounterMode(display=False) as fc:
                 update.critic(batch)
             critic_flops = fc.get_total_flops()
             with FlopCounterMode(display=False) as fc:
                 update.policy(batch)
-            flops = critic_flops + fc.get_total_flops() / 5
-            out["gflop_per_phase_b_step"] = flops / 1e9
-        steps = args.steps * (args.graph_factor if cudagraphs else 1)
-        t_c = timed(lambda: update.critic(batch), steps, device)
-        t_p = timed(lambda: update.policy(batch), steps, device)
-        t_b = timed(lambda: update.behavior(batch), steps * 10, device)
-        step_s = t_c + t_p / 5
-        out[name] = {
-            "critic_step_s": t_c,
-            "actor_behavior_step_s": t_p,
-            "phase_b_steps_per_s": 1 / step_s,
-            "pretrain_steps_per_s": 1 / t_b,
-            "gflops_per_s": flops / step_s / 1e9,
-            "setup_s": setup_s,
-            "timed_steps": steps,
-        }
-        print(name, json.dumps(out[name]), flush=True)
-    for name in out:
-        if isinstance(out[name], dict) and name != "eager":
-            out[name]["speedup_over_eager"] = out[name]["phase_b_steps_per_s"] / out["eager"]["phase_b_steps_per_s"]
+            out["gflop_per_phase_b_step"] = (critic_flops + fc.get_total_flops() / 5) / 1e9
+    flops = out["gflop_per_phase_b_step"] * 1e9
+    bare = {"eager": bare_mlp_step(device, args.batch_size)}
+    if not args.no_compile:
+        bare["compiled"] = bare_mlp_step(device, args.batch_size, compile=True)
+    rounds = {name: [] for name in built}
+    bare_rounds, peak_rounds = {k: [] for k in bare}, []
+    for r in range(args.repeats):
+        peak_rounds.append(matmul_peak(device, reps=10))
+        for name, (update, cudagraphs, _) in built.items():
+            steps = args.steps * (args.graph_factor if cudagraphs else 1)
+            t_c = timed(lambda: update.critic(batch), steps, device)
+            t_p = timed(lambda: update.policy(batch), steps, device)
+            t_b = timed(lambda: update.behavior(batch), steps * 10, device)
+            step_s = t_c + t_p / 5
+            rounds[name].append({
+                "critic_step_s": t_c,
+                "actor_behavior_step_s": t_p,
+                "phase_b_steps_per_s": 1 / step_s,
+                "pretrain_steps_per_s": 1 / t_b,
+                "gflops_per_s": flops / step_s / 1e9,
+            })
+        for k, step in bare.items():
+            bare_rounds[k].append(1 / timed(step, args.steps * 10 * (args.graph_factor if device.type == "cuda" else 1), device))
+        print(f"round {r + 1}/{args.repeats}", json.dumps({k: round(v[-1]["phase_b_steps_per_s"], 3) for k, v in rounds.items()}), flush=True)
+    out["bare_mlp_steps_per_s"] = {k: statistics.median(v) for k, v in bare_rounds.items()}
+    out["bare_mlp_rounds"] = bare_rounds
+    out["matmul_peak_gflops_rounds"] = peak_rounds
+    for name, (update, cudagraphs, setup_s) in built.items():
+        res = median_round(rounds[name])
+        res["fraction_of_matmul_peak"] = statistics.median(
+            r["gflops_per_s"] / p for r, p in zip(rounds[name], peak_rounds)
+        )
+        bare_ref = bare_rounds["compiled" if name.startswith("compiled") else "eager"]
+        res["pretrain_over_bare_mlp"] = statistics.median(  # against the bare MLP, compiled or not alike
+            r["pretrain_steps_per_s"] / b for r, b in zip(rounds[name], bare_ref)
+        )
+        if name != "eager":  # ratio per round (same minutes), then the median
+            res["speedup_over_eager"] = statistics.median(
+                r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"])
+            )
+        res.update(setup_s=setup_s, timed_steps=args.steps * (args.graph_factor if cudagraphs else 1), rounds=rounds[name])
+        out[name] = res
+        print(name, json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
     return out
 
 
 def bench_acting(args, device):
-    """Best-of-10 acting latency at batch 1 and throughput at batch 256 (N=5, target actor, ensemble-mean Q)."""
+    """Acting latency at batch 1 and throughput at batch 256 (N=5, target actor, ensemble-mean Q),
+    variants timed in turn over ``--repeats`` rounds; the median round is reported."""
     loss = make_loss(N=args.N, device=device)
-    out = {}
+    built = {}
+    inputs = {B: TensorDict({"observation": torch.randn(B, OBS, device=device)}, [B]) for B in (1, 256)}
     for name, (compile, cudagraphs) in variants(args, device).items():
         acting = loss.make_acting_module(num_candidates=10, compile=compile, cudagraphs=cudagraphs, validate=False)
-        res = {}
-        for B in (1, 256):
-            td = TensorDict({"observation": torch.randn(B, OBS, device=device)}, [B])
+        for td in inputs.values():
             for _ in range(3):
                 acting(td)
+        built[name] = (acting, cudagraphs)
+    rounds = {name: [] for name in built}
+    for _ in range(args.repeats):
+        for name, (acting, cudagraphs) in built.items():
             steps = max(args.steps, 20) * (args.graph_factor if cudagraphs else 1)
-            sec = timed(lambda: acting(td), steps, device)
-            res[f"batch_{B}"] = {"latency_ms": sec * 1e3, "actions_per_s": B / sec}
-        out[name] = res
-        print("acting", name, json.dumps(res), flush=True)
+            res = {}
+            for B, td in inputs.items():
+                sec = timed(lambda: acting(td), steps, device)
+                res[f"batch_{B}_latency_ms"] = sec * 1e3
+                res[f"batch_{B}_actions_per_s"] = B / sec
+            rounds[name].append(res)
+    out = {}
+    for name in built:
+        med = median_round(rounds[name])
+        out[name] = {
+            f"batch_{B}": {"latency_ms": med[f"batch_{B}_latency_ms"], "actions_per_s": med[f"batch_{B}_actions_per_s"]}
+            for B in inputs
+        }
+        out[name]["rounds"] = rounds[name]
+        print("acting", name, json.dumps({k: v for k, v in out[name].items() if k != "rounds"}), flush=True)
     return out
 
 
 def bench_actor_cost(args, device):
-    """BDPO's one-step actor update vs a Diffusion-QL-style update through the whole chain, same networks."""
-    out = {}
+    """BDPO's one-step actor update vs a Diffusion-QL-style update through the whole chain, same networks.
+
+    Eager; N = 5, 20, 50 timed in turn over ``--repeats`` rounds (medians reported)."""
+    fns = {}
     for N in (5, 20, 50):
         loss = make_loss(N=N, device=device)
         batch = make_batch(args.batch_size, device)
 
-        def bdpo():
+        def bdpo(loss=loss, batch=batch):
             loss.actor_loss(batch)[0].backward()
 
-        actor = loss.actor_network
-        q_op = loss.qvalue_network
-        params, q_params = loss.actor_network_params, loss.target_qvalue_network_params[0]
-
-        def full_chain():
-            with params.to_module(actor):
+        def full_chain(loss=loss, batch=batch):
+            actor, q_op = loss.actor_network, loss.qvalue_network
+            with loss.actor_network_params.to_module(actor):
                 a0 = actor.sample_path(batch["observation"]).action  # gradient through all N steps
-            with q_params.to_module(q_op):
+            with loss.target_qvalue_network_params[0].to_module(q_op):
                 q = q_op.module(batch["observation"], a0)
             (-q.mean()).backward()
 
-        out[f"N={N}"] = {"bdpo_actor_s": timed(bdpo, args.steps, device), "full_chain_actor_s": timed(full_chain, args.steps, device)}
+        fns[f"N={N}"] = (bdpo, full_chain)
+    rounds = {k: [] for k in fns}
+    for _ in range(args.repeats):
+        for k, (bdpo, full_chain) in fns.items():
+            rounds[k].append({"bdpo_actor_s": timed(bdpo, args.steps, device), "full_chain_actor_s": timed(full_chain, args.steps, device)})
+    out = {k: {**median_round(v), "rounds": v} for k, v in rounds.items()}
     base = out["N=5"]
     for v in out.values():
         v["bdpo_over_bdpo_N5"] = v["bdpo_actor_s"] / base["bdpo_actor_s"]
         v["full_chain_over_full_chain_N5"] = v["full_chain_actor_s"] / base["full_chain_actor_s"]
+    print("actor_cost", json.dumps({k: {m: round(x, 4) for m, x in v.items() if m != "rounds"} for k, v in out.items()}), flush=True)
     return out
 
 
@@ -203,6 +282,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3, help="rounds in which every variant is timed in turn (median reported)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="d4rl", help="d4rl: N=5, batch 256; toy: N=50, batch 512")
     p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -215,6 +295,9 @@ def main(argv=None):
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     args = p.parse_args(argv)
+    for name in ("steps", "repeats", "graph_factor"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected an integer >= 1.")
     global OBS, ACT
     preset = PRESETS[args.preset]
     OBS, ACT, args.N = preset["obs_dim"], preset["act_dim"], preset["N"]
@@ -227,16 +310,16 @@ def main(argv=None):
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "matmul_precision": args.matmul_precision, "adam": args.adam},
+        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam},
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for part in parts:  # the JSON is rewritten after each part: a run cut short keeps what it measured
         result[part] = {"update": bench_update, "acting": bench_acting, "actor_cost": bench_actor_cost}[part](args, device)
-        print(part, json.dumps(result[part], indent=1))
         if part == "update":
-            best = max(v.get("gflops_per_s", 0) for v in result["update"].values() if isinstance(v, dict))
-            result["update"]["best_fraction_of_matmul_peak"] = best / result["matmul_peak_gflops"]
+            result["update"]["best_fraction_of_matmul_peak"] = max(
+                v["fraction_of_matmul_peak"] for v in result["update"].values() if isinstance(v, dict) and "rounds" in v
+            )
         args.out.write_text(json.dumps(result, indent=2))
     print(f"written to {args.out}")
     return result

@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _spec = importlib.util.spec_from_file_location(
     "bench_bdpo", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bdpo.py"
 )
@@ -12,14 +14,29 @@ _spec.loader.exec_module(bench)
 
 def test_benchmark_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--only", "acting", "--only", "update", "--no-compile", "--steps", "1", "--batch-size", "32", "--out", str(out)])
+    bench.main(["--only", "acting", "--only", "update", "--no-compile", "--steps", "1", "--repeats", "2",
+                "--batch-size", "32", "--out", str(out)])
     result = json.loads(out.read_text())
+    assert result["settings"]["repeats"] == 2
     assert result["settings"]["N"] == 5 and result["matmul_peak_gflops"] > 0
     assert set(result["acting"]) == {"eager"}
     assert result["acting"]["eager"]["batch_1"]["latency_ms"] > 0
     assert result["acting"]["eager"]["batch_256"]["actions_per_s"] > 0
     assert result["update"]["eager"]["phase_b_steps_per_s"] > 0
     assert result["update"]["gflop_per_phase_b_step"] > 0
+    # medians over the rounds, every round kept
+    rounds = result["update"]["eager"]["rounds"]
+    assert len(rounds) == 2 and len(result["acting"]["eager"]["rounds"]) == 2
+    rates = sorted(r["phase_b_steps_per_s"] for r in rounds)
+    assert result["update"]["eager"]["phase_b_steps_per_s"] == pytest.approx(sum(rates) / 2)
+    assert len(result["update"]["bare_mlp_rounds"]["eager"]) == 2 and result["update"]["bare_mlp_steps_per_s"]["eager"] > 0
+    assert 0 < result["update"]["eager"]["fraction_of_matmul_peak"] == result["update"]["best_fraction_of_matmul_peak"]
+
+
+def test_benchmark_rejects_zero_repeats(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
+    assert "--repeats=0: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_profile_script_counts_the_step_ops(tmp_path):
