@@ -99,6 +99,27 @@ def test_resume_continues_from_the_checkpoint(tmp_path, minari_root, monkeypatch
     assert data.shape[0] == 300
 
 
+def test_raising_the_medium_frame_cap_resumes(tmp_path, minari_root, monkeypatch):
+    """The cap's error says how to go on, and going on does not start SAC over."""
+    calls = {"n": 0}
+
+    def evaluate(self, env, actor):  # below the medium level at frames 100 and 200, above it at 300
+        calls["n"] += 1
+        return 5.0 if calls["n"] >= 3 else 0.0
+
+    monkeypatch.setattr(DatasetGenerator, "_evaluate", evaluate)
+    cfg = tiny(tmp_path, levels=("medium",), expert_return=3.0, max_medium_frames=200, checkpoint_every=1000)
+    with pytest.raises(RuntimeError, match=r"in 200 frames \(max_medium_frames=200; best evaluation 0\)\. Rerun with "
+                       r"a higher max_medium_frames to continue from the checkpoint at frame 200"):
+        generate(cfg)
+    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["frames"] == 200
+    # a higher cap (and another checkpoint interval) resumes the same run
+    summary = generate(dataclasses.replace(cfg, max_medium_frames=1000, checkpoint_every=150))
+    assert summary["medium_policy"]["frames"] == 300 and calls["n"] == 3
+    with pytest.raises(ValueError, match=r"other settings \(differing: \['hidden'\]\)"):
+        generate(dataclasses.replace(cfg, hidden=64))
+
+
 def test_bad_input(tmp_path, minari_root):
     with pytest.raises(ValueError, match=r"levels=\['meduim'\]: expected a non-empty subset"):
         generate(tiny(tmp_path, levels=("meduim",)))

@@ -18,8 +18,9 @@ one, else the task's reference expert return (``expert_return``, D4RL's by defau
 dataset description says which.
 
 Everything is resumable: a checkpoint (SAC, optimizers, replay buffer, collected levels,
-RNG) is written every ``checkpoint_every`` frames and after each level; a rerun with the
-same settings continues from it. See ``sota-implementations/bdpo/make_dataset.py``.
+RNG) is written every ``checkpoint_every`` frames, after each level and before the
+``max_medium_frames`` error; a rerun with the same settings continues from it (only
+``max_medium_frames`` and ``checkpoint_every`` may differ). See ``sota-implementations/bdpo/make_dataset.py``.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ EXPERT_RETURNS = {
     "Walker2d": 4592.3,
     "Ant": 3879.7,
 }
+
+
+# settings a resumed run may change: budgets and bookkeeping, not what the data is made of
+RESUMABLE_SETTINGS = ("max_medium_frames", "checkpoint_every")
 
 
 @dataclass
@@ -109,8 +114,9 @@ class GenerateConfig:
         return f"{self.dataset_prefix}/{self.task.lower()}/{level}-v0"
 
     def fingerprint(self) -> dict:
+        """The settings a checkpoint must agree on to be resumed (see :data:`RESUMABLE_SETTINGS`)."""
         d = asdict(self)
-        for k in ("out_dir", "overwrite", "progress", "levels"):
+        for k in ("out_dir", "overwrite", "progress", "levels", *RESUMABLE_SETTINGS):
             d.pop(k)
         d["levels"] = sorted(self.levels)
         return json.loads(json.dumps(d, default=list))
@@ -350,8 +356,9 @@ class DatasetGenerator:
         state = {"config": cfg.fingerprint(), "levels": {}, "frames": 0, "stage": "start"}
         if self.ckpt.exists():
             state = torch.load(self.ckpt, weights_only=False)
-            if state["config"] != cfg.fingerprint():
-                diff = sorted(k for k in set(state["config"]) | set(cfg.fingerprint()) if state["config"].get(k) != cfg.fingerprint().get(k))
+            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
+            if saved != cfg.fingerprint():
+                diff = sorted(k for k in set(saved) | set(cfg.fingerprint()) if saved.get(k) != cfg.fingerprint().get(k))
                 raise ValueError(
                     f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
                     f"the same settings to resume, or another out_dir for a new run."
@@ -470,11 +477,15 @@ class DatasetGenerator:
                                 break
                     if need_medium and "medium_policy" not in state and frames >= cfg.max_medium_frames:
                         best = max(r for _, r in self.evals) if self.evals else float("nan")
+                        if frames > last_ckpt:  # a rerun with a higher cap continues from here
+                            self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                         raise RuntimeError(
                             f"SAC on {cfg.env_id} did not reach the medium level ({lo:.0f} = "
                             f"{cfg.medium_band[0]:.2f} x the expert return {cfg.reference_expert_return:.0f}) in "
-                            f"{frames} frames (best evaluation {best:.0f}). Raise max_medium_frames, or lower "
-                            f"medium_band / expert_return."
+                            f"{frames} frames (max_medium_frames={cfg.max_medium_frames}; best evaluation {best:.0f}). Rerun with a higher "
+                            f"max_medium_frames to continue from the checkpoint at frame {frames} ({self.ckpt}), "
+                            f"or start anew (another out_dir) with a lower medium_band / expert_return."
                         )
                     if need_expert and frames >= cfg.expert_frames:
                         break
