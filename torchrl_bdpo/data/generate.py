@@ -357,8 +357,9 @@ class DatasetGenerator:
         if self.ckpt.exists():
             state = torch.load(self.ckpt, weights_only=False)
             saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
-            if saved != cfg.fingerprint():
-                diff = sorted(k for k in set(saved) | set(cfg.fingerprint()) if saved.get(k) != cfg.fingerprint().get(k))
+            current = cfg.fingerprint()
+            if saved != current:
+                diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
                 raise ValueError(
                     f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
                     f"the same settings to resume, or another out_dir for a new run."
@@ -475,11 +476,17 @@ class DatasetGenerator:
                             last_ckpt = frames
                             if not need_expert:
                                 break
-                    if need_medium and "medium_policy" not in state and frames >= cfg.max_medium_frames:
+                    at_cap = need_medium and "medium_policy" not in state and frames >= cfg.max_medium_frames
+                    if not at_cap and need_expert and frames >= cfg.expert_frames:
+                        break
+                    # at the cap too: a rerun with a higher cap continues from here
+                    if frames - last_ckpt >= cfg.checkpoint_every or (at_cap and frames > last_ckpt):
+                        self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
+                        last_ckpt = frames
+                    if at_cap:
                         best = max(r for _, r in self.evals) if self.evals else float("nan")
-                        if frames > last_ckpt:  # a rerun with a higher cap continues from here
-                            self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
-                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                         raise RuntimeError(
                             f"SAC on {cfg.env_id} did not reach the medium level ({lo:.0f} = "
                             f"{cfg.medium_band[0]:.2f} x the expert return {cfg.reference_expert_return:.0f}) in "
@@ -487,13 +494,6 @@ class DatasetGenerator:
                             f"max_medium_frames to continue from the checkpoint at frame {frames} ({self.ckpt}), "
                             f"or start anew (another out_dir) with a lower medium_band / expert_return."
                         )
-                    if need_expert and frames >= cfg.expert_frames:
-                        break
-                    if frames - last_ckpt >= cfg.checkpoint_every:
-                        self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
-                        t0 = time.perf_counter()
-                        self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
-                        last_ckpt = frames
                 bar.close()
                 collector.shutdown()
                 self.timings["sac_total_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
