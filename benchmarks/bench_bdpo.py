@@ -155,7 +155,8 @@ def bench_update(args, device):
         for _ in range(3):  # first (eager) call, compilation, warm-up and capture
             update.critic(batch), update.policy(batch), update.behavior(batch)
         sync(device)
-        built[name] = (update, cudagraphs, time.perf_counter() - t0)
+        steps = args.steps * (args.graph_factor if cudagraphs else 1)
+        built[name] = (update, steps, time.perf_counter() - t0)
         print(name, f"built in {built[name][2]:.1f} s", flush=True)
         if "gflop_per_phase_b_step" not in out:  # counted on the eager update
             with FlopCounterMode(display=False) as fc:
@@ -172,8 +173,7 @@ def bench_update(args, device):
     bare_rounds, peak_rounds = {k: [] for k in bare}, []
     for r in range(args.repeats):
         peak_rounds.append(matmul_peak(device, reps=10))
-        for name, (update, cudagraphs, _) in built.items():
-            steps = args.steps * (args.graph_factor if cudagraphs else 1)
+        for name, (update, steps, _) in built.items():
             t_c = timed(lambda: update.critic(batch), steps, device)
             t_p = timed(lambda: update.policy(batch), steps, device)
             t_b = timed(lambda: update.behavior(batch), steps * 10, device)
@@ -191,7 +191,7 @@ def bench_update(args, device):
     out["bare_mlp_steps_per_s"] = {k: statistics.median(v) for k, v in bare_rounds.items()}
     out["bare_mlp_rounds"] = bare_rounds
     out["matmul_peak_gflops_rounds"] = peak_rounds
-    for name, (update, cudagraphs, setup_s) in built.items():
+    for name, (update, steps, setup_s) in built.items():
         res = median_round(rounds[name])
         res["fraction_of_matmul_peak"] = statistics.median(
             r["gflops_per_s"] / p for r, p in zip(rounds[name], peak_rounds)
@@ -204,7 +204,7 @@ def bench_update(args, device):
             res["speedup_over_eager"] = statistics.median(
                 r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"])
             )
-        res.update(setup_s=setup_s, timed_steps=args.steps * (args.graph_factor if cudagraphs else 1), rounds=rounds[name])
+        res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
     return out
