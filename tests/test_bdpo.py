@@ -156,6 +156,32 @@ def test_terminated_target_is_reward_and_truncated_bootstraps():
     assert (target - data["next", "reward"].squeeze(-1)).abs().min() > 0
 
 
+def test_all_terminal_flag_samples_no_path_and_refuses_live_rows(monkeypatch):
+    """``all_terminal=True`` (what compiled CPU steps pass for bandit batches) gives eager's skip
+    result without sampling a path, in eager code and in a compiled graph; a live row is an error."""
+    loss = make_loss()
+    term = torch.ones(8, 1, dtype=torch.bool)
+    data = make_batch(terminated=term)
+    torch.manual_seed(3)
+    ref = loss.qvalue_loss(data)
+    ref_rng = torch.get_rng_state()
+
+    def no_path(*args, **kwargs):
+        raise AssertionError("a Q-target path was sampled for an all-terminal batch")
+
+    monkeypatch.setattr(loss.actor_network, "sample_path", no_path)
+    for fn in (loss.qvalue_loss, torch.compile(loss.qvalue_loss, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(3)
+        out = fn(data, all_terminal=True)
+        torch.testing.assert_close(out[0], ref[0])
+        for key in ("qvalue_pred", "qvalue_target", "path_kl", "kl_per_step"):
+            torch.testing.assert_close(out[1][key], ref[1][key], equal_nan=True, msg=key)
+        assert torch.equal(torch.get_rng_state(), ref_rng)  # the same draws as eager's skip
+    live = make_batch(terminated=torch.tensor([[True], [False]] * 4))
+    with pytest.raises(ValueError, match=r"all_terminal=True, but 4 of 8 next states are not terminated"):
+        loss.qvalue_loss(live, all_terminal=True)
+
+
 def test_skipping_terminal_next_states_changes_no_target():
     term = torch.tensor([True, False, True, True, False, False, True, False]).unsqueeze(-1)
     data = make_batch(terminated=term)

@@ -229,19 +229,40 @@ class BDPOLoss(DiffusionValueLoss):
         )
 
     # ------------------------------------------------------------ Q target
-    def next_state_value(self, next_observation: torch.Tensor, terminated: torch.Tensor, noise: torch.Tensor | None = None):
+    def next_state_value(
+        self,
+        next_observation: torch.Tensor,
+        terminated: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        all_terminal: bool = False,
+    ):
         """``agg_k(mean_M Q^tgt_k(s', a'^0)) - eta * mean_M sum_n l_n(s', a'^n)`` per transition.
 
         Returns ``(value, path_kl, kl_per_step)`` with ``value`` and ``path_kl`` of the batch
         shape (0 where the next state is terminal) and ``kl_per_step`` ``[N]`` averaged over the
         non-terminal rows. ``noise`` (``[N + 1, *B, M, A]``) fixes the paths' draws; it is
         drawn for the whole batch either way, so skipping terminal rows changes nothing else.
+
+        ``all_terminal=True`` (a Python constant, so a compiled graph specialises on it) says
+        that every next state is terminal: no path is sampled, as eager does when it finds no
+        live row. Static graphs cannot look at the data, so :class:`BDPOUpdate` passes it for
+        compiled CPU steps (bandits, such as the toy 2D tasks, have no live row at all).
         """
         actor = self.actor_network
         N, M, A = actor.num_steps, self.num_samples, actor.action_dim
         batch = next_observation.shape[:-1]
         if noise is None:
             noise = torch.randn(N + 1, *batch, M, A, dtype=next_observation.dtype, device=next_observation.device)
+        if all_terminal:
+            if not static_graph() and not bool(terminated.all()):
+                raise ValueError(
+                    f"all_terminal=True, but {int((~terminated).sum())} of {terminated.numel()} next "
+                    f"states are not terminated; pass all_terminal=False (the default) for such batches."
+                )
+            # 0 * the noise: a graph would drop an unused draw, and the RNG stream would then
+            # differ from eager's, which draws it (finite noise: exact zeros)
+            zeros = noise.sum(0).sum((-2, -1)).mul(0).reshape(batch)
+            return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
         obs, noise_rows = next_observation, noise
         rows = None
         if self.skip_terminal_next and not static_graph():
@@ -276,10 +297,11 @@ class BDPOLoss(DiffusionValueLoss):
         return value, path_kl, kl_per_step
 
     # --------------------------------------------------------------- losses
-    def qvalue_target(self, tensordict: TensorDictBase, noise: torch.Tensor | None = None):
+    def qvalue_target(self, tensordict: TensorDictBase, noise: torch.Tensor | None = None, all_terminal: bool = False):
         """``y_Q = r + gamma (1 - terminated) * next_state_value`` per transition (no gradient).
 
-        Returns ``(target, path_kl, kl_per_step)``; see :meth:`next_state_value`.
+        Returns ``(target, path_kl, kl_per_step)``; see :meth:`next_state_value` (and its
+        ``all_terminal``).
         """
         k = self.tensor_keys
         reward = tensordict.get(("next", k.reward))
@@ -292,7 +314,7 @@ class BDPOLoss(DiffusionValueLoss):
             )
         with torch.no_grad():
             next_value, path_kl, kl_per_step = self.next_state_value(
-                tensordict.get(("next", k.observation)), terminated, noise=noise
+                tensordict.get(("next", k.observation)), terminated, noise=noise, all_terminal=all_terminal
             )
             td = TensorDict(
                 {
@@ -305,13 +327,16 @@ class BDPOLoss(DiffusionValueLoss):
             target = self.value_estimator.value_estimate(td, next_value=next_value.reshape(reward.shape))
         return target.reshape(next_value.shape), path_kl, kl_per_step
 
-    def qvalue_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
-        """The Q-ensemble TD loss with the KL-penalised target; returns ``(loss_qvalue, metadata)``."""
+    def qvalue_loss(self, tensordict: TensorDictBase, all_terminal: bool = False) -> tuple[torch.Tensor, dict]:
+        """The Q-ensemble TD loss with the KL-penalised target; returns ``(loss_qvalue, metadata)``.
+
+        ``all_terminal``: see :meth:`next_state_value`.
+        """
         k = self.tensor_keys
         self._validate(
             tensordict, (k.observation, k.action, ("next", k.observation), ("next", k.reward))
         )
-        target, path_kl, kl_per_step = self.qvalue_target(tensordict)
+        target, path_kl, kl_per_step = self.qvalue_target(tensordict, all_terminal=all_terminal)
         pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         loss = (pred - target).pow(2).mean(0)
         live = (~tensordict.get(("next", k.terminated))).reshape(target.shape).to(path_kl.dtype)

@@ -124,6 +124,7 @@ class BDPOUpdate:
             for opt in self.optimizers.values():
                 make_capturable(opt)
         self._params = self.param_groups(loss)
+        self._compiled, self._cudagraphs = compile, cudagraphs
         self._fns = {
             m: accelerate(getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, name=m)
             for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
@@ -146,9 +147,24 @@ class BDPOUpdate:
         self.optimizers[group].step()
         self.updaters[group].step()
 
+    def _all_terminal(self, batch) -> bool:
+        """Whether a compiled CPU critic step may skip the Q-target paths (every next state terminal).
+
+        Eager steps skip terminal rows by themselves; a compiled graph has static shapes and
+        would sample every path, so the batch is looked at here, outside the graph, and the
+        graph specialises on the answer (two graphs at most). Not under CUDA graphs, and not
+        on a GPU, where the look would cost a host sync per step.
+        """
+        if not self._compiled or self._cudagraphs or not self.loss.skip_terminal_next:
+            return False
+        terminated = batch.get(("next", self.loss.tensor_keys.terminated), default=None)
+        if terminated is None or terminated.device.type != "cpu":
+            return False
+        return bool(terminated.all())
+
     def _critic_step(self, batch):
         self.optimizers["critic"].zero_grad(set_to_none=True)
-        q_loss, q_meta = self._fns["qvalue_loss"](batch)
+        q_loss, q_meta = self._fns["qvalue_loss"](batch, all_terminal=self._all_terminal(batch))
         v_loss, v_meta = self._fns["value_loss"](batch)
         (q_loss + v_loss).backward()
         out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
