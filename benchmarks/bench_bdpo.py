@@ -3,10 +3,11 @@
     python benchmarks/bench_bdpo.py --out benchmarks/results/cpu.json            # everything
     python benchmarks/bench_bdpo.py --only update --steps 5 --out /tmp/b.json    # one part
 
-Every ratio is measured in the same run as its baseline. Random batches of
-non-terminal transitions (the expensive case: every next state needs M x N chains).
-Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 256;
-``--preset toy`` takes the paper's toy 2D ones: N=50, batch 512, 1-D observation, 2-D action.
+Every ratio is measured in the same run as its baseline. Random batches; at the D4RL
+defaults of non-terminal transitions (the expensive case: every next state needs M x N
+chains). Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 256;
+``--preset toy`` takes the paper's toy 2D ones: N=50, batch 512, 1-D observation, 2-D action,
+and terminal transitions, as the toy bandits' are (``--terminal none`` times them live).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized
 PRESETS = {  # the settings the authors' figures in the speed issue were measured at
-    "d4rl": {"N": 5, "obs_dim": 17, "act_dim": 6, "batch": 256},
-    "toy": {"N": 50, "obs_dim": 1, "act_dim": 2, "batch": 512},
+    "d4rl": {"N": 5, "obs_dim": 17, "act_dim": 6, "batch": 256, "terminal": False},
+    "toy": {"N": 50, "obs_dim": 1, "act_dim": 2, "batch": 512, "terminal": True},  # bandits: every transition ends
 }
 
 
@@ -52,15 +53,16 @@ def make_loss(N=5, K=10, M=10, hidden=256, device="cpu"):
     return loss.to(device)
 
 
-def make_batch(B=256, device="cpu"):
+def make_batch(B=256, device="cpu", terminal=False):
+    """A random batch; ``terminal``: every next state terminal (a bandit's), else none."""
     return TensorDict(
         {
             "observation": torch.randn(B, OBS),
             "action": torch.rand(B, ACT) * 2 - 1,
             ("next", "observation"): torch.randn(B, OBS),
             ("next", "reward"): torch.randn(B, 1),
-            ("next", "terminated"): torch.zeros(B, 1, dtype=torch.bool),
-            ("next", "done"): torch.zeros(B, 1, dtype=torch.bool),
+            ("next", "terminated"): torch.full((B, 1), terminal),
+            ("next", "done"): torch.full((B, 1), terminal),
         },
         [B],
     ).to(device)
@@ -145,7 +147,7 @@ def bench_update(args, device):
     variant in turn, so a machine that speeds up or slows down during the run (a shared VM)
     weighs on every variant alike. Reported: the per-round median, and every round.
     """
-    batch = make_batch(args.batch_size, device)
+    batch = make_batch(args.batch_size, device, terminal=args.terminal)
     out = {}
     built = {}
     for name, (compile, cudagraphs) in variants(args, device).items():
@@ -251,7 +253,7 @@ def bench_actor_cost(args, device):
     fns = {}
     for N in (5, 20, 50):
         loss = make_loss(N=N, device=device)
-        batch = make_batch(args.batch_size, device)
+        batch = make_batch(args.batch_size, device, terminal=args.terminal)
 
         def bdpo(loss=loss, batch=batch):
             loss.actor_loss(batch)[0].backward()
@@ -294,6 +296,10 @@ def main(argv=None):
     )
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
+    p.add_argument(
+        "--terminal", choices=("preset", "all", "none"), default="preset",
+        help="next states of the batch: terminal for all or none of the rows (preset: toy all, d4rl none)",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "repeats", "graph_factor"):
         if getattr(args, name) < 1:
@@ -302,6 +308,7 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     OBS, ACT, args.N = preset["obs_dim"], preset["act_dim"], preset["N"]
     args.batch_size = args.batch_size or preset["batch"]
+    args.terminal = preset["terminal"] if args.terminal == "preset" else args.terminal == "all"
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
@@ -310,7 +317,7 @@ def main(argv=None):
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam},
+        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal},
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

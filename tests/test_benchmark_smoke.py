@@ -19,6 +19,7 @@ def test_benchmark_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"]["repeats"] == 2
     assert result["settings"]["N"] == 5 and result["matmul_peak_gflops"] > 0
+    assert result["settings"]["terminal_next_states"] is False  # D4RL preset: live next states
     assert set(result["acting"]) == {"eager"}
     assert result["acting"]["eager"]["batch_1"]["latency_ms"] > 0
     assert result["acting"]["eager"]["batch_256"]["actions_per_s"] > 0
@@ -31,6 +32,21 @@ def test_benchmark_writes_json(tmp_path):
     assert result["update"]["eager"]["phase_b_steps_per_s"] == pytest.approx(sum(rates) / 2)
     assert len(result["update"]["bare_mlp_rounds"]["eager"]) == 2 and result["update"]["bare_mlp_steps_per_s"]["eager"] > 0
     assert 0 < result["update"]["eager"]["fraction_of_matmul_peak"] == result["update"]["best_fraction_of_matmul_peak"]
+
+
+def test_toy_preset_times_terminal_batches(tmp_path):
+    """The toy bandits' transitions all end: the toy preset's batches are terminal, so the
+    critic step samples no Q-target path and counts fewer FLOPs than live batches."""
+    flops = {}
+    for terminal in ("preset", "none"):
+        out = tmp_path / f"{terminal}.json"
+        bench.main(["--preset", "toy", "--only", "update", "--no-compile", "--steps", "1", "--repeats", "1",
+                    "--batch-size", "8", "--terminal", terminal, "--out", str(out)])
+        result = json.loads(out.read_text())
+        assert result["settings"]["N"] == 50
+        assert result["settings"]["terminal_next_states"] is (terminal == "preset")
+        flops[terminal] = result["update"]["gflop_per_phase_b_step"]
+    assert 0 < flops["preset"] < flops["none"] / 2
 
 
 def test_benchmark_rejects_zero_repeats(capsys):
