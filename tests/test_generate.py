@@ -120,6 +120,49 @@ def test_raising_the_medium_frame_cap_resumes(tmp_path, minari_root, monkeypatch
         generate(dataclasses.replace(cfg, hidden=64))
 
 
+def test_expert_levels_added_to_a_finished_run_continue_its_sac(tmp_path, minari_root, monkeypatch):
+    """A medium run can grow the expert levels later: SAC goes on from its checkpoint (same
+    replay buffer) to expert_frames instead of starting over; other level changes refuse."""
+    monkeypatch.setattr(DatasetGenerator, "_evaluate", lambda self, env, actor: 5.0)  # medium at frame 100
+    cfg = tiny(tmp_path, levels=("random", "medium", "medium-replay"), expert_return=3.0, expert_frames=300)
+    first = generate(cfg)
+    assert first["sac_frames"] == 100 and first["ref_max_score"] == 3.0
+    saved = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    medium_replay = saved["levels"]["medium-replay"].clone()
+    with pytest.raises(ValueError, match=r"differing: \['levels'\]\).*may add the levels \['expert', 'medium-expert'\]"):
+        generate(dataclasses.replace(cfg, levels=("medium", "medium-replay")))
+    grown = dataclasses.replace(cfg, levels=ALL)
+    seen = []
+    real_checkpoint = DatasetGenerator._checkpoint
+
+    def checkpoint(self, state, levels, loss, optim, rb, *args, **kwargs):
+        if rb is not None:
+            seen.append(rb.storage[: len(rb)].clone())
+        return real_checkpoint(self, state, levels, loss, optim, rb, *args, **kwargs)
+
+    monkeypatch.setattr(DatasetGenerator, "_checkpoint", checkpoint)
+    summary = generate(grown)
+    assert summary["sac_frames"] == 300 and summary["expert_policy"]["frames"] == 300
+    assert summary["medium_policy"]["frames"] == 100  # kept, not found again
+    assert summary["ref_max_score"] == 5.0  # the expert's return, in every dataset written again
+    # the continued SAC trained on the first run's transitions: they open its replay buffer
+    assert len(seen[-1]) == 200  # its checkpoint at frame 200 (the loop stops at 300 before the next)
+    torch.testing.assert_close(seen[-1]["observation"][:100], saved["sac"]["buffer"]["observation"])
+    torch.testing.assert_close(seen[-1]["action"][:100], saved["sac"]["buffer"]["action"])
+    for level in ALL:
+        buffer = make_offline_buffer(grown.dataset_id(level), batch_size=8, reward_mode="none", download=False)
+        assert buffer.dataset_info.ref_max_score == 5.0, level
+    data = make_offline_buffer(grown.dataset_id("medium-replay"), batch_size=8, reward_mode="none", download=False)
+    data = data.storage[: len(data)]
+    torch.testing.assert_close(data["observation"], medium_replay["observation"])  # medium-replay unchanged
+    # another run (its own out_dir and ids) that grows into ids it did not write: refused before SAC
+    other = dataclasses.replace(cfg, out_dir=str(tmp_path / "other"), overwrite=True)
+    generate(other)
+    with pytest.raises(FileExistsError, match=r"'generated/hopper/expert-v0' exists already"):
+        generate(dataclasses.replace(other, levels=ALL, overwrite=False))
+    assert torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)["frames"] == 100  # no SAC ran
+
+
 def test_bad_input(tmp_path, minari_root):
     with pytest.raises(ValueError, match=r"levels=\['meduim'\]: expected a non-empty subset"):
         generate(tiny(tmp_path, levels=("meduim",)))

@@ -51,6 +51,10 @@ EXPERT_RETURNS = {
 
 # settings a resumed run may change: budgets and bookkeeping, not what the data is made of
 RESUMABLE_SETTINGS = ("max_medium_frames", "checkpoint_every")
+# levels a resumed run may add: SAC goes on from its checkpoint (replay buffer included) to
+# expert_frames, as one uninterrupted run would, and the run's datasets are written again
+# with the expert's return as ref_max_score
+ADDABLE_LEVELS = ("expert", "medium-expert")
 
 
 @dataclass
@@ -287,10 +291,13 @@ class DatasetGenerator:
         if math.isfinite(value):
             self.logger.log_scalar(name, value, step=step)
 
-    def _check_ids_free(self) -> None:
+    def _check_ids_free(self, skip=()) -> None:
+        """Refuse, before any work, dataset ids that exist already (``skip``: levels this run wrote)."""
         from minari.storage import get_dataset_path
 
         for level in self.cfg.levels:
+            if level in skip:
+                continue
             path = Path(get_dataset_path(self.cfg.dataset_id(level)))
             if path.exists() and not self.cfg.overwrite:
                 raise FileExistsError(
@@ -358,13 +365,23 @@ class DatasetGenerator:
             state = torch.load(self.ckpt, weights_only=False)
             saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
             current = cfg.fingerprint()
+            added = sorted(set(current["levels"]) - set(saved["levels"]))
+            if set(saved["levels"]) <= set(current["levels"]) and set(added) <= set(ADDABLE_LEVELS):
+                saved = {**saved, "levels": current["levels"]}
             if saved != current:
                 diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
                 raise ValueError(
                     f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
-                    f"the same settings to resume, or another out_dir for a new run."
+                    f"the same settings to resume (a resumed run may add the levels {list(ADDABLE_LEVELS)} "
+                    f"and change {list(RESUMABLE_SETTINGS)}), or another out_dir for a new run."
                 )
-            print(f"resuming from {self.ckpt}: stage {state['stage']}, {state['frames']} SAC frames")
+            if added:
+                self._check_ids_free(skip=state.get("written", {}))
+                if state["stage"] in ("policies done", "written"):  # SAC had stopped: its clock goes on from its total
+                    state.setdefault("timings", {})["sac_so_far_s"] = state["timings"].get("sac_total_s", 0.0)
+                state["stage"] = "levels added"
+            state["config"] = current
+            print(f"resuming from {self.ckpt}: stage {state['stage']}, {state['frames']} SAC frames" + (f", adding {added}" if added else ""))
         else:
             self._check_ids_free()
         self.timings = state.get("timings", {})
@@ -471,7 +488,9 @@ class DatasetGenerator:
                                     f"it is used as the medium policy. Evaluate more often (eval_every) for a closer one."
                                 )
                             levels["medium-replay"] = _replay_transitions(rb.storage[: len(rb)])
-                            self.timings["sac_to_medium_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                            self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                            t0 = time.perf_counter()
+                            self.timings["sac_to_medium_s"] = self.timings["sac_so_far_s"]
                             self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                             last_ckpt = frames
                             if not need_expert:
