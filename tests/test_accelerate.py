@@ -166,33 +166,33 @@ def test_compiled_update_matches_eager():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
+def record_all_terminal(update):
+    """Record the ``all_terminal`` flag of each of ``update``'s Q-loss calls."""
+    inner, flags = update._fns["qvalue_loss"], []
+
+    def record(batch, **kwargs):
+        flags.append(kwargs.get("all_terminal"))
+        return inner(batch, **kwargs)
+
+    update._fns["qvalue_loss"] = record
+    return flags
+
+
 def test_compiled_update_skips_the_paths_of_all_terminal_batches():
     """A compiled CPU critic step looks at the batch outside the graph: all-terminal batches
     (bandits) take a graph without Q-target paths, mixed ones the static graph; both match eager."""
     term_all = torch.ones(8, 1, dtype=torch.bool)
     batches = [make_batch(terminated=term_all, seed=20), cpu_batches(1)[0], make_batch(terminated=term_all, seed=21)]
     ref = make_update()
+    ref_flags = record_all_terminal(ref)
     ref_outs = run_steps(ref, batches)
     upd = make_update(compile=True, compile_backend="aot_eager")
-    inner, flags = upd._fns["qvalue_loss"], []
-
-    def record(batch, **kwargs):
-        flags.append(kwargs.get("all_terminal"))
-        return inner(batch, **kwargs)
-
-    upd._fns["qvalue_loss"] = record
+    flags = record_all_terminal(upd)
     outs = run_steps(upd, batches)
     assert flags == [True, False, True]
+    assert ref_flags == [False, False, False]  # eager skips terminal rows by itself
     assert_same_run(outs, ref_outs, upd, ref)
     assert torch.isnan(outs[0]["path_kl"]) and torch.isfinite(outs[3]["path_kl"])
-    assert all(f is False for f in _flags_of(make_update(), batches))  # eager skips rows itself
-
-
-def _flags_of(update, batches):
-    inner, flags = update._fns["qvalue_loss"], []
-    update._fns["qvalue_loss"] = lambda batch, **kw: (flags.append(kw.get("all_terminal")), inner(batch, **kw))[1]
-    run_steps(update, batches)
-    return flags
 
 
 def test_compiled_acting_and_q_target_match_eager():
