@@ -72,6 +72,8 @@ class BDPOUpdate:
 
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
+    Compiled steps do too, except on a CPU for batches whose next states are all terminal
+    (bandits such as the toy 2D tasks), which take a graph without the paths.
 
     Examples:
         >>> import torch
