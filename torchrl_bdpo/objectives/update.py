@@ -166,7 +166,9 @@ class BDPOUpdate:
 
     def _critic_step(self, batch):
         self.optimizers["critic"].zero_grad(set_to_none=True)
-        q_loss, q_meta = self._fns["qvalue_loss"](batch, all_terminal=self._all_terminal(batch))
+        # the flag only when set: a loss subclass with its own qvalue_loss(tensordict) still works
+        q_kwargs = {"all_terminal": True} if self._all_terminal(batch) else {}
+        q_loss, q_meta = self._fns["qvalue_loss"](batch, **q_kwargs)
         v_loss, v_meta = self._fns["value_loss"](batch)
         (q_loss + v_loss).backward()
         out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
