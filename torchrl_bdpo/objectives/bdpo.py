@@ -253,26 +253,24 @@ class BDPOLoss(DiffusionValueLoss):
         batch = next_observation.shape[:-1]
         if noise is None:
             noise = torch.randn(N + 1, *batch, M, A, dtype=next_observation.dtype, device=next_observation.device)
-        if all_terminal:
-            if not static_graph() and not bool(terminated.all()):
-                raise ValueError(
-                    f"all_terminal=True, but {int((~terminated).sum())} of {terminated.numel()} next "
-                    f"states are not terminated; pass all_terminal=False (the default) for such batches."
-                )
-            # 0 * the noise: a graph would drop an unused draw, and the RNG stream would then
-            # differ from eager's, which draws it (finite noise: exact zeros)
-            zeros = noise.sum(0).sum((-2, -1)).mul(0).reshape(batch)
-            return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
+        if all_terminal and not static_graph() and not bool(terminated.all()):
+            raise ValueError(
+                f"all_terminal=True, but {int((~terminated).sum())} of {terminated.numel()} next "
+                f"states are not terminated; pass all_terminal=False (the default) for such batches."
+            )
         obs, noise_rows = next_observation, noise
         rows = None
-        if self.skip_terminal_next and not static_graph():
+        if not all_terminal and self.skip_terminal_next and not static_graph():
             flat_term = terminated.reshape(-1)
             rows = (~flat_term).nonzero().squeeze(-1)
             obs = next_observation.reshape(-1, next_observation.shape[-1])[rows]
             noise_rows = noise.reshape(N + 1, -1, M, A)[:, rows]
-            if rows.numel() == 0:  # every next state is terminal: nothing to bootstrap
-                zeros = next_observation.new_zeros(batch)
-                return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
+            all_terminal = rows.numel() == 0
+        if all_terminal:  # every next state is terminal: nothing to bootstrap
+            # 0 * the noise: a graph would drop an unused draw, and the RNG stream would then
+            # differ from eager's, which draws it (finite noise: exact zeros)
+            zeros = noise.sum(0).sum((-2, -1)).mul(0).reshape(batch)
+            return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
         with self.target_actor_network_params.to_module(actor):
             path = actor.sample_path(obs, num_samples=M, noise=noise_rows)
         obs_m = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
