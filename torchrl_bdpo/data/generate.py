@@ -377,7 +377,7 @@ class DatasetGenerator:
                 )
             if added:
                 self._check_ids_free(skip=state.get("written", {}))
-                if state["stage"] in ("policies done", "written"):  # SAC had stopped: its clock goes on from its total
+                if state["stage"] in ("policies done", "written"):  # SAC had stopped; older runs left so_far behind the total
                     state.setdefault("timings", {})["sac_so_far_s"] = state["timings"].get("sac_total_s", 0.0)
                 state["stage"] = "levels added"
             state["config"] = current
@@ -413,6 +413,15 @@ class DatasetGenerator:
         # 2. SAC until medium (and expert)
         if need_medium or need_expert:
             t0 = time.perf_counter()
+
+            def lap() -> float:
+                """The SAC clock: adds the time since the last lap to ``sac_so_far_s`` and returns it."""
+                nonlocal t0
+                now = time.perf_counter()
+                self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + now - t0
+                t0 = now
+                return self.timings["sac_so_far_s"]
+
             env = make_env(cfg.env_id, cfg.seed + 1 + state["frames"])
             eval_env = make_env(cfg.env_id, cfg.seed + 10_000 + state["frames"])
             actor, loss = make_sac(env, cfg.hidden, cfg.gamma)
@@ -488,9 +497,7 @@ class DatasetGenerator:
                                     f"it is used as the medium policy. Evaluate more often (eval_every) for a closer one."
                                 )
                             levels["medium-replay"] = _replay_transitions(rb.storage[: len(rb)])
-                            self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
-                            t0 = time.perf_counter()
-                            self.timings["sac_to_medium_s"] = self.timings["sac_so_far_s"]
+                            self.timings["sac_to_medium_s"] = lap()
                             self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                             last_ckpt = frames
                             if not need_expert:
@@ -500,8 +507,7 @@ class DatasetGenerator:
                         break
                     # at the cap too: a rerun with a higher cap continues from here
                     if frames - last_ckpt >= cfg.checkpoint_every or (at_cap and frames > last_ckpt):
-                        self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
-                        t0 = time.perf_counter()
+                        lap()
                         self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                         last_ckpt = frames
                     if at_cap:
@@ -515,7 +521,7 @@ class DatasetGenerator:
                         )
                 bar.close()
                 collector.shutdown()
-                self.timings["sac_total_s"] = self.timings.get("sac_so_far_s", 0) + time.perf_counter() - t0
+                self.timings["sac_total_s"] = lap()
                 if need_expert and "expert_policy" not in state:
                     state["expert_policy"] = {
                         "params": TensorDict.from_module(actor).clone(), "frames": frames,
