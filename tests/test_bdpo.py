@@ -11,7 +11,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
-from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss
+from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss, TargetSoftUpdate
 from torchrl_bdpo.objectives.utils import aggregate_ensemble
 
 OBS, ACT, K, M, N = 3, 2, 3, 4, 5
@@ -276,10 +276,42 @@ def test_target_updaters_move_only_their_group():
         moved = not torch.equal(after[name], old)
         should = name.startswith(("target_qvalue", "target_value"))
         assert moved == should, name
+    for name, old in before.items():  # every entry, paired by name: 0.5 old + 0.5 online
+        if name.startswith(("target_qvalue", "target_value")):
+            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_"):]].data, msg=name)
     actor_up.step()
-    key = next(n for n in before if n.startswith("target_actor"))
-    online = dict(loss.named_parameters())[key[len("target_"):]]
-    torch.testing.assert_close(after[key], 0.5 * before[key] + 0.5 * online.data)
+    behavior_up.step()
+    after = dict(loss.named_buffers())
+    for name, old in before.items():
+        if name.startswith(("target_actor", "target_behavior")):
+            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_"):]].data, msg=name)
+    # the updaters follow parameters that a dtype (or device) change replaced
+    loss = loss.double()
+    online = {n: p.detach().clone() for n, p in [*loss.named_parameters(), *loss.named_buffers()]}
+    old = {n: b.clone() for n, b in loss.named_buffers() if n.startswith("target_actor")}
+    actor_up.step()
+    for name, b in loss.named_buffers():
+        if name in old:
+            assert b.dtype == torch.float64
+            torch.testing.assert_close(b, 0.5 * old[name] + 0.5 * online[name[len("target_"):]], msg=name)
+
+
+def test_target_updater_refuses_mismatched_targets():
+    class Holder:
+        _has_update_associated = {}
+
+    holder = Holder()
+    holder.net_params = TensorDict({"w": torch.zeros(2), "b": torch.zeros(1)}, [])
+    holder.target_net_params = TensorDict({"b": torch.zeros(1), "w": torch.zeros(2)}, [])
+    with pytest.raises(ValueError, match=r"net_params and target_net_params hold different entries"):
+        TargetSoftUpdate(holder, ("net",))
+    holder.target_net_params = TensorDict({"w": torch.ones(2), "b": torch.ones(1)}, [])
+    up = TargetSoftUpdate(holder, ("net",), tau=0.25)
+    up.step()
+    torch.testing.assert_close(holder.target_net_params["w"], torch.full((2,), 0.75))
+    holder.net_params = TensorDict({"w": torch.zeros(2)}, [])
+    with pytest.raises(RuntimeError, match="has 1 entries but target_net_params 2"):
+        up.step()
 
 
 def test_acting_module():

@@ -107,16 +107,39 @@ class TargetSoftUpdate:
                     f"{type(loss_module).__name__} has no target parameters for {name!r}; "
                     f"networks with targets: {sorted(loss_module._has_update_associated)}."
                 )
+            online, target = self._pair(name)
+            online_keys = list(online.keys(include_nested=True, leaves_only=True))
+            target_keys = list(target.keys(include_nested=True, leaves_only=True))
+            if online_keys != target_keys:  # step() pairs the leaves by position
+                raise ValueError(
+                    f"{name}_params and target_{name}_params hold different entries (or the same in "
+                    f"another order): {online_keys} vs {target_keys}. Build the targets from the online "
+                    f"parameters (LossModule.convert_to_functional(..., create_target_params=True))."
+                )
             loss_module._has_update_associated[name] = True
+
+    def _pair(self, name: str):
+        return getattr(self.loss_module, f"{name}_params"), getattr(self.loss_module, f"target_{name}_params")
 
     @torch.no_grad()
     def step(self) -> None:
+        # one fused lerp over every leaf of every network: ``target.data.lerp_(online.data)``
+        # on the TensorDicts builds two detached TensorDicts per network first, which costs
+        # more than the lerp itself for a 4 x 256 MLP (~0.8 ms against ~0.35 ms per step on a CPU)
+        targets, onlines = [], []
         for name in self.networks:
-            online = getattr(self.loss_module, f"{name}_params")
-            target = getattr(self.loss_module, f"target_{name}_params")
-            if online.is_empty():
-                continue
-            target.data.lerp_(online.data, self.tau)
+            online, target = self._pair(name)
+            o = list(online.values(include_nested=True, leaves_only=True))  # read only (no_grad)
+            t = [p.data for p in target.values(include_nested=True, leaves_only=True)]  # as before: no version bump
+            if len(o) != len(t):
+                raise RuntimeError(
+                    f"{name}_params has {len(o)} entries but target_{name}_params {len(t)}: the "
+                    f"parameters were replaced after this TargetSoftUpdate was built; build a new one."
+                )
+            onlines += o
+            targets += t
+        if targets:
+            torch._foreach_lerp_(targets, onlines, self.tau)
 
     @torch.no_grad()
     def hard_update(self) -> None:
