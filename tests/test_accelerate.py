@@ -166,6 +166,51 @@ def test_compiled_update_matches_eager():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
+def test_compiled_update_matches_eager_past_the_q_row_capacity():
+    """At 64 rows a compiled CPU step evaluates V_0 = Q on 36 selected rows, not all 64 x M."""
+    batches = cpu_batches(B=64)
+    ref = make_update()
+    assert ref.loss._q_row_capacity(64) == 36
+    ref_outs = run_steps(ref, batches)
+    upd = make_update(compile=True, compile_backend="aot_eager")
+    outs = run_steps(upd, batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+
+
+@pytest.mark.parametrize("zeros", ["some", "all", "small batch"])
+def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
+    """``_next_value`` compiled on a CPU: Q on the capacity's rows while the ``n - 1 = 0`` rows fit,
+    on every row when they do not (or when the batch is no larger than the capacity); eager's values."""
+    loss = make_loss()
+    B = 8 if zeros == "small batch" else 64
+    g = torch.Generator().manual_seed(3)
+    obs = torch.randn(B, M, OBS, generator=g)
+    act = torch.rand(B, M, ACT, generator=g) * 2 - 1
+    step = torch.randint(0, N, (B, 1), generator=g)
+    if zeros == "all":
+        step = torch.zeros(B, 1, dtype=torch.long)
+    step = step.expand(B, M)
+    q_rows = []
+    qvalue = loss._qvalue
+
+    def spy(params, observation, action):
+        q_rows.append(observation.shape[:-1].numel())
+        return qvalue(params, observation, action)
+
+    loss._qvalue = spy
+    with torch.no_grad():
+        ref = loss._next_value(obs, act, step)  # eager: Q on the n - 1 = 0 rows only
+        assert q_rows == [int((step == 0).sum())]
+        q_rows.clear()
+        torch._dynamo.reset()
+        out = torch.compile(loss._next_value, backend="aot_eager")(obs, act, step)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    capacity = loss._q_row_capacity(B)
+    expected = {"some": capacity, "all": B, "small batch": B}[zeros] * M
+    assert capacity == (36 if B == 64 else B)
+    assert set(q_rows) == {expected}, q_rows
+
+
 def record_all_terminal(update):
     """Record the ``all_terminal`` flag of each of ``update``'s Q-loss calls."""
     inner, flags = update._fns["qvalue_loss"], []

@@ -73,7 +73,9 @@ class BDPOUpdate:
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
     Compiled steps do too, except on a CPU for batches whose next states are all terminal
-    (bandits such as the toy 2D tasks), which take a graph without the paths.
+    (bandits such as the toy 2D tasks), which take a graph without the paths. Compiled CPU
+    steps also evaluate the target ``V_0 = Q`` of the V and actor objectives on about
+    ``B / N`` selected rows instead of all ``B`` (see ``DiffusionValueLoss._next_value``).
 
     Examples:
         >>> import torch

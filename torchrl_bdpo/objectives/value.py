@@ -1,6 +1,8 @@
 """The lower-level (diffusion-step) TD loss of BDPO for the diffusion value V_n."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -253,11 +255,18 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         """Target ``V_{n-1}`` at ``(s, a^{n-1})``, with ``V_0 = Q``: ``[K, *B]``.
 
         Eager: rows with ``n - 1 = 0`` go to Q and the others to V (each row evaluated once).
-        Under ``torch.compile`` or CUDA-graph capture both are evaluated on every row and selected with
-        ``torch.where``, which keeps shapes static.
+        Under CUDA-graph capture, and ``torch.compile`` on a GPU, both are evaluated on every row
+        and selected with ``torch.where``, which keeps shapes static. ``torch.compile`` on a CPU
+        counts the ``n - 1 = 0`` rows (a graph break, free there) and, when they fit in
+        :meth:`_q_row_capacity` (all but ~1e-9 of batches of uniform steps), evaluates Q on that
+        many rows only (:meth:`_next_value_capacity`): ~``B / N`` instead of ``B`` rows. A
+        ``fullgraph=True`` compile of ``value_loss`` / ``actor_loss`` on a CPU therefore fails on
+        batches above the capacity (256 rows at ``N = 5``: Q on 94 rows), at the graph break.
         """
         q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
         if static_graph():
+            if self._q_rows_by_capacity(step_prev):
+                return self._next_value_capacity(observation, action_prev, step_prev, q_params, v_params)
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
             return torch.where(step_prev == 0, q, v)
@@ -273,6 +282,48 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             1, rows_v, self._value(v_params, flat_obs[rows_v], flat_act[rows_v], flat_step[rows_v])
         )
         return out.reshape(self.num_qvalue_nets, *step_prev.shape)
+
+    def _q_row_capacity(self, num_rows: int) -> int:
+        """Rows of ``V_0 = Q`` that a compiled CPU step evaluates: the mean count for steps
+        ``n ~ U{1..N}`` plus 6 standard deviations (and 4), at most ``num_rows``."""
+        p = 1.0 / self.actor_network.num_steps
+        mean = num_rows * p
+        return min(num_rows, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 4.0))
+
+    def _q_rows_by_capacity(self, step_prev: torch.Tensor) -> bool:
+        """Whether a static graph evaluates Q on a fixed number of selected rows (see ``_next_value_capacity``).
+
+        CPU graphs only, and only when the rows with ``n - 1 = 0`` fit: counting them is a
+        host read, which a CUDA graph cannot hold and which is free on a CPU. A compiled graph
+        breaks here and goes on in one of two graphs (the capacity's or the full one).
+        """
+        if step_prev.device.type != "cpu" or step_prev.ndim < 2:
+            return False
+        num_rows = step_prev[..., 0].numel()
+        capacity = self._q_row_capacity(num_rows)
+        if capacity >= num_rows:
+            return False
+        return int((step_prev[..., 0] == 0).sum()) <= capacity
+
+    def _next_value_capacity(self, observation, action_prev, step_prev, q_params, v_params) -> torch.Tensor:
+        """``_next_value`` with static shapes and Q on ``_q_row_capacity`` rows instead of all.
+
+        The ``M`` samples of a row share its step. A stable sort puts the rows with
+        ``n - 1 = 0`` first; Q runs on the first ``capacity`` rows (all of those, then padding)
+        and its values replace V's where ``n - 1 = 0``.
+        """
+        M = step_prev.shape[-1]
+        batch = step_prev.shape[:-1]
+        rows = batch.numel()
+        capacity = self._q_row_capacity(rows)
+        flat_obs = observation.reshape(rows, M, observation.shape[-1])
+        flat_act = action_prev.reshape(rows, M, action_prev.shape[-1])
+        is_q = step_prev.reshape(rows, M)[:, 0] == 0
+        v = self._value(v_params, observation, action_prev, step_prev).reshape(-1, rows, M)
+        idx = torch.argsort((~is_q).to(torch.int8), stable=True)[:capacity]
+        q = self._qvalue(q_params, flat_obs[idx], flat_act[idx])  # [K, capacity, M]
+        picked = torch.where(is_q[idx].unsqueeze(-1), q, v[:, idx])
+        return v.index_copy(1, idx, picked).reshape(-1, *batch, M)
 
     def one_step_objective(self, observation, action_n, n, actor_params: TensorDictBase | None = None):
         """The one-step objective at ``(s, a^n, n)`` under the given actor parameters.
