@@ -177,7 +177,7 @@ def test_compiled_update_matches_eager_past_the_q_row_capacity():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
-@pytest.mark.parametrize("zeros", ["some", "all", "small batch"])
+@pytest.mark.parametrize("zeros", ["some", "all", "small batch", "per sample"])
 def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
     """``_next_value`` compiled on a CPU: Q on the capacity's rows while the ``n - 1 = 0`` rows fit,
     on every row when they do not (or when the batch is no larger than the capacity); eager's values."""
@@ -190,6 +190,9 @@ def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
     if zeros == "all":
         step = torch.zeros(B, 1, dtype=torch.long)
     step = step.expand(B, M)
+    if zeros == "per sample":  # steps that differ within a row: Q where n - 1 = 0, per sample
+        step = torch.randint(0, N, (B, M), generator=g)
+        step[:, 1:] = step[:, 1:].clamp(min=1)  # zeros only in the first sample: the rows fit
     q_rows = []
     qvalue = loss._qvalue
 
@@ -206,7 +209,7 @@ def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
         out = torch.compile(loss._next_value, backend="aot_eager")(obs, act, step)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     capacity = loss._q_row_capacity(B)
-    expected = {"some": capacity, "all": B, "small batch": B}[zeros] * M
+    expected = {"some": capacity, "all": B, "small batch": B, "per sample": capacity}[zeros] * M
     assert capacity == (36 if B == 64 else B)
     assert set(q_rows) == {expected}, q_rows
 

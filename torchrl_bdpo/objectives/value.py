@@ -303,14 +303,15 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         capacity = self._q_row_capacity(num_rows)
         if capacity >= num_rows:
             return False
-        return int((step_prev[..., 0] == 0).sum()) <= capacity
+        return int((step_prev == 0).any(-1).sum()) <= capacity
 
     def _next_value_capacity(self, observation, action_prev, step_prev, q_params, v_params) -> torch.Tensor:
         """``_next_value`` with static shapes and Q on ``_q_row_capacity`` rows instead of all.
 
-        The ``M`` samples of a row share its step. A stable sort puts the rows with
-        ``n - 1 = 0`` first; Q runs on the first ``capacity`` rows (all of those, then padding)
-        and its values replace V's where ``n - 1 = 0``.
+        A row is one state's ``M`` samples (one step for all of them in BDPO's objective). A
+        stable sort puts the rows holding a sample with ``n - 1 = 0`` first; Q runs on the first
+        ``capacity`` rows (all of those, then padding) and its values replace V's on the
+        samples with ``n - 1 = 0``.
         """
         M = step_prev.shape[-1]
         batch = step_prev.shape[:-1]
@@ -318,11 +319,11 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         capacity = self._q_row_capacity(rows)
         flat_obs = observation.reshape(rows, M, observation.shape[-1])
         flat_act = action_prev.reshape(rows, M, action_prev.shape[-1])
-        is_q = step_prev.reshape(rows, M)[:, 0] == 0
+        is_q = step_prev.reshape(rows, M) == 0
         v = self._value(v_params, observation, action_prev, step_prev).reshape(-1, rows, M)
-        idx = torch.argsort((~is_q).to(torch.int8), stable=True)[:capacity]
+        idx = torch.argsort((~is_q.any(-1)).to(torch.int8), stable=True)[:capacity]
         q = self._qvalue(q_params, flat_obs[idx], flat_act[idx])  # [K, capacity, M]
-        picked = torch.where(is_q[idx].unsqueeze(-1), q, v[:, idx])
+        picked = torch.where(is_q[idx], q, v[:, idx])
         return v.index_copy(1, idx, picked).reshape(-1, *batch, M)
 
     def one_step_objective(self, observation, action_n, n, actor_params: TensorDictBase | None = None):
