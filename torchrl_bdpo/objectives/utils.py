@@ -145,8 +145,7 @@ class TargetSoftUpdate:
     def hard_update(self) -> None:
         """Copy online into target (``tau = 1``)."""
         for name in self.networks:
-            online = getattr(self.loss_module, f"{name}_params")
-            target = getattr(self.loss_module, f"target_{name}_params")
+            online, target = self._pair(name)
             if not online.is_empty():
                 target.data.copy_(online.data)
 

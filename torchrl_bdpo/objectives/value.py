@@ -265,8 +265,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         """
         q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
         if static_graph():
-            if self._q_rows_by_capacity(step_prev):
-                return self._next_value_capacity(observation, action_prev, step_prev, q_params, v_params)
+            capacity = self._q_capacity_for(step_prev)
+            if capacity is not None:
+                return self._next_value_capacity(observation, action_prev, step_prev, q_params, v_params, capacity)
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
             return torch.where(step_prev == 0, q, v)
@@ -290,23 +291,25 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         mean = num_rows * p
         return min(num_rows, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 4.0))
 
-    def _q_rows_by_capacity(self, step_prev: torch.Tensor) -> bool:
-        """Whether a static graph evaluates Q on a fixed number of selected rows (see ``_next_value_capacity``).
+    def _q_capacity_for(self, step_prev: torch.Tensor) -> int | None:
+        """The rows a static graph evaluates Q on (see ``_next_value_capacity``), or ``None`` for all.
 
         CPU graphs only, and only when the rows with ``n - 1 = 0`` fit: counting them is a
         host read, which a CUDA graph cannot hold and which is free on a CPU. A compiled graph
         breaks here and goes on in one of two graphs (the capacity's or the full one).
         """
         if step_prev.device.type != "cpu" or step_prev.ndim < 2:
-            return False
+            return None
         num_rows = step_prev[..., 0].numel()
         capacity = self._q_row_capacity(num_rows)
-        if capacity >= num_rows:
-            return False
-        return int((step_prev == 0).any(-1).sum()) <= capacity
+        if capacity >= num_rows or int((step_prev == 0).any(-1).sum()) > capacity:
+            return None
+        return capacity
 
-    def _next_value_capacity(self, observation, action_prev, step_prev, q_params, v_params) -> torch.Tensor:
-        """``_next_value`` with static shapes and Q on ``_q_row_capacity`` rows instead of all.
+    def _next_value_capacity(
+        self, observation, action_prev, step_prev, q_params, v_params, capacity: int
+    ) -> torch.Tensor:
+        """``_next_value`` with static shapes and Q on ``capacity`` rows instead of all.
 
         A row is one state's ``M`` samples (one step for all of them in BDPO's objective). A
         stable sort puts the rows holding a sample with ``n - 1 = 0`` first; Q runs on the first
@@ -316,7 +319,6 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         M = step_prev.shape[-1]
         batch = step_prev.shape[:-1]
         rows = batch.numel()
-        capacity = self._q_row_capacity(rows)
         flat_obs = observation.reshape(rows, M, observation.shape[-1])
         flat_act = action_prev.reshape(rows, M, action_prev.shape[-1])
         is_q = step_prev.reshape(rows, M) == 0
