@@ -47,7 +47,7 @@ def make_loss(N=5, K=10, M=10, hidden=256, device="cpu"):
         return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=hidden, depth=4), make_schedule("vp", N), clip_denoised=True)
 
     loss = BDPOLoss(
-        actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden), make_qvalue_operator(OBS, ACT, hidden=hidden),
+        actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=hidden),
         eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M,
     )
     return loss.to(device)

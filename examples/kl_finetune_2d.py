@@ -111,7 +111,7 @@ def finetune_blackbox(
     loss = BDPOLoss(
         policy,
         pretrained,
-        make_value_operator(1, 2, hidden=hidden),
+        make_value_operator(1, 2, hidden=hidden, num_steps=pretrained.num_steps),
         make_qvalue_operator(1, 2, hidden=hidden),
         eta=eta,
         rho=0.0,

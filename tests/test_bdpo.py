@@ -19,13 +19,15 @@ OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
 
-def make_loss(seed=0, **kwargs):
+def make_loss(seed=0, value_num_steps=N, **kwargs):
+    """The value network looks its time branch up (``num_steps=N``), as the scripts build it."""
     torch.manual_seed(seed)
     actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     behavior = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     kw = dict(eta=0.2, rho=1.0, num_qvalue_nets=K, num_samples=M)
     kw.update(kwargs)
-    return BDPOLoss(actor, behavior, make_value_operator(OBS, ACT, hidden=32), make_qvalue_operator(OBS, ACT, hidden=32), **kw)
+    value = make_value_operator(OBS, ACT, hidden=32, num_steps=value_num_steps)
+    return BDPOLoss(actor, behavior, value, make_qvalue_operator(OBS, ACT, hidden=32), **kw)
 
 
 def make_batch(B=8, terminated=None, truncated=None, seed=1):
@@ -381,5 +383,7 @@ def test_bad_input():
     other = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32), make_schedule("vp", 6))
     with pytest.raises(ValueError, match="different noise schedules"):
         BDPOLoss(actor, other, make_value_operator(OBS, ACT), make_qvalue_operator(OBS, ACT), eta=0.1)
+    with pytest.raises(ValueError, match=r"value_network was built for num_steps=6 but the actor has 5 .*num_steps=5"):
+        BDPOLoss(actor, behavior, make_value_operator(OBS, ACT, num_steps=6), make_qvalue_operator(OBS, ACT), eta=0.1)
     with pytest.raises(ValueError, match="expected an integer >= 1"):
         make_loss(num_qvalue_nets=2.5)

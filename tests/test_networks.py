@@ -182,3 +182,49 @@ def test_chain_cache_with_tensor_steps_and_expanded_inputs():
     torch.testing.assert_close(net(a2, n_rand, cache=net.chain_cache(s, 5)), net(a2, n_rand, s), rtol=1e-5, atol=1e-6)
     with pytest.raises(IndexError):
         net(a2, torch.tensor([0, 1, 2, 6]), cache=net.chain_cache(s, 5))
+
+
+@pytest.mark.parametrize("obs_dim", [3, 0])
+def test_value_network_time_table_equals_plain_forward(obs_dim):
+    # num_steps=N: the time branch and the first layer's time part once per step 0..N, the
+    # observation part once per distinct (non-expanded) observation; values and gradients are
+    # the plain forward's, with the same parameters (state_dict keys and tensors)
+    torch.manual_seed(0)
+    plain = DiffusionValueNetwork(obs_dim, 2, hidden=16, time_dim=8)
+    table = DiffusionValueNetwork(obs_dim, 2, hidden=16, time_dim=8, num_steps=5)
+    table.load_state_dict(plain.state_dict())
+    assert list(table.state_dict()) == list(plain.state_dict())
+    s = torch.randn(4, obs_dim)
+    s_exp = s.unsqueeze(-2).expand(4, 6, obs_dim)  # BDPO's M samples per state
+    a = torch.randn(4, 6, 2)
+    n = torch.randint(1, 6, (4,))
+    n_exp = (n - 1).unsqueeze(-1).expand(4, 6)
+    for step in (0, 3, 5, n_exp, torch.randint(0, 6, (4, 6))):
+        torch.testing.assert_close(table(s_exp, a, step), plain(s_exp, a, step), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(table(s, a[:, 0], n), plain(s, a[:, 0], n), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(table(s[:1], a, 2), plain(s[:1], a, 2), rtol=1e-5, atol=1e-6)  # obs broadcast
+    a_req = a.clone().requires_grad_()
+    a_ref = a.clone().requires_grad_()
+    params = list(table.parameters())
+    g_table = torch.autograd.grad(table(s_exp, a_req, n_exp).pow(2).sum(), params + [a_req])
+    g_plain = torch.autograd.grad(plain(s_exp, a_ref, n_exp).pow(2).sum(), list(plain.parameters()) + [a_ref])
+    assert len(g_table) == len(g_plain)
+    for gt, gp in zip(g_table, g_plain):
+        torch.testing.assert_close(gt, gp, rtol=1e-4, atol=1e-5)
+
+
+def test_value_network_time_table_bad_input():
+    with pytest.raises(ValueError, match=r"num_steps=0: expected the policy's number of diffusion steps"):
+        DiffusionValueNetwork(3, 2, num_steps=0)
+    with pytest.raises(ValueError, match=r"num_steps=True"):
+        DiffusionValueNetwork(3, 2, num_steps=True)
+    v = DiffusionValueNetwork(3, 2, hidden=16, num_steps=5)
+    s, a = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"step=6: expected an integer in \[0, 5\] \(num_steps=5\)"):
+        v(s, a, 6)
+    with pytest.raises(ValueError, match=r"step has dtype torch.float32: expected integer"):
+        v(s, a, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    with pytest.raises(IndexError):
+        v(s, a, torch.tensor([0, 1, 2, 6]))
+    with pytest.raises(ValueError, match=r"observation has shape \(4, 7\)"):
+        v(torch.randn(4, 7), a, 1)

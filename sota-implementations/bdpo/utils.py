@@ -39,7 +39,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BD
     loss = BDPOLoss(
         actor,
         behavior,
-        make_value_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth),
+        make_value_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth, num_steps=d.num_steps),
         make_qvalue_operator(
             observation_dim, action_dim, hidden=c.hidden, depth=c.depth, layer_norm=c.get("layer_norm", False)
         ),

@@ -286,6 +286,18 @@ class DiffusionValueNetwork(nn.Module):
     ``concat[s, a^n, t] -> depth x hidden (LayerNorm, Mish) -> 1``.
 
     ``forward(observation, action, step)`` returns ``[*B, 1]``.
+
+    Keyword Args:
+        hidden (int): hidden width. Defaults to 256.
+        depth (int): number of hidden layers. Defaults to 3.
+        time_dim (int): time-embedding width. Defaults to 64.
+        num_steps (int, optional): the number of diffusion steps ``N`` of the policy it values.
+            With it, each call runs the time branch and the first layer's time part once per
+            step ``0..N`` and looks the rows up (as :meth:`EpsilonNetwork.chain_cache` does), and
+            the first layer's observation part once per distinct observation (``expand``-ed
+            dimensions, such as BDPO's ``M`` samples per state, are computed once): ~20% fewer
+            FLOPs at the D4RL sizes, the same values up to float rounding, the same parameters.
+            Steps outside ``[0, N]`` then raise an error. Defaults to ``None`` (the plain forward).
     """
 
     def __init__(
@@ -296,10 +308,17 @@ class DiffusionValueNetwork(nn.Module):
         hidden: int = 256,
         depth: int = 3,
         time_dim: int = 64,
+        num_steps: int | None = None,
     ) -> None:
         super().__init__()
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
+            raise ValueError(
+                f"num_steps={num_steps!r}: expected the policy's number of diffusion steps (an integer "
+                f">= 1), or None for the plain forward."
+            )
         self.action_dim = action_dim
         self.observation_dim = observation_dim
+        self.num_steps = num_steps
         self.time_mlp = timestep_embedding(time_dim, 2 * time_dim, time_dim)
         self.body = mlp(observation_dim + action_dim + time_dim, hidden, depth, 1, layer_norm=True)
         orthogonal_init_(self)
@@ -310,10 +329,35 @@ class DiffusionValueNetwork(nn.Module):
             "observation", observation, self.observation_dim,
             "Match the value network's observation_dim.",
         )
-        step = _broadcast_step(step, action.shape[:-1], action.device)
         if observation.shape[:-1] != action.shape[:-1]:
             observation = observation.expand(*action.shape[:-1], self.observation_dim)
+        if self.num_steps is not None:
+            return self._forward_table(observation, action, step)
+        step = _broadcast_step(step, action.shape[:-1], action.device)
         return self.body(torch.cat([observation, action, self.time_mlp(step)], -1))
+
+    def _forward_table(self, observation: torch.Tensor, action: torch.Tensor, step) -> torch.Tensor:
+        first = self.body[0]
+        O, A = self.observation_dim, self.action_dim
+        steps = torch.arange(self.num_steps + 1, device=first.weight.device)
+        table = F.linear(self.time_mlp(steps), first.weight[:, O + A :], first.bias)  # [N + 1, hidden]
+        if isinstance(step, torch.Tensor):
+            if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
+                raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
+            time = table[_undo_expand(step)]  # steps outside [0, N] raise an IndexError
+        elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.num_steps:
+            raise ValueError(
+                f"step={step!r}: expected an integer in [0, {self.num_steps}] (num_steps={self.num_steps}) "
+                f"or a long tensor of such steps."
+            )
+        else:
+            time = table[step]
+        h = F.linear(action, first.weight[:, O : O + A]) + time
+        if O:
+            h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
+        for layer in self.body[1:]:
+            h = layer(h)
+        return h
 
 
 class QValueNetwork(nn.Module):
@@ -368,11 +412,15 @@ def make_value_operator(
     *,
     hidden: int = 256,
     depth: int = 3,
+    num_steps: int | None = None,
     in_keys=("observation", "action", "diffusion_step"),
     out_keys=("diffusion_value",),
 ):
-    """``V(s, a^n, n)`` as a TensorDictModule (``observation, action, diffusion_step -> diffusion_value``)."""
+    """``V(s, a^n, n)`` as a TensorDictModule (``observation, action, diffusion_step -> diffusion_value``).
+
+    Pass the policy's ``num_steps`` for the faster looked-up time branch (see :class:`DiffusionValueNetwork`).
+    """
     from tensordict.nn import TensorDictModule
 
-    net = DiffusionValueNetwork(observation_dim, action_dim, hidden=hidden, depth=depth)
+    net = DiffusionValueNetwork(observation_dim, action_dim, hidden=hidden, depth=depth, num_steps=num_steps)
     return TensorDictModule(net, in_keys=list(in_keys), out_keys=list(out_keys))

@@ -191,6 +191,12 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
                     f"{name} has {attr}={mine} but the actor has {attr}={theirs}: build the "
                     f"critics with the dimensions of the data."
                 )
+        num_steps = getattr(inner, "num_steps", None) if name == "value_network" else None
+        if num_steps is not None and num_steps != actor.num_steps:
+            raise ValueError(
+                f"value_network was built for num_steps={num_steps} but the actor has "
+                f"{actor.num_steps} diffusion steps: build it with num_steps={actor.num_steps}."
+            )
         if not hasattr(module, "in_keys"):
             raise ValueError(
                 f"{name} is a {type(module).__name__}: expected a TensorDictModule whose in_keys "
