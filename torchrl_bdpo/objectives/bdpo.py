@@ -50,7 +50,9 @@ class BDPOLoss(DiffusionValueLoss):
         actor_network (DiffusionActor): the policy ``pi``.
         behavior_network (DiffusionActor): the behavior ``nu`` (pretrained with
             :class:`DenoisingLoss`); same schedule as the actor.
-        value_network (TensorDictModule): ``V(s, a^n, n)``, e.g. :func:`make_value_operator`.
+        value_network (TensorDictModule): ``V(s, a^n, n)``, e.g.
+            ``make_value_operator(obs_dim, action_dim, num_steps=N)`` (:func:`make_value_operator`;
+            ``num_steps`` looks its time branch up: faster, the same values).
         qvalue_network (TensorDictModule): ``Q(s, a)``, e.g. :func:`make_qvalue_operator`.
 
     Keyword Args:
@@ -79,7 +81,7 @@ class BDPOLoss(DiffusionValueLoss):
         >>> from torchrl_bdpo.objectives import BDPOLoss
         >>> actor = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), make_schedule("vp", 5))
         >>> behavior = DiffusionActor(EpsilonNetwork(2, 3, hidden=32), make_schedule("vp", 5))
-        >>> loss = BDPOLoss(actor, behavior, make_value_operator(3, 2, hidden=32),
+        >>> loss = BDPOLoss(actor, behavior, make_value_operator(3, 2, hidden=32, num_steps=5),
         ...     make_qvalue_operator(3, 2, hidden=32), eta=0.2, rho=2.0, num_qvalue_nets=2,
         ...     num_samples=4)
         >>> critic_updater, actor_updater, behavior_updater = loss.make_target_updaters(tau=0.005)

@@ -59,7 +59,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         behavior_network (DiffusionActor): the behavior ``nu``; its EMA target is the KL
             reference. Same schedule as the actor.
         value_network (TensorDictModule): ``V(s, a^n, n)`` with in_keys among
-            (observation, action, diffusion_step) keys, e.g. :func:`make_value_operator`.
+            (observation, action, diffusion_step) keys, e.g. :func:`make_value_operator`;
+            build it with the actor's ``num_steps`` to look its time branch up (faster, see
+            :class:`~torchrl_bdpo.diffusion.DiffusionValueNetwork`); another ``num_steps`` is refused.
         qvalue_network (TensorDictModule): ``Q(s, a)`` (in_keys observation, action), or a
             parameter-free module computing a known reward.
 
