@@ -203,6 +203,10 @@ def test_value_network_time_table_equals_plain_forward(obs_dim):
         torch.testing.assert_close(table(s_exp, a, step), plain(s_exp, a, step), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(table(s, a[:, 0], n), plain(s, a[:, 0], n), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(table(s[:1], a, 2), plain(s[:1], a, 2), rtol=1e-5, atol=1e-6)  # obs broadcast
+    torch.testing.assert_close(table(s_exp, a, n[:1]), plain(s_exp, a, n[:1]), rtol=1e-5, atol=1e-6)  # step broadcast
+    for net in (table, plain):  # a step per state against [4, 6] actions: refused alike, never misaligned
+        with pytest.raises(RuntimeError, match="expanded size"):
+            net(s_exp, a, n)
     a_req = a.clone().requires_grad_()
     a_ref = a.clone().requires_grad_()
     params = list(table.parameters())

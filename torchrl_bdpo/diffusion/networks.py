@@ -344,6 +344,7 @@ class DiffusionValueNetwork(nn.Module):
         if isinstance(step, torch.Tensor):
             if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
                 raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
+            step = _broadcast_step(step, action.shape[:-1], action.device)  # a view: as the plain forward
             time = table[_undo_expand(step)]  # steps outside [0, N] raise an IndexError
         elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.num_steps:
             raise ValueError(
