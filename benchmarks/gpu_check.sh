@@ -5,7 +5,8 @@
 # output of every step also goes to gpu_check.log.
 #   bash benchmarks/gpu_check.sh            # writes into benchmarks/results/ (or $OUT)
 # Wheels for packages the GPU machine lacks (torchrl, tensordict and their small
-# dependencies) are installed from .whl/ when that folder exists.
+# dependencies) are installed from .whl/ when that folder exists: `bash benchmarks/fetch_gpu_wheels.sh`
+# here first, then the device tool's run with carry [".whl"].
 set -o pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
