@@ -1,7 +1,7 @@
 
 import pytest
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictParams
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_bdpo.diffusion import (
@@ -295,6 +295,35 @@ def test_target_updaters_move_only_their_group():
         if name in old:
             assert b.dtype == torch.float64
             torch.testing.assert_close(b, 0.5 * old[name] + 0.5 * online[name[len("target_"):]], msg=name)
+
+
+def test_target_updater_cache_follows_replaced_parameters():
+    # the updater reuses the leaves it walked while nothing can have replaced them; a
+    # replaced container or a dtype change (which replaces the tensors) is walked again
+    loss = make_loss()
+    _, actor_up, _ = loss.make_target_updaters(tau=0.5)
+    actor_up.step()
+    assert actor_up._leaves is not None  # cached after the first step
+    targets, _ = actor_up._leaves[2], actor_up._leaves[3]
+    actor_up.step()
+    assert actor_up._leaves[2] is targets  # reused: nothing changed
+
+    def check(step):
+        online = {k: v.detach().clone() for k, v in loss.actor_network_params.items(True, True)}
+        old = {k: v.clone() for k, v in loss.target_actor_network_params.items(True, True)}
+        step()
+        for key, value in loss.target_actor_network_params.items(True, True):
+            torch.testing.assert_close(value, 0.5 * old[key] + 0.5 * online[key], msg=str(key))
+
+    fresh = TensorDictParams(loss.target_actor_network_params.data.clone().zero_(), no_convert=True)
+    loss.target_actor_network_params = fresh
+    check(actor_up.step)  # the new container is the one moved
+    assert loss.target_actor_network_params is fresh and actor_up._leaves[0][1] is fresh
+    version = loss._params_version
+    loss.double()  # new tensors in the same containers
+    assert loss._params_version == version + 1
+    check(actor_up.step)
+    assert all(t.dtype == torch.float64 for t in loss.target_actor_network_params.values(True, True))
 
 
 def test_target_updater_refuses_mismatched_targets():
