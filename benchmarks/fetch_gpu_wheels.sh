@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that benchmarks/gpu_check.sh installs on a lent GPU machine: the
 # packages its image lacks (torchrl, tensordict and their small dependencies; the image has zipp,
-# cloudpickle, numpy and packaging), built for its Python 3.12 on x86-64 Linux. The folder .whl/ is kept out of git (.git/info/exclude); name it
-# in the device tool's `carry` ([".whl"]). Versions: the ones this project is tested with.
+# cloudpickle, numpy and packaging), built for its Python 3.12 on x86-64 Linux. The folder
+# .whl/ is kept out of git (.git/info/exclude); name it in the device tool's `carry` ([".whl"]).
+# Versions: the ones this project is tested with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
