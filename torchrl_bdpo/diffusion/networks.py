@@ -131,6 +131,28 @@ def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
     return n
 
 
+def _step_rows(table: torch.Tensor, step, *, context: str = "", hint: str = "", batch_shape=None) -> torch.Tensor:
+    """Row ``step`` of a per-step ``table`` (``[N + 1, ...]``): an int, or an integer tensor of steps.
+
+    A tensor is first expanded to ``batch_shape`` when given (a view), then looked up once per
+    distinct step (expanded dimensions are kept as broadcast ones); steps outside ``[0, N]``
+    raise an IndexError. A bad int or dtype raises a ValueError; ``context`` follows ``step=...``
+    in its message and ``hint`` follows the expected range.
+    """
+    if isinstance(step, torch.Tensor):
+        if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
+            raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
+        if batch_shape is not None:
+            step = _broadcast_step(step, batch_shape, step.device)
+        return table[_undo_expand(step)]
+    last = table.shape[0] - 1
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= last:
+        raise ValueError(
+            f"step={step!r}{context}: expected an integer in [0, {last}]{hint} or a long tensor of such steps."
+        )
+    return table[step]
+
+
 class ChainCache(NamedTuple):
     """What the steps of one reverse chain share in an :class:`EpsilonNetwork`'s first layer.
 
@@ -239,18 +261,7 @@ class EpsilonNetwork(nn.Module):
         return ChainCache(time, obs)
 
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
-        num_rows = cache.time.shape[0]
-        if isinstance(step, torch.Tensor):
-            if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
-                raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
-            time = cache.time[_undo_expand(step)]  # rows outside [0, N] raise an IndexError
-        elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_rows:
-            raise ValueError(
-                f"step={step!r} with a chain cache: expected an integer in [0, {num_rows - 1}] "
-                f"or a long tensor of such steps."
-            )
-        else:
-            time = cache.time[step]
+        time = _step_rows(cache.time, step, context=" with a chain cache")
         self._check_action(action)
         h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + time
         if cache.observation is not None:
@@ -341,18 +352,8 @@ class DiffusionValueNetwork(nn.Module):
         O, A = self.observation_dim, self.action_dim
         steps = torch.arange(self.num_steps + 1, device=first.weight.device)
         table = F.linear(self.time_mlp(steps), first.weight[:, O + A :], first.bias)  # [N + 1, hidden]
-        if isinstance(step, torch.Tensor):
-            if step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
-                raise ValueError(f"step has dtype {step.dtype}: expected integer diffusion steps.")
-            step = _broadcast_step(step, action.shape[:-1], action.device)  # a view: as the plain forward
-            time = table[_undo_expand(step)]  # steps outside [0, N] raise an IndexError
-        elif isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= self.num_steps:
-            raise ValueError(
-                f"step={step!r}: expected an integer in [0, {self.num_steps}] (num_steps={self.num_steps}) "
-                f"or a long tensor of such steps."
-            )
-        else:
-            time = table[step]
+        # tensor steps expanded to the actions' batch shape, as the plain forward does
+        time = _step_rows(table, step, hint=f" (num_steps={self.num_steps})", batch_shape=action.shape[:-1])
         h = F.linear(action, first.weight[:, O : O + A]) + time
         if O:
             h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
