@@ -19,14 +19,14 @@ OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
 
-def make_loss(seed=0, value_num_steps=N, **kwargs):
+def make_loss(seed=0, **kwargs):
     """The value network looks its time branch up (``num_steps=N``), as the scripts build it."""
     torch.manual_seed(seed)
     actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     behavior = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     kw = dict(eta=0.2, rho=1.0, num_qvalue_nets=K, num_samples=M)
     kw.update(kwargs)
-    value = make_value_operator(OBS, ACT, hidden=32, num_steps=value_num_steps)
+    value = make_value_operator(OBS, ACT, hidden=32, num_steps=N)
     return BDPOLoss(actor, behavior, value, make_qvalue_operator(OBS, ACT, hidden=32), **kw)
 
 
@@ -304,7 +304,7 @@ def test_target_updater_cache_follows_replaced_parameters():
     _, actor_up, _ = loss.make_target_updaters(tau=0.5)
     actor_up.step()
     assert actor_up._leaves is not None  # cached after the first step
-    targets, _ = actor_up._leaves[2], actor_up._leaves[3]
+    targets = actor_up._leaves[2]
     actor_up.step()
     assert actor_up._leaves[2] is targets  # reused: nothing changed
 

@@ -138,8 +138,7 @@ class TargetSoftUpdate:
             version is not None
             and cached is not None
             and cached[1] == version
-            and len(cached[0]) == len(containers)
-            and all(a is b for a, b in zip(cached[0], containers))
+            and all(a is b for a, b in zip(cached[0], containers))  # self.networks is fixed: same length
         ):
             return cached[2], cached[3]
         targets, onlines = self._walk()
