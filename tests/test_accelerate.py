@@ -177,6 +177,49 @@ def test_compiled_update_matches_eager_past_the_q_row_capacity():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
+def test_compiled_update_with_ensemble_chunks_matches_eager(monkeypatch):
+    """Chunked target ensembles under compile: chunk graphs outside the step's, eager's numbers.
+
+    The reference evaluates each ensemble in one call, eagerly. Then a second compiled update,
+    of other sizes and without chunks, runs in the same process: the graphs of the first must
+    not leak into it (BDPOUpdate compiles with static shapes).
+    """
+    import torchrl_bdpo.objectives.value as value_module
+
+    calls = []
+    chunked_apply = value_module.ensemble_apply_chunked
+    monkeypatch.setattr(
+        value_module, "ensemble_apply_chunked", lambda *a, **kw: calls.append(kw["compile_options"]) or chunked_apply(*a, **kw)
+    )
+    batches = cpu_batches(B=16)
+    ref = make_update()
+    ref.loss.ensemble_chunk_rows = None
+    ref_outs = run_steps(ref, batches)
+    assert calls == []
+    upd = make_update(compile=True, compile_backend="aot_eager")
+    assert upd.loss.ensemble_chunk_compile == {"backend": "aot_eager"}
+    upd.loss.ensemble_chunk_rows = 4 * M  # 4 states x M samples a chunk
+    outs = run_steps(upd, batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+    # compiled steps (all but each method's first, eager call) split the Q target, V's and the actor's
+    assert calls.count({"backend": "aot_eager"}) >= 3 and set(map(str, calls)) <= {"None", "{'backend': 'aot_eager'}"}
+    other = make_loss(seed=1, num_qvalue_nets=2, ensemble_chunk_rows=None)
+    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(other).items()}
+    upd2 = BDPOUpdate(other, opts, dict(zip(("critic", "actor", "behavior"), other.make_target_updaters())), compile=True, compile_backend="aot_eager")
+    for out in run_steps(upd2, cpu_batches(B=16)):
+        assert all(torch.isfinite(v).all() for k, v in out.items() if k not in ("path_kl", "kl_per_step")), out
+
+
+def test_update_keeps_a_set_ensemble_chunk_compile():
+    loss_upd = make_update()
+    assert loss_upd.loss.ensemble_chunk_compile is None  # eager steps: chunks run eagerly
+    loss = make_loss()
+    loss.ensemble_chunk_compile = {"mode": "max-autotune-no-cudagraphs"}
+    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
+    BDPOUpdate(loss, opts, dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters())), compile=True)
+    assert loss.ensemble_chunk_compile == {"mode": "max-autotune-no-cudagraphs"}
+
+
 @pytest.mark.parametrize("zeros", ["some", "all", "small batch", "per sample"])
 def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
     """``_next_value`` compiled on a CPU: Q on the capacity's rows while the ``n - 1 = 0`` rows fit,

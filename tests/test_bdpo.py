@@ -12,7 +12,7 @@ from torchrl_bdpo.diffusion import (
     make_value_operator,
 )
 from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss, TargetSoftUpdate
-from torchrl_bdpo.objectives.utils import aggregate_ensemble
+from torchrl_bdpo.objectives.utils import aggregate_ensemble, chunk_sizes
 
 OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 
@@ -138,6 +138,90 @@ def test_vmap_and_loop_agree():
     b = looped(data)
     for key in ("loss_qvalue", "loss_value", "loss_actor", "loss_behavior", "path_kl"):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_sizes():
+    """Near-equal chunks of the leading dim, each within the row limit; None where no split applies."""
+    obs, act, step = torch.zeros(10, 4, 3), torch.zeros(10, 4, 2), torch.zeros(10, 4, dtype=torch.long)
+    assert chunk_sizes([obs, act, step], 12) == [3, 3, 2, 2]  # 3 states x 4 samples per chunk at most
+    assert chunk_sizes([obs, act, step], 20) == [5, 5]
+    assert chunk_sizes([obs, act, step], 3) == [1] * 10  # a state's samples are never split
+    assert chunk_sizes([obs, act, step], 40) is None  # fits
+    assert chunk_sizes([obs, act, step], None) is None
+    assert chunk_sizes([torch.zeros(22, 3), torch.zeros(22, 2)], 5) == [5, 5, 4, 4, 4]  # flat rows
+    assert chunk_sizes([obs, torch.zeros(9, 4, 2)], 4) is None  # leading dims differ
+    assert chunk_sizes([obs, 3], 4) is None  # an int step
+    assert chunk_sizes([obs.to("meta"), act.to("meta")], 4) is None  # not on a CPU
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """The chunk lengths of every chunked ensemble call the losses make."""
+    import torchrl_bdpo.objectives.value as value_module
+
+    calls = []
+    chunked_apply = value_module.ensemble_apply_chunked
+    monkeypatch.setattr(
+        value_module, "ensemble_apply_chunked", lambda *a, **kw: calls.append(list(a[4])) or chunked_apply(*a, **kw)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("rows", [1, 7, 12])
+@pytest.mark.parametrize("vmap", [True, False])
+def test_ensemble_chunks_match_one_call(rows, vmap, chunk_calls):
+    """Q and V ensembles in row chunks: one call's values and every gradient (actions, parameters)."""
+    calls = chunk_calls
+    whole = make_loss(ensemble_chunk_rows=None, deactivate_vmap=not vmap)
+    chunked = make_loss(ensemble_chunk_rows=rows, deactivate_vmap=not vmap)
+    chunked.load_state_dict(whole.state_dict())
+    g = torch.Generator().manual_seed(5)
+    B = 6
+    obs = torch.randn(B, 1, OBS, generator=g).expand(B, M, OBS)
+    act0 = torch.rand(B, M, ACT, generator=g) * 2 - 1
+    step = torch.randint(0, N + 1, (B, 1), generator=g).expand(B, M)
+    out, grads = {}, {}
+    for name, loss in (("whole", whole), ("chunked", chunked)):
+        act = act0.clone().requires_grad_()
+        v = loss._value(loss.value_network_params, obs, act, step)
+        q = loss._qvalue(loss.qvalue_network_params, obs, act)
+        assert v.shape == q.shape == (K, B, M)
+        (v.square().sum() + q.sum()).backward()
+        out[name] = (v.detach(), q.detach())
+        grads[name] = {"action": act.grad, **{k: p.grad for k, p in loss.named_parameters() if p.grad is not None}}
+    expected = [[max(1, rows // M)] * (B // max(1, rows // M))] * 2
+    assert calls == expected  # V then Q, each split as chunk_sizes says
+    for a, b in zip(out["whole"], out["chunked"]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    assert grads["whole"].keys() == grads["chunked"].keys() and len(grads["whole"]) > 2
+    for key, gw in grads["whole"].items():  # sums over other chunkings: rounding relative to the scale
+        scale = gw.abs().max().item()
+        torch.testing.assert_close(grads["chunked"][key], gw, rtol=1e-5, atol=1e-6 * scale, msg=key)
+
+
+def test_ensemble_chunks_keep_the_loss(chunk_calls):
+    """A whole forward with chunked target ensembles: the same losses, diagnostics and gradients."""
+    whole = make_loss(ensemble_chunk_rows=None)
+    chunked = make_loss(ensemble_chunk_rows=2 * M)  # 2 states per chunk: 4 chunks of the 8 x M samples
+    chunked.load_state_dict(whole.state_dict())
+    data = make_batch(terminated=torch.tensor([[True], [False]] * 4))
+    outs = {}
+    for name, loss in (("whole", whole), ("chunked", chunked)):
+        torch.manual_seed(7)
+        outs[name] = loss(data)
+        sum(outs[name][k] for k in ("loss_qvalue", "loss_value", "loss_actor", "loss_behavior")).backward()
+    # the Q target over the 4 live next states x M samples: 2 states a chunk; then eager's
+    # V_{n-1} (and Q at n = 1) of the value and actor targets, on flat rows: 8 rows a chunk
+    assert len(chunk_calls) >= 3 and chunk_calls[0] == [2, 2], chunk_calls
+    assert all(max(c) <= 8 < sum(c) for c in chunk_calls[1:]), chunk_calls
+    for key in outs["whole"].keys():
+        torch.testing.assert_close(outs["chunked"][key], outs["whole"][key], rtol=1e-5, atol=1e-6, msg=key)
+    chunked_params = dict(chunked.named_parameters())
+    for name, p in whole.named_parameters():
+        assert (p.grad is None) == (chunked_params[name].grad is None), name
+        if p.grad is not None:
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(chunked_params[name].grad, p.grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def test_terminated_target_is_reward_and_truncated_bootstraps():
@@ -385,6 +469,10 @@ def test_acting_module():
         (dict(aggregation="median"), "aggregation='median'"),
         (dict(rho=-1.0), "rho=-1.0"),
         (dict(gamma=1.5), "gamma=1.5"),
+        (dict(ensemble_chunk_rows=0), "ensemble_chunk_rows=0"),
+        (dict(ensemble_chunk_rows=2.5), "ensemble_chunk_rows=2.5"),
+        (dict(ensemble_chunk_rows=True), "ensemble_chunk_rows=True"),
+        (dict(ensemble_chunk_rows="all"), "ensemble_chunk_rows='all'"),
     ],
 )
 def test_bad_options(kwargs, match):

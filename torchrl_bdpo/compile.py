@@ -86,6 +86,7 @@ class AcceleratedFunction:
         compile: bool = False,
         mode: str | None = None,
         backend: str | Callable | None = None,
+        dynamic: bool | None = None,
         cudagraphs: bool = False,
         warmup: int = 2,
         max_graphs: int = 8,
@@ -117,6 +118,8 @@ class AcceleratedFunction:
             kwargs["mode"] = mode
         if backend is not None:
             kwargs["backend"] = backend
+        if dynamic is not None:
+            kwargs["dynamic"] = dynamic
         if cudagraphs:
             # one graph per input signature anyway: specialise the kernels to each shape too
             kwargs["dynamic"] = False
@@ -176,6 +179,7 @@ def accelerate(
     compile: bool = False,
     mode: str | None = None,
     backend: str | Callable | None = None,
+    dynamic: bool | None = None,
     cudagraphs: bool = False,
     warmup: int = 2,
     max_graphs: int = 8,
@@ -188,7 +192,8 @@ def accelerate(
 
     Keyword Args:
         compile (bool): ``torch.compile`` it (first call eager). Defaults to ``False``.
-        mode, backend: passed to ``torch.compile``.
+        mode, backend, dynamic: passed to ``torch.compile`` (``dynamic=None``: torch's default;
+            always ``False`` with ``cudagraphs``).
         cudagraphs (bool): capture it in a CUDA graph per input signature, after ``warmup``
             eager calls each (every call, warm-up or replay, runs ``fn`` once). CUDA only.
         warmup (int): eager calls before capture, per signature. Defaults to 2.
@@ -210,6 +215,7 @@ def accelerate(
         compile=compile,
         mode=mode,
         backend=backend,
+        dynamic=dynamic,
         cudagraphs=cudagraphs,
         warmup=warmup,
         max_graphs=max_graphs,

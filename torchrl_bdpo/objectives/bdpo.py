@@ -68,7 +68,8 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
         skip_terminal_next (bool): skip the path sampling for terminal next states in
             eager mode. Defaults to ``True``.
-        network_init, reduction, deactivate_vmap, validate: see :class:`DiffusionValueLoss`.
+        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, validate: see
+            :class:`DiffusionValueLoss`.
 
     The sigma choice (``sigma_n^2 = beta_n`` or the posterior variance) belongs to the
     schedule: ``make_schedule("vp", N, sigma="posterior")``.
@@ -134,6 +135,7 @@ class BDPOLoss(DiffusionValueLoss):
         network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
+        ensemble_chunk_rows: int | str | None = "auto",
         validate: bool = True,
     ) -> None:
         super().__init__(
@@ -149,6 +151,7 @@ class BDPOLoss(DiffusionValueLoss):
             network_init=network_init,
             reduction=reduction,
             deactivate_vmap=deactivate_vmap,
+            ensemble_chunk_rows=ensemble_chunk_rows,
             validate=validate,
         )
         if not 0 <= gamma <= 1:

@@ -63,7 +63,9 @@ class BDPOUpdate:
     Keyword Args:
         grad_clip (float, optional): max global gradient norm per group. Defaults to ``None``.
         compile (bool): ``torch.compile`` each loss method (one graph per loss keeps the
-            random draws in eager's order). Defaults to ``False``.
+            random draws in eager's order), with static shapes (``dynamic=False``): a batch
+            of a new shape compiles anew (torch's recompile limit, 8 per function, applies;
+            training batches keep one shape). Defaults to ``False``.
         compile_mode, compile_backend: passed to ``torch.compile``.
         cudagraphs (bool): capture each whole step (losses, backward, clip, optimizer,
             target EMA) in a CUDA graph, one per batch shape. Makes the optimizers
@@ -75,7 +77,10 @@ class BDPOUpdate:
     Compiled steps do too, except on a CPU for batches whose next states are all terminal
     (bandits such as the toy 2D tasks), which take a graph without the paths. Compiled CPU
     steps also evaluate the target ``V_0 = Q`` of the V and actor objectives on about
-    ``B / N`` selected rows instead of all ``B`` (see ``DiffusionValueLoss._next_value``).
+    ``B / N`` selected rows instead of all ``B`` (see ``DiffusionValueLoss._next_value``), and
+    split the Q and V ensembles over many rows into chunks (``ensemble_chunk_rows`` of the loss):
+    ``compile=True`` sets the loss's ``ensemble_chunk_compile`` (unless already set), so that
+    each chunk runs one compiled graph, outside the step's graph.
 
     Examples:
         >>> import torch
@@ -129,8 +134,14 @@ class BDPOUpdate:
                 make_capturable(opt)
         self._params = self.param_groups(loss)
         self._compiled, self._cudagraphs = compile, cudagraphs
+        if compile and not cudagraphs and getattr(loss, "ensemble_chunk_compile", False) is None:
+            # CPU ensembles over many rows go in chunks, each through one compiled graph
+            options = {"mode": compile_mode, "backend": compile_backend}
+            loss.ensemble_chunk_compile = {k: v for k, v in options.items() if v is not None}
         self._fns = {
-            m: accelerate(getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, name=m)
+            m: accelerate(
+                getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, dynamic=False, name=m
+            )
             for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
         }
         kw = dict(cudagraphs=cudagraphs, warmup=warmup)

@@ -80,6 +80,73 @@ def ensemble_apply(
     return torch.stack([call(params[i], *inputs) for i in range(size)], 0)
 
 
+def chunk_sizes(inputs: Sequence, max_rows: int | None) -> list[int] | None:
+    """How to split the leading dim so that each chunk holds at most ``max_rows`` samples.
+
+    A sample is one row of the batch dims (an input ``[B, M, d]`` has ``M`` per leading entry; a
+    step input ``[B, M]`` has one). Returns the chunk lengths along the leading dim, near-equal
+    (two lengths at most, one when they divide it, so that a compiled chunk is reused), or
+    ``None`` when the call is not to be split: no limit, a call that fits, or inputs that are
+    not CPU tensors sharing their leading dim.
+    """
+    if max_rows is None or not inputs:
+        return None
+    lead, per_entry = None, 1
+    for x in inputs:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.device.type != "cpu":
+            return None
+        if lead is None:
+            lead = x.shape[0]
+        elif x.shape[0] != lead:
+            return None
+        if x.ndim >= 2:
+            per_entry = max(per_entry, x.shape[1:-1].numel())
+    entries = max(1, max_rows // per_entry)
+    if lead <= entries:
+        return None
+    num_chunks = -(-lead // entries)
+    size, extra = divmod(lead, num_chunks)
+    return [size + 1] * extra + [size] * (num_chunks - extra)
+
+
+def _ensemble_members(module, params, inputs, size, use_vmap):
+    return ensemble_apply(module, params, inputs, size, use_vmap=use_vmap)
+
+
+_COMPILED_MEMBERS: dict = {}
+
+
+@torch.compiler.disable
+def ensemble_apply_chunked(
+    module: nn.Module,
+    params: TensorDictBase,
+    inputs: Sequence[torch.Tensor],
+    size: int,
+    sizes: Sequence[int],
+    *,
+    use_vmap: bool = True,
+    compile_options: dict | None = None,
+) -> torch.Tensor:
+    """:func:`ensemble_apply` on chunks of the inputs' leading dim (``sizes``, from
+    :func:`chunk_sizes`), concatenated: ``[size, *out]``.
+
+    The same values as one call, up to float rounding. A CPU runs an ensemble over many rows
+    faster this way: each chunk's ``[size, rows, hidden]`` activations stay in its cache instead
+    of going through memory between layers. Always eager to ``torch.compile`` (a graph
+    break): a compiled caller traces around it. ``compile_options`` (``torch.compile`` keyword
+    arguments, ``{}`` for the defaults) compile the per-chunk call itself — one graph, reused by
+    every chunk of that shape; ``None`` runs the chunks eagerly.
+    """
+    fn = _ensemble_members
+    if compile_options is not None:
+        key = tuple(sorted(compile_options.items()))
+        fn = _COMPILED_MEMBERS.get(key)
+        if fn is None:
+            fn = _COMPILED_MEMBERS[key] = torch.compile(_ensemble_members, dynamic=False, **compile_options)
+    chunks = zip(*(x.split(list(sizes)) for x in inputs))
+    return torch.cat([fn(module, params, xs, size, use_vmap) for xs in chunks], 1)
+
+
 class TargetSoftUpdate:
     """Exponential moving average of the target parameters of *some* networks of a loss.
 
