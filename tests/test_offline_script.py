@@ -65,6 +65,16 @@ def config(tmp_path, *overrides):
         return compose("offline", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
 
 
+@pytest.mark.parametrize(
+    "override, rows",
+    [(None, 6400 // 2), ("loss.ensemble_chunk_rows=8", 8), ("loss.ensemble_chunk_rows=null", None)],
+)
+def test_ensemble_chunk_rows_reach_the_loss(tmp_path, override, rows):
+    """``loss.ensemble_chunk_rows`` (auto: 6400 // K rows, with K = 2 here) is the loss's."""
+    cfg = config(tmp_path, *([override] if override else []))
+    assert off.make_bdpo_loss(cfg, 11, 3).ensemble_chunk_rows == rows
+
+
 def test_smoke_outputs(tmp_path, dataset):
     summary = off.train(config(tmp_path, "eval.num_envs=2"))  # a ParallelEnv of 2 workers
     for name in ("summary.json", "eval_returns.png", "checkpoint.pt", "config.yaml"):

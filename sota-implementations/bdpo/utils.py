@@ -51,6 +51,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BD
         gamma=lc.get("gamma", 0.99),
         max_q_backup=lc.get("max_q_backup", False),
         train_behavior=cfg.optim.train_behavior,
+        ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"),
     )
     return loss.to(cfg.device)
 

@@ -139,7 +139,7 @@ def ensemble_apply_chunked(
     """
     fn = _ensemble_members
     if compile_options is not None:
-        key = tuple(sorted(compile_options.items()))
+        key = repr(sorted(compile_options.items()))  # values may be unhashable (an options dict)
         fn = _COMPILED_MEMBERS.get(key)
         if fn is None:
             fn = _COMPILED_MEMBERS[key] = torch.compile(_ensemble_members, dynamic=False, **compile_options)
