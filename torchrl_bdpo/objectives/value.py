@@ -88,7 +88,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             over more rows than this (the ``B x M`` target samples) in chunks of at most this
             many rows, so that each chunk's activations stay in the cache: the same values up
             to float rounding (on a 2-core CPU: toy-preset phase-B steps ~1.3x compiled and
-            ~2x eager, D4RL preset ~1.05x; benchmarks/README.md). ``"auto"``: ``6400 // K`` rows.
+            ~2x eager, D4RL preset ~1.07x; benchmarks/README.md). ``"auto"``: ``6400 // K`` rows.
             ``None``: never split. GPU tensors are never split. Under ``torch.compile``, chunks
             run only when :attr:`ensemble_chunk_compile` is set (:class:`BDPOUpdate` sets it):
             the chunk loop is a graph break, and each chunk runs one compiled graph of the
