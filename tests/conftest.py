@@ -8,6 +8,22 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    """``(chunk lengths, compile_options)`` of every chunked ensemble call the losses make."""
+    import torchrl_bdpo.objectives.value as value_module
+
+    calls = []
+    chunked_apply = value_module.ensemble_apply_chunked
+
+    def spy(*args, **kwargs):
+        calls.append((list(args[4]), kwargs.get("compile_options")))
+        return chunked_apply(*args, **kwargs)
+
+    monkeypatch.setattr(value_module, "ensemble_apply_chunked", spy)
+    return calls
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -110,6 +110,8 @@ def chunk_sizes(inputs: Sequence, max_rows: int | None) -> list[int] | None:
 
 
 def _ensemble_members(module, params, inputs, size, use_vmap):
+    # compiled on its own (not ensemble_apply itself): dynamo keeps its graphs per code object,
+    # and ensemble_apply is also traced inside the losses' graphs
     return ensemble_apply(module, params, inputs, size, use_vmap=use_vmap)
 
 
