@@ -10,6 +10,7 @@ from torchrl_bdpo.diffusion import (
     QValueNetwork,
     SinusoidalTimestepEmbedding,
 )
+from torchrl_bdpo.diffusion.networks import _lookup_rows
 
 
 def test_sinusoidal_embedding_values():
@@ -182,6 +183,38 @@ def test_chain_cache_with_tensor_steps_and_expanded_inputs():
     torch.testing.assert_close(net(a2, n_rand, cache=net.chain_cache(s, 5)), net(a2, n_rand, s), rtol=1e-5, atol=1e-6)
     with pytest.raises(IndexError):
         net(a2, torch.tensor([0, 1, 2, 6]), cache=net.chain_cache(s, 5))
+
+
+@pytest.mark.parametrize("idx_shape", [(7,), (4, 1, 3), (1, 5)])
+def test_lookup_rows_equals_indexing_values_and_gradients(idx_shape):
+    # the time tables' lookup (index_select forward, scatter_add backward) against plain
+    # indexing: values and table gradients, eager, compiled and under vmap (value ensembles)
+    torch.manual_seed(0)
+    table = torch.randn(6, 4, requires_grad=True)
+    idx = torch.randint(0, 6, idx_shape)
+    idx[(0,) * len(idx_shape)] = 5  # repeated and boundary rows
+    grad_out = torch.randn(*idx_shape, 4)
+    ref = table[idx]
+    (g_ref,) = torch.autograd.grad(ref, table, grad_out)
+    for fn in (_lookup_rows, torch.compile(_lookup_rows, fullgraph=True)):
+        out = fn(table, idx.int())  # int32 steps too
+        assert out.shape == (*idx_shape, 4)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        (g,) = torch.autograd.grad(out, table, grad_out)
+        torch.testing.assert_close(g, g_ref)
+    tables = torch.randn(3, 6, 4, requires_grad=True)
+    idxs = torch.randint(0, 6, (3, *idx_shape))
+    grads = torch.randn(3, *idx_shape, 4)
+    for in_dims, i in (((0, 0), idxs), ((0, None), idx)):
+        out = torch.vmap(_lookup_rows, in_dims=in_dims)(tables, i)
+        ref = torch.vmap(lambda t, j: t[j], in_dims=in_dims)(tables, i)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        (g,) = torch.autograd.grad(out, tables, grads)
+        (g_ref,) = torch.autograd.grad(ref, tables, grads)
+        torch.testing.assert_close(g, g_ref)
+    for bad in (-1, 6):  # no wrap-around for negative steps
+        with pytest.raises(IndexError, match="index out of range"):
+            _lookup_rows(table, torch.tensor([0, bad]))
 
 
 @pytest.mark.parametrize("obs_dim", [3, 0])
