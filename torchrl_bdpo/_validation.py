@@ -43,3 +43,13 @@ def check_last_dim(name: str, tensor: torch.Tensor, expected: int, fix: str) -> 
             f"{name} has shape {tuple(tensor.shape)}: expected a last dimension of "
             f"{expected}. {fix}"
         )
+
+
+def check_num_steps(num_steps, *, what: str = "the number of diffusion steps", hint: str = "") -> int:
+    """Return ``num_steps`` when it is an integer >= 1 (a bool is not), else raise a ValueError.
+
+    The message names the value, ``what`` it should be, and ends with ``hint``.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: expected {what} (an integer N >= 1).{hint}")
+    return num_steps

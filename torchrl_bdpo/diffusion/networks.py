@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchrl_bdpo._validation import check_last_dim
+from torchrl_bdpo._validation import check_last_dim, check_num_steps
 
 
 def orthogonal_init_(module: nn.Module, gain: float = math.sqrt(2)) -> nn.Module:
@@ -284,8 +284,7 @@ class EpsilonNetwork(nn.Module):
         as ``cache=``; the observation part broadcasts against actions of shape ``[*B, action_dim]``
         (unsqueeze it for extra sample dims).
         """
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: expected the number of diffusion steps (an integer >= 1).")
+        check_num_steps(num_steps)
         first = self.body[0]
         A, T = self.action_dim, self.time_dim
         steps = torch.arange(num_steps + 1, device=first.weight.device)
@@ -358,11 +357,8 @@ class DiffusionValueNetwork(nn.Module):
         num_steps: int | None = None,
     ) -> None:
         super().__init__()
-        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
-            raise ValueError(
-                f"num_steps={num_steps!r}: expected the policy's number of diffusion steps (an integer "
-                f">= 1), or None for the plain forward."
-            )
+        if num_steps is not None:
+            check_num_steps(num_steps, what="the policy's number of diffusion steps", hint=" Or None for the plain forward.")
         self.action_dim = action_dim
         self.observation_dim = observation_dim
         self.num_steps = num_steps

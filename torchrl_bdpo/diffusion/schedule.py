@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from torchrl_bdpo._validation import check_num_steps
+
 SCHEDULES = ("vp", "linear", "cosine")
 SIGMAS = ("beta", "posterior")
 
@@ -37,12 +39,7 @@ def _cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> 
 
 
 def _check_num_steps(num_steps) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(
-            f"num_steps={num_steps!r}: expected an integer N >= 1 (the number of "
-            f"diffusion steps). BDPO uses N=5 for locomotion and N=50 for the toy tasks."
-        )
-    return num_steps
+    return check_num_steps(num_steps, hint=" BDPO uses N=5 for locomotion and N=50 for the toy tasks.")
 
 
 class NoiseSchedule(nn.Module):
