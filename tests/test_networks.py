@@ -215,6 +215,13 @@ def test_lookup_rows_equals_indexing_values_and_gradients(idx_shape):
     for bad in (-1, 6):  # no wrap-around for negative steps
         with pytest.raises(IndexError, match="index out of range"):
             _lookup_rows(table, torch.tensor([0, bad]))
+    # tables of other ranks (one value per step, or a matrix per step) take the same path
+    for shape in ((6,), (6, 2, 3)):
+        t = torch.randn(shape, requires_grad=True)
+        g_out = torch.randn(*idx_shape, *shape[1:])
+        out = _lookup_rows(t, idx)
+        torch.testing.assert_close(out, t[idx], rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(out, t, g_out)[0], torch.autograd.grad(t[idx], t, g_out)[0])
 
 
 @pytest.mark.parametrize("obs_dim", [3, 0])

@@ -132,7 +132,7 @@ def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
 
 
 class _RowLookup(torch.autograd.Function):
-    """``table[idx]`` (rows of a 2-D ``table``, ``idx`` of any shape) with a ``scatter_add`` backward.
+    """``table[idx]`` (rows of ``table`` along dim 0, ``idx`` of any shape) with a ``scatter_add`` backward.
 
     Plain indexing's backward is an accumulating ``index_put``: ATen runs it serially and
     inductor's CPU code with an atomic add per element, ~300 us for the 512 x 256 gradient rows
@@ -151,19 +151,19 @@ class _RowLookup(torch.autograd.Function):
     def setup_context(ctx, inputs, output) -> None:
         table, idx = inputs
         ctx.save_for_backward(idx)
-        ctx.rows = table.shape[0]
+        ctx.table_shape = table.shape
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        zeros = flat.new_zeros(ctx.rows, flat.shape[-1])  # out of place: the grads may be batched (vmap)
-        return zeros.scatter_add(0, idx.reshape(-1, 1).expand_as(flat), flat), None
+        row_shape = ctx.table_shape[1:]
+        flat = grad.reshape(-1, *row_shape)
+        index = idx.reshape(-1, *(1,) * len(row_shape)).expand_as(flat)
+        zeros = flat.new_zeros(ctx.table_shape)  # out of place: the grads may be batched (vmap)
+        return zeros.scatter_add(0, index, flat), None
 
 
 def _lookup_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    if table.ndim != 2:
-        return table[idx]
     return _RowLookup.apply(table, idx.long())
 
 
