@@ -104,12 +104,14 @@ def variants(args, device) -> dict:
     return out
 
 
-def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused"):
+def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None):
     loss = make_loss(N=N, device=device)
     fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
-    return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, compile=compile, cudagraphs=cudagraphs)
+    return BDPOUpdate(
+        loss, optimizers, updaters, grad_clip=1.0, compile=compile, compile_mode=compile_mode, cudagraphs=cudagraphs
+    )
 
 
 def bare_mlp_step(device, batch_size, compile=False, hidden=256, depth=4, time_dim=64):

@@ -68,3 +68,38 @@ def test_profile_script_counts_the_step_ops(tmp_path):
         assert result[step]["kernels_per_step"] > 0 and result[step]["kernel_us_per_step"] > 0
         top = result[step]["top"]
         assert 0 < len(top) <= 25 and top[0]["us_per_step"] >= top[-1]["us_per_step"]
+
+
+def _load_compile_ab():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_compile_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile_ab.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compile_ab_parses_variants():
+    ab = _load_compile_ab()
+    assert ab.parse_variant("default") == ("default", None, {})
+    assert ab.parse_variant("auto:max-autotune-no-cudagraphs") == ("auto", "max-autotune-no-cudagraphs", {})
+    assert ab.parse_variant("combo:default:combo_kernels=True,max_fusion_size=32") == (
+        "combo", None, {"combo_kernels": True, "max_fusion_size": 32}
+    )
+    with pytest.raises(SystemExit, match="expected key=value pairs"):
+        ab.parse_variant("x:default:combo_kernels")
+
+
+@pytest.mark.slow
+def test_compile_ab_runs_on_cpu(tmp_path):
+    """Two variants compiled one after the other (dynamo reset between them) give the same losses."""
+    ab = _load_compile_ab()
+    out = tmp_path / "ab.json"
+    ab.main(["--device", "cpu", "--steps", "1", "--rounds", "2", "--variant", "a:default",
+             "--variant", "b:default:combo_kernels=True", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rounds"]] == ["a", "b", "a", "b"]
+    assert all(r["phase_b_steps_per_s"] > 0 and r["pretrain_steps_per_s"] > 0 for r in result["rounds"])
+    built = result["built"]
+    assert built["b"]["config"] == {"combo_kernels": True}
+    assert built["a"]["loss_qvalue_third_step"] == pytest.approx(built["b"]["loss_qvalue_third_step"], rel=1e-4)

@@ -1,0 +1,111 @@
+"""A/B of inductor settings for the compiled + CUDA-graph phase-B step (GPU; runs eager-free).
+
+    python benchmarks/gpu_compile_ab.py --out ab.json                 # the three variants below
+    python benchmarks/gpu_compile_ab.py --variant default --variant combo:default:combo_kernels=True
+
+A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
+none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles.
+Every variant is built in one process, in the order given, and timed as soon as it is built;
+then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
+M=10, batch 256), TF32 matmuls by default. Results are printed and written after every
+timing, so a run stopped by a time limit keeps what it measured. Put slow variants (``max-autotune``:
+several seconds of autotuning per GEMM shape, over 4.5 minutes in all on an H200) last.
+On a CPU (a smoke run only) the steps are compiled but not captured, and each variant's
+reset of dynamo's cache makes the ones built before it compile again, untimed, on their next call.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._inductor.config as inductor_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_bdpo as bench  # noqa: E402
+
+DEFAULT_VARIANTS = ("default:default", "combo:default:combo_kernels=True", "autotune:max-autotune-no-cudagraphs")
+
+
+def parse_variant(text: str) -> tuple[str, str | None, dict]:
+    parts = text.split(":", 2)
+    name, mode = parts[0], (parts[1] if len(parts) > 1 else "default")
+    config = {}
+    for item in filter(None, (parts[2].split(",") if len(parts) > 2 else [])):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: expected key=value pairs after the mode, got {item!r}.")
+        try:
+            config[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            config[key] = value
+    return name, None if mode == "default" else mode, config
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/compile_ab.json"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variant", action="append", help=f"name:mode[:key=value,...] (default: {' '.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--steps", type=int, default=200, help="timed critic and policy steps (behavior: 10x)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    graphs = device.type == "cuda"
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    batch = bench.make_batch(256, device)
+    out = {
+        "device": torch.cuda.get_device_name(device) if graphs else "cpu",
+        "torch": torch.__version__,
+        "settings": {"preset": "d4rl", "matmul_precision": args.matmul_precision, "steps": args.steps, "cudagraphs": graphs},
+        "built": {},
+        "rounds": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def time_one(name, update):
+        t_c = bench.timed(lambda: update.critic(batch), args.steps, device)
+        t_p = bench.timed(lambda: update.policy(batch), args.steps, device)
+        t_b = bench.timed(lambda: update.behavior(batch), args.steps * 10, device)
+        res = {
+            "variant": name, "critic_ms": t_c * 1e3, "actor_behavior_ms": t_p * 1e3,
+            "phase_b_steps_per_s": 1 / (t_c + t_p / 5), "pretrain_steps_per_s": 1 / t_b,
+        }
+        out["rounds"].append(res)
+        args.out.write_text(json.dumps(out, indent=2))
+        print(json.dumps(res), flush=True)
+
+    built = {}
+    for text in args.variant or DEFAULT_VARIANTS:
+        name, mode, config = parse_variant(text)
+        # dynamo would reuse the previous variant's graphs (same code, same backend) and never
+        # compile under this variant's settings; captured CUDA graphs replay without them
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        with inductor_config.patch(config):
+            update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode)
+            for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
+                last = update.critic(batch)
+                update.policy(batch), update.behavior(batch)
+            bench.sync(device)
+        out["built"][name] = {"mode": mode, "config": config, "setup_s": time.perf_counter() - t0,
+                              "loss_qvalue_third_step": float(last["loss_qvalue"])}
+        print(name, "built", json.dumps(out["built"][name]), flush=True)
+        built[name] = update
+        time_one(name, update)
+    for _ in range(args.rounds - 1):
+        for name, update in built.items():
+            time_one(name, update)
+    for name in built:
+        rates = sorted(r["phase_b_steps_per_s"] for r in out["rounds"] if r["variant"] == name)
+        print(name, "median phase-B steps/s", round(rates[len(rates) // 2], 1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
