@@ -26,7 +26,7 @@ echo "bench tf32 exit: $?"
 (cd benchmarks && timeout 60 python3 profile_step.py --matmul-precision high --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log")
 echo "profile exit: $?"
 # (Adam A/B, not run by default: add --adam foreach to the TF32 line for CUDA's default optimizer;
-#  inductor settings A/B, not run by default, a run of its own of up to 10 minutes:
+#  inductor settings A/B, not run by default, a run of its own of ~5-8 minutes:
 #  timeout 560 python3 benchmarks/gpu_compile_ab.py --out "$OUT/compile_ab.json")
 # strict fp32 (torch's default): everything, the actor-cost comparison included
 timeout 150 python3 benchmarks/bench_bdpo.py --steps 10 --out "$OUT/gpu.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"

@@ -1,15 +1,16 @@
 """A/B of inductor settings for the compiled + CUDA-graph phase-B step (GPU; runs eager-free).
 
-    python benchmarks/gpu_compile_ab.py --out ab.json                 # the three variants below
-    python benchmarks/gpu_compile_ab.py --variant default --variant combo:default:combo_kernels=True
+    python benchmarks/gpu_compile_ab.py --out ab.json      # default, combo kernels, coordinate-descent tuning
+    python benchmarks/gpu_compile_ab.py --variant default --variant autotune:max-autotune-no-cudagraphs
 
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
 none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles.
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
 M=10, batch 256), TF32 matmuls by default. Results are printed and written after every
-timing, so a run stopped by a time limit keeps what it measured. Put slow variants (``max-autotune``:
-several seconds of autotuning per GEMM shape, over 4.5 minutes in all on an H200) last.
+timing, so a run stopped by a time limit keeps what it measured. Put slow variants last:
+``max-autotune`` spends seconds of autotuning per GEMM shape and had not finished after 4.5
+minutes on an H200, so it is not in the default list; give it a run of its own.
 On a CPU (a smoke run only) the steps are compiled but not captured, and each variant's
 reset of dynamo's cache makes the ones built before it compile again, untimed, on their next call.
 """
@@ -28,7 +29,11 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bdpo as bench  # noqa: E402
 
-DEFAULT_VARIANTS = ("default:default", "combo:default:combo_kernels=True", "autotune:max-autotune-no-cudagraphs")
+DEFAULT_VARIANTS = (
+    "default:default",
+    "combo:default:combo_kernels=True",
+    "coordesc:default:coordinate_descent_tuning=True",
+)
 
 
 def parse_variant(text: str) -> tuple[str, str | None, dict]:
@@ -39,6 +44,11 @@ def parse_variant(text: str) -> tuple[str, str | None, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text!r}: expected key=value pairs after the mode, got {item!r}.")
+        if not hasattr(inductor_config, key):
+            raise SystemExit(
+                f"--variant {text!r}: torch._inductor.config has no {key!r} in torch {torch.__version__}; "
+                f"expected one of its settings, e.g. combo_kernels or coordinate_descent_tuning."
+            )
         try:
             config[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -88,6 +88,9 @@ def test_compile_ab_parses_variants():
     )
     with pytest.raises(SystemExit, match="expected key=value pairs"):
         ab.parse_variant("x:default:combo_kernels")
+    with pytest.raises(SystemExit, match="has no 'no_such_setting'"):
+        ab.parse_variant("x:default:no_such_setting=1")
+    assert all(ab.parse_variant(v)[0] for v in ab.DEFAULT_VARIANTS)  # the default list parses here too
 
 
 @pytest.mark.slow
