@@ -94,6 +94,26 @@ def test_bad_input(tmp_path):
     toy.train(config(tmp_path / "b", "optim.steps=10"))
     with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(0.06 in the checkpoint, 0.5 now\)'\]"):
         toy.train(config(tmp_path / "b", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
+    with pytest.raises(ValueError, match=r"matmul_precision='fp16': expected one of \('highest', 'high', 'medium'\)"):
+        toy.train(config(tmp_path / "c", "matmul_precision=fp16"))
+
+
+def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):
+    toy.train(config(tmp_path, "optim.steps=10"))
+    path = tmp_path / "checkpoint.pt"
+    # a checkpoint written before the key existed: its run used torch's default, "highest"
+    state = torch.load(path, weights_only=False)
+    assert state["config"].pop("matmul_precision") == "highest"
+    torch.save(state, path)
+    resume = ("optim.steps=10", "checkpoint.resume=true")
+    try:
+        with pytest.raises(ValueError, match=r"differing keys: \[\"matmul_precision \('highest' in the checkpoint, 'high' now\)\"\]"):
+            toy.train(config(tmp_path, *resume, "matmul_precision=high"))
+        assert torch.get_float32_matmul_precision() == "high"  # set before the checkpoint is read
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    summary = toy.train(config(tmp_path, *resume))  # the default matches the old checkpoint
+    assert summary["history"] == []  # it had finished: nothing left to run
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):

@@ -38,6 +38,7 @@ from utils import (  # noqa: E402
     make_updaters,
     pretrain_step,
     save_checkpoint,
+    set_matmul_precision,
     set_seed,
     train_step,
     training_state,
@@ -148,6 +149,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml")
     set_seed(cfg.seed)
+    set_matmul_precision(cfg)
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
 

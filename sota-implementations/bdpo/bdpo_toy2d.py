@@ -35,6 +35,7 @@ from utils import (  # noqa: E402
     make_updaters,
     pretrain_step,
     save_checkpoint,
+    set_matmul_precision,
     set_seed,
     train_step,
     training_state,
@@ -162,6 +163,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out_dir / "config.yaml")
     set_seed(cfg.seed)
+    set_matmul_precision(cfg)
     start = time.perf_counter()
 
     buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed)
