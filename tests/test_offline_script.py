@@ -92,6 +92,33 @@ def test_smoke_outputs(tmp_path, dataset):
     assert len(summary["history"]) == 30
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_cuda_run_evaluates_with_the_policy_on_the_gpu(tmp_path, dataset, num_envs):
+    """``device=cuda``: the Gymnasium envs step on the CPU and their observations reach the
+    policy on the GPU (a GymEnv, or a ParallelEnv of 2); graphed steps, TF32 matmuls."""
+    overrides = ("device=cuda", f"eval.num_envs={num_envs}", "compile.cudagraphs=true", "matmul_precision=high")
+    try:
+        summary = off.train(config(tmp_path, *overrides))
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["phase"] for r in written["evaluations"]] == ["pretrain", "pretrain", "train", "train"]
+    assert np.isfinite(written["final"]["return_mean"]) and np.isfinite(written["final"]["q_dataset"])
+    assert len(summary["history"]) == 30
+
+
+def test_eval_env_outputs_on_the_run_device(dataset):
+    for num_envs in (1, 2):
+        env = off.make_eval_env("Hopper-v5", num_envs, seed=0, device=torch.device("cpu"))
+        try:
+            td = env.rollout(2)
+            assert env.device == torch.device("cpu") and td["next", "observation"].device == torch.device("cpu")
+            assert td.batch_size == ((num_envs, 2) if num_envs > 1 else (2,))
+        finally:
+            env.close()
+
+
 class _Interrupt(Exception):
     pass
 

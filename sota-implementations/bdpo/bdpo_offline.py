@@ -69,14 +69,16 @@ def eval_env_id(cfg: DictConfig, info) -> str:
     )
 
 
-def make_eval_env(env_id: str, num_envs: int, seed: int):
+def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device):
+    """The evaluation env, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
+    envs step on the CPU, and their observations reach the policy on the GPU)."""
     from functools import partial
 
     from torchrl.envs import ParallelEnv
 
     make = partial(make_env, env_id)
     try:
-        env = ParallelEnv(num_envs, make) if num_envs > 1 else make()
+        env = ParallelEnv(num_envs, make, device=device) if num_envs > 1 else make().to(device)
     except Exception as err:
         raise RuntimeError(
             f"could not build the evaluation environment {env_id!r} ({type(err).__name__}: {err}). Install "
@@ -172,7 +174,7 @@ def train(cfg: DictConfig) -> dict:
         probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
         probe = data[probe_rows]
         env_id = eval_env_id(cfg, info)
-        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345)
+        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, torch.device(cfg.device))
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     optimizers = make_optimizers(cfg, loss)
