@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU part of issue 6 as one script (~7 minutes on one H200; its time limits add up to 8.5):
+# The GPU part of issue 6 as one script (~7 minutes on one H200; its time limits add up to 8.7):
 # the gpu-marked tests, the benchmark with TF32, a kernel profile of the compiled step, then the
 # benchmark in strict fp32. It writes 6 files (the device tool returns at most 8); the printed
 # output of every step also goes to gpu_check.log.
@@ -20,9 +20,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, torchrl, tensordict; print('torch', torch.__version__, 'torchrl', torchrl.__version__, 'tensordict', tensordict.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu_info.txt"
 timeout 100 python3 -m pytest -m gpu tests/test_accelerate.py -o addopts="" -p no:cacheprovider -rA -q -W ignore 2>&1 | tail -n 60 | tee "$OUT/gpu_tests.log"
 echo "tests exit: $?"
-# the offline script on CUDA: evaluation envs on the CPU, policy on the GPU, graphed steps
-timeout 80 python3 -m pytest -m gpu tests/test_offline_script.py -o addopts="" -p no:cacheprovider -rA -q -W ignore 2>&1 | tail -n 30 | tee -a "$OUT/gpu_tests.log"
-echo "offline script tests exit: $?"
+# the scripts on CUDA (offline: evaluation envs on the CPU, policy on the GPU; toy: metrics and
+# figures from GPU networks), graphed steps
+timeout 90 python3 -m pytest -m gpu tests/test_offline_script.py tests/test_toy2d_script.py -o addopts="" -p no:cacheprovider -rA -q -W ignore 2>&1 | tail -n 30 | tee -a "$OUT/gpu_tests.log"
+echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default)
 timeout 150 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"
 echo "bench tf32 exit: $?"

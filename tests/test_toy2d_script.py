@@ -52,6 +52,17 @@ def test_smoke_outputs(tmp_path):
     assert len(summary["history"]) == 30
 
 
+@pytest.mark.gpu
+def test_cuda_run_evaluates_and_plots(tmp_path):
+    """``device=cuda`` with graphed steps: training, the metrics against pi* and the figures
+    (computed from the GPU networks' samples and values, on the CPU)."""
+    summary = toy.train(config(tmp_path, "device=cuda", "compile.cudagraphs=true"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["metrics"].values())
+    for name in ("targets.png", "actor_samples.png", "values.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert len(summary["history"]) == 30
+
+
 class _Interrupt(Exception):
     pass
 

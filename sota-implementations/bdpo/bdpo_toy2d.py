@@ -62,14 +62,19 @@ def knn_reward(
     return torch.cat(out)
 
 
+def loss_device(loss) -> torch.device:
+    """Where the loss's networks live (``cfg.device``); metrics and figures are computed on the CPU."""
+    return next(loss.parameters()).device
+
+
 @torch.no_grad()
 def evaluate(loss, data_actions, data_rewards, eta, num, seed):
     g = torch.Generator().manual_seed(seed)
-    obs = torch.zeros(num, 1)
+    obs = torch.zeros(num, 1, device=loss_device(loss))
     with loss.target_actor_network_params.to_module(loss.actor_network):
-        actor = loss.actor_network.sample_path(obs).action
+        actor = loss.actor_network.sample_path(obs).action.cpu()
     with loss.target_behavior_network_params.to_module(loss.behavior_network):
-        behavior = loss.behavior_network.sample_path(obs).action
+        behavior = loss.behavior_network.sample_path(obs).action.cpu()
     p_star = sample_optimal_policy(data_actions, data_rewards, eta, num, generator=g)
     r = lambda x: knn_reward(x, data_actions, data_rewards).mean().item()  # noqa: E731
     return {
@@ -114,16 +119,17 @@ def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int
 
     # 2. actor samples and their diffusion paths
     with torch.no_grad(), loss.target_actor_network_params.to_module(loss.actor_network):
-        path = loss.actor_network.sample_path(torch.zeros(2000, 1))
+        path = loss.actor_network.sample_path(torch.zeros(2000, 1, device=loss_device(loss)))
+    action, actions = path.action.cpu(), path.actions.cpu()
     p_star = sample_optimal_policy(data_actions, data_rewards, eta, 2000, generator=g)
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     axes[0].scatter(*p_star.T, s=1, alpha=0.4, color="C3")
     axes[0].set_title(f"π* (η={eta:g})")
-    axes[1].scatter(*path.action.T, s=1, alpha=0.4, color="C2")
+    axes[1].scatter(*action.T, s=1, alpha=0.4, color="C2")
     axes[1].set_title("BDPO actor samples")
     for i in range(40):
-        axes[2].plot(*path.actions[:, i].T, lw=0.5, alpha=0.7)
-        axes[2].plot(*path.action[i], "k.", ms=3)
+        axes[2].plot(*actions[:, i].T, lw=0.5, alpha=0.7)
+        axes[2].plot(*action[i], "k.", ms=3)
     axes[2].set_title("actor paths a^N → a^0")
     for ax in axes:
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
@@ -138,14 +144,17 @@ def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int
     grid = torch.linspace(-lim, lim, 80)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")
     pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1)
-    obs = torch.zeros(pts.shape[0], 1)
+    pts = pts.to(loss_device(loss))
+    obs = pts.new_zeros(pts.shape[0], 1)
     fig, axes = plt.subplots(1, len(steps), figsize=(3.2 * len(steps), 3.2))
     with torch.no_grad():
         for ax, n in zip(axes, steps):
             if n == 0:
                 v = loss._qvalue(loss.target_qvalue_network_params, obs, pts).mean(0)
             else:
-                v = loss._value(loss.target_value_network_params, obs, pts, torch.full((pts.shape[0],), n)).mean(0)
+                step_n = torch.full((pts.shape[0],), n, device=pts.device)
+                v = loss._value(loss.target_value_network_params, obs, pts, step_n).mean(0)
+            v = v.cpu()
             ax.imshow(v.reshape(80, 80), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
             ax.set_title(f"V_{n}" + (" = Q" if n == 0 else ""))
     fig.tight_layout()
