@@ -204,7 +204,8 @@ def train(cfg: DictConfig) -> dict:
         loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
         qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
     )
-    acting = loss.make_acting_module(num_candidates=e.num_candidates)
+    # on a GPU, with compile.cudagraphs, acting replays a CUDA graph per batch shape too
+    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
 
     def run_eval(phase_name, step_, global_step):
         from torchrl.envs.utils import ExplorationType
