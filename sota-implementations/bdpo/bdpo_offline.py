@@ -155,11 +155,13 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
 
+    # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
     buffer = make_offline_buffer(
-        cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download
+        cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download,
+        device=cfg.device,
     )
     info = buffer.dataset_info
-    data = buffer.storage[: len(buffer)]
+    data = buffer.storage[: len(buffer)].cpu()  # the dataset statistics below run on the CPU
     dataset_returns = None
     if info.reward_scale:
         from torchrl_bdpo.data import episode_returns
