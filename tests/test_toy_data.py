@@ -97,6 +97,16 @@ def test_buffer_samples_transitions():
     assert batch["next", "terminated"].all()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_buffer_storage_device_keeps_every_transition(device):
+    """The storage's device changes where the data live, never the data."""
+    ref = make_toy_buffer("moons", batch_size=8, num_points=500, seed=3)[:]
+    buffer = make_toy_buffer("moons", batch_size=8, num_points=500, seed=3, device=device)
+    stored = buffer[:]
+    assert stored.device == torch.device(device) and buffer.sample().device == torch.device(device)
+    assert (stored.cpu() == ref).all()
+
+
 def test_optimal_policy_weights_and_samples():
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.5])
     eta = 0.5

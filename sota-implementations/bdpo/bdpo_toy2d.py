@@ -175,8 +175,9 @@ def train(cfg: DictConfig) -> dict:
     set_matmul_precision(cfg)
     start = time.perf_counter()
 
-    buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed)
-    all_data = buffer[:]
+    # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
+    buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed, device=cfg.device)
+    all_data = buffer[:].cpu()  # metrics and figures run on the CPU
     data_actions, data_rewards = all_data["action"], all_data["next", "reward"].squeeze(-1)
     loss = make_bdpo_loss(cfg, observation_dim=1, action_dim=2)
     optimizers = make_optimizers(cfg, loss)

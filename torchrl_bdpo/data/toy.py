@@ -159,12 +159,15 @@ def make_toy_data(name: str, num_points: int = 1_000_000, seed: int = 0) -> Tens
 
 
 def make_toy_buffer(
-    name: str, batch_size: int, num_points: int = 1_000_000, seed: int = 0
+    name: str, batch_size: int, num_points: int = 1_000_000, seed: int = 0, *, device: str | torch.device = "cpu"
 ) -> TensorDictReplayBuffer:
-    """A ``TensorDictReplayBuffer`` over :func:`make_toy_data`, sampling ``batch_size`` transitions."""
+    """A ``TensorDictReplayBuffer`` over :func:`make_toy_data`, sampling ``batch_size`` transitions.
+
+    ``device``: the storage's (the data are drawn on the CPU, the same for every device).
+    """
     data = make_toy_data(name, num_points, seed)
     buffer = TensorDictReplayBuffer(
-        storage=LazyTensorStorage(num_points), sampler=RandomSampler(), batch_size=batch_size
+        storage=LazyTensorStorage(num_points, device=device), sampler=RandomSampler(), batch_size=batch_size
     )
     buffer.extend(data)
     return buffer
