@@ -136,6 +136,20 @@ def bare_mlp_step(device, batch_size, compile=False, hidden=256, depth=4, time_d
     return step
 
 
+def time_steps(update, batch, steps: int, device) -> dict:
+    """One timing of each step of ``update``: critic and policy over ``steps`` calls, behavior
+    over ``10 x steps``; phase B is a critic step every step, an actor + behavior step every 5th."""
+    t_c = timed(lambda: update.critic(batch), steps, device)
+    t_p = timed(lambda: update.policy(batch), steps, device)
+    t_b = timed(lambda: update.behavior(batch), steps * 10, device)
+    return {
+        "critic_step_s": t_c,
+        "actor_behavior_step_s": t_p,
+        "phase_b_steps_per_s": 1 / (t_c + t_p / 5),
+        "pretrain_steps_per_s": 1 / t_b,
+    }
+
+
 def median_round(rounds: list[dict]) -> dict:
     """Per-key median over rounds (``rounds`` kept alongside)."""
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -178,17 +192,9 @@ def bench_update(args, device):
     for r in range(args.repeats):
         peak_rounds.append(matmul_peak(device, reps=10))
         for name, (update, steps, _) in built.items():
-            t_c = timed(lambda: update.critic(batch), steps, device)
-            t_p = timed(lambda: update.policy(batch), steps, device)
-            t_b = timed(lambda: update.behavior(batch), steps * 10, device)
-            step_s = t_c + t_p / 5
-            rounds[name].append({
-                "critic_step_s": t_c,
-                "actor_behavior_step_s": t_p,
-                "phase_b_steps_per_s": 1 / step_s,
-                "pretrain_steps_per_s": 1 / t_b,
-                "gflops_per_s": flops / step_s / 1e9,
-            })
+            res = time_steps(update, batch, steps, device)
+            res["gflops_per_s"] = flops * res["phase_b_steps_per_s"] / 1e9
+            rounds[name].append(res)
         for k, step in bare.items():
             bare_rounds[k].append(1 / timed(step, args.steps * 10, device))
         print(f"round {r + 1}/{args.repeats}", json.dumps({k: round(v[-1]["phase_b_steps_per_s"], 3) for k, v in rounds.items()}), flush=True)

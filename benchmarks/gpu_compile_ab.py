@@ -79,13 +79,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def time_one(name, update):
-        t_c = bench.timed(lambda: update.critic(batch), args.steps, device)
-        t_p = bench.timed(lambda: update.policy(batch), args.steps, device)
-        t_b = bench.timed(lambda: update.behavior(batch), args.steps * 10, device)
-        res = {
-            "variant": name, "critic_ms": t_c * 1e3, "actor_behavior_ms": t_p * 1e3,
-            "phase_b_steps_per_s": 1 / (t_c + t_p / 5), "pretrain_steps_per_s": 1 / t_b,
-        }
+        res = {"variant": name, **bench.time_steps(update, batch, args.steps, device)}
         out["rounds"].append(res)
         args.out.write_text(json.dumps(out, indent=2))
         print(json.dumps(res), flush=True)

@@ -154,11 +154,12 @@ def train(cfg: DictConfig) -> dict:
     set_matmul_precision(cfg)
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
+    device = torch.device(cfg.device)
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
     buffer = make_offline_buffer(
         cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download,
-        device=cfg.device,
+        device=device,
     )
     info = buffer.dataset_info
     data = buffer.storage[: len(buffer)].cpu()  # the dataset statistics below run on the CPU
@@ -176,7 +177,7 @@ def train(cfg: DictConfig) -> dict:
         probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
         probe = data[probe_rows]
         env_id = eval_env_id(cfg, info)
-        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, torch.device(cfg.device))
+        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device)
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     optimizers = make_optimizers(cfg, loss)
@@ -184,7 +185,6 @@ def train(cfg: DictConfig) -> dict:
     updaters = make_updaters(cfg, loss)
     update = make_update(cfg, loss, optimizers, updaters)
     logger = make_logger(cfg, out_dir)
-    device = torch.device(cfg.device)
     ckpt = out_dir / "checkpoint.pt"
 
     phase, step = "pretrain", 0
