@@ -104,13 +104,23 @@ def variants(args, device) -> dict:
     return out
 
 
-def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None):
+def update_variants(args, device) -> dict:
+    """:func:`variants` as ``(compile, cudagraphs, overlap_losses)``, and on a GPU each graphed
+    variant again with the losses on two CUDA streams (``BDPOUpdate(overlap_losses=True)``)."""
+    out = {name: (c, g, False) for name, (c, g) in variants(args, device).items()}
+    if device.type == "cuda" and not args.no_overlap:
+        out.update({f"{name}_overlap": (c, g, True) for name, (c, g, _) in list(out.items()) if g})
+    return out
+
+
+def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False):
     loss = make_loss(N=N, device=device)
     fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(
-        loss, optimizers, updaters, grad_clip=1.0, compile=compile, compile_mode=compile_mode, cudagraphs=cudagraphs
+        loss, optimizers, updaters, grad_clip=1.0, compile=compile, compile_mode=compile_mode, cudagraphs=cudagraphs,
+        overlap_losses=overlap_losses,
     )
 
 
@@ -166,9 +176,9 @@ def bench_update(args, device):
     batch = make_batch(args.batch_size, device, terminal=args.terminal)
     out = {}
     built = {}
-    for name, (compile, cudagraphs) in variants(args, device).items():
+    for name, (compile, cudagraphs, overlap) in update_variants(args, device).items():
         torch.manual_seed(0)
-        update = make_update(device, compile, cudagraphs, N=args.N, adam=args.adam)
+        update = make_update(device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap)
         t0 = time.perf_counter()
         for _ in range(3):  # first (eager) call, compilation, warm-up and capture
             update.critic(batch), update.policy(batch), update.behavior(batch)
@@ -213,6 +223,11 @@ def bench_update(args, device):
         if name != "eager":  # ratio per round (same minutes), then the median
             res["speedup_over_eager"] = statistics.median(
                 r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"])
+            )
+        one_stream = name.removesuffix("_overlap")
+        if one_stream != name:  # the same step on one stream, same rounds
+            res["speedup_over_one_stream"] = statistics.median(
+                r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[one_stream])
             )
         res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
@@ -288,7 +303,7 @@ def bench_actor_cost(args, device):
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest.json"))
     p.add_argument("--steps", type=int, default=10)
@@ -299,6 +314,10 @@ def main(argv=None):
     p.add_argument("--only", choices=("update", "acting", "actor_cost"), action="append")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument(
+        "--no-overlap", action="store_true",
+        help="GPU: leave out the update variants with the losses on two CUDA streams (overlap_losses)",
+    )
+    p.add_argument(
         "--matmul-precision", default="highest", choices=("highest", "high", "medium"),
         help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
     )
@@ -308,6 +327,11 @@ def main(argv=None):
         "--terminal", choices=("preset", "all", "none"), default="preset",
         help="next states of the batch: terminal for all or none of the rows (preset: toy all, d4rl none)",
     )
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("steps", "repeats", "graph_factor"):
         if getattr(args, name) < 1:

@@ -305,6 +305,58 @@ def test_compiled_acting_and_q_target_match_eager():
     assert (out[0][term.squeeze(-1)] == 0).all()
 
 
+class _RecordingStream:
+    """A stand-in for a CUDA stream (CPU tests): records forks, joins and what ran inside it."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def test_overlapped_steps_fork_and_join_around_the_second_loss(monkeypatch):
+    """The host logic of overlap_losses, on a CPU with a recording stand-in for the streams:
+    the side stream forks before the first loss and joins before anything after the second,
+    and the numbers are those of the one-stream step."""
+    import contextlib
+
+    log = []
+    main, side = _RecordingStream(log, "main"), _RecordingStream(log, "side")
+    current = [main]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        log.append(f"enter {stream.name}")
+        yield
+        current.pop()
+        log.append(f"exit {stream.name}")
+
+    monkeypatch.setattr(BDPOUpdate, "_make_side_stream", staticmethod(lambda loss: side))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    upd, ref = make_update("cpu", overlap_losses=True), make_update("cpu")
+    for name in LOSSES:  # which stream each loss runs on
+        fn = upd._fns[name]
+        upd._fns[name] = lambda *a, _fn=fn, _name=name, **k: (log.append(f"{_name} on {current[-1].name}"), _fn(*a, **k))[1]
+    batches = cpu_batches(2)
+    outs, ref_outs = run_steps(upd, batches), run_steps(ref, batches)
+    assert_same_run(outs, ref_outs, upd, ref, rtol=0, atol=0)
+    critic = ["side waits main", "qvalue_loss on main", "enter side", "value_loss on side", "exit side", "main waits side"]
+    policy = ["side waits main", "actor_loss on main", "enter side", "behavior_loss on side", "exit side", "main waits side",
+              "side waits main", "enter side", "exit side", "main waits side"]  # then actor / behavior optimizer steps
+    behavior = ["behavior_loss on main"]
+    assert log == (critic + policy + behavior) * 2
+
+
+def test_overlap_losses_off_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"overlap_losses=True .* on \['cpu'\]: move the loss"):
+        make_update("cpu", overlap_losses=True)
+
+
 # --------------------------------------------------------------------------- GPU
 def gpu_batches(n=3, B=16):
     return [b.to("cuda") for b in cpu_batches(n, B)]
@@ -367,6 +419,29 @@ def test_compiled_cudagraph_update_matches_eager():
     ref = make_update("cuda")
     upd = make_update("cuda", compile=True, cudagraphs=True)
     assert_same_run(run_steps(upd, batches), run_steps(ref, batches), upd, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "compile,cudagraphs,train_behavior",
+    [(False, False, True), (False, True, True), (False, True, False), (True, True, True)],
+)
+def test_overlapped_losses_match_the_one_stream_step(compile, cudagraphs, train_behavior):
+    """Two streams: the same operations in the same host order, so the same draws and numbers."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    batches = gpu_batches(4)
+    kw = dict(compile=compile, cudagraphs=cudagraphs)
+    ref, upd = make_update("cuda", fused=True, **kw), make_update("cuda", fused=True, overlap_losses=True, **kw)
+    for u in (ref, upd):
+        u.loss.train_behavior = train_behavior
+    assert upd._side_stream is not None and ref._side_stream is None
+    outs, ref_outs = run_steps(upd, batches), run_steps(ref, batches)
+    assert ("loss_behavior" in outs[1].keys()) == train_behavior
+    assert_same_run(outs, ref_outs, upd, ref, rtol=1e-5, atol=1e-6)
+    if cudagraphs:
+        assert upd.critic.num_graphs == 1 and upd.policy.num_graphs == 1
 
 
 @pytest.mark.gpu

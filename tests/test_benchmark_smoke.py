@@ -49,6 +49,21 @@ def test_toy_preset_times_terminal_batches(tmp_path):
     assert 0 < flops["preset"] < flops["none"] / 2
 
 
+def test_gpu_update_variants_add_the_two_stream_steps():
+    """On a GPU each graphed update is timed again with overlap_losses (unless --no-overlap); a CPU has none."""
+    import torch
+
+    args = bench.build_parser().parse_args([])
+    names = bench.update_variants(args, torch.device("cuda"))
+    assert names == {
+        "eager": (False, False, False), "cudagraphs": (False, True, False), "compiled": (True, False, False),
+        "compiled_cudagraphs": (True, True, False), "cudagraphs_overlap": (False, True, True),
+        "compiled_cudagraphs_overlap": (True, True, True),
+    }
+    assert not any(o for *_, o in bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda")).values())
+    assert set(bench.update_variants(args, torch.device("cpu"))) == {"eager", "compiled"}
+
+
 def test_benchmark_rejects_zero_repeats(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])

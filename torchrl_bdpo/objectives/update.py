@@ -71,6 +71,15 @@ class BDPOUpdate:
             target EMA) in a CUDA graph, one per batch shape. Makes the optimizers
             capturable (:func:`make_capturable`). CUDA only: a ``RuntimeError`` otherwise.
         warmup (int): eager calls before each capture. Defaults to 2.
+        overlap_losses (bool): on CUDA, run each step's two independent losses on two CUDA
+            streams so that their kernels overlap: the Q TD loss on the current stream and the
+            V TD loss on a side stream in :attr:`critic`; the actor loss and the behavior's
+            denoising loss (and then their gradient clips, optimizer steps and target EMAs) in
+            :attr:`policy`. Their backward passes follow their forwards' streams. Under
+            ``cudagraphs`` the captured graph holds the two branches. The same operations are
+            issued in the same host order, so the random draws and the results are those of
+            the one-stream step. The loss must live on a CUDA device (a ``ValueError``
+            otherwise). Defaults to ``False``.
 
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
@@ -118,6 +127,7 @@ class BDPOUpdate:
         compile_backend: str | None = None,
         cudagraphs: bool = False,
         warmup: int = 2,
+        overlap_losses: bool = False,
     ) -> None:
         for name, given in (("optimizers", optimizers), ("updaters", updaters)):
             missing = [g for g in _GROUPS if g not in given]
@@ -129,6 +139,7 @@ class BDPOUpdate:
         self.optimizers = dict(optimizers)
         self.updaters = dict(updaters)
         self.grad_clip = grad_clip
+        self._side_stream = self._make_side_stream(loss) if overlap_losses else None
         if cudagraphs:
             for opt in self.optimizers.values():
                 make_capturable(opt)
@@ -156,6 +167,37 @@ class BDPOUpdate:
             g: [p for attr in attrs for p in getattr(loss, attr).parameters()] for g, attrs in _PARAMS.items()
         }
 
+    @staticmethod
+    def _make_side_stream(loss):
+        devices = {p.device for p in loss.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise ValueError(
+                f"overlap_losses=True runs the losses on two CUDA streams, but the loss's parameters "
+                f"are on {sorted(str(d) for d in devices)}: move the loss to one CUDA device "
+                f"(loss.to('cuda')) before building its optimizers and BDPOUpdate, or leave "
+                f"overlap_losses=False."
+            )
+        return torch.cuda.Stream(next(iter(devices)))
+
+    def _pair(self, first, second):
+        """``(first(), second())``: with ``overlap_losses``, ``second`` on the side stream.
+
+        The side stream forks from the current stream before ``first`` is issued and joins it
+        after ``second``: all earlier work precedes both branches and all later work follows
+        them. That also keeps the caching allocator safe without ``record_stream``: a block
+        freed on one stream is reused only by work ordered after the next fork or join.
+        """
+        side = self._side_stream
+        if side is None:
+            return first(), second()
+        main = torch.cuda.current_stream(side.device)
+        side.wait_stream(main)
+        a = first()
+        with torch.cuda.stream(side):
+            b = second()
+        main.wait_stream(side)
+        return a, b
+
     def _apply(self, group: str, out: dict) -> None:
         if self.grad_clip:
             out[f"grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(self._params[group], self.grad_clip)
@@ -181,8 +223,9 @@ class BDPOUpdate:
         self.optimizers["critic"].zero_grad(set_to_none=True)
         # the flag only when set: a loss subclass with its own qvalue_loss(tensordict) still works
         q_kwargs = {"all_terminal": True} if self._all_terminal(batch) else {}
-        q_loss, q_meta = self._fns["qvalue_loss"](batch, **q_kwargs)
-        v_loss, v_meta = self._fns["value_loss"](batch)
+        (q_loss, q_meta), (v_loss, v_meta) = self._pair(
+            lambda: self._fns["qvalue_loss"](batch, **q_kwargs), lambda: self._fns["value_loss"](batch)
+        )
         (q_loss + v_loss).backward()
         out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
         self._apply("critic", out)
@@ -193,17 +236,20 @@ class BDPOUpdate:
         self.optimizers["actor"].zero_grad(set_to_none=True)
         if train_behavior:
             self.optimizers["behavior"].zero_grad(set_to_none=True)
-        a_loss, a_meta = self._fns["actor_loss"](batch)
-        out = {"loss_actor": a_loss.detach(), **a_meta}
-        total = a_loss
-        if train_behavior:
-            b_loss, _ = self._fns["behavior_loss"](batch)
-            out["loss_behavior"] = b_loss.detach()
-            total = total + b_loss  # disjoint parameters: the same gradients as two backwards
-        total.backward()
-        self._apply("actor", out)
-        if train_behavior:
-            self._apply("behavior", out)
+        if not train_behavior:
+            a_loss, a_meta = self._fns["actor_loss"](batch)
+            a_loss.backward()
+            out = {"loss_actor": a_loss.detach(), **a_meta}
+            self._apply("actor", out)
+            return TensorDict(out)
+        (a_loss, a_meta), (b_loss, _) = self._pair(
+            lambda: self._fns["actor_loss"](batch), lambda: self._fns["behavior_loss"](batch)
+        )
+        out = {"loss_actor": a_loss.detach(), **a_meta, "loss_behavior": b_loss.detach()}
+        (a_loss + b_loss).backward()  # disjoint parameters: the same gradients as two backwards
+        out_b = {}
+        self._pair(lambda: self._apply("actor", out), lambda: self._apply("behavior", out_b))
+        out.update(out_b)
         return TensorDict(out)
 
     def _behavior_step(self, batch):
