@@ -345,9 +345,10 @@ def test_overlapped_steps_fork_and_join_around_the_second_loss(monkeypatch):
     batches = cpu_batches(2)
     outs, ref_outs = run_steps(upd, batches), run_steps(ref, batches)
     assert_same_run(outs, ref_outs, upd, ref, rtol=0, atol=0)
-    critic = ["side waits main", "qvalue_loss on main", "enter side", "value_loss on side", "exit side", "main waits side"]
+    critic = ["side waits main", "qvalue_loss on main", "enter side", "value_loss on side", "exit side", "main waits side",
+              "main waits side"]  # after the backward pass
     policy = ["side waits main", "actor_loss on main", "enter side", "behavior_loss on side", "exit side", "main waits side",
-              "side waits main", "enter side", "exit side", "main waits side"]  # then actor / behavior optimizer steps
+              "main waits side", "side waits main", "enter side", "exit side", "main waits side"]  # backward, optimizer steps
     behavior = ["behavior_loss on main"]
     assert log == (critic + policy + behavior) * 2
 

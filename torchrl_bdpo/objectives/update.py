@@ -198,6 +198,15 @@ class BDPOUpdate:
         main.wait_stream(side)
         return a, b
 
+    def _join_side(self) -> None:
+        """With ``overlap_losses``: the current stream waits for the side stream's work so far.
+
+        Called after a backward pass, whose side-stream half ran on the side stream: autograd
+        already makes the calling stream wait for it; an explicit join keeps a CUDA-graph
+        capture joined whatever autograd does."""
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
+
     def _apply(self, group: str, out: dict) -> None:
         if self.grad_clip:
             out[f"grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(self._params[group], self.grad_clip)
@@ -227,6 +236,7 @@ class BDPOUpdate:
             lambda: self._fns["qvalue_loss"](batch, **q_kwargs), lambda: self._fns["value_loss"](batch)
         )
         (q_loss + v_loss).backward()
+        self._join_side()
         out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
         self._apply("critic", out)
         return TensorDict(out)
@@ -247,6 +257,7 @@ class BDPOUpdate:
         )
         out = {"loss_actor": a_loss.detach(), **a_meta, "loss_behavior": b_loss.detach()}
         (a_loss + b_loss).backward()  # disjoint parameters: the same gradients as two backwards
+        self._join_side()
         out_b = {}
         self._pair(lambda: self._apply("actor", out), lambda: self._apply("behavior", out_b))
         out.update(out_b)
