@@ -54,9 +54,10 @@ def test_smoke_outputs(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_run_evaluates_and_plots(tmp_path):
-    """``device=cuda`` with graphed steps: training, the metrics against pi* and the figures
-    (computed from the GPU networks' samples and values, on the CPU)."""
-    summary = toy.train(config(tmp_path, "device=cuda", "compile.cudagraphs=true"))
+    """``device=cuda`` with graphed steps (each step's two losses on two CUDA streams): training,
+    the metrics against pi* and the figures (computed from the GPU networks' samples and values,
+    on the CPU)."""
+    summary = toy.train(config(tmp_path, "device=cuda", "compile.cudagraphs=true", "compile.overlap_losses=true"))
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["metrics"].values())
     for name in ("targets.png", "actor_samples.png", "values.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -107,6 +108,8 @@ def test_bad_input(tmp_path):
         toy.train(config(tmp_path / "b", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
     with pytest.raises(ValueError, match=r"matmul_precision='fp16': expected one of \('highest', 'high', 'medium'\)"):
         toy.train(config(tmp_path / "c", "matmul_precision=fp16"))
+    with pytest.raises(ValueError, match=r"overlap_losses=True runs the losses on two CUDA streams, but the loss's parameters are on \['cpu'\]"):
+        toy.train(config(tmp_path / "d", "compile.overlap_losses=true"))
 
 
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):

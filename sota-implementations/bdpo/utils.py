@@ -129,6 +129,7 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
         compile_mode=c.get("mode", None),
         cudagraphs=c.get("cudagraphs", False),
         warmup=c.get("warmup", 2),
+        overlap_losses=c.get("overlap_losses", False),
     )
 
 
