@@ -85,6 +85,22 @@ def test_profile_script_counts_the_step_ops(tmp_path):
         assert 0 < len(top) <= 25 and top[0]["us_per_step"] >= top[-1]["us_per_step"]
 
 
+def test_pretrain_overhead_times_the_parts_and_the_bare_mlp(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_overhead.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "overhead.json"
+    module.main(["--no-compile", "--preset", "toy", "--batch-size", "16", "--steps", "3", "--repeats", "2", "--out", str(out)])
+    res = json.loads(out.read_text())["batch_16"]
+    assert len(res["rounds_us"]) == 2
+    for r in res["rounds_us"]:  # the parts add up to the timed sum of the written-out step
+        assert all(r[k] > 0 for k in module.PARTS)
+        assert sum(r[k] for k in module.PARTS) == pytest.approx(r["parts_sum"], rel=0.2)
+    assert res["behavior_step_us"] > 0 and res["bare_mlp_step_us"] > 0 and res["behavior_over_bare"] > 0
+
+
 def _load_compile_ab():
     spec = importlib.util.spec_from_file_location(
         "gpu_compile_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile_ab.py"
