@@ -64,6 +64,18 @@ def test_gpu_update_variants_add_the_two_stream_steps():
     assert set(bench.update_variants(args, torch.device("cpu"))) == {"eager", "compiled"}
 
 
+def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
+    """A variant that raises while built (here two streams on a CPU) gets its error in the JSON."""
+    monkeypatch.setattr(bench, "update_variants", lambda args, device: {
+        "eager": (False, False, False), "eager_overlap": (False, False, True)})
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "update", "--steps", "1", "--repeats", "1", "--batch-size", "8", "--out", str(out)])
+    result = json.loads(out.read_text())["update"]
+    assert result["eager"]["phase_b_steps_per_s"] > 0
+    assert set(result["eager_overlap"]) == {"error"}  # not timed
+    assert result["eager_overlap"]["error"].startswith("ValueError: overlap_losses=True runs the losses on two CUDA streams")
+
+
 def test_benchmark_rejects_zero_repeats(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--repeats", "0"])
