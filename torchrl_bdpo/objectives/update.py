@@ -169,6 +169,7 @@ class BDPOUpdate:
 
     @staticmethod
     def _make_side_stream(loss):
+        """The side CUDA stream of ``overlap_losses``, on the loss's device (a ``ValueError`` off CUDA)."""
         devices = {p.device for p in loss.parameters()}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(
@@ -203,7 +204,8 @@ class BDPOUpdate:
 
         Called after a backward pass, whose side-stream half ran on the side stream: autograd
         already makes the calling stream wait for it; an explicit join keeps a CUDA-graph
-        capture joined whatever autograd does."""
+        capture joined whatever autograd does.
+        """
         if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
 
