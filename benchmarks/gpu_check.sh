@@ -28,7 +28,9 @@ echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default)
 timeout 200 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"
 echo "bench tf32 exit: $?"
-(cd benchmarks && timeout 50 python3 profile_step.py --matmul-precision high --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log")
+# with two streams: the same kernels (their count and summed time compare with earlier profiles),
+# and each stream's share, i.e. the two branches of the overlapped steps
+(cd benchmarks && timeout 50 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log")
 echo "profile exit: $?"
 # (Adam A/B, not run by default: add --adam foreach to the TF32 line for CUDA's default optimizer;
 #  inductor settings A/B, not run by default, a run of its own of ~5-8 minutes:

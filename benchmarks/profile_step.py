@@ -3,7 +3,8 @@
     python benchmarks/profile_step.py --out benchmarks/results/profile.json   # D4RL defaults
 
 For each of the critic step and the actor + behavior step it reports, per step, the number of
-device kernels (CPU ops on a CPU), their summed time and the 25 most expensive kernel names.
+device kernels (CPU ops on a CPU), their summed time, that time per CUDA stream (``--overlap``:
+the two branches of ``BDPOUpdate(overlap_losses=True)``) and the 25 most expensive kernel names.
 Under CUDA graphs the launches disappear but every kernel still runs: the kernel count times a
 few microseconds and the summed kernel time bound what a graphed step can reach.
 """
@@ -25,7 +26,7 @@ import bench_bdpo as bench  # noqa: E402  (the benchmark's own models and batche
 
 
 def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25) -> dict:
-    total_us, count = defaultdict(float), defaultdict(int)
+    total_us, count, per_stream = defaultdict(float), defaultdict(int), defaultdict(float)
     for e in prof.events():
         if e.device_type != device_type or getattr(e, "is_user_annotation", False):
             continue  # GPU-side ranges of record_function (e.g. Optimizer.step) span kernels counted apart
@@ -33,10 +34,13 @@ def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25) -> di
             continue  # top-level CPU ops only: no double counting
         total_us[e.name] += e.time_range.elapsed_us()
         count[e.name] += 1
+        per_stream[e.device_resource_id] += e.time_range.elapsed_us()  # CUDA: the stream; CPU: the thread
     names = sorted(total_us, key=total_us.get, reverse=True)
     return {
         "kernels_per_step": sum(count.values()) / steps,
         "kernel_us_per_step": sum(total_us.values()) / steps,
+        # with overlap_losses, the two branches' kernel time: the step's lower bound is the larger
+        "kernel_us_per_stream": {str(k): v / steps for k, v in sorted(per_stream.items(), key=lambda kv: -kv[1])},
         "top": [
             {"name": n[:120], "calls_per_step": count[n] / steps, "us_per_step": total_us[n] / steps}
             for n in names[:top]
@@ -52,11 +56,12 @@ def main(argv=None):
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--overlap", action="store_true", help="BDPOUpdate(overlap_losses=True): kernel time per stream (GPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
-    update = bench.make_update(device, compile=not args.no_compile, cudagraphs=False)
+    update = bench.make_update(device, compile=not args.no_compile, cudagraphs=False, overlap_losses=args.overlap)
     batch = bench.make_batch(args.batch_size, device)
     for _ in range(3):
         update.critic(batch), update.policy(batch)
@@ -65,7 +70,7 @@ def main(argv=None):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "matmul_precision": args.matmul_precision,
-              "compiled": not args.no_compile}
+              "compiled": not args.no_compile, "overlap_losses": args.overlap}
     for name, fn in (("critic_step", update.critic), ("actor_behavior_step", update.policy)):
         with profile(activities=activities) as prof:
             for _ in range(args.steps):

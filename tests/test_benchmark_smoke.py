@@ -95,6 +95,8 @@ def test_profile_script_counts_the_step_ops(tmp_path):
         assert result[step]["kernels_per_step"] > 0 and result[step]["kernel_us_per_step"] > 0
         top = result[step]["top"]
         assert 0 < len(top) <= 25 and top[0]["us_per_step"] >= top[-1]["us_per_step"]
+        per_stream = result[step]["kernel_us_per_stream"]  # on a CPU: per thread
+        assert sum(per_stream.values()) == pytest.approx(result[step]["kernel_us_per_step"])
 
 
 def test_pretrain_overhead_times_the_parts_and_the_bare_mlp(tmp_path):
