@@ -5,11 +5,16 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_bdpo", Path(__file__).resolve().parents[1] / "benchmarks" / "bench_bdpo.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py``, loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark("bench_bdpo")
 
 
 def test_benchmark_writes_json(tmp_path):
@@ -83,11 +88,7 @@ def test_benchmark_rejects_zero_repeats(capsys):
 
 
 def test_profile_script_counts_the_step_ops(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "profile_step", Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
-    )
-    profile_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile_step)
+    profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
     profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
@@ -100,11 +101,7 @@ def test_profile_script_counts_the_step_ops(tmp_path):
 
 
 def test_pretrain_overhead_times_the_parts_and_the_bare_mlp(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_overhead", Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_overhead.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("pretrain_overhead")
     out = tmp_path / "overhead.json"
     module.main(["--no-compile", "--preset", "toy", "--batch-size", "16", "--steps", "3", "--repeats", "2", "--out", str(out)])
     res = json.loads(out.read_text())["batch_16"]
@@ -115,17 +112,8 @@ def test_pretrain_overhead_times_the_parts_and_the_bare_mlp(tmp_path):
     assert res["behavior_step_us"] > 0 and res["bare_mlp_step_us"] > 0 and res["behavior_over_bare"] > 0
 
 
-def _load_compile_ab():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_compile_ab", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile_ab.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compile_ab_parses_variants():
-    ab = _load_compile_ab()
+    ab = load_benchmark("gpu_compile_ab")
     assert ab.parse_variant("default") == ("default", None, {})
     assert ab.parse_variant("auto:max-autotune-no-cudagraphs") == ("auto", "max-autotune-no-cudagraphs", {})
     assert ab.parse_variant("combo:default:combo_kernels=True,max_fusion_size=32") == (
@@ -141,7 +129,7 @@ def test_compile_ab_parses_variants():
 @pytest.mark.slow
 def test_compile_ab_runs_on_cpu(tmp_path):
     """Two variants compiled one after the other (dynamo reset between them) give the same losses."""
-    ab = _load_compile_ab()
+    ab = load_benchmark("gpu_compile_ab")
     out = tmp_path / "ab.json"
     ab.main(["--device", "cpu", "--steps", "1", "--rounds", "2", "--variant", "a:default",
              "--variant", "b:default:combo_kernels=True", "--out", str(out)])
