@@ -191,20 +191,19 @@ class BDPOUpdate:
         side = self._side_stream
         if side is None:
             return first(), second()
-        main = torch.cuda.current_stream(side.device)
-        side.wait_stream(main)
+        side.wait_stream(torch.cuda.current_stream(side.device))
         a = first()
         with torch.cuda.stream(side):
             b = second()
-        main.wait_stream(side)
+        self._join_side()
         return a, b
 
     def _join_side(self) -> None:
         """With ``overlap_losses``: the current stream waits for the side stream's work so far.
 
-        Called after a backward pass, whose side-stream half ran on the side stream: autograd
-        already makes the calling stream wait for it; an explicit join keeps a CUDA-graph
-        capture joined whatever autograd does.
+        Ends :meth:`_pair`, and follows each backward pass, whose side-stream half ran on the side
+        stream: autograd already makes the calling stream wait for it; an explicit join keeps a
+        CUDA-graph capture joined whatever autograd does.
         """
         if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
@@ -260,9 +259,7 @@ class BDPOUpdate:
         out = {"loss_actor": a_loss.detach(), **a_meta, "loss_behavior": b_loss.detach()}
         (a_loss + b_loss).backward()  # disjoint parameters: the same gradients as two backwards
         self._join_side()
-        out_b = {}
-        self._pair(lambda: self._apply("actor", out), lambda: self._apply("behavior", out_b))
-        out.update(out_b)
+        self._pair(lambda: self._apply("actor", out), lambda: self._apply("behavior", out))
         return TensorDict(out)
 
     def _behavior_step(self, batch):
