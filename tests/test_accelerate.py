@@ -204,6 +204,79 @@ def test_compiled_update_with_ensemble_chunks_matches_eager(chunk_calls):
         assert all(torch.isfinite(v).all() for k, v in out.items() if k not in ("path_kl", "kl_per_step")), out
 
 
+def run_behavior_steps(update, batches, seed=0):
+    outs = []
+    for i, batch in enumerate(batches):
+        torch.manual_seed(seed + i)
+        outs.append(update.behavior(batch))
+    return outs
+
+
+@pytest.mark.parametrize("reduction,grad_clip", [("mean", 1.0), ("sum", 1e-3), ("mean", None)])
+def test_compiled_cpu_behavior_step_is_one_functional_program(monkeypatch, reduction, grad_clip):
+    """Compiled CPU pretraining steps run loss, gradients and clip as one program: eager's numbers.
+
+    grad_clip=1e-3 with a summed loss makes the clip act on every step.
+    """
+    batches = cpu_batches(n=3, B=16)
+
+    def build(**kwargs):
+        loss = make_loss(seed=0, reduction=reduction)
+        opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
+        updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
+        return BDPOUpdate(loss, opts, updaters, grad_clip=grad_clip, **kwargs)
+
+    ref = build()
+    assert ref._behavior_program is None  # eager steps: the regular path
+    ref_outs = run_behavior_steps(ref, batches)
+    upd = build(compile=True, compile_backend="aot_eager")
+    program = upd._behavior_program
+    assert program is not None
+    calls = []
+    monkeypatch.setattr(program, "fn", lambda *a, fn=program.fn: calls.append(1) or fn(*a))
+    monkeypatch.setattr(upd, "_fns", {**upd._fns, "behavior_loss": None})  # the regular path would fail
+    outs = run_behavior_steps(upd, batches)
+    assert len(calls) == len(batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+    assert ("grad_norm_behavior" in outs[0].keys()) == (grad_clip is not None)
+    if grad_clip == 1e-3:
+        assert all(o["grad_norm_behavior"] > 1e-3 for o in outs)  # the clip did act
+    # the gradients the optimizer stepped on (clipped): Adam's update hardly depends on their scale
+    for p, q in zip(upd._params["behavior"], ref._params["behavior"]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+    # the target EMA followed, as eager's
+    for (name, p), (_, q) in zip(upd.loss.target_behavior_network_params.items(True, True),
+                                 ref.loss.target_behavior_network_params.items(True, True)):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=str(name))
+
+
+def test_behavior_program_leaves_masked_batches_and_overridden_losses_to_the_regular_step():
+    upd = make_update(compile=True, compile_backend="aot_eager")
+    program = upd._behavior_program
+    batch = make_batch(B=8)
+    assert program.accepts(batch)
+    masked = batch.clone()
+    masked["collector", "mask"] = torch.tensor([True] * 6 + [False] * 2)
+    assert not program.accepts(masked)
+    ref = make_update()
+    torch.manual_seed(0)
+    ref_out = ref.behavior(masked)
+    torch.manual_seed(0)
+    out = upd.behavior(masked)  # the compiled loss method, which reads the mask
+    torch.testing.assert_close(out["loss_behavior"], ref_out["loss_behavior"], rtol=1e-4, atol=1e-5)
+
+    class OwnBehaviorLoss(type(upd.loss)):
+        def behavior_loss(self, tensordict):
+            loss, meta = super().behavior_loss(tensordict)
+            return 2 * loss, meta
+
+    own = make_loss()
+    own.__class__ = OwnBehaviorLoss
+    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(own).items()}
+    updaters = dict(zip(("critic", "actor", "behavior"), own.make_target_updaters()))
+    assert BDPOUpdate(own, opts, updaters, compile=True, compile_backend="aot_eager")._behavior_program is None
+
+
 def test_update_keeps_a_set_ensemble_chunk_compile():
     loss_upd = make_update()
     assert loss_upd.loss.ensemble_chunk_compile is None  # eager steps: chunks run eagerly

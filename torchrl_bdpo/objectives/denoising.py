@@ -28,11 +28,16 @@ def predict_eps_with(actor: DiffusionActor, params, action_n, n, observation) ->
         return actor.predict_eps(action_n, n, observation)
 
 
+def eps_error(eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``||eps_hat - eps||^2 / action_dim`` per sample: the denoising error of a prediction."""
+    return (eps - noise).pow(2).mean(-1)
+
+
 def denoising_error(actor: DiffusionActor, params, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     """``||eps_theta(a^n, n, s) - eps||^2 / action_dim`` at a random ``n ~ U{1..N}`` per sample."""
     action_n, n, noise = actor.schedule.noise_action(action)
     eps = predict_eps_with(actor, params, action_n, n, observation)
-    return (eps - noise).pow(2).mean(-1)
+    return eps_error(eps, noise)
 
 
 @unwrap_exploration_wrappers
