@@ -133,8 +133,8 @@ class _BehaviorProgram:
         return value, grads, norm
 
     def step(self, batch, optimizer, updater) -> TensorDict:
+        # no finiteness check (a host sync), as in the compiled loss methods: validate the data first
         loss, keys = self.loss, self.loss.tensor_keys
-        loss._validate(batch, (keys.observation, keys.action))
         observation, action = batch.get(keys.observation), batch.get(keys.action)
         action_n, n, noise = loss.behavior_network.schedule.noise_action(action)
         value, grads, norm = self.fn(self.params, self._constants(), action_n, n, noise, observation)
