@@ -2,9 +2,10 @@
 
     python benchmarks/pretrain_overhead.py --preset toy --out benchmarks/results/pretrain_overhead.json
 
-The behavior step of :class:`~torchrl_bdpo.objectives.BDPOUpdate` is timed in parts (zero_grad,
-the compiled loss's forward, backward, gradient clip, Adam, target EMA, the output TensorDict),
-whole (``update.behavior``), and next to ``bench_bdpo.bare_mlp_step`` (a compiled
+The regular behavior step of :class:`~torchrl_bdpo.objectives.BDPOUpdate` is timed in parts
+(zero_grad, the compiled loss's forward, backward, gradient clip, Adam, target EMA, the output
+TensorDict), whole (``update.behavior``: on a CPU, since 2026-11-27, the functional program of
+loss, gradients and clip, which skips most of the regular step's fixed cost), and next to ``bench_bdpo.bare_mlp_step`` (a compiled
 ``nn.Sequential`` with the behavior network's layer sizes and fused Adam, no clip or EMA), at the
 preset's batch or at ``--batch-size``. At batch 8 the arithmetic is negligible: what remains is
 each step's fixed cost (Python, dispatch, dynamo's guards), so a run at 8 and one at the preset's
