@@ -86,3 +86,63 @@ def test_driver_times_the_torch_variants_without_jax(tmp_path):
 def test_driver_rejects_bad_counts():
     with pytest.raises(SystemExit):
         ref.main(["--rounds", "0"])
+
+
+def test_jax_phase_b_targets_are_ours():
+    """The Q target (chains, path KL, Q ensemble, LCB) and the one-step objective (V / Q at
+    n - 1, step KL) of the JAX phase-B step equal our loss's, from the same parameters and draws."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    bench = load_benchmark("bench_bdpo")
+    N, B = 5, 6
+    torch.manual_seed(0)
+    loss = bench.make_loss(N=N)  # the benchmark's D4RL-sized loss: K = M = 10, eta 0.15, rho 1
+    assert (loss.num_qvalue_nets, loss.num_samples, loss.eta, loss.rho) == (ref.K, ref.M, ref.ETA, ref.RHO)
+
+    def leaves(td):
+        return dict(td.items(include_nested=True, leaves_only=True))
+
+    # targets: perturbed away from the online copies, so that using the wrong set would show
+    with torch.no_grad():
+        for name in ("actor", "behavior", "qvalue", "value"):
+            for key, p in leaves(getattr(loss, f"target_{name}_network_params")).items():
+                if key[-1] in ("weight", "bias"):  # not the buffers (the sinusoid's frequencies)
+                    p.add_(0.01 * torch.randn_like(p))
+    tgt = {
+        "actor": ref.params_from_leaves(leaves(loss.target_actor_network_params)),
+        "behavior": ref.params_from_leaves(leaves(loss.target_behavior_network_params)),
+        "q": ref.params_from_leaves(leaves(loss.target_qvalue_network_params)),
+        "v": ref.params_from_leaves(leaves(loss.target_value_network_params)),
+    }
+    tables = {k: jnp.asarray(v) for k, v in ref.vp_tables(N).items()}
+    schedule = loss.actor_network.schedule
+    for name, mine in (("kl_w", schedule.kl_weights), ("coef_x0", schedule.posterior_mean_coef_x0),
+                       ("coef_xt", schedule.posterior_mean_coef_xt), ("scales", schedule.noise_scales)):
+        np.testing.assert_allclose(np.asarray(tables[name]), mine.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+    A, O = bench.ACT, bench.OBS
+    next_obs, noise = torch.randn(B, O), torch.randn(N + 1, B, ref.M, A)
+    with torch.no_grad():
+        value, _, _ = loss.next_state_value(next_obs, torch.zeros(B, 1, dtype=torch.bool), noise=noise)
+    theirs = ref.next_state_value(tgt, tables, jnp.asarray(next_obs.numpy()), jnp.asarray(noise.numpy()))
+    np.testing.assert_allclose(np.asarray(theirs), value.numpy(), rtol=2e-4, atol=2e-4)
+    # the one-step objective at n = 1 (Q at n - 1 = 0) and n > 1 (V), under the online actor
+    obs, action_n = torch.randn(B, O), torch.randn(B, A).clamp(-2, 2)
+    n = torch.tensor([1, 2, 3, 4, 5, 1])
+    torch.manual_seed(7)
+    z = torch.randn(B, ref.M, A)
+    torch.manual_seed(7)  # one_step_objective's first draw is its z
+    with torch.no_grad():
+        mine = loss.one_step_objective(obs, action_n, n, loss.actor_network_params)
+    actor = ref.params_from_leaves(leaves(loss.actor_network_params))
+    theirs = ref.one_step_objective(actor, tgt, tables, *(jnp.asarray(t.numpy()) for t in (obs, action_n, n, z)))
+    for label, a, b in zip(("J", "next_value", "step_kl"), theirs, mine):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=2e-4, atol=2e-4, err_msg=label)
+
+
+def test_jax_phase_b_steps_run():
+    pytest.importorskip("jax")
+    steps = ref.make_jax_phase_b("d4rl")
+    assert set(steps) == {"jax_critic", "jax_policy"}
+    for step, block in steps.values():
+        step()
+        block()
