@@ -63,7 +63,7 @@ class _BehaviorProgram:
     clip, the way an XLA program holds a JAX step), after which the optimizer and the target
     EMA run as usual on the gradients it returns. Against the compiled loss method followed by
     autograd's backward and ``clip_grad_norm_``, this removes most of a step's fixed cost (the
-    loss's TensorDict guards, the autograd engine's walk, the clip's per-tensor calls): ~1.2x the
+    loss's TensorDict guards, the autograd engine's walk, the clip's per-tensor calls): 1.14-1.16x the
     pretraining steps/s on a 2-core CPU (``benchmarks/README.md``). The random draws (``n``,
     ``eps``) are made eagerly before the call, in the loss's order; the numbers are eager's to
     float rounding. Batches carrying a loss mask, and losses that override ``behavior_loss``,
