@@ -13,8 +13,9 @@ behavior (pretraining) step written in JAX (``n ~ U{1..N}``, forward noising, th
 eps-network of DESIGN.md section 3, mean squared eps error, gradient clip at global norm 1.0,
 Adam 3e-4, target EMA 0.005), ``jax.jit``-compiled as one XLA program with donated buffers.
 It is written here from DESIGN.md, not taken from the authors' code (which this workplace cannot
-reach); ``tests/test_jax_reference.py`` checks that it computes what our step computes (loss,
-gradients, one optimizer step, from the same parameters and draws).
+reach); ``tests/test_jax_reference.py`` checks that it computes what our step computes (the
+network, and the loss and parameters over three clipped optimizer steps, from the same
+parameters and draws).
 
 ``--phase phase_b`` times phase B instead: our compiled ``BDPOUpdate.critic`` and ``.policy``
 (as ``bench_bdpo.py`` builds them) against two jitted JAX steps written the same way from
@@ -53,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# the speed issue's figures for the authors' JAX code on a 2-core CPU, pretraining steps/s
+# the speed issue's figures for the authors' JAX code on a 2-core CPU: pretraining and phase-B steps/s
 AUTHORS_PRETRAIN = {"toy": 75.0, "d4rl": 86.0}
 AUTHORS_PHASE_B = {"toy": 0.2, "d4rl": 0.9}
 # the presets of bench_bdpo.PRESETS (repeated so that the JAX worker needs no torch)
