@@ -67,153 +67,6 @@ PREFIX = "@@ "  # protocol lines on a worker's stdout; anything else there is pa
 
 
 # ----------------------------------------------------------------------------- the JAX step
-def vp_alphas_cumprod(N: int) -> np.ndarray:
-    """``[abar_0 = 1, abar_1, ..., abar_N]`` of the "vp" schedule (DESIGN.md section 2)."""
-    return vp_tables(N)["abar"]
-
-
-def _jax():
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    return jax, jnp, optax
-
-
-def init_params(key, obs_dim: int, act_dim: int, hidden: int = HIDDEN, depth: int = DEPTH, time_dim: int = TIME_DIM):
-    """The eps-network's parameters: ``{"time": [(W, b), (W, b)], "body": [(W, b)] * (depth + 1)}``,
-    ``W`` of shape ``[in, out]``, orthogonal (gain sqrt 2) with zero biases, as ours."""
-    jax, jnp, _ = _jax()
-    ortho = jax.nn.initializers.orthogonal(math.sqrt(2.0))
-    sizes_time = [(time_dim, time_dim), (time_dim, time_dim)]
-    sizes_body = [(act_dim + time_dim + obs_dim, hidden)] + [(hidden, hidden)] * (depth - 1) + [(hidden, act_dim)]
-    keys = jax.random.split(key, len(sizes_time) + len(sizes_body))
-    layer = lambda k, s: (ortho(k, s, jnp.float32), jnp.zeros((s[1],), jnp.float32))  # noqa: E731
-    return {
-        "time": [layer(k, s) for k, s in zip(keys[:2], sizes_time)],
-        "body": [layer(k, s) for k, s in zip(keys[2:], sizes_body)],
-    }
-
-
-def params_from_torch(net) -> dict:
-    """:func:`init_params`' layout filled from a torch ``EpsilonNetwork`` (for the equivalence test)."""
-    return params_from_leaves({tuple(k.split(".")): v for k, v in net.state_dict().items()})
-
-
-def params_from_leaves(leaves: dict) -> dict:
-    """Our parameters (``{path tuple: tensor}``: a module's ``state_dict``, or a loss's
-    ``*_network_params`` TensorDict items, stacked ``[K, ...]`` for an ensemble) in this file's
-    layout: ``{"time": [...], "body": [...]}``, each layer ``(W [in, out], b[, ln_w, ln_b])``,
-    LayerNorms (1-D weights) joined to the Linear before them."""
-    _, jnp, _ = _jax()
-    groups = {}
-    for key, value in leaves.items():
-        *path, index, kind = key
-        if kind not in ("weight", "bias"):
-            continue  # buffers (the sinusoid's frequencies)
-        groups.setdefault(path[-1], {}).setdefault(int(index), {})[kind] = value.detach().cpu().numpy()
-    out = {}
-    for part in ("time_mlp", "body"):
-        layers = []
-        for _, tensors in sorted(groups.get(part, {}).items()):
-            w, b = tensors["weight"], tensors["bias"]
-            if w.ndim == b.ndim + 1:  # a Linear: [..., out, in]
-                layers.append((jnp.asarray(np.swapaxes(w, -1, -2)), jnp.asarray(b)))
-            else:  # a LayerNorm after the last Linear
-                layers[-1] = layers[-1] + (jnp.asarray(w), jnp.asarray(b))
-        if layers:
-            out["time" if part == "time_mlp" else "body"] = layers
-    return out
-
-
-def eps_net(params, action, step, observation):
-    """``eps(a^n, n, s)``: ``concat[a^n, time_mlp(sinusoidal(n)), s] -> Mish MLP -> action_dim``."""
-    jax, jnp, _ = _jax()
-
-    def mish(x):
-        return x * jnp.tanh(jax.nn.softplus(x))
-
-    half = TIME_DIM // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-    arg = step.astype(jnp.float32)[:, None] * freqs
-    t = jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], -1)
-    for w, b in params["time"]:
-        t = mish(t @ w + b)
-    h = jnp.concatenate([action, t, observation], -1)
-    *hidden, (w_out, b_out) = params["body"]
-    for w, b in hidden:
-        h = mish(h @ w + b)
-    return h @ w_out + b_out
-
-
-def denoising_loss(params, observation, action, step, noise, alphas_cumprod):
-    """Mean squared eps error at ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps`` (given ``n``, ``eps``)."""
-    _, jnp, _ = _jax()
-    abar = alphas_cumprod[step][:, None]
-    noisy = jnp.sqrt(abar) * action + jnp.sqrt(1.0 - abar) * noise
-    return jnp.mean((eps_net(params, noisy, step, observation) - noise) ** 2)
-
-
-def make_optimizer():
-    """Gradient clip at global norm 1.0, then Adam 3e-4 (optax's defaults otherwise, as torch's)."""
-    _, _, optax = _jax()
-    return optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(LR))
-
-
-def update(params, opt_state, target, observation, action, step, noise, alphas_cumprod, optimizer):
-    """One behavior step with given draws: ``(params, opt_state, target, loss)``."""
-    jax, _, optax = _jax()
-    loss, grads = jax.value_and_grad(denoising_loss)(params, observation, action, step, noise, alphas_cumprod)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    target = optax.incremental_update(params, target, TAU)
-    return params, opt_state, target, loss
-
-
-def make_jax_step(preset: str, seed: int = 0):
-    """The timed program: one jitted step that draws ``n`` and ``eps`` itself; returns a
-    zero-argument callable (one step) and a ``block`` that waits for the last one."""
-    jax, jnp, _ = _jax()
-    cfg = PRESETS[preset]
-    N, B, O, A = cfg["N"], cfg["batch"], cfg["obs_dim"], cfg["act_dim"]
-    abar = jnp.asarray(vp_alphas_cumprod(N))
-    optimizer = make_optimizer()
-    key = jax.random.PRNGKey(seed)
-    key, k_init, k_obs, k_act = jax.random.split(key, 4)
-    params = init_params(k_init, O, A)
-    target = jax.tree_util.tree_map(jnp.copy, params)
-    opt_state = optimizer.init(params)
-    observation = jax.random.normal(k_obs, (B, O), jnp.float32)
-    action = jax.random.uniform(k_act, (B, A), jnp.float32, -1.0, 1.0)
-
-    def step_fn(params, opt_state, target, key, observation, action):
-        key, k_step, k_noise = jax.random.split(key, 3)
-        step = jax.random.randint(k_step, (observation.shape[0],), 1, N + 1)
-        noise = jax.random.normal(k_noise, action.shape, jnp.float32)
-        params, opt_state, target, loss = update(
-            params, opt_state, target, observation, action, step, noise, abar, optimizer
-        )
-        return params, opt_state, target, key, loss
-
-    jitted = jax.jit(step_fn, donate_argnums=(0, 1, 2, 3))
-    state = {"carry": (params, opt_state, target, key), "loss": None}
-
-    def one():
-        *carry, state["loss"] = jitted(*state["carry"], observation, action)
-        state["carry"] = tuple(carry)
-
-    def block():
-        jax.block_until_ready((state["carry"], state["loss"]))
-
-    return one, block
-
-
-# ------------------------------------------------------------------ the JAX phase-B steps
-# bench_bdpo.make_loss's settings: the target-side constants of a phase-B step
-K, M, ETA, RHO, GAMMA, ACTOR_LR = 10, 10, 0.15, 1.0, 0.99, 1e-5
-CRITIC_DEPTH = 3
-
-
 def vp_tables(N: int, b_min: float = 0.1, b_max: float = 10.0) -> dict:
     """The "vp" schedule's per-step tables (index ``n = 0..N``), as ``NoiseSchedule`` holds them
     (``sigma_n^2 = beta_n``, no noise at ``n = 1``)."""
@@ -230,6 +83,19 @@ def vp_tables(N: int, b_min: float = 0.1, b_max: float = 10.0) -> dict:
         "scales": np.concatenate([[0.0, 0.0], np.sqrt(betas[2:])]),
     }
     return {k: v.astype(np.float32) for k, v in tables.items()}
+
+
+def vp_alphas_cumprod(N: int) -> np.ndarray:
+    """``[abar_0 = 1, abar_1, ..., abar_N]`` of the "vp" schedule (DESIGN.md section 2)."""
+    return vp_tables(N)["abar"]
+
+
+def _jax():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    return jax, jnp, optax
 
 
 def init_mlp(key, sizes, layer_norm=False):
@@ -272,6 +138,146 @@ def _sinusoidal(step, dim=TIME_DIM):
     return jnp.concatenate([jnp.sin(arg), jnp.cos(arg)], -1)
 
 
+def _time_branch(layers, step):
+    """The sinusoidal embedding of the raw step, then ``Linear-Mish`` per layer (eps and V networks)."""
+    t = _sinusoidal(step)
+    for w, b in layers:
+        t = _mish(t @ w + b)
+    return t
+
+
+def init_params(key, obs_dim: int, act_dim: int, hidden: int = HIDDEN, depth: int = DEPTH, time_dim: int = TIME_DIM):
+    """The eps-network's parameters: ``{"time": [(W, b), (W, b)], "body": [(W, b)] * (depth + 1)}``,
+    ``W`` of shape ``[in, out]``, orthogonal (gain sqrt 2) with zero biases, as ours."""
+    jax, _, _ = _jax()
+    k_time, k_body = jax.random.split(key)
+    sizes_body = [(act_dim + time_dim + obs_dim, hidden)] + [(hidden, hidden)] * (depth - 1) + [(hidden, act_dim)]
+    return {"time": init_mlp(k_time, [(time_dim, time_dim), (time_dim, time_dim)]), "body": init_mlp(k_body, sizes_body)}
+
+
+def params_from_torch(net) -> dict:
+    """:func:`init_params`' layout filled from a torch ``EpsilonNetwork`` (for the equivalence test)."""
+    return params_from_leaves({tuple(k.split(".")): v for k, v in net.state_dict().items()})
+
+
+def params_from_leaves(leaves: dict) -> dict:
+    """Our parameters (``{path tuple: tensor}``: a module's ``state_dict``, or a loss's
+    ``*_network_params`` TensorDict items, stacked ``[K, ...]`` for an ensemble) in this file's
+    layout: ``{"time": [...], "body": [...]}``, each layer ``(W [in, out], b[, ln_w, ln_b])``,
+    LayerNorms (1-D weights) joined to the Linear before them."""
+    _, jnp, _ = _jax()
+    groups = {}
+    for key, value in leaves.items():
+        *path, index, kind = key
+        if kind not in ("weight", "bias"):
+            continue  # buffers (the sinusoid's frequencies)
+        groups.setdefault(path[-1], {}).setdefault(int(index), {})[kind] = value.detach().cpu().numpy()
+    out = {}
+    for part in ("time_mlp", "body"):
+        layers = []
+        for _, tensors in sorted(groups.get(part, {}).items()):
+            w, b = tensors["weight"], tensors["bias"]
+            if w.ndim == b.ndim + 1:  # a Linear: [..., out, in]
+                layers.append((jnp.asarray(np.swapaxes(w, -1, -2)), jnp.asarray(b)))
+            else:  # a LayerNorm after the last Linear
+                layers[-1] = layers[-1] + (jnp.asarray(w), jnp.asarray(b))
+        if layers:
+            out["time" if part == "time_mlp" else "body"] = layers
+    return out
+
+
+def eps_net(params, action, step, observation):
+    """``eps(a^n, n, s)``: ``concat[a^n, time_mlp(sinusoidal(n)), s] -> Mish MLP -> action_dim``."""
+    _, jnp, _ = _jax()
+    t = _time_branch(params["time"], step)
+    return apply_mlp(params["body"], jnp.concatenate([action, t, observation], -1))
+
+
+def denoising_loss(params, observation, action, step, noise, alphas_cumprod):
+    """Mean squared eps error at ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps`` (given ``n``, ``eps``)."""
+    _, jnp, _ = _jax()
+    abar = alphas_cumprod[step][:, None]
+    noisy = jnp.sqrt(abar) * action + jnp.sqrt(1.0 - abar) * noise
+    return jnp.mean((eps_net(params, noisy, step, observation) - noise) ** 2)
+
+
+def make_optimizer():
+    """Gradient clip at global norm 1.0, then Adam 3e-4 (optax's defaults otherwise, as torch's)."""
+    _, _, optax = _jax()
+    return optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(LR))
+
+
+def update(params, opt_state, target, observation, action, step, noise, alphas_cumprod, optimizer):
+    """One behavior step with given draws: ``(params, opt_state, target, loss)``."""
+    jax, _, optax = _jax()
+    loss, grads = jax.value_and_grad(denoising_loss)(params, observation, action, step, noise, alphas_cumprod)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    target = optax.incremental_update(params, target, TAU)
+    return params, opt_state, target, loss
+
+
+def behavior_step(params, opt_state, target, key, observation, action, alphas_cumprod, optimizer):
+    """:func:`update` with its own draws from ``key``: ``n ~ U{1..N}`` per row, then ``eps``."""
+    jax, jnp, _ = _jax()
+    k_step, k_noise = jax.random.split(key)
+    step = jax.random.randint(k_step, (observation.shape[0],), 1, alphas_cumprod.shape[0])
+    noise = jax.random.normal(k_noise, action.shape, jnp.float32)
+    return update(params, opt_state, target, observation, action, step, noise, alphas_cumprod, optimizer)
+
+
+def _timed_steps(jitted: dict, carry: tuple, *inputs) -> dict:
+    """``{name: (one, block)}`` for jitted steps ``(*carry, *inputs) -> (*carry, loss)`` that share
+    (and donate) one carried state: ``one`` runs a step, ``block`` waits for the last one."""
+    jax, _, _ = _jax()
+    state = {"carry": carry, "loss": None}
+
+    def runner(fn):
+        def one():
+            *new, state["loss"] = fn(*state["carry"], *inputs)
+            state["carry"] = tuple(new)
+
+        return one
+
+    def block():
+        jax.block_until_ready((state["carry"], state["loss"]))
+
+    return {name: (runner(fn), block) for name, fn in jitted.items()}
+
+
+def make_jax_step(preset: str, seed: int = 0):
+    """The timed program: one jitted step that draws ``n`` and ``eps`` itself; returns a
+    zero-argument callable (one step) and a ``block`` that waits for the last one."""
+    jax, jnp, _ = _jax()
+    cfg = PRESETS[preset]
+    N, B, O, A = cfg["N"], cfg["batch"], cfg["obs_dim"], cfg["act_dim"]
+    abar = jnp.asarray(vp_alphas_cumprod(N))
+    optimizer = make_optimizer()
+    key = jax.random.PRNGKey(seed)
+    key, k_init, k_obs, k_act = jax.random.split(key, 4)
+    params = init_params(k_init, O, A)
+    target = jax.tree_util.tree_map(jnp.copy, params)
+    opt_state = optimizer.init(params)
+    observation = jax.random.normal(k_obs, (B, O), jnp.float32)
+    action = jax.random.uniform(k_act, (B, A), jnp.float32, -1.0, 1.0)
+
+    def step_fn(params, opt_state, target, key, observation, action):
+        key, sub = jax.random.split(key)
+        params, opt_state, target, loss = behavior_step(
+            params, opt_state, target, sub, observation, action, abar, optimizer
+        )
+        return params, opt_state, target, key, loss
+
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1, 2, 3))
+    return _timed_steps({"jax_xla": jitted}, (params, opt_state, target, key), observation, action)["jax_xla"]
+
+
+# ------------------------------------------------------------------ the JAX phase-B steps
+# bench_bdpo.make_loss's settings: the target-side constants of a phase-B step
+K, M, ETA, RHO, GAMMA, ACTOR_LR = 10, 10, 0.15, 1.0, 0.99, 1e-5
+CRITIC_DEPTH = 3
+
+
 def q_net(params, observation, action):
     _, jnp, _ = _jax()
     return apply_mlp(params["body"], jnp.concatenate([observation, action], -1))[..., 0]
@@ -280,9 +286,7 @@ def q_net(params, observation, action):
 def v_net(params, observation, action, step):
     """``V(s, a^n, n)``: time branch ``emb -> 128 -> 64`` (Mish), body ``[s, a, t]`` with LayerNorm."""
     _, jnp, _ = _jax()
-    t = _sinusoidal(step)
-    for w, b in params["time"]:
-        t = _mish(t @ w + b)
+    t = _time_branch(params["time"], step)
     return apply_mlp(params["body"], jnp.concatenate([observation, action, t], -1))[..., 0]
 
 
@@ -431,12 +435,9 @@ def make_jax_phase_b(preset: str, seed: int = 0):
         a_loss, a_grads = jax.value_and_grad(actor_loss)(online["actor"])
         a_updates, a_state = actor_tx.update(a_grads, opt_state["actor"], online["actor"])
         actor = optax.apply_updates(online["actor"], a_updates)
-        k_step, k_noise = jax.random.split(k_b)
-        b_step = jax.random.randint(k_step, (B,), 1, N + 1)
-        b_noise = jax.random.normal(k_noise, (B, A), jnp.float32)
-        behavior, b_state, behavior_tgt, b_loss = update(
-            online["behavior"], opt_state["behavior"], target["behavior"], batch["obs"], batch["act"],
-            b_step, b_noise, abar, behavior_tx,
+        behavior, b_state, behavior_tgt, b_loss = behavior_step(
+            online["behavior"], opt_state["behavior"], target["behavior"], k_b, batch["obs"], batch["act"],
+            abar, behavior_tx,
         )
         online = {**online, "actor": actor, "behavior": behavior}
         target = {**target, "actor": optax.incremental_update(actor, target["actor"], TAU), "behavior": behavior_tgt}
@@ -452,19 +453,7 @@ def make_jax_phase_b(preset: str, seed: int = 0):
         return jax.jit(inner, donate_argnums=(0, 1, 2, 3))
 
     steps = {"jax_critic": wrap(critic_step, "critic"), "jax_policy": wrap(policy_step, "policy")}
-    state = {"carry": (online, target, opt, key), "loss": None}
-
-    def runner(jitted):
-        def one():
-            *carry, state["loss"] = jitted(*state["carry"], batch)
-            state["carry"] = tuple(carry)
-
-        return one
-
-    def block():
-        jax.block_until_ready((state["carry"], state["loss"]))
-
-    return {name: (runner(fn), block) for name, fn in steps.items()}
+    return _timed_steps(steps, (online, target, opt, key), batch)
 
 
 # ------------------------------------------------------------------------------ workers
