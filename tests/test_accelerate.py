@@ -16,11 +16,15 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 LOSSES = ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
 
 
-def make_update(device="cpu", seed=0, fused=None, **kwargs):
-    loss = make_loss(seed=seed).to(device)
+def update_for(loss, fused=None, grad_clip=1.0, **kwargs):
+    """A BDPOUpdate of ``loss`` with the tests' Adam (lr 1e-3) and target EMAs (tau 0.05)."""
     optimizers = {g: torch.optim.Adam(p, lr=1e-3, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
-    return BDPOUpdate(loss, optimizers, updaters, grad_clip=1.0, **kwargs)
+    return BDPOUpdate(loss, optimizers, updaters, grad_clip=grad_clip, **kwargs)
+
+
+def make_update(device="cpu", seed=0, fused=None, **kwargs):
+    return update_for(make_loss(seed=seed).to(device), fused=fused, **kwargs)
 
 
 def run_steps(update, batches, seed=0):
@@ -198,8 +202,7 @@ def test_compiled_update_with_ensemble_chunks_matches_eager(chunk_calls):
     calls = [options for _, options in chunk_calls]
     assert calls.count({"backend": "aot_eager"}) >= 3 and set(map(str, calls)) <= {"None", "{'backend': 'aot_eager'}"}
     other = make_loss(seed=1, num_qvalue_nets=2, ensemble_chunk_rows=None)
-    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(other).items()}
-    upd2 = BDPOUpdate(other, opts, dict(zip(("critic", "actor", "behavior"), other.make_target_updaters())), compile=True, compile_backend="aot_eager")
+    upd2 = update_for(other, grad_clip=None, compile=True, compile_backend="aot_eager")
     for out in run_steps(upd2, cpu_batches(B=16)):
         assert all(torch.isfinite(v).all() for k, v in out.items() if k not in ("path_kl", "kl_per_step")), out
 
@@ -220,16 +223,10 @@ def test_compiled_cpu_behavior_step_is_one_functional_program(monkeypatch, reduc
     """
     batches = cpu_batches(n=3, B=16)
 
-    def build(**kwargs):
-        loss = make_loss(seed=0, reduction=reduction)
-        opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
-        updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.05)))
-        return BDPOUpdate(loss, opts, updaters, grad_clip=grad_clip, **kwargs)
-
-    ref = build()
+    ref = update_for(make_loss(seed=0, reduction=reduction), grad_clip=grad_clip)
     assert ref._behavior_program is None  # eager steps: the regular path
     ref_outs = run_behavior_steps(ref, batches)
-    upd = build(compile=True, compile_backend="aot_eager")
+    upd = update_for(make_loss(seed=0, reduction=reduction), grad_clip=grad_clip, compile=True, compile_backend="aot_eager")
     program = upd._behavior_program
     assert program is not None
     calls = []
@@ -272,9 +269,7 @@ def test_behavior_program_leaves_masked_batches_and_overridden_losses_to_the_reg
 
     own = make_loss()
     own.__class__ = OwnBehaviorLoss
-    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(own).items()}
-    updaters = dict(zip(("critic", "actor", "behavior"), own.make_target_updaters()))
-    assert BDPOUpdate(own, opts, updaters, compile=True, compile_backend="aot_eager")._behavior_program is None
+    assert update_for(own, compile=True, compile_backend="aot_eager")._behavior_program is None
 
 
 def test_update_keeps_a_set_ensemble_chunk_compile():
@@ -282,8 +277,7 @@ def test_update_keeps_a_set_ensemble_chunk_compile():
     assert loss_upd.loss.ensemble_chunk_compile is None  # eager steps: chunks run eagerly
     loss = make_loss()
     loss.ensemble_chunk_compile = {"mode": "max-autotune-no-cudagraphs"}
-    opts = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
-    BDPOUpdate(loss, opts, dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters())), compile=True)
+    update_for(loss, grad_clip=None, compile=True)
     assert loss.ensemble_chunk_compile == {"mode": "max-autotune-no-cudagraphs"}
 
 
