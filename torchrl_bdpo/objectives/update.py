@@ -132,7 +132,9 @@ class _BehaviorProgram:
             grads = [g * coef for g in grads]
         return value, grads, norm
 
-    def step(self, batch, optimizer, updater) -> TensorDict:
+    def set_grads(self, batch) -> dict:
+        """Draw, run the program, and leave the clipped gradients in the parameters' ``.grad``;
+        returns the step's outputs (``loss_behavior``, and ``grad_norm_behavior`` when clipping)."""
         # no finiteness check (a host sync), as in the compiled loss methods: validate the data first
         loss, keys = self.loss, self.loss.tensor_keys
         observation, action = batch.get(keys.observation), batch.get(keys.action)
@@ -140,12 +142,10 @@ class _BehaviorProgram:
         value, grads, norm = self.fn(self.params, self._constants(), action_n, n, noise, observation)
         for p, g in zip(self.params, grads):
             p.grad = g
-        optimizer.step()
-        updater.step()
         out = {"loss_behavior": value.detach()}
         if norm is not None:
             out["grad_norm_behavior"] = norm
-        return TensorDict(out)
+        return out
 
 
 class BDPOUpdate:
@@ -325,8 +325,8 @@ class BDPOUpdate:
         if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
 
-    def _apply(self, group: str, out: dict) -> None:
-        if self.grad_clip:
+    def _apply(self, group: str, out: dict, clip: bool = True) -> None:
+        if clip and self.grad_clip:
             out[f"grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(self._params[group], self.grad_clip)
         self.optimizers[group].step()
         self.updaters[group].step()
@@ -382,7 +382,9 @@ class BDPOUpdate:
     def _behavior_step(self, batch):
         program = self._behavior_program
         if program is not None and program.accepts(batch):
-            return program.step(batch, self.optimizers["behavior"], self.updaters["behavior"])
+            out = program.set_grads(batch)
+            self._apply("behavior", out, clip=False)  # clipped inside the program
+            return TensorDict(out)
         self.optimizers["behavior"].zero_grad(set_to_none=True)
         b_loss, _ = self._fns["behavior_loss"](batch)
         b_loss.backward()
