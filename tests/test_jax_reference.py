@@ -146,3 +146,14 @@ def test_jax_phase_b_steps_run():
     for step, block in steps.values():
         step()
         block()
+
+
+def test_driver_without_jax_says_how_to_install_it(monkeypatch, capsys):
+    def missing():
+        raise ImportError("No module named 'jax'")
+
+    monkeypatch.setattr(ref, "_jax", missing)
+    with pytest.raises(SystemExit):
+        ref.main(["--preset", "toy", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert "JAX is not installed" in err and "pip install jax optax" in err and "--workers torch" in err
