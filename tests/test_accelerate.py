@@ -160,6 +160,54 @@ def test_eager_update_matches_the_hand_written_steps():
     assert torch.isfinite(outs[-1]["loss_behavior"])
 
 
+class _KnownReward(torch.nn.Module):
+    """A parameter-free Q: a known reward of the action (DiffusionValueLoss's fine-tuning use)."""
+
+    def forward(self, observation, action):
+        return -action.pow(2).sum(-1, keepdim=True)
+
+
+def known_reward_loss(seed=0):
+    from tensordict.nn import TensorDictModule
+
+    from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule, make_value_operator
+    from torchrl_bdpo.objectives import BDPOLoss
+
+    torch.manual_seed(seed)
+    actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
+    behavior = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
+    reward = TensorDictModule(_KnownReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
+    value = make_value_operator(OBS, ACT, hidden=32, num_steps=N)
+    return BDPOLoss(actor, behavior, value, reward, eta=0.2, num_qvalue_nets=2, num_samples=M)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_update_with_a_known_reward_as_q_trains_the_value_only(compile):
+    """A parameter-free Q has no parameters to train: the critic group is V's alone, and the
+    steps run (eager and compiled) and give the same numbers."""
+    loss = known_reward_loss()
+    groups = BDPOUpdate.param_groups(loss)
+    assert [id(p) for p in groups["critic"]] == [id(p) for p in loss.value_network_params.parameters()]
+    assert len(groups["actor"]) == len(list(loss.actor_network_params.parameters())) > 0
+    batches = cpu_batches()
+    ref = update_for(known_reward_loss())
+    ref_outs = run_steps(ref, batches)
+    upd = update_for(loss, compile=compile, compile_backend="aot_eager") if compile else update_for(loss)
+    outs = run_steps(upd, batches)
+    fresh = known_reward_loss()
+    for out, r in zip(outs, ref_outs):
+        for key in r.keys():
+            torch.testing.assert_close(out[key], r[key], rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    # the Q loss is that of the known reward against the KL-penalised target
+    assert outs[0]["loss_qvalue"] > 0
+    for name in ("value_network_params", "actor_network_params"):
+        moved = [
+            not torch.allclose(p, q)
+            for p, q in zip(getattr(upd.loss, name).parameters(), getattr(fresh, name).parameters())
+        ]
+        assert any(moved), name
+
+
 def test_compiled_update_matches_eager():
     """Compiled losses inside full optimizer steps: same outputs and parameters, step for step."""
     batches = cpu_batches()

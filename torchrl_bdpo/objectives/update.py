@@ -19,6 +19,14 @@ _PARAMS = {
 }
 
 
+def _trainable(params) -> list[torch.nn.Parameter]:
+    """The parameters a loss holds for one network: none for a parameter-free one (a known reward as
+    Q), whose parameters are a plain, empty TensorDict rather than a ``TensorDictParams``."""
+    if hasattr(params, "parameters"):
+        return list(params.parameters())
+    return [p for p in params.values(include_nested=True, leaves_only=True) if isinstance(p, torch.nn.Parameter)]
+
+
 def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Prepare an optimizer for CUDA-graph capture, in place: ``capturable=True`` and a tensor ``lr``.
 
@@ -280,9 +288,7 @@ class BDPOUpdate:
     @staticmethod
     def param_groups(loss) -> dict[str, list[torch.nn.Parameter]]:
         """The trainable parameters of each group: ``{"critic", "actor", "behavior"} -> list``."""
-        return {
-            g: [p for attr in attrs for p in getattr(loss, attr).parameters()] for g, attrs in _PARAMS.items()
-        }
+        return {g: [p for attr in attrs for p in _trainable(getattr(loss, attr))] for g, attrs in _PARAMS.items()}
 
     @staticmethod
     def _make_side_stream(loss):
