@@ -144,3 +144,21 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
         toy.train(config(tmp_path))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["phase"] == "train" and state["step"] == 0
+
+
+def test_true_reward_q_is_the_energy_and_trains_the_rest(tmp_path):
+    """``critic.true_reward=true``: Q is the dataset's energy (no Q parameters), V and the actor train."""
+    cfg = config(tmp_path, "env.dataset=checkerboard", "critic.true_reward=true")
+    q = toy.true_reward_q(cfg)
+    points = torch.tensor([[1.0, 0.5], [-1.0, 0.5], [-3.0, -3.0], [3.0, 1.0]])
+    torch.testing.assert_close(q.module(torch.zeros(4, 1), points).squeeze(-1), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    summary = toy.train(cfg)
+    assert len(summary["history"]) == 30
+    assert all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
+    assert any("loss_actor" in h for h in summary["history"])
+    assert (tmp_path / "values.png").stat().st_size > 0
+
+
+def test_true_reward_q_without_a_point_energy_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"critic.true_reward=true: dataset='moons'.*critic.true_reward=false"):
+        toy.train(config(tmp_path, "env.dataset=moons", "critic.true_reward=true"))

@@ -129,3 +129,24 @@ def test_bad_input():
         optimal_policy_weights(torch.ones(3), 0)
     with pytest.raises(ValueError, match="one reward per action"):
         sample_optimal_policy(torch.zeros(3, 2), torch.zeros(4), 1.0, 5)
+
+
+@pytest.mark.parametrize("name", ["swissroll", "8gaussians", "checkerboard"])
+def test_toy_energy_gives_every_point_its_stored_reward(name):
+    from torchrl_bdpo.data import toy_energy
+
+    data = make_toy_data(name, 20000, seed=3)
+    stored = data["next", "reward"].squeeze(-1)
+    energy = toy_energy(name)(data["action"])
+    assert energy.shape == stored.shape and energy.dtype == stored.dtype
+    # the stored rewards are computed in float64 and rounded; the points too
+    torch.testing.assert_close(energy, stored, rtol=1e-6, atol=1e-6)
+    assert stored.std() > 0
+
+
+@pytest.mark.parametrize("name", ["rings", "moons", "2spirals", "nope"])
+def test_toy_energy_of_other_datasets_is_a_clear_error(name):
+    from torchrl_bdpo.data import toy_energy
+
+    with pytest.raises(ValueError, match=f"dataset='{name}'"):
+        toy_energy(name)

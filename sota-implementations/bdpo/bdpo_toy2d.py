@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tensordict.nn import TensorDictModule
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +43,7 @@ from utils import (  # noqa: E402
     write_json,
 )
 
-from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, sample_optimal_policy  # noqa: E402
+from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, sample_optimal_policy, toy_energy  # noqa: E402
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
 
 
@@ -164,6 +165,26 @@ def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int
     return paths
 
 
+class _PointEnergy(torch.nn.Module):
+    def __init__(self, dataset: str) -> None:
+        super().__init__()
+        self.energy = toy_energy(dataset)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.energy(action).unsqueeze(-1)
+
+
+def true_reward_q(cfg: DictConfig):
+    """``critic.true_reward=true``: the dataset's energy as a parameter-free Q, else ``None``."""
+    if not cfg.critic.get("true_reward", False):
+        return None
+    try:
+        module = _PointEnergy(cfg.env.dataset)
+    except ValueError as err:
+        raise ValueError(f"critic.true_reward=true: {err} Or set critic.true_reward=false.") from err
+    return TensorDictModule(module, in_keys=["observation", "action"], out_keys=["state_action_value"])
+
+
 def train(cfg: DictConfig) -> dict:
     if cfg.env.dataset not in TOY_DATASETS:
         raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
@@ -179,7 +200,7 @@ def train(cfg: DictConfig) -> dict:
     buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed, device=cfg.device)
     all_data = buffer[:].cpu()  # metrics and figures run on the CPU
     data_actions, data_rewards = all_data["action"], all_data["next", "reward"].squeeze(-1)
-    loss = make_bdpo_loss(cfg, observation_dim=1, action_dim=2)
+    loss = make_bdpo_loss(cfg, observation_dim=1, action_dim=2, qvalue_network=true_reward_q(cfg))
     optimizers = make_optimizers(cfg, loss)
     schedulers = make_schedulers(cfg, optimizers)
     updaters = make_updaters(cfg, loss)

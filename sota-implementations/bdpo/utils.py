@@ -47,7 +47,8 @@ def set_matmul_precision(cfg: DictConfig) -> str:
     return value
 
 
-def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BDPOLoss:
+def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalue_network=None) -> BDPOLoss:
+    """BDPO's loss from the config; ``qvalue_network`` replaces the Q ensemble (e.g. a known reward)."""
     d, c, lc = cfg.diffusion, cfg.critic, cfg.loss
 
     def diffusion_model():
@@ -61,7 +62,9 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int) -> BD
         actor,
         behavior,
         make_value_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth, num_steps=d.num_steps),
-        make_qvalue_operator(
+        qvalue_network
+        if qvalue_network is not None
+        else make_qvalue_operator(
             observation_dim, action_dim, hidden=c.hidden, depth=c.depth, layer_norm=c.get("layer_norm", False)
         ),
         eta=lc.eta,

@@ -19,6 +19,7 @@ from torchrl_bdpo.data.toy import (
     optimal_policy_weights,
     optimal_value,
     sample_optimal_policy,
+    toy_energy,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "optimal_policy_weights",
     "optimal_value",
     "sample_optimal_policy",
+    "toy_energy",
 ]

@@ -127,6 +127,36 @@ _GENERATORS: dict[str, Callable] = {
 }
 
 
+def _eight_gaussians_energy(x: torch.Tensor) -> torch.Tensor:
+    centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=x.dtype, device=x.device) / 1.414
+    return torch.cdist(x.reshape(-1, 2), centers).argmin(-1).reshape(x.shape[:-1]).to(x.dtype) / 7.0
+
+
+_POINT_ENERGIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "swissroll": lambda x: x.pow(2).sum(-1) / 9.0,
+    "8gaussians": _eight_gaussians_energy,
+    "checkerboard": lambda x: checkerboard_energy(x[..., 0]).to(x.dtype),
+}
+
+
+def toy_energy(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The energy of a toy dataset as a function of the point, ``[..., 2] -> [...]``.
+
+    It gives every stored point its stored reward; a known reward (a parameter-free Q) for
+    separating a critic's error from the rest of an algorithm. Only the datasets whose energy
+    is a function of the point have one: rings (its energy is that of the ring before the
+    noise), moons and 2spirals (a latent label) raise a ``ValueError``.
+    """
+    if name not in _GENERATORS:
+        raise ValueError(f"dataset={name!r}: expected one of {TOY_DATASETS}.")
+    if name not in _POINT_ENERGIES:
+        raise ValueError(
+            f"dataset={name!r} has no energy as a function of the point (it depends on the clean "
+            f"ring or a latent label): expected one of {tuple(_POINT_ENERGIES)}."
+        )
+    return _POINT_ENERGIES[name]
+
+
 def make_toy_data(name: str, num_points: int = 1_000_000, seed: int = 0) -> TensorDict:
     """The transitions of a toy bandit as a TensorDict of batch size ``[num_points]``.
 
