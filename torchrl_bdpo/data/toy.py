@@ -33,7 +33,11 @@ def swissroll(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     height = 21 * _uniform(n, g)
     xyz = torch.stack([t * torch.cos(t), height, t * torch.sin(t)], -1) + _normal(n, g, 3)
     x = xyz[:, [0, 2]] / 5.0
-    return x, x.pow(2).sum(-1) / 9.0
+    return x, _swissroll_energy(x)
+
+
+def _swissroll_energy(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).sum(-1) / 9.0
 
 
 def ring_energy(sq_radius: torch.Tensor) -> torch.Tensor:
@@ -89,8 +93,13 @@ def eight_gaussians(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64)
     idx = torch.randint(0, 8, (n,), generator=g)
     x = (centers[idx] + 0.5 * _normal(n, g, 2)) / 1.414
-    nearest = torch.cdist(x, centers / 1.414).argmin(-1)
-    return x, nearest.to(torch.float64) / 7.0
+    return x, _eight_gaussians_energy(x)
+
+
+def _eight_gaussians_energy(x: torch.Tensor) -> torch.Tensor:
+    """The index of the nearest (scaled) centre, / 7."""
+    centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=x.dtype, device=x.device) / 1.414
+    return torch.cdist(x.reshape(-1, 2), centers).argmin(-1).reshape(x.shape[:-1]).to(x.dtype) / 7.0
 
 
 def two_spirals(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +136,9 @@ _GENERATORS: dict[str, Callable] = {
 }
 
 
-def _eight_gaussians_energy(x: torch.Tensor) -> torch.Tensor:
-    centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=x.dtype, device=x.device) / 1.414
-    return torch.cdist(x.reshape(-1, 2), centers).argmin(-1).reshape(x.shape[:-1]).to(x.dtype) / 7.0
-
-
+# the energies that are a function of the point; the generators above use the same functions
 _POINT_ENERGIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "swissroll": lambda x: x.pow(2).sum(-1) / 9.0,
+    "swissroll": _swissroll_energy,
     "8gaussians": _eight_gaussians_energy,
     "checkerboard": lambda x: checkerboard_energy(x[..., 0]).to(x.dtype),
 }
