@@ -170,15 +170,8 @@ class _KnownReward(torch.nn.Module):
 def known_reward_loss(seed=0):
     from tensordict.nn import TensorDictModule
 
-    from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule, make_value_operator
-    from torchrl_bdpo.objectives import BDPOLoss
-
-    torch.manual_seed(seed)
-    actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
-    behavior = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     reward = TensorDictModule(_KnownReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
-    value = make_value_operator(OBS, ACT, hidden=32, num_steps=N)
-    return BDPOLoss(actor, behavior, value, reward, eta=0.2, num_qvalue_nets=2, num_samples=M)
+    return make_loss(seed=seed, qvalue_network=reward, rho=0.0, num_qvalue_nets=2)
 
 
 @pytest.mark.parametrize("compile", [False, True])

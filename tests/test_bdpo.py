@@ -19,15 +19,18 @@ OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
 
-def make_loss(seed=0, **kwargs):
-    """The value network looks its time branch up (``num_steps=N``), as the scripts build it."""
+def make_loss(seed=0, qvalue_network=None, **kwargs):
+    """The value network looks its time branch up (``num_steps=N``), as the scripts build it;
+    ``qvalue_network`` replaces the Q ensemble (e.g. a known reward)."""
     torch.manual_seed(seed)
     actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     behavior = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     kw = dict(eta=0.2, rho=1.0, num_qvalue_nets=K, num_samples=M)
     kw.update(kwargs)
     value = make_value_operator(OBS, ACT, hidden=32, num_steps=N)
-    return BDPOLoss(actor, behavior, value, make_qvalue_operator(OBS, ACT, hidden=32), **kw)
+    if qvalue_network is None:
+        qvalue_network = make_qvalue_operator(OBS, ACT, hidden=32)
+    return BDPOLoss(actor, behavior, value, qvalue_network, **kw)
 
 
 def make_batch(B=8, terminated=None, truncated=None, seed=1):
