@@ -96,9 +96,12 @@ def eight_gaussians(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return x, _eight_gaussians_energy(x)
 
 
+_EIGHT_GAUSSIAN_SCALED_CENTERS = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64) / 1.414
+
+
 def _eight_gaussians_energy(x: torch.Tensor) -> torch.Tensor:
     """The index of the nearest (scaled) centre, / 7."""
-    centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=x.dtype, device=x.device) / 1.414
+    centers = _EIGHT_GAUSSIAN_SCALED_CENTERS.to(dtype=x.dtype, device=x.device)
     return torch.cdist(x.reshape(-1, 2), centers).argmin(-1).reshape(x.shape[:-1]).to(x.dtype) / 7.0
 
 
