@@ -159,6 +159,19 @@ def test_true_reward_q_is_the_energy_and_trains_the_rest(tmp_path):
     assert (tmp_path / "values.png").stat().st_size > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+def test_true_reward_q_on_cuda_with_graphed_steps(tmp_path, compile_):
+    """The energy as Q inside captured (and compiled) steps on a GPU: 8gaussians' centres
+    are on the device before the capture."""
+    cfg = config(tmp_path, "env.dataset=8gaussians", "critic.true_reward=true", "device=cuda",
+                 "compile.cudagraphs=true", f"compile.compile={str(compile_).lower()}")
+    summary = toy.train(cfg)
+    assert len(summary["history"]) == 30
+    assert all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["metrics"].values())
+
+
 def test_true_reward_q_without_a_point_energy_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"critic.true_reward=true: dataset='moons'.*critic.true_reward=false"):
         toy.train(config(tmp_path, "env.dataset=moons", "critic.true_reward=true"))

@@ -97,11 +97,20 @@ def eight_gaussians(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
 
 
 _EIGHT_GAUSSIAN_SCALED_CENTERS = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64) / 1.414
+# the centres per (dtype, device), made on the first call there: a later call (e.g. inside a CUDA
+# graph's capture, where a copy from host memory is not allowed) copies nothing
+_SCALED_CENTERS_AT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _eight_gaussians_energy(x: torch.Tensor) -> torch.Tensor:
     """The index of the nearest (scaled) centre, / 7."""
-    centers = _EIGHT_GAUSSIAN_SCALED_CENTERS.to(dtype=x.dtype, device=x.device)
+    if torch.compiler.is_compiling():  # a constant of the compiled graph, on its device
+        centers = _EIGHT_GAUSSIAN_SCALED_CENTERS.to(dtype=x.dtype, device=x.device)
+    else:
+        centers = _SCALED_CENTERS_AT.get((x.dtype, x.device))
+        if centers is None:
+            centers = _EIGHT_GAUSSIAN_SCALED_CENTERS.to(dtype=x.dtype, device=x.device)
+            _SCALED_CENTERS_AT[(x.dtype, x.device)] = centers
     return torch.cdist(x.reshape(-1, 2), centers).argmin(-1).reshape(x.shape[:-1]).to(x.dtype) / 7.0
 
 
