@@ -160,12 +160,11 @@ def test_true_reward_q_is_the_energy_and_trains_the_rest(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_", [False, True])
-def test_true_reward_q_on_cuda_with_graphed_steps(tmp_path, compile_):
-    """The energy as Q inside captured (and compiled) steps on a GPU: 8gaussians' centres
-    are on the device before the capture."""
+def test_true_reward_q_on_cuda_with_graphed_steps(tmp_path):
+    """The energy as Q inside captured steps on a GPU: 8gaussians' centres are on the device
+    before the capture (compiled, they are a constant of the graph: tests/test_toy_data.py)."""
     cfg = config(tmp_path, "env.dataset=8gaussians", "critic.true_reward=true", "device=cuda",
-                 "compile.cudagraphs=true", f"compile.compile={str(compile_).lower()}")
+                 "compile.cudagraphs=true")
     summary = toy.train(cfg)
     assert len(summary["history"]) == 30
     assert all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
