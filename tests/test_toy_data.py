@@ -159,7 +159,7 @@ def test_point_energies_eager_compiled_and_graphed_agree(device):
     the first call at a (dtype, device), then reused."""
     from tensordict.nn import CudaGraphModule
 
-    from torchrl_bdpo.data import toy_energy
+    from torchrl_bdpo.data import toy, toy_energy
 
     points = make_toy_data("8gaussians", 512, seed=4)["action"].to(device)
     for name in ("swissroll", "8gaussians", "checkerboard"):
@@ -172,8 +172,6 @@ def test_point_energies_eager_compiled_and_graphed_agree(device):
             for _ in range(4):  # warm-up calls, the capture, a replay
                 out = graphed(points)
             torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    from torchrl_bdpo.data import toy
-
     first = toy._SCALED_CENTERS_AT[(torch.float32, points.device)]
     toy_energy("8gaussians")(points.double())
     toy_energy("8gaussians")(points)

@@ -90,13 +90,13 @@ EIGHT_GAUSSIAN_CENTERS = (
 
 def eight_gaussians(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Centres at radius 4 in the listed order, N(0, 0.5^2) noise, all / 1.414; energy = nearest centre / 7."""
-    centers = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64)
     idx = torch.randint(0, 8, (n,), generator=g)
-    x = (centers[idx] + 0.5 * _normal(n, g, 2)) / 1.414
+    x = (_EIGHT_GAUSSIAN_RADIUS_4_CENTERS[idx] + 0.5 * _normal(n, g, 2)) / 1.414
     return x, _eight_gaussians_energy(x)
 
 
-_EIGHT_GAUSSIAN_SCALED_CENTERS = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64) / 1.414
+_EIGHT_GAUSSIAN_RADIUS_4_CENTERS = 4.0 * torch.tensor(EIGHT_GAUSSIAN_CENTERS, dtype=torch.float64)
+_EIGHT_GAUSSIAN_SCALED_CENTERS = _EIGHT_GAUSSIAN_RADIUS_4_CENTERS / 1.414
 # the centres per (dtype, device), made on the first call there: a later call (e.g. inside a CUDA
 # graph's capture, where a copy from host memory is not allowed) copies nothing
 _SCALED_CENTERS_AT: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
