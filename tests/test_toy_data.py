@@ -103,7 +103,9 @@ def test_buffer_storage_device_keeps_every_transition(device):
     ref = make_toy_buffer("moons", batch_size=8, num_points=500, seed=3)[:]
     buffer = make_toy_buffer("moons", batch_size=8, num_points=500, seed=3, device=device)
     stored = buffer[:]
-    assert stored.device == torch.device(device) and buffer.sample().device == torch.device(device)
+    # a storage on "cuda" holds its data on the current device, e.g. cuda:0 (!= torch.device("cuda"))
+    where = torch.empty(0, device=device).device
+    assert stored.device == where and buffer.sample().device == where
     assert (stored.cpu() == ref).all()
 
 
@@ -156,7 +158,10 @@ def test_toy_energy_of_other_datasets_is_a_clear_error(name):
 def test_point_energies_eager_compiled_and_graphed_agree(device):
     """Every point energy gives the same values eager, compiled and (on a GPU) inside a CUDA
     graph, whose capture allows no copy from host memory: 8gaussians' centres are made on
-    the first call at a (dtype, device), then reused."""
+    the first call at a (dtype, device), then reused. Bit for bit, except compiled on a GPU:
+    a generated kernel may fuse swissroll's x0^2 + x1^2 into one multiply-add, a rounding
+    apart (a few float32 ulps); the discrete energies (a centre's index / 7, 0 or 1) still
+    agree exactly there."""
     from tensordict.nn import CudaGraphModule
 
     from torchrl_bdpo.data import toy, toy_energy
@@ -166,7 +171,9 @@ def test_point_energies_eager_compiled_and_graphed_agree(device):
         energy = toy_energy(name)
         expected = energy(points)
         compiled = torch.compile(energy, fullgraph=True, dynamic=False)
-        torch.testing.assert_close(compiled(points), expected, rtol=0, atol=0)
+        exact = device == "cpu" or name != "swissroll"
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+        torch.testing.assert_close(compiled(points), expected, **tol)
         if device == "cuda":
             graphed = CudaGraphModule(energy, warmup=2)
             for _ in range(4):  # warm-up calls, the capture, a replay
