@@ -112,6 +112,24 @@ def test_bad_input(tmp_path):
         toy.train(config(tmp_path / "d", "compile.overlap_losses=true"))
 
 
+def test_overlap_losses_default_follows_cudagraphs(tmp_path, monkeypatch):
+    """compile.overlap_losses: null gives two streams exactly when the steps are CUDA graphs."""
+    import utils
+
+    asked = []
+    monkeypatch.setattr(utils, "BDPOUpdate", lambda *a, **kw: asked.append(kw))
+    for overrides, expected in [
+        ((), (False, False)),
+        (("compile.cudagraphs=true",), (True, True)),
+        (("compile.cudagraphs=true", "compile.overlap_losses=false"), (True, False)),
+        (("compile.overlap_losses=true",), (False, True)),
+    ]:
+        utils.make_update(config(tmp_path, *overrides), None, {}, {})
+        assert (asked[-1]["cudagraphs"], asked[-1]["overlap_losses"]) == expected, overrides
+    with pytest.raises(ValueError, match=r"compile.overlap_losses='yes': expected true, false or null"):
+        utils.make_update(config(tmp_path, "compile.overlap_losses=yes"), None, {}, {})
+
+
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"
