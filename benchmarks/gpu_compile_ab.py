@@ -7,7 +7,8 @@ A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``d
 none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles.
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
-M=10, batch 256), TF32 matmuls by default. Results are printed and written after every
+M=10, batch 256), TF32 matmuls by default, and on a GPU each step's two losses on two CUDA
+streams (``overlap_losses=True``, what the scripts run with CUDA graphs; ``--one-stream``: one). Results are printed and written after every
 timing, so a run stopped by a time limit keeps what it measured. Put slow variants last:
 ``max-autotune`` spends seconds of autotuning per GEMM shape and had not finished after 4.5
 minutes on an H200, so it is not in the default list; give it a run of its own.
@@ -64,15 +65,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200, help="timed critic and policy steps (behavior: 10x)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
+    p.add_argument("--one-stream", action="store_true", help="GPU: the losses on one CUDA stream (default: two)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     graphs = device.type == "cuda"
+    overlap = graphs and not args.one_stream
     torch.set_float32_matmul_precision(args.matmul_precision)
     batch = bench.make_batch(256, device)
     out = {
         "device": torch.cuda.get_device_name(device) if graphs else "cpu",
         "torch": torch.__version__,
-        "settings": {"preset": "d4rl", "matmul_precision": args.matmul_precision, "steps": args.steps, "cudagraphs": graphs},
+        "settings": {"preset": "d4rl", "matmul_precision": args.matmul_precision, "steps": args.steps, "cudagraphs": graphs,
+                     "overlap_losses": overlap},
         "built": {},
         "rounds": [],
     }
@@ -93,7 +97,8 @@ def main(argv=None):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with inductor_config.patch(config):
-            update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode)
+            update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
+                                       overlap_losses=overlap)
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
                 last = update.critic(batch)
                 update.policy(batch), update.behavior(batch)

@@ -136,6 +136,7 @@ def test_compile_ab_runs_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rounds"]] == ["a", "b", "a", "b"]
     assert all(r["phase_b_steps_per_s"] > 0 and r["pretrain_steps_per_s"] > 0 for r in result["rounds"])
+    assert result["settings"]["overlap_losses"] is False  # a CPU has no streams
     built = result["built"]
     assert built["b"]["config"] == {"combo_kernels": True}
     assert built["a"]["loss_qvalue_third_step"] == pytest.approx(built["b"]["loss_qvalue_third_step"], rel=1e-4)
