@@ -195,7 +195,8 @@ class BDPOUpdate:
             ``cudagraphs`` the captured graph holds the two branches. The same operations are
             issued in the same host order, so the random draws and the results are those of
             the one-stream step. The loss must live on a CUDA device (a ``ValueError``
-            otherwise). Defaults to ``False``.
+            otherwise). On an H100 with ``compile`` and ``cudagraphs`` (TF32, D4RL sizes) it
+            gave 1.20x the phase-B steps/s (benchmarks/README.md). Defaults to ``False``.
 
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
