@@ -1,6 +1,6 @@
 """A/B of inductor settings for the compiled + CUDA-graph phase-B step (GPU; runs eager-free).
 
-    python benchmarks/gpu_compile_ab.py --out ab.json      # default, combo kernels, coordinate-descent tuning
+    python benchmarks/gpu_compile_ab.py --out ab.json      # default, forced GEMM padding, combo kernels, coordinate-descent tuning
     python benchmarks/gpu_compile_ab.py --variant default --variant autotune:max-autotune-no-cudagraphs
 
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
@@ -30,8 +30,14 @@ import torch._inductor.config as inductor_config
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bdpo as bench  # noqa: E402
 
+# pad: at the D4RL sizes many GEMMs have a dim that is not a multiple of 4 floats (16 bytes),
+# which TF32 tensor-core kernels need: the input layers (K = 6 action, 17 observation, 23 both),
+# the eps-networks' outputs (N = 6) and the ensembles' heads (N = 1); an H100 profile
+# (2026-11-28) shows FFMA and gemv kernels taking ~125 us of a 1412 us critic step. Inductor pads
+# only GEMMs it deems compute-bound unless forced
 DEFAULT_VARIANTS = (
     "default:default",
+    "pad:default:force_shape_pad=True",
     "combo:default:combo_kernels=True",
     "coordesc:default:coordinate_descent_tuning=True",
 )
