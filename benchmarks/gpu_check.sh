@@ -6,10 +6,16 @@
 # compiled step. It writes 5 files (the device tool returns at most 8); the printed output of
 # every step also goes to gpu_check.log.
 #   bash benchmarks/gpu_check.sh            # writes into benchmarks/results/ (or $OUT)
+#   bash benchmarks/gpu_check.sh ab         # instead: the inductor A/B of gpu_compile_ab.py alone
+#                                           # (~6-8 minutes: run timeout_s 580)
 # Wheels for packages the GPU machine lacks (torchrl, tensordict and their small
 # dependencies) are installed from .whl/ when that folder exists: `bash benchmarks/fetch_gpu_wheels.sh`
 # here first, then the device tool's run with carry [".whl"].
 set -o pipefail
+if [ -n "${1:-}" ] && [ "$1" != ab ]; then
+  echo "gpu_check.sh: unknown mode '$1': expected nothing (the full check) or 'ab' (the inductor A/B)" >&2
+  exit 2
+fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 EXCLUDE_TD_FROM_PYTREE=1
@@ -20,6 +26,11 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu_info.txt"
 python3 -c "import torch, torchrl, tensordict; print('torch', torch.__version__, 'torchrl', torchrl.__version__, 'tensordict', tensordict.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu_info.txt"
+if [ "${1:-}" = ab ]; then
+  timeout 560 python3 benchmarks/gpu_compile_ab.py --out "$OUT/compile_ab.json" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/compile_ab.log"
+  echo "compile A/B exit: $?"
+  exit 0
+fi
 timeout 130 python3 -m pytest -m gpu tests/test_accelerate.py -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
 echo "tests exit: $?"
 # the scripts on CUDA (offline: evaluation envs on the CPU, policy on the GPU; toy: metrics and
@@ -34,8 +45,7 @@ echo "bench tf32 exit: $?"
 (cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log")
 echo "profile exit: $?"
 # (Adam A/B, not run by default: add --adam foreach to the TF32 line for CUDA's default optimizer;
-#  inductor settings A/B, not run by default, a run of its own of ~5-8 minutes:
-#  timeout 560 python3 benchmarks/gpu_compile_ab.py --out "$OUT/compile_ab.json")
+#  inductor settings A/B, not run by default, a run of its own of ~6-8 minutes: `gpu_check.sh ab`)
 # strict fp32 (torch's default), not run by default (measured on an H200 on 2026-11-27 at 3f707ad:
 # benchmarks/README.md), a run of ~2 minutes: the update and the actor-cost comparison
 #  timeout 120 python3 benchmarks/bench_bdpo.py --steps 10 --only update --only actor_cost --out "$OUT/gpu.json"
