@@ -31,11 +31,13 @@ if [ "${1:-}" = ab ]; then
   echo "compile A/B exit: $?"
   exit 0
 fi
-timeout 130 python3 -m pytest -m gpu tests/test_accelerate.py -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
+# the gpu-marked tests, with each failure's traceback short enough to survive the log's tail
+GPU_PYTEST=(-m gpu -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore)
+timeout 130 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_accelerate.py 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
 echo "tests exit: $?"
 # the scripts on CUDA (offline: evaluation envs on the CPU, policy on the GPU; toy: metrics and
 # figures from GPU networks), graphed steps
-timeout 60 python3 -m pytest -m gpu tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
+timeout 60 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
 echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default)
 timeout 190 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"

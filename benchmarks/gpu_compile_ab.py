@@ -8,8 +8,9 @@ none), the ``key=value`` pairs patch ``torch._inductor.config`` while the varian
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
 M=10, batch 256), TF32 matmuls by default, and on a GPU each step's two losses on two CUDA
-streams (``overlap_losses=True``, what the scripts run with CUDA graphs; ``--one-stream``: one). Results are printed and written after every
-timing, so a run stopped by a time limit keeps what it measured. Put slow variants last:
+streams (``overlap_losses=True``, what the scripts run with CUDA graphs; ``--one-stream``:
+one). Results are printed and written after every timing, so a run stopped by a time limit
+keeps what it measured. Put slow variants last:
 ``max-autotune`` spends seconds of autotuning per GEMM shape and had not finished after 4.5
 minutes on an H200, so it is not in the default list; give it a run of its own.
 On a CPU (a smoke run only) the steps are compiled but not captured, and each variant's
