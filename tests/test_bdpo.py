@@ -188,6 +188,29 @@ def test_ensemble_chunks_match_one_call(rows, vmap, chunk_calls):
         torch.testing.assert_close(grads["chunked"][key], gw, rtol=1e-5, atol=1e-6 * scale, msg=key)
 
 
+def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
+    """Ten chunk shapes (more than dynamo's default recompile limit of 8): each gets its compiled
+    graph, none falls back to eager, and dynamo's own limit is left as it was."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from torchrl_bdpo.objectives import utils
+
+    loss = make_loss(num_qvalue_nets=2)
+    code = utils._ensemble_members.__code__
+    before = len(_debug_get_cache_entry_list(code))
+    limit = torch._dynamo.config.recompile_limit
+    obs = torch.randn(97, OBS)
+    act = torch.randn(97, ACT)
+    for rows in range(83, 93):  # one chunk of `rows` rows (and one of 97 - rows): two new shapes at most
+        out = utils.ensemble_apply_chunked(
+            loss.qvalue_network, loss.qvalue_network_params, [obs, act], 2, [rows, 97 - rows],
+            compile_options={"backend": "eager"},
+        )
+        assert out.shape == (2, 97, 1)
+    assert len(_debug_get_cache_entry_list(code)) - before >= 10
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_ensemble_chunks_keep_the_loss(chunk_calls):
     """A whole forward with chunked target ensembles: the same losses, diagnostics and gradients."""
     whole = make_loss(ensemble_chunk_rows=None)

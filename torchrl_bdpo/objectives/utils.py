@@ -117,6 +117,12 @@ def _ensemble_members(module, params, inputs, size, use_vmap):
 
 _COMPILED_MEMBERS: dict = {}
 
+# Every chunk shape of every chunked call (Q and V, with and without grad, each loss of the
+# process) is one static-shape graph of the one function above: a single compiled update needs
+# ~5 at the D4RL sizes, two updates in one process (a benchmark's variants) exceed dynamo's
+# default limit of 8 per function, after which it would run the remaining chunks eagerly.
+CHUNK_RECOMPILE_LIMIT = 64
+
 
 @torch.compiler.disable
 def ensemble_apply_chunked(
@@ -137,16 +143,19 @@ def ensemble_apply_chunked(
     of going through memory between layers. Always eager to ``torch.compile`` (a graph
     break): a compiled caller traces around it. ``compile_options`` (``torch.compile`` keyword
     arguments, ``{}`` for the defaults) compile the per-chunk call itself — one graph, reused by
-    every chunk of that shape; ``None`` runs the chunks eagerly.
+    every chunk of that shape, up to :data:`CHUNK_RECOMPILE_LIMIT` graphs; ``None`` runs the
+    chunks eagerly.
     """
-    fn = _ensemble_members
-    if compile_options is not None:
-        key = repr(sorted(compile_options.items()))  # values may be unhashable (an options dict)
-        fn = _COMPILED_MEMBERS.get(key)
-        if fn is None:
-            fn = _COMPILED_MEMBERS[key] = torch.compile(_ensemble_members, dynamic=False, **compile_options)
     chunks = zip(*(x.split(list(sizes)) for x in inputs))
-    return torch.cat([fn(module, params, xs, size, use_vmap) for xs in chunks], 1)
+    if compile_options is None:
+        return torch.cat([_ensemble_members(module, params, xs, size, use_vmap) for xs in chunks], 1)
+    key = repr(sorted(compile_options.items()))  # values may be unhashable (an options dict)
+    fn = _COMPILED_MEMBERS.get(key)
+    if fn is None:
+        fn = _COMPILED_MEMBERS[key] = torch.compile(_ensemble_members, dynamic=False, **compile_options)
+    limit = max(torch._dynamo.config.recompile_limit, CHUNK_RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return torch.cat([fn(module, params, xs, size, use_vmap) for xs in chunks], 1)
 
 
 class TargetSoftUpdate:
