@@ -211,6 +211,16 @@ def test_compiled_update_matches_eager():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
+def test_compiled_update_with_stratified_steps_matches_eager():
+    """Stratified steps: the compiled step evaluates each ensemble on its index set of rows, as eager does."""
+    batches = cpu_batches(B=12)
+    ref = update_for(make_loss(step_sampling="stratified"))
+    ref_outs = run_steps(ref, batches)
+    upd = update_for(make_loss(step_sampling="stratified"), compile=True, compile_backend="aot_eager")
+    outs = run_steps(upd, batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+
+
 def test_compiled_update_matches_eager_past_the_q_row_capacity():
     """At 64 rows a compiled CPU step evaluates V_0 = Q on 36 selected rows, not all 64 x M."""
     batches = cpu_batches(B=64)
@@ -551,6 +561,24 @@ def test_overlapped_losses_match_the_one_stream_step(compile, cudagraphs, train_
     assert_same_run(outs, ref_outs, upd, ref, rtol=1e-5, atol=1e-6)
     if cudagraphs:
         assert upd.critic.num_graphs == 1 and upd.policy.num_graphs == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cudagraph_update_with_stratified_steps_matches_eager(compile):
+    """Stratified steps under CUDA graphs (two streams): Q and V each on their own rows, no host
+    read; eager's numbers, across a recapture for another batch size."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    batches = gpu_batches(3, B=12) + [b.to("cuda") for b in cpu_batches(1, B=8)]
+    ref = update_for(make_loss(step_sampling="stratified").to("cuda"), fused=True)
+    upd = update_for(
+        make_loss(step_sampling="stratified").to("cuda"), fused=True, compile=compile, cudagraphs=True,
+        overlap_losses=True,
+    )
+    assert_same_run(run_steps(upd, batches), run_steps(ref, batches), upd, ref, rtol=1e-3, atol=1e-4)
+    assert upd.critic.num_graphs == 2
 
 
 @pytest.mark.gpu

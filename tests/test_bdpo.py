@@ -486,11 +486,68 @@ def test_acting_module():
         (dict(ensemble_chunk_rows=2.5), "ensemble_chunk_rows=2.5"),
         (dict(ensemble_chunk_rows=True), "ensemble_chunk_rows=True"),
         (dict(ensemble_chunk_rows="all"), "ensemble_chunk_rows='all'"),
+        (dict(step_sampling="sobol"), r"step_sampling='sobol': expected one of \('uniform', 'stratified'\)"),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_loss(**kwargs)
+
+
+@pytest.mark.parametrize("batch_shape", [(13,), (3, 5)])
+def test_stratified_split_values_each_row_as_the_row_by_row_split_does(batch_shape):
+    """``_next_value`` with the rows of a stratified draw (Q on the step-1 rows, V on the others)
+    equals eager's row-by-row split (``nonzero``), values and gradients to the actions, with an
+    ensemble of each kind evaluated once on its own rows."""
+    from torchrl_bdpo.diffusion import stratified_steps
+
+    loss = make_loss(step_sampling="stratified")
+    torch.manual_seed(0)
+    split = stratified_steps(batch_shape, N)
+    obs = torch.randn(*batch_shape, OBS).unsqueeze(-2).expand(*batch_shape, M, OBS)
+    step_prev = (split.steps - 1).unsqueeze(-1).expand(*batch_shape, M)
+    action = torch.randn(*batch_shape, M, ACT, requires_grad=True)
+    ref = loss._next_value(obs, action, step_prev)
+    calls = []
+    for name in ("_qvalue", "_value"):
+        method = getattr(loss, name)
+        setattr(loss, name, lambda *a, _m=method, _n=name: calls.append((_n, a[-1].shape[0] if _n == "_qvalue" else a[-2].shape[0])) or _m(*a))
+    out = loss._next_value(obs, action, step_prev, split)
+    R = torch.Size(batch_shape).numel()
+    assert sorted(calls) == [("_qvalue", split.first_rows.numel()), ("_value", R - R // N)]
+    assert out.shape == ref.shape == (K, *batch_shape, M)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), action)
+    (g_out,) = torch.autograd.grad((out * w).sum(), action)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"split covers 1 \+ 0 rows but the batch has"):
+        loss._next_value(obs, action, step_prev, split._replace(first_rows=split.first_rows[:1], later_rows=split.later_rows[:0]))
+
+
+def test_stratified_losses_draw_balanced_steps_and_train():
+    """``step_sampling="stratified"``: the V and actor objectives get balanced steps and their split;
+    each loss still reaches its own network only."""
+    loss = make_loss(step_sampling="stratified")
+    seen = []
+    original = loss.one_step_objective
+
+    def spy(observation, action_n, n, actor_params=None, split=None):
+        seen.append((n.clone(), split))
+        return original(observation, action_n, n, actor_params, split=split)
+
+    loss.one_step_objective = spy
+    data = make_batch(B=12)
+    for method, owner in (("value_loss", "value_network_params"), ("actor_loss", "actor_network_params")):
+        loss.zero_grad()
+        value, _ = getattr(loss, method)(data)
+        value.backward()
+        assert grads_by_network(loss) == {**{k: False for k in grads_by_network(loss)}, owner: True}
+    assert len(seen) == 2
+    for n, split in seen:
+        assert split is not None and torch.equal(n, split.steps)
+        assert sorted(torch.bincount(n, minlength=N + 1)[1:].tolist()) == sorted([12 // N] * (N - 12 % N) + [12 // N + 1] * (12 % N))
+    assert make_loss().draw_steps(data["action"])[3] is None  # uniform: i.i.d. steps, no split
 
 
 def test_bad_input():

@@ -115,3 +115,47 @@ def test_final_noise():
     torch.testing.assert_close(noisy.kl_weights, plain.kl_weights)
     a, eps, z = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2)
     torch.testing.assert_close(noisy.reverse_step(a, 1, eps, z), noisy.predict_x0(a, 1, eps) + plain.betas[1].sqrt() * z)
+
+
+@pytest.mark.parametrize("shape,N", [((256,), 5), ((10,), 5), ((3,), 5), ((7,), 1), ((12,), 5), ((3, 4), 5), ((50,), 50)])
+def test_stratified_steps_balance_the_counts_and_index_both_kinds_of_rows(shape, N):
+    from torchrl_bdpo.diffusion import stratified_steps
+
+    torch.manual_seed(0)
+    R = math.prod(shape)
+    per_step, extra = divmod(R, N)
+    for _ in range(20):
+        draw = stratified_steps(shape, N)
+        steps = draw.steps
+        assert steps.shape == torch.Size(shape) and steps.dtype == torch.long
+        counts = torch.bincount(steps.reshape(-1), minlength=N + 1)
+        assert counts[0] == 0 and counts.sum() == R
+        assert sorted(counts[1:].tolist()) == [per_step] * (N - extra) + [per_step + 1] * extra
+        flat = steps.reshape(-1)
+        first, later = draw.first_rows.tolist(), draw.later_rows.tolist()
+        assert len(first) == per_step + (extra > 0) and len(later) == R - per_step
+        assert set(first) | set(later) == set(range(R)) and len(set(first) & set(later)) <= 1
+        assert set(torch.nonzero(flat == 1).reshape(-1).tolist()) <= set(first)
+        assert set(torch.nonzero(flat >= 2).reshape(-1).tolist()) <= set(later)
+
+
+def test_stratified_steps_are_uniform_for_every_row():
+    """Each row's step is U{1..N} (also for the steps that get the R % N extra rows): 30k draws of 7
+    rows over 3 steps, every (row, step) frequency within 4.5 standard errors of 1/3."""
+    from torchrl_bdpo.diffusion import stratified_steps
+
+    torch.manual_seed(0)
+    R, N, draws = 7, 3, 30000
+    freq = torch.zeros(R, N + 1)
+    for _ in range(draws):
+        freq[torch.arange(R), stratified_steps((R,), N).steps] += 1
+    freq = freq[:, 1:] / draws
+    se = math.sqrt((1 / N) * (1 - 1 / N) / draws)
+    assert (freq - 1 / N).abs().max() < 4.5 * se, freq
+
+
+def test_stratified_steps_bad_num_steps():
+    from torchrl_bdpo.diffusion import stratified_steps
+
+    with pytest.raises(ValueError, match=r"num_steps=0: expected"):
+        stratified_steps((4,), 0)

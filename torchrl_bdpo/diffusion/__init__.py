@@ -11,7 +11,7 @@ from torchrl_bdpo.diffusion.networks import (
     make_value_operator,
     timestep_embedding,
 )
-from torchrl_bdpo.diffusion.schedule import NoiseSchedule, make_schedule
+from torchrl_bdpo.diffusion.schedule import NoiseSchedule, StratifiedSteps, make_schedule, stratified_steps
 from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
 
 __all__ = [
@@ -25,10 +25,12 @@ __all__ = [
     "QSelectActor",
     "QValueNetwork",
     "SinusoidalTimestepEmbedding",
+    "StratifiedSteps",
     "make_qvalue_operator",
     "make_schedule",
     "make_value_operator",
     "orthogonal_init_",
     "select_by_q",
+    "stratified_steps",
     "timestep_embedding",
 ]

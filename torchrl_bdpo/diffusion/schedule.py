@@ -9,6 +9,7 @@ needs no offset anywhere.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,6 +18,50 @@ from torchrl_bdpo._validation import check_num_steps
 
 SCHEDULES = ("vp", "linear", "cosine")
 SIGMAS = ("beta", "posterior")
+STEP_SAMPLINGS = ("uniform", "stratified")
+
+
+class StratifiedSteps(NamedTuple):
+    """Diffusion steps drawn by :func:`stratified_steps`, with the rows that hold each kind.
+
+    Attributes:
+        steps: ``[*B]`` long, in ``1..N``.
+        first_rows: flat row indices (into ``steps.reshape(-1)``) holding every row with step 1,
+            and at most one other: ``R // N + (R % N > 0)`` of them for ``R`` rows.
+        later_rows: flat row indices holding every row with step >= 2, and at most one with
+            step 1: ``R - R // N`` of them.
+    """
+
+    steps: torch.Tensor
+    first_rows: torch.Tensor
+    later_rows: torch.Tensor
+
+
+def stratified_steps(batch_shape, num_steps: int, device=None) -> StratifiedSteps:
+    """Steps ``n`` in ``1..N`` for a batch: each row's ``n`` uniform, the batch's counts balanced.
+
+    Each step is given to ``R // N`` of the ``R`` rows, and ``R % N`` steps drawn at random
+    (without replacement) to one row more; the rows are assigned by a uniformly random
+    permutation. So every row's step is ``U{1..N}`` as with i.i.d. draws (an unbiased estimate of
+    the same loss: stratified sampling, as in Kingma et al. 2021's low-discrepancy time sampler),
+    while the number of rows with step 1 is known before the draw: the rows that need one network
+    and those that need another are index sets of fixed sizes, with no host read (CUDA graphs,
+    static shapes). The draw is made on ``device`` (two ``rand`` calls and sorts), in float64 so
+    that ties, which would favour lower row indices, have probability ~``R^2 2^-54``.
+    """
+    batch_shape = torch.Size(batch_shape)
+    check_num_steps(num_steps)
+    rows = batch_shape.numel()
+    per_step, extra = divmod(rows, num_steps)
+    counts = torch.full((num_steps,), per_step, dtype=torch.long, device=device)
+    if extra:
+        lucky = torch.argsort(torch.rand(num_steps, dtype=torch.float64, device=device))[:extra]
+        counts = counts.index_fill(0, lucky, per_step + 1)
+    position = torch.arange(rows, device=device)
+    step_at = torch.searchsorted(counts.cumsum(0), position, right=True) + 1  # blocks of steps 1, 2, ...
+    order = torch.argsort(torch.rand(rows, dtype=torch.float64, device=device))  # block position -> row
+    steps = torch.empty_like(step_at).scatter(0, order, step_at)
+    return StratifiedSteps(steps.reshape(batch_shape), order[: per_step + (extra > 0)], order[per_step:])
 
 
 def _vp_betas(num_steps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:

@@ -68,8 +68,9 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
         skip_terminal_next (bool): skip the path sampling for terminal next states in
             eager mode. Defaults to ``True``.
-        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, validate: see
-            :class:`DiffusionValueLoss`.
+        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, validate, step_sampling:
+            see :class:`DiffusionValueLoss` (``step_sampling`` draws the steps of the V and
+            actor objectives).
 
     The sigma choice (``sigma_n^2 = beta_n`` or the posterior variance) belongs to the
     schedule: ``make_schedule("vp", N, sigma="posterior")``.
@@ -137,6 +138,7 @@ class BDPOLoss(DiffusionValueLoss):
         deactivate_vmap: bool = False,
         ensemble_chunk_rows: int | str | None = "auto",
         validate: bool = True,
+        step_sampling: str = "uniform",
     ) -> None:
         super().__init__(
             actor_network,
@@ -153,6 +155,7 @@ class BDPOLoss(DiffusionValueLoss):
             deactivate_vmap=deactivate_vmap,
             ensemble_chunk_rows=ensemble_chunk_rows,
             validate=validate,
+            step_sampling=step_sampling,
         )
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
@@ -357,9 +360,9 @@ class BDPOLoss(DiffusionValueLoss):
         k = self.tensor_keys
         self._validate(tensordict, (k.observation, k.action))
         observation, action = tensordict.get(k.observation), tensordict.get(k.action)
-        action_n, n, _ = self.actor_network.schedule.noise_action(action)
+        action_n, n, _, split = self.draw_steps(action)
         objective, next_value, step_kl = self.one_step_objective(
-            observation, action_n, n, self.actor_network_params
+            observation, action_n, n, self.actor_network_params, split=split
         )
         metadata = {
             "actor_objective": objective.detach().mean(),

@@ -16,6 +16,7 @@ from torchrl.objectives.common import LossModule
 from torchrl_bdpo._validation import check_finite, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
+from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
 from torchrl_bdpo.objectives.utils import (
@@ -94,6 +95,15 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             the chunk loop is a graph break, and each chunk runs one compiled graph of the
             ensemble. Defaults to ``"auto"``.
         validate (bool): raise a ``ValueError`` on NaN/inf inputs. Defaults to ``True``.
+        step_sampling (str): how the V and actor objectives draw ``n`` for a batch:
+            ``"uniform"``, i.i.d. ``U{1..N}`` per sample (the paper's); ``"stratified"``,
+            :func:`~torchrl_bdpo.diffusion.stratified_steps`: each sample's ``n`` still
+            ``U{1..N}`` (the same expected loss), the batch's counts per step balanced, so that
+            the rows valued by ``V_0 = Q`` (``n = 1``) and by ``V`` (``n >= 2``) are index sets of
+            known sizes. Each row then goes to one ensemble in every mode (eager, compiled, CUDA
+            graphs), where ``"uniform"`` under CUDA graphs evaluates both on every row: at the
+            D4RL sizes 31.4 instead of 41.2 GFLOP per graphed phase-B step (``benchmarks/README.md``),
+            and no host read in eager GPU steps. Defaults to ``"uniform"``.
 
     Examples:
         >>> import torch
@@ -168,6 +178,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         deactivate_vmap: bool = False,
         ensemble_chunk_rows: int | str | None = "auto",
         validate: bool = True,
+        step_sampling: str = "uniform",
     ) -> None:
         _check_actor(actor_network, "actor_network")
         _check_actor(behavior_network, "behavior_network")
@@ -181,6 +192,11 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             raise ValueError(f"rho={rho!r}: expected a number >= 0 (0 turns the LCB into the mean).")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+        if step_sampling not in STEP_SAMPLINGS:
+            raise ValueError(
+                f"step_sampling={step_sampling!r}: expected one of {STEP_SAMPLINGS} (\"uniform\": i.i.d. "
+                f"steps, the paper's; \"stratified\": balanced counts per step, see stratified_steps)."
+            )
         _check_positive_int("num_qvalue_nets", num_qvalue_nets, "It is the ensemble size K of Q and V.")
         _check_positive_int("num_samples", num_samples, "It is M, the samples per state.")
         if ensemble_chunk_rows == "auto":
@@ -202,6 +218,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         self.reduction = "mean" if reduction is None else reduction
         self.deactivate_vmap = deactivate_vmap
         self.validate = validate
+        self.step_sampling = step_sampling
         self._check_critic(value_network, "value_network", actor_network)
         self._check_critic(qvalue_network, "qvalue_network", actor_network)
 
@@ -295,8 +312,11 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         inputs = self._critic_inputs(self.value_network, observation, action, step)
         return self._ensemble(self.value_network, params, inputs).squeeze(-1)
 
-    def _next_value(self, observation, action_prev, step_prev) -> torch.Tensor:
+    def _next_value(self, observation, action_prev, step_prev, split: StratifiedSteps | None = None) -> torch.Tensor:
         """Target ``V_{n-1}`` at ``(s, a^{n-1})``, with ``V_0 = Q``: ``[K, *B]``.
+
+        With ``split`` (the draw of stratified steps), each ensemble runs on its index set of rows,
+        in every mode (:meth:`_next_value_split`). Otherwise:
 
         Eager: rows with ``n - 1 = 0`` go to Q and the others to V (each row evaluated once).
         Under CUDA-graph capture, and ``torch.compile`` on a GPU, both are evaluated on every row
@@ -308,6 +328,8 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         batches above the capacity (256 rows at ``N = 5``: Q on 94 rows), at the graph break.
         """
         q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
+        if split is not None:
+            return self._next_value_split(observation, action_prev, step_prev, q_params, v_params, split)
         if static_graph():
             capacity = self._q_capacity_for(step_prev)
             if capacity is not None:
@@ -372,14 +394,74 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         picked = torch.where(is_q[idx], q, v[:, idx])
         return v.index_copy(1, idx, picked).reshape(-1, *batch, M)
 
-    def one_step_objective(self, observation, action_n, n, actor_params: TensorDictBase | None = None):
+    def _next_value_split(self, observation, action_prev, step_prev, q_params, v_params, split) -> torch.Tensor:
+        """``_next_value`` with Q on ``split.first_rows`` and V on ``split.later_rows``.
+
+        A row is one state's ``M`` samples, which share their step. The two index sets cover every
+        row and overlap in one row at most, whose value ``torch.where`` picks by its step; their
+        sizes are fixed by the batch's, so the shapes are static without a host read. Dimensions
+        ``expand``-ed along the samples (the state, the step) stay expanded views.
+        """
+        M = step_prev.shape[-1]
+        batch = step_prev.shape[:-1]
+        rows = batch.numel()
+        if split.first_rows.numel() + split.later_rows.numel() < rows:
+            raise ValueError(
+                f"split covers {split.first_rows.numel()} + {split.later_rows.numel()} rows but the batch "
+                f"has {rows}: pass the StratifiedSteps drawn for this batch (stratified_steps(batch_shape, N))."
+            )
+        obs = observation.reshape(rows, M, observation.shape[-1])
+        act = action_prev.reshape(rows, M, action_prev.shape[-1])
+        step = step_prev.reshape(rows, M)
+
+        def take(x, idx):  # rows of x, keeping a dimension expanded along the samples expanded
+            if x.shape[1] > 1 and x.stride(1) == 0:
+                return x.narrow(1, 0, 1).index_select(0, idx).expand(idx.shape[0], *x.shape[1:])
+            return x.index_select(0, idx)
+
+        # each ensemble's result is bound before it is used: a chunked CPU ensemble is a graph
+        # break, after which dynamo cannot resume a Tensor method looked up before the call
+        out = act.new_zeros(self.num_qvalue_nets, rows, M)
+        idx = split.later_rows
+        if idx.numel():
+            v = self._value(v_params, take(obs, idx), take(act, idx), take(step, idx))
+            out = out.index_copy(1, idx, v)
+        idx = split.first_rows
+        if idx.numel():
+            q = self._qvalue(q_params, take(obs, idx), take(act, idx))  # [K, rows, M]
+            out = out.index_copy(1, idx, torch.where(take(step, idx) == 0, q, out.index_select(1, idx)))
+        return out.reshape(-1, *batch, M)
+
+    def draw_steps(self, action: torch.Tensor):
+        """Noise dataset actions at fresh steps: ``(a^n, n, eps, split)``.
+
+        ``n`` is drawn as :attr:`step_sampling` says; ``split`` is the :class:`StratifiedSteps` of
+        a stratified draw (pass it to :meth:`one_step_objective`), ``None`` for i.i.d. steps.
+        """
+        schedule = self.actor_network.schedule
+        if self.step_sampling == "uniform":
+            return (*schedule.noise_action(action), None)
+        split = stratified_steps(action.shape[:-1], schedule.num_steps, action.device)
+        noise = torch.randn_like(action)
+        return schedule.q_sample(action, split.steps, noise), split.steps, noise, split
+
+    def one_step_objective(
+        self,
+        observation,
+        action_n,
+        n,
+        actor_params: TensorDictBase | None = None,
+        split: StratifiedSteps | None = None,
+    ):
         """The one-step objective at ``(s, a^n, n)`` under the given actor parameters.
 
         Returns ``(J, next_value, l_n)``, each of the batch shape:
         ``next_value = agg_k(mean_M V^tgt_{n-1}(s, a^{n-1}))`` with ``a^{n-1}`` drawn by one
         reparameterised reverse step, ``l_n`` the KL of that step to the behavior EMA, and
         ``J = next_value - eta * l_n``. Gradients flow to ``actor_params`` (and through
-        ``a^{n-1}`` into the critics' inputs, never their parameters).
+        ``a^{n-1}`` into the critics' inputs, never their parameters). ``split``: the
+        :class:`StratifiedSteps` that drew ``n`` (from :meth:`draw_steps`), which lets each row
+        go to one target ensemble in every mode.
         """
         if actor_params is None:
             actor_params = self.target_actor_network_params
@@ -393,7 +475,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         action_prev = mean.unsqueeze(-2) + scale * z
         obs_m = observation.unsqueeze(-2).expand(*observation.shape[:-1], M, observation.shape[-1])
         step_prev = (n - 1).unsqueeze(-1).expand(*n.shape, M)
-        next_value = self._next_value(obs_m, action_prev, step_prev).mean(-1)
+        next_value = self._next_value(obs_m, action_prev, step_prev, split).mean(-1)
         next_value = aggregate_ensemble(next_value, self.aggregation, self.rho)
         with torch.no_grad():
             eps_nu = predict_eps_with(
@@ -413,9 +495,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         keys = self.tensor_keys
         self._validate(tensordict, (keys.observation, keys.action))
         observation, action = tensordict.get(keys.observation), tensordict.get(keys.action)
-        action_n, n, _ = self.actor_network.schedule.noise_action(action)
+        action_n, n, _, split = self.draw_steps(action)
         with torch.no_grad():
-            target, _, step_kl = self.one_step_objective(observation, action_n, n)
+            target, _, step_kl = self.one_step_objective(observation, action_n, n, split=split)
         pred = self._value(self.value_network_params, observation, action_n, n)
         loss = (pred - target).pow(2).mean(0)
         metadata = {
