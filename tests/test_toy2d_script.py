@@ -192,3 +192,28 @@ def test_true_reward_q_on_cuda_with_graphed_steps(tmp_path):
 def test_true_reward_q_without_a_point_energy_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"critic.true_reward=true: dataset='moons'.*critic.true_reward=false"):
         toy.train(config(tmp_path, "env.dataset=moons", "critic.true_reward=true"))
+
+
+def test_step_sampling_reaches_the_loss_and_older_checkpoints_resume(tmp_path):
+    """``loss.step_sampling`` builds the loss with it; a checkpoint written before the key existed
+    (its run drew i.i.d. steps) resumes under the default and is refused under another value."""
+    summary = toy.train(config(tmp_path / "s", "optim.steps=10", "loss.step_sampling=stratified"))
+    assert len(summary["history"]) == 10 and all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
+    assert toy_loss(config(tmp_path / "s", "loss.step_sampling=stratified")).step_sampling == "stratified"
+    toy.train(config(tmp_path, "optim.steps=10"))
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["config"]["loss"].pop("step_sampling") == "uniform"
+    torch.save(state, path)
+    resume = ("optim.steps=10", "checkpoint.resume=true")
+    with pytest.raises(ValueError, match=r"loss.step_sampling \('uniform' in the checkpoint, 'stratified' now\)"):
+        toy.train(config(tmp_path, *resume, "loss.step_sampling=stratified"))
+    assert toy.train(config(tmp_path, *resume))["history"] == []
+    with pytest.raises(ValueError, match=r"step_sampling='balanced': expected one of \('uniform', 'stratified'\)"):
+        toy.train(config(tmp_path / "b", "loss.step_sampling=balanced"))
+
+
+def toy_loss(cfg):
+    import utils
+
+    return utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2)

@@ -76,6 +76,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         max_q_backup=lc.get("max_q_backup", False),
         train_behavior=cfg.optim.train_behavior,
         ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"),
+        step_sampling=lc.get("step_sampling", "uniform"),
     )
     return loss.to(cfg.device)
 
@@ -214,12 +215,27 @@ def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> 
 
 # keys added to the configs after checkpoints were first written, with the value that those
 # checkpoints' runs used: a checkpoint without the key matches a config that has this value
-_LATER_KEYS = {"matmul_precision": "highest"}
+_LATER_KEYS = {"matmul_precision": "highest", "loss.step_sampling": "uniform"}
+
+
+def _with_later_keys(saved: dict) -> dict:
+    """A checkpoint's config with the :data:`_LATER_KEYS` it lacks (dotted keys nest)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for dotted, value in _LATER_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for name in parents:
+            if not isinstance(node.get(name), dict):
+                break
+            node = node[name]
+        else:
+            node.setdefault(leaf, value)
+    return out
 
 
 def load_checkpoint(path: Path, cfg, loss, optimizers, schedulers) -> tuple[str, int]:
     state = torch.load(path, weights_only=False)
-    mine, theirs = config_fingerprint(cfg), {**_LATER_KEYS, **state["config"]}
+    mine, theirs = config_fingerprint(cfg), _with_later_keys(state["config"])
     if mine != theirs:
         diff = _diff_keys(mine, theirs)
         raise ValueError(
