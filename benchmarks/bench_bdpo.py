@@ -43,13 +43,13 @@ PRESETS = {  # the settings the authors' figures in the speed issue were measure
 }
 
 
-def make_loss(N=5, K=10, M=10, hidden=256, device="cpu"):
+def make_loss(N=5, K=10, M=10, hidden=256, device="cpu", step_sampling="uniform"):
     def actor():
         return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=hidden, depth=4), make_schedule("vp", N), clip_denoised=True)
 
     loss = BDPOLoss(
         actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=hidden),
-        eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M,
+        eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M, step_sampling=step_sampling,
     )
     return loss.to(device)
 
@@ -106,16 +106,25 @@ def variants(args, device) -> dict:
 
 
 def update_variants(args, device) -> dict:
-    """:func:`variants` as ``(compile, cudagraphs, overlap_losses)``, and on a GPU each graphed
-    variant again with the losses on two CUDA streams (``BDPOUpdate(overlap_losses=True)``)."""
-    out = {name: (c, g, False) for name, (c, g) in variants(args, device).items()}
+    """:func:`variants` as ``(compile, cudagraphs, overlap_losses, step_sampling)``: on a GPU each
+    graphed variant again with the losses on two CUDA streams (``BDPOUpdate(overlap_losses=True)``);
+    with ``--step-sampling both``, the fastest kind of step again with stratified steps
+    (``<name>_stratified``: compiled on a CPU, compiled + graphs (+ two streams) on a GPU)."""
+    sampling = "stratified" if args.step_sampling == "stratified" else "uniform"
+    out = {name: (c, g, False, sampling) for name, (c, g) in variants(args, device).items()}
     if device.type == "cuda" and not args.no_overlap:
-        out.update({f"{name}_overlap": (c, g, True) for name, (c, g, _) in list(out.items()) if g})
+        out.update({f"{name}_overlap": (c, g, True, sampling) for name, (c, g, _, _) in list(out.items()) if g})
+    if args.step_sampling == "both":
+        fastest = [name for name in ("compiled_cudagraphs_overlap", "compiled_cudagraphs", "compiled") if name in out][:1]
+        out.update({f"{name}_stratified": (*out[name][:3], "stratified") for name in fastest})
     return out
 
 
-def make_update(device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False):
-    loss = make_loss(N=N, device=device)
+def make_update(
+    device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False,
+    step_sampling="uniform",
+):
+    loss = make_loss(N=N, device=device, step_sampling=step_sampling)
     fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
@@ -177,11 +186,13 @@ def bench_update(args, device):
     batch = make_batch(args.batch_size, device, terminal=args.terminal)
     out = {}
     built = {}
-    for name, (compile, cudagraphs, overlap) in update_variants(args, device).items():
+    for name, (compile, cudagraphs, overlap, sampling) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
         try:
-            update = make_update(device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap)
+            update = make_update(
+                device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling
+            )
             for _ in range(3):  # first (eager) call, compilation, warm-up and capture
                 update.critic(batch), update.policy(batch), update.behavior(batch)
             sync(device)
@@ -233,11 +244,12 @@ def bench_update(args, device):
             res["speedup_over_eager"] = statistics.median(
                 r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"])
             )
-        one_stream = name.removesuffix("_overlap")
-        if one_stream != name and one_stream in rounds:  # the same step on one stream, same rounds
-            res["speedup_over_one_stream"] = statistics.median(
-                r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[one_stream])
-            )
+        for suffix, key in (("_overlap", "speedup_over_one_stream"), ("_stratified", "speedup_over_uniform_steps")):
+            base = name.removesuffix(suffix)  # the same step with one change, timed in the same rounds
+            if base != name and base in rounds:
+                res[key] = statistics.median(
+                    r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
+                )
         res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
@@ -331,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
     )
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
+    p.add_argument(
+        "--step-sampling", choices=("uniform", "stratified", "both"), default="uniform",
+        help="the loss's step_sampling for the update variants; both: uniform, and the fastest variant "
+        "again with stratified steps (<name>_stratified)",
+    )
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     p.add_argument(
         "--terminal", choices=("preset", "all", "none"), default="preset",
@@ -358,7 +375,7 @@ def main(argv=None):
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal},
+        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal, "step_sampling": args.step_sampling},
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

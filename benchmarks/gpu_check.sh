@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # The GPU part of issue 6 as one script (its time limits add up to 8 minutes, as the issue
-# asks: give the device tool's run timeout_s 540; on an H100 on 2026-11-28 the parts took 108,
-# 38, ~190 and ~90 s, the profile's compile cold): the gpu-marked tests, the scripts' gpu tests,
-# the benchmark with TF32 (with the two-stream update variants), and a kernel profile of the
-# compiled step. It writes 5 files (the device tool returns at most 8); the printed output of
-# every step also goes to gpu_check.log.
-#   bash benchmarks/gpu_check.sh            # writes into benchmarks/results/ (or $OUT)
-#   bash benchmarks/gpu_check.sh ab         # instead: the inductor A/B of gpu_compile_ab.py alone
-#                                           # (~6-8 minutes: run timeout_s 580)
+# asks: give the device tool's run timeout_s 540): the gpu-marked tests, the scripts' gpu tests,
+# and the benchmark with TF32 (with the two-stream update variants, and the fastest one again
+# with stratified steps). On an H100 on 2026-11-28 the first three took 108, 38 and ~190 s
+# (without the stratified variant and the two stratified gpu tests added since). It writes 4
+# files (the device tool returns at most 8); the printed output of every step also goes to
+# gpu_check.log.
+#   bash benchmarks/gpu_check.sh              # writes into benchmarks/results/ (or $OUT)
+#   bash benchmarks/gpu_check.sh ab [ARGS]    # instead: the inductor A/B of gpu_compile_ab.py,
+#                                             # ARGS passed on (~6-8 minutes with its defaults:
+#                                             # run timeout_s 580)
+#   bash benchmarks/gpu_check.sh profile      # instead: the per-stream kernel profile of the
+#                                             # compiled two-stream step (~90 s, its compile cold)
 # Wheels for packages the GPU machine lacks (torchrl, tensordict and their small
 # dependencies) are installed from .whl/ when that folder exists: `bash benchmarks/fetch_gpu_wheels.sh`
 # here first, then the device tool's run with carry [".whl"].
 set -o pipefail
-if [ -n "${1:-}" ] && [ "$1" != ab ]; then
-  echo "gpu_check.sh: unknown mode '$1': expected nothing (the full check) or 'ab' (the inductor A/B)" >&2
+MODE=${1:-check}
+case "$MODE" in
+  check | ab | profile) ;;
+  *)
+    echo "gpu_check.sh: unknown mode '$MODE': expected nothing (the full check), 'ab' (the inductor A/B) or 'profile'" >&2
+    exit 2
+    ;;
+esac
+[ $# -gt 0 ] && shift
+if [ "$MODE" != ab ] && [ $# -gt 0 ]; then
+  echo "gpu_check.sh: mode '$MODE' takes no arguments, got: $*" >&2
   exit 2
 fi
 OUT=${OUT:-benchmarks/results}
@@ -26,28 +39,32 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu_info.txt"
 python3 -c "import torch, torchrl, tensordict; print('torch', torch.__version__, 'torchrl', torchrl.__version__, 'tensordict', tensordict.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu_info.txt"
-if [ "${1:-}" = ab ]; then
-  timeout 560 python3 benchmarks/gpu_compile_ab.py --out "$OUT/compile_ab.json" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/compile_ab.log"
+if [ "$MODE" = ab ]; then
+  timeout 560 python3 benchmarks/gpu_compile_ab.py --out "$OUT/compile_ab.json" "$@" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/compile_ab.log"
   echo "compile A/B exit: $?"
+  exit 0
+fi
+if [ "$MODE" = profile ]; then
+  # with two streams: the same kernels (their count and summed time compare with earlier profiles),
+  # and each stream's share, i.e. the two branches of the overlapped steps
+  (cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/gpu_profile.log")
+  echo "profile exit: $?"
   exit 0
 fi
 # the gpu-marked tests, with each failure's traceback short enough to survive the log's tail
 GPU_PYTEST=(-m gpu -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore)
-timeout 130 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_accelerate.py 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
+timeout 170 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_accelerate.py 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
 echo "tests exit: $?"
 # the scripts on CUDA (offline: evaluation envs on the CPU, policy on the GPU; toy: metrics and
 # figures from GPU networks), graphed steps
 timeout 60 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
 echo "script tests exit: $?"
-# TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default)
-timeout 190 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"
+# TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default); the compiled +
+# graphed two-stream step again with stratified steps (a compile of its own: ~60-80 s)
+timeout 250 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --step-sampling both --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"
 echo "bench tf32 exit: $?"
-# with two streams: the same kernels (their count and summed time compare with earlier profiles),
-# and each stream's share, i.e. the two branches of the overlapped steps
-(cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log")
-echo "profile exit: $?"
 # (Adam A/B, not run by default: add --adam foreach to the TF32 line for CUDA's default optimizer;
-#  inductor settings A/B, not run by default, a run of its own of ~6-8 minutes: `gpu_check.sh ab`)
+#  inductor settings A/B and the kernel profile: the modes `ab` and `profile`, runs of their own)
 # strict fp32 (torch's default), not run by default (measured on an H200 on 2026-11-27 at 3f707ad:
 # benchmarks/README.md), a run of ~2 minutes: the update and the actor-cost comparison
 #  timeout 120 python3 benchmarks/bench_bdpo.py --steps 10 --only update --only actor_cost --out "$OUT/gpu.json"

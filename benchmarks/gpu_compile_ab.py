@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_compile_ab.py --out ab.json      # default, forced GEMM padding, combo kernels, coordinate-descent tuning
     python benchmarks/gpu_compile_ab.py --variant default --variant autotune:max-autotune-no-cudagraphs
+    python benchmarks/gpu_compile_ab.py --step-sampling stratified --variant default --variant pad:default:force_shape_pad=True
 
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
 none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles.
@@ -73,6 +74,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
     p.add_argument("--one-stream", action="store_true", help="GPU: the losses on one CUDA stream (default: two)")
+    p.add_argument(
+        "--step-sampling", choices=("uniform", "stratified"), default="uniform",
+        help="the loss's step_sampling in every variant (stratified: Q and V each on their own rows)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     graphs = device.type == "cuda"
@@ -83,7 +88,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if graphs else "cpu",
         "torch": torch.__version__,
         "settings": {"preset": "d4rl", "matmul_precision": args.matmul_precision, "steps": args.steps, "cudagraphs": graphs,
-                     "overlap_losses": overlap},
+                     "overlap_losses": overlap, "step_sampling": args.step_sampling},
         "built": {},
         "rounds": [],
     }
@@ -105,7 +110,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         with inductor_config.patch(config):
             update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
-                                       overlap_losses=overlap)
+                                       overlap_losses=overlap, step_sampling=args.step_sampling)
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
                 last = update.critic(batch)
                 update.policy(batch), update.behavior(batch)

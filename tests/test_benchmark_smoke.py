@@ -60,19 +60,46 @@ def test_gpu_update_variants_add_the_two_stream_steps():
 
     args = bench.build_parser().parse_args([])
     names = bench.update_variants(args, torch.device("cuda"))
+    u = "uniform"
     assert names == {
-        "eager": (False, False, False), "cudagraphs": (False, True, False), "compiled": (True, False, False),
-        "compiled_cudagraphs": (True, True, False), "cudagraphs_overlap": (False, True, True),
-        "compiled_cudagraphs_overlap": (True, True, True),
+        "eager": (False, False, False, u), "cudagraphs": (False, True, False, u), "compiled": (True, False, False, u),
+        "compiled_cudagraphs": (True, True, False, u), "cudagraphs_overlap": (False, True, True, u),
+        "compiled_cudagraphs_overlap": (True, True, True, u),
     }
-    assert not any(o for *_, o in bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda")).values())
+    no_overlap = bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda"))
+    assert not any(v[2] for v in no_overlap.values())
     assert set(bench.update_variants(args, torch.device("cpu"))) == {"eager", "compiled"}
+
+
+def test_step_sampling_variants():
+    """--step-sampling both: the fastest kind of step again with stratified steps; stratified: all of them."""
+    import torch
+
+    both = bench.build_parser().parse_args(["--step-sampling", "both"])
+    gpu = bench.update_variants(both, torch.device("cuda"))
+    assert gpu["compiled_cudagraphs_overlap_stratified"] == (True, True, True, "stratified")
+    assert [n for n, v in gpu.items() if v[3] == "stratified"] == ["compiled_cudagraphs_overlap_stratified"]
+    cpu = bench.update_variants(both, torch.device("cpu"))
+    assert cpu == {"eager": (False, False, False, "uniform"), "compiled": (True, False, False, "uniform"),
+                   "compiled_stratified": (True, False, False, "stratified")}
+    only = bench.update_variants(bench.build_parser().parse_args(["--step-sampling", "stratified"]), torch.device("cpu"))
+    assert only == {"eager": (False, False, False, "stratified"), "compiled": (True, False, False, "stratified")}
+
+
+def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "update_variants", lambda args, device: {
+        "eager": (False, False, False, "uniform"), "eager_stratified": (False, False, False, "stratified")})
+    out = tmp_path / "bench.json"
+    bench.main(["--only", "update", "--steps", "1", "--repeats", "2", "--batch-size", "8", "--out", str(out)])
+    result = json.loads(out.read_text())["update"]
+    assert result["eager_stratified"]["speedup_over_uniform_steps"] > 0
+    assert "speedup_over_uniform_steps" not in result["eager"]
 
 
 def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
     """A variant that raises while built (here two streams on a CPU) gets its error in the JSON."""
     monkeypatch.setattr(bench, "update_variants", lambda args, device: {
-        "eager": (False, False, False), "eager_overlap": (False, False, True)})
+        "eager": (False, False, False, "uniform"), "eager_overlap": (False, False, True, "uniform")})
     out = tmp_path / "bench.json"
     bench.main(["--only", "update", "--steps", "1", "--repeats", "1", "--batch-size", "8", "--out", str(out)])
     result = json.loads(out.read_text())["update"]
@@ -132,11 +159,12 @@ def test_compile_ab_runs_on_cpu(tmp_path):
     ab = load_benchmark("gpu_compile_ab")
     out = tmp_path / "ab.json"
     ab.main(["--device", "cpu", "--steps", "1", "--rounds", "2", "--variant", "a:default",
-             "--variant", "b:default:combo_kernels=True", "--out", str(out)])
+             "--variant", "b:default:combo_kernels=True", "--step-sampling", "stratified", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rounds"]] == ["a", "b", "a", "b"]
     assert all(r["phase_b_steps_per_s"] > 0 and r["pretrain_steps_per_s"] > 0 for r in result["rounds"])
     assert result["settings"]["overlap_losses"] is False  # a CPU has no streams
+    assert result["settings"]["step_sampling"] == "stratified"
     built = result["built"]
     assert built["b"]["config"] == {"combo_kernels": True}
     assert built["a"]["loss_qvalue_third_step"] == pytest.approx(built["b"]["loss_qvalue_third_step"], rel=1e-4)
