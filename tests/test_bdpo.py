@@ -521,6 +521,9 @@ def test_stratified_split_values_each_row_as_the_row_by_row_split_does(batch_sha
     (g_ref,) = torch.autograd.grad((ref * w).sum(), action)
     (g_out,) = torch.autograd.grad((out * w).sum(), action)
     torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-5)
+    observation, action_n = torch.randn(*batch_shape, OBS), torch.randn(*batch_shape, ACT)
+    with pytest.raises(ValueError, match=r"split.steps has shape \(4,\) but n has"):
+        loss.one_step_objective(observation, action_n, split.steps, split=stratified_steps((4,), N))
     with pytest.raises(ValueError, match=r"split covers 1 \+ 0 rows but the batch has"):
         loss._next_value(obs, action, step_prev, split._replace(first_rows=split.first_rows[:1], later_rows=split.later_rows[:0]))
 

@@ -463,6 +463,11 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         :class:`StratifiedSteps` that drew ``n`` (from :meth:`draw_steps`), which lets each row
         go to one target ensemble in every mode.
         """
+        if split is not None and split.steps.shape != n.shape:
+            raise ValueError(
+                f"split.steps has shape {tuple(split.steps.shape)} but n has {tuple(n.shape)}: pass the "
+                f"StratifiedSteps that drew n (draw_steps(action) returns both), or split=None."
+            )
         if actor_params is None:
             actor_params = self.target_actor_network_params
         actor = self.actor_network
