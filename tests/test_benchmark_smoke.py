@@ -86,23 +86,25 @@ def test_step_sampling_variants():
     assert only == {"eager": (False, False, False, "stratified"), "compiled": (True, False, False, "stratified")}
 
 
-def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "update_variants", lambda args, device: {
-        "eager": (False, False, False, "uniform"), "eager_stratified": (False, False, False, "stratified")})
+def bench_update_of(variants, tmp_path, monkeypatch, repeats=1):
+    """``bench_bdpo.py --only update`` at batch 8 over the given ``update_variants``: the JSON's update part."""
+    monkeypatch.setattr(bench, "update_variants", lambda args, device: variants)
     out = tmp_path / "bench.json"
-    bench.main(["--only", "update", "--steps", "1", "--repeats", "2", "--batch-size", "8", "--out", str(out)])
-    result = json.loads(out.read_text())["update"]
+    bench.main(["--only", "update", "--steps", "1", "--repeats", str(repeats), "--batch-size", "8", "--out", str(out)])
+    return json.loads(out.read_text())["update"]
+
+
+def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypatch):
+    result = bench_update_of({"eager": (False, False, False, "uniform"), "eager_stratified": (False, False, False, "stratified")},
+                             tmp_path, monkeypatch, repeats=2)
     assert result["eager_stratified"]["speedup_over_uniform_steps"] > 0
     assert "speedup_over_uniform_steps" not in result["eager"]
 
 
 def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
     """A variant that raises while built (here two streams on a CPU) gets its error in the JSON."""
-    monkeypatch.setattr(bench, "update_variants", lambda args, device: {
-        "eager": (False, False, False, "uniform"), "eager_overlap": (False, False, True, "uniform")})
-    out = tmp_path / "bench.json"
-    bench.main(["--only", "update", "--steps", "1", "--repeats", "1", "--batch-size", "8", "--out", str(out)])
-    result = json.loads(out.read_text())["update"]
+    result = bench_update_of({"eager": (False, False, False, "uniform"), "eager_overlap": (False, False, True, "uniform")},
+                             tmp_path, monkeypatch)
     assert result["eager"]["phase_b_steps_per_s"] > 0
     assert set(result["eager_overlap"]) == {"error"}  # not timed
     assert result["eager_overlap"]["error"].startswith("ValueError: overlap_losses=True runs the losses on two CUDA streams")
