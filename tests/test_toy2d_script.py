@@ -199,7 +199,10 @@ def test_step_sampling_reaches_the_loss_and_older_checkpoints_resume(tmp_path):
     (its run drew i.i.d. steps) resumes under the default and is refused under another value."""
     summary = toy.train(config(tmp_path / "s", "optim.steps=10", "loss.step_sampling=stratified"))
     assert len(summary["history"]) == 10 and all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
-    assert toy_loss(config(tmp_path / "s", "loss.step_sampling=stratified")).step_sampling == "stratified"
+    import utils
+
+    loss = utils.make_bdpo_loss(config(tmp_path / "s", "loss.step_sampling=stratified"), observation_dim=1, action_dim=2)
+    assert loss.step_sampling == "stratified"
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"
     state = torch.load(path, weights_only=False)
@@ -211,9 +214,3 @@ def test_step_sampling_reaches_the_loss_and_older_checkpoints_resume(tmp_path):
     assert toy.train(config(tmp_path, *resume))["history"] == []
     with pytest.raises(ValueError, match=r"step_sampling='balanced': expected one of \('uniform', 'stratified'\)"):
         toy.train(config(tmp_path / "b", "loss.step_sampling=balanced"))
-
-
-def toy_loss(cfg):
-    import utils
-
-    return utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2)

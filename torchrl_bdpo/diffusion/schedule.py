@@ -221,9 +221,12 @@ class NoiseSchedule(nn.Module):
             + self._gather(self.sqrt_one_minus_alphas_cumprod, n, action) * noise
         )
 
-    def noise_action(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw ``n ~ U{1..N}`` per sample and ``eps ~ N(0, I)``; return ``(a^n, n, eps)``."""
-        n = torch.randint(1, self.num_steps + 1, action.shape[:-1], device=action.device)
+    def noise_action(
+        self, action: torch.Tensor, steps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw ``n ~ U{1..N}`` per sample (or take ``steps``, e.g. from :func:`stratified_steps`)
+        and ``eps ~ N(0, I)``; return ``(a^n, n, eps)``."""
+        n = torch.randint(1, self.num_steps + 1, action.shape[:-1], device=action.device) if steps is None else steps
         noise = torch.randn_like(action)
         return self.q_sample(action, n, noise), n, noise
 

@@ -442,8 +442,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         if self.step_sampling == "uniform":
             return (*schedule.noise_action(action), None)
         split = stratified_steps(action.shape[:-1], schedule.num_steps, action.device)
-        noise = torch.randn_like(action)
-        return schedule.q_sample(action, split.steps, noise), split.steps, noise, split
+        return (*schedule.noise_action(action, split.steps), split)
 
     def one_step_objective(
         self,
