@@ -175,17 +175,28 @@ def median_round(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def bench_update(args, device):
+def bench_update(args, device, progress=None):
     """Phase-B steps/s of full optimizer steps (critics every step, actor + behavior every 5th, amortised)
     and phase-A (behavior pretraining) steps/s.
 
     Every variant is built (compiled, captured) first; then ``--repeats`` rounds time each
     variant in turn, so a machine that speeds up or slows down during the run (a shared VM)
     weighs on every variant alike. Reported: the per-round median, and every round.
+
+    ``progress`` (optional) is called with what is measured so far (``"partial": True``, the
+    variants' build times and errors, the rounds) after each build and each round, so that a run
+    stopped by a time limit keeps them.
     """
     batch = make_batch(args.batch_size, device, terminal=args.terminal)
     out = {}
     built = {}
+
+    def report(out, built, rounds):
+        if progress is not None:
+            progress({
+                **out, "partial": True, "setup_s": {name: b[2] for name, b in built.items()},
+                "rounds": {name: r for name, r in rounds.items() if r},
+            })
     for name, (compile, cudagraphs, overlap, sampling) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -202,6 +213,7 @@ def bench_update(args, device):
             traceback.print_exc()
             out[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
             print(name, "failed to build:", out[name]["error"][:300], flush=True)
+            report(out, built, {})
             continue
         steps = args.steps * (args.graph_factor if cudagraphs else 1)
         built[name] = (update, steps, time.perf_counter() - t0)
@@ -213,6 +225,7 @@ def bench_update(args, device):
             with FlopCounterMode(display=False) as fc:
                 update.policy(batch)
             out["gflop_per_phase_b_step"] = (critic_flops + fc.get_total_flops() / 5) / 1e9
+        report(out, built, {})
     flops = out["gflop_per_phase_b_step"] * 1e9
     bare = {"eager": bare_mlp_step(device, args.batch_size)}
     if not args.no_compile and device.type == "cpu":  # the CPU pretraining target's reference
@@ -228,6 +241,7 @@ def bench_update(args, device):
         for k, step in bare.items():
             bare_rounds[k].append(1 / timed(step, args.steps * 10, device))
         print(f"round {r + 1}/{args.repeats}", json.dumps({k: round(v[-1]["phase_b_steps_per_s"], 3) for k, v in rounds.items()}), flush=True)
+        report(out, built, rounds)
     out["bare_mlp_steps_per_s"] = {k: statistics.median(v) for k, v in bare_rounds.items()}
     out["bare_mlp_rounds"] = bare_rounds
     out["matmul_peak_gflops_rounds"] = peak_rounds
@@ -379,13 +393,22 @@ def main(argv=None):
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for part in parts:  # the JSON is rewritten after each part: a run cut short keeps what it measured
-        result[part] = {"update": bench_update, "acting": bench_acting, "actor_cost": bench_actor_cost}[part](args, device)
-        if part == "update":
-            result["update"]["best_fraction_of_matmul_peak"] = max(
-                v["fraction_of_matmul_peak"] for v in result["update"].values() if isinstance(v, dict) and "rounds" in v
-            )
+
+    def save(part, measured):
+        result[part] = measured
         args.out.write_text(json.dumps(result, indent=2))
+
+    # the JSON is rewritten after each part, and during the update part after each build and round:
+    # a run cut short (a device's time limit) keeps what it measured, marked "partial": true
+    for part in parts:
+        if part == "update":
+            measured = bench_update(args, device, progress=lambda partial: save("update", partial))
+            measured["best_fraction_of_matmul_peak"] = max(
+                v["fraction_of_matmul_peak"] for v in measured.values() if isinstance(v, dict) and "rounds" in v
+            )
+        else:
+            measured = {"acting": bench_acting, "actor_cost": bench_actor_cost}[part](args, device)
+        save(part, measured)
     print(f"written to {args.out}")
     return result
 

@@ -60,7 +60,9 @@ echo "tests exit: $?"
 timeout 60 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
 echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default); the compiled +
-# graphed two-stream step again with stratified steps (a compile of its own: ~60-80 s)
+# graphed two-stream step again with stratified steps (a compile of its own: ~60-80 s). The
+# update part comes first and its JSON is rewritten after each build and round ("partial": true
+# until it ends), so a run stopped by the limit keeps what it timed
 timeout 250 python3 benchmarks/bench_bdpo.py --steps 10 --matmul-precision high --only update --only acting --step-sampling both --out "$OUT/gpu_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee -a "$OUT/gpu_check.log"
 echo "bench tf32 exit: $?"
 # (Adam A/B, not run by default: add --adam foreach to the TF32 line for CUDA's default optimizer;

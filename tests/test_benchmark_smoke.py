@@ -170,3 +170,27 @@ def test_compile_ab_runs_on_cpu(tmp_path):
     built = result["built"]
     assert built["b"]["config"] == {"combo_kernels": True}
     assert built["a"]["loss_qvalue_third_step"] == pytest.approx(built["b"]["loss_qvalue_third_step"], rel=1e-4)
+
+
+def test_a_run_cut_short_keeps_the_rounds_it_timed(tmp_path, monkeypatch):
+    """The update part's JSON is written after each build and round: a run stopped in round 2
+    (here by an error, on a device by its time limit) keeps round 1, marked partial."""
+    timed = bench.time_steps
+    calls = []
+
+    def time_steps(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("stopped in round 2")
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    monkeypatch.setattr(bench, "update_variants", lambda args, device: {"eager": (False, False, False, "uniform")})
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--only", "update", "--steps", "1", "--repeats", "3", "--batch-size", "8", "--out", str(out)])
+    update = json.loads(out.read_text())["update"]
+    assert update["partial"] is True and update["gflop_per_phase_b_step"] > 0
+    assert update["setup_s"]["eager"] > 0
+    assert len(update["rounds"]["eager"]) == 1 and update["rounds"]["eager"][0]["phase_b_steps_per_s"] > 0
+    assert "eager" not in update  # no median of an unfinished run
