@@ -197,6 +197,7 @@ def bench_update(args, device, progress=None):
                 **out, "partial": True, "setup_s": {name: b[2] for name, b in built.items()},
                 "rounds": {name: r for name, r in rounds.items() if r},
             })
+
     for name, (compile, cudagraphs, overlap, sampling) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
