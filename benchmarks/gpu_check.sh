@@ -10,8 +10,9 @@
 #   bash benchmarks/gpu_check.sh ab [ARGS]    # instead: the inductor A/B of gpu_compile_ab.py,
 #                                             # ARGS passed on (~6-8 minutes with its defaults:
 #                                             # run timeout_s 580)
-#   bash benchmarks/gpu_check.sh profile      # instead: the per-stream kernel profile of the
-#                                             # compiled two-stream step (~90 s, its compile cold)
+#   bash benchmarks/gpu_check.sh profile [ARGS]  # instead: the per-stream kernel profile of the
+#                                             # compiled two-stream step (~90 s, its compile cold),
+#                                             # ARGS passed on (e.g. --step-sampling stratified)
 # Wheels for packages the GPU machine lacks (torchrl, tensordict and their small
 # dependencies) are installed from .whl/ when that folder exists: `bash benchmarks/fetch_gpu_wheels.sh`
 # here first, then the device tool's run with carry [".whl"].
@@ -25,7 +26,7 @@ case "$MODE" in
     ;;
 esac
 [ $# -gt 0 ] && shift
-if [ "$MODE" != ab ] && [ $# -gt 0 ]; then
+if [ "$MODE" = check ] && [ $# -gt 0 ]; then
   echo "gpu_check.sh: mode '$MODE' takes no arguments, got: $*" >&2
   exit 2
 fi
@@ -47,7 +48,7 @@ fi
 if [ "$MODE" = profile ]; then
   # with two streams: the same kernels (their count and summed time compare with earlier profiles),
   # and each stream's share, i.e. the two branches of the overlapped steps
-  (cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/gpu_profile.log")
+  (cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" "$@" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/gpu_profile.log")
   echo "profile exit: $?"
   exit 0
 fi

@@ -1,6 +1,7 @@
 """Kernel profile of one compiled phase-B step (no CUDA graphs): what a graph replay has to run.
 
     python benchmarks/profile_step.py --out benchmarks/results/profile.json   # D4RL defaults
+    python benchmarks/profile_step.py --overlap --step-sampling stratified     # two streams, stratified steps
 
 For each of the critic step and the actor + behavior step it reports, per step, the number of
 device kernels (CPU ops on a CPU), their summed time, that time per CUDA stream (``--overlap``:
@@ -57,11 +58,17 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--overlap", action="store_true", help="BDPOUpdate(overlap_losses=True): kernel time per stream (GPU)")
+    p.add_argument(
+        "--step-sampling", choices=("uniform", "stratified"), default="uniform",
+        help="the loss's step_sampling (stratified: each row through one of the Q and V ensembles)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
-    update = bench.make_update(device, compile=not args.no_compile, cudagraphs=False, overlap_losses=args.overlap)
+    update = bench.make_update(
+        device, compile=not args.no_compile, cudagraphs=False, overlap_losses=args.overlap, step_sampling=args.step_sampling
+    )
     batch = bench.make_batch(args.batch_size, device)
     for _ in range(3):
         update.critic(batch), update.policy(batch)
@@ -70,7 +77,7 @@ def main(argv=None):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "matmul_precision": args.matmul_precision,
-              "compiled": not args.no_compile, "overlap_losses": args.overlap}
+              "compiled": not args.no_compile, "overlap_losses": args.overlap, "step_sampling": args.step_sampling}
     for name, fn in (("critic_step", update.critic), ("actor_behavior_step", update.policy)):
         with profile(activities=activities) as prof:
             for _ in range(args.steps):

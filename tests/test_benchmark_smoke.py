@@ -116,11 +116,14 @@ def test_benchmark_rejects_zero_repeats(capsys):
     assert "--repeats=0: expected an integer >= 1" in capsys.readouterr().err
 
 
-def test_profile_script_counts_the_step_ops(tmp_path):
+@pytest.mark.parametrize("sampling", ["uniform", "stratified"])
+def test_profile_script_counts_the_step_ops(tmp_path, sampling):
     profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
-    profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out)])
+    profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out),
+                       "--step-sampling", sampling])
     result = json.loads(out.read_text())
+    assert result["step_sampling"] == sampling
     for step in ("critic_step", "actor_behavior_step"):
         assert result[step]["kernels_per_step"] > 0 and result[step]["kernel_us_per_step"] > 0
         top = result[step]["top"]
