@@ -191,7 +191,7 @@ def bench_update(args, device, progress=None):
     out = {}
     built = {}
 
-    def report(out, built, rounds):
+    def report(rounds: dict) -> None:
         if progress is not None:
             progress({
                 **out, "partial": True, "setup_s": {name: b[2] for name, b in built.items()},
@@ -214,7 +214,7 @@ def bench_update(args, device, progress=None):
             traceback.print_exc()
             out[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
             print(name, "failed to build:", out[name]["error"][:300], flush=True)
-            report(out, built, {})
+            report({})
             continue
         steps = args.steps * (args.graph_factor if cudagraphs else 1)
         built[name] = (update, steps, time.perf_counter() - t0)
@@ -226,7 +226,7 @@ def bench_update(args, device, progress=None):
             with FlopCounterMode(display=False) as fc:
                 update.policy(batch)
             out["gflop_per_phase_b_step"] = (critic_flops + fc.get_total_flops() / 5) / 1e9
-        report(out, built, {})
+        report({})
     flops = out["gflop_per_phase_b_step"] * 1e9
     bare = {"eager": bare_mlp_step(device, args.batch_size)}
     if not args.no_compile and device.type == "cpu":  # the CPU pretraining target's reference
@@ -242,7 +242,7 @@ def bench_update(args, device, progress=None):
         for k, step in bare.items():
             bare_rounds[k].append(1 / timed(step, args.steps * 10, device))
         print(f"round {r + 1}/{args.repeats}", json.dumps({k: round(v[-1]["phase_b_steps_per_s"], 3) for k, v in rounds.items()}), flush=True)
-        report(out, built, rounds)
+        report(rounds)
     out["bare_mlp_steps_per_s"] = {k: statistics.median(v) for k, v in bare_rounds.items()}
     out["bare_mlp_rounds"] = bare_rounds
     out["matmul_peak_gflops_rounds"] = peak_rounds
