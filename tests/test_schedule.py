@@ -159,3 +159,17 @@ def test_stratified_steps_bad_num_steps():
 
     with pytest.raises(ValueError, match=r"num_steps=0: expected"):
         stratified_steps((4,), 0)
+
+
+def test_noise_action_takes_given_steps_of_the_batch_shape_only():
+    from torchrl_bdpo.diffusion import stratified_steps
+
+    s = make_schedule("vp", 5)
+    action = torch.rand(6, 3) * 2 - 1
+    steps = stratified_steps((6,), 5).steps
+    torch.manual_seed(0)
+    a_n, n, eps = s.noise_action(action, steps)
+    assert torch.equal(n, steps)
+    torch.testing.assert_close(a_n, s.q_sample(action, steps, eps))
+    with pytest.raises(ValueError, match=r"steps has shape \(1,\): expected the actions' batch shape \(6,\)"):
+        s.noise_action(action, steps[:1])

@@ -226,6 +226,12 @@ class NoiseSchedule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``n ~ U{1..N}`` per sample (or take ``steps``, e.g. from :func:`stratified_steps`)
         and ``eps ~ N(0, I)``; return ``(a^n, n, eps)``."""
+        if steps is not None and steps.shape != action.shape[:-1]:
+            raise ValueError(
+                f"steps has shape {tuple(steps.shape)}: expected the actions' batch shape "
+                f"{tuple(action.shape[:-1])}, one step per action (a broadcast would give rows one "
+                f"shared step). Pass stratified_steps(action.shape[:-1], N).steps, or steps=None."
+            )
         n = torch.randint(1, self.num_steps + 1, action.shape[:-1], device=action.device) if steps is None else steps
         noise = torch.randn_like(action)
         return self.q_sample(action, n, noise), n, noise
