@@ -201,8 +201,13 @@ def test_update_with_a_known_reward_as_q_trains_the_value_only(compile):
         assert any(moved), name
 
 
-def test_compiled_update_matches_eager():
-    """Compiled losses inside full optimizer steps: same outputs and parameters, step for step."""
+@pytest.mark.parametrize("fuse_narrow", ["cuda", True])
+def test_compiled_update_matches_eager(monkeypatch, fuse_narrow):
+    """Compiled losses inside full optimizer steps: same outputs and parameters, step for step.
+    ``fuse_narrow=True``: with the networks' narrow maps written as sums, as on a GPU."""
+    from torchrl_bdpo.diffusion import networks
+
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", fuse_narrow)
     batches = cpu_batches()
     ref = make_update()
     ref_outs = run_steps(ref, batches)
@@ -398,7 +403,11 @@ def test_compiled_update_skips_the_paths_of_all_terminal_batches():
     assert torch.isnan(outs[0]["path_kl"]) and torch.isfinite(outs[3]["path_kl"])
 
 
-def test_compiled_acting_and_q_target_match_eager():
+@pytest.mark.parametrize("fuse_narrow", ["cuda", True])
+def test_compiled_acting_and_q_target_match_eager(monkeypatch, fuse_narrow):
+    from torchrl_bdpo.diffusion import networks
+
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", fuse_narrow)
     loss = make_loss()
     eager = loss.make_acting_module(num_candidates=4)
     compiled = loss.make_acting_module(num_candidates=4, compile=True, compile_backend="aot_eager")

@@ -96,6 +96,87 @@ def test_mish_module_compiled_equals_eager():
     torch.testing.assert_close(eager, nn.functional.mish(x), rtol=1e-6, atol=1e-6)
 
 
+def _traced_graphs(fn, *args):
+    """``fn(*args)`` compiled with a backend that records dynamo's graphs and runs them as traced."""
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=recording_backend, fullgraph=True)(*args)
+    return out, "\n".join(graphs)
+
+
+@pytest.mark.parametrize(
+    "in_f,out_f,fused",
+    [(6, 32, True), (8, 8, True), (32, 6, True), (32, 1, True), (9, 32, False), (32, 9, False)],
+)
+def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(monkeypatch, in_f, out_f, fused):
+    """Few inputs (an action part) or few outputs (an eps or critic head): under compile a
+    multiply-and-sum, not a GEMM; the values and gradients are F.linear's, member by member under
+    vmap too (the critic ensembles). Wider maps stay a GEMM."""
+    from torchrl_bdpo.diffusion import networks
+
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, in_f, requires_grad=True)
+    w = torch.randn(out_f, in_f, requires_grad=True)
+    b = torch.randn(out_f, requires_grad=True)
+    out, graph = _traced_graphs(networks.narrow_linear, x, w, b)
+    assert "linear" not in graph, graph  # wider maps: a matmul (F.linear's terms), see narrow_linear
+    assert ("sum" in graph) == fused and ("matmul" in graph) != fused, graph
+    ref = nn.functional.linear(x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), (x, w, b))
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (x, w, b))
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-4)
+    # an ensemble of 5 members over shared inputs, as the critics' vmap runs them
+    ws, bs = torch.randn(5, out_f, in_f), torch.randn(5, out_f)
+    out, _ = _traced_graphs(lambda x, w, b: torch.vmap(networks.narrow_linear, (None, 0, 0))(x, w, b), x, ws, bs)
+    for k in range(5):
+        torch.testing.assert_close(out[k], nn.functional.linear(x, ws[k], bs[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_linear_where_it_applies(monkeypatch):
+    """``"cuda"`` (the default) keeps CPU graphs on F.linear, False keeps every graph there, eager
+    calls never change, and another setting is a clear error, compiled or not."""
+    from torchrl_bdpo.diffusion import networks
+
+    assert networks.FUSE_NARROW_LINEAR == "cuda"
+    x, w = torch.randn(4, 6), torch.randn(32, 6)
+    for setting in ("cuda", False):
+        monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", setting)
+        _, graph = _traced_graphs(networks.narrow_linear, x, w)
+        assert "linear" in graph
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
+    torch.testing.assert_close(networks.narrow_linear(x, w), nn.functional.linear(x, w), rtol=0, atol=0)
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", "gpu")
+    for fn in (networks.narrow_linear, torch.compile(networks.narrow_linear, backend="eager")):
+        with pytest.raises(ValueError, match="FUSE_NARROW_LINEAR='gpu': expected 'cuda'"):
+            fn(x, w)
+
+
+def test_narrow_linear_inductor_values_and_gradients(monkeypatch):
+    """The sums through inductor's own code (CPU): F.linear's values and gradients."""
+    from torchrl_bdpo.diffusion import networks
+
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
+    torch.manual_seed(0)
+    net = networks.mlp(6, 64, 2, 1, layer_norm=True)  # a critic: 6 inputs, a 1-wide head
+    x = torch.randn(256, 6, requires_grad=True)
+    ref = net(x)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *net.parameters()])
+    torch._dynamo.reset()
+    out = torch.compile(net)(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), [x, *net.parameters()])
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_mish_module_eager_paths():
     """No autograd: the in-place one-exp path; with autograd: ATen's kernel and its gradient."""
     from torchrl_bdpo.diffusion.networks import Mish
@@ -272,3 +353,23 @@ def test_value_network_time_table_bad_input():
         v(s, a, torch.tensor([0, 1, 2, 6]))
     with pytest.raises(ValueError, match=r"observation has shape \(4, 7\)"):
         v(torch.randn(4, 7), a, 1)
+
+
+def test_q_network_first_layer_in_two_parts_equals_the_concatenated_input():
+    """Q's first layer runs its observation part once per distinct observation and its action part
+    apart: the values and gradients of ``Linear(concat[s, a])``, state_dict unchanged."""
+    torch.manual_seed(0)
+    net = QValueNetwork(3, 2, hidden=16, layer_norm=True)
+    assert [k for k in net.state_dict()][:2] == ["body.0.weight", "body.0.bias"]
+    s = torch.randn(4, 3)
+    s_exp = s.unsqueeze(-2).expand(4, 6, 3)  # BDPO's M samples per state
+    a = torch.randn(4, 6, 2, requires_grad=True)
+    out = net(s_exp, a)
+    ref = net.body(torch.cat([s_exp, a], -1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net(s.unsqueeze(-2), a), ref, rtol=1e-5, atol=1e-6)  # broadcast observation
+    params = [a, *net.parameters()]
+    for g, g_ref in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    blind = QValueNetwork(0, 2, hidden=16)  # no observation: the action part and the bias
+    torch.testing.assert_close(blind(torch.randn(6, 0), a[0]), blind.body(a[0]), rtol=1e-5, atol=1e-6)

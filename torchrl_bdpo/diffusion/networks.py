@@ -66,17 +66,71 @@ class Mish(nn.Mish):
         return super().forward(input)
 
 
+# Where narrow_linear writes a map with few inputs or outputs as a sum under torch.compile:
+# "cuda" (on CUDA tensors), True (every device) or False (nowhere: always F.linear, a GEMM)
+FUSE_NARROW_LINEAR: bool | str = "cuda"
+NARROW_FEATURES = 8
+
+
+def _fuse_narrow(x: torch.Tensor) -> bool:
+    setting = FUSE_NARROW_LINEAR
+    if setting is True or setting is False:
+        return setting
+    if setting != "cuda":
+        raise ValueError(
+            f"torchrl_bdpo.diffusion.networks.FUSE_NARROW_LINEAR={setting!r}: expected 'cuda' (the "
+            f"default: on CUDA tensors), True (every device) or False (never)."
+        )
+    return x.device.type == "cuda"
+
+
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; under ``torch.compile``, a map with few inputs or outputs as a sum.
+
+    With at most :data:`NARROW_FEATURES` input features (the action part of a first layer) the
+    map is ``sum_i x_i W[:, i]``, which inductor unrolls into the pointwise kernel around it (the
+    added time and observation rows, the Mish); with at most that many outputs (an eps head, a
+    critic's 1-wide head) it is one dot product per output, a reduction that takes the previous
+    layer's pointwise ops in. Either way the GEMM kernel of its own (on a GPU, a slow one: such
+    dims keep cuBLAS off the TF32 tensor cores, FFMA and gemv kernels) and a pass over its output
+    go. Wider maps stay one GEMM (``matmul`` and the bias, F.linear's terms). The same values up
+    to float rounding (another summation order). Where: the module-level
+    ``FUSE_NARROW_LINEAR``, ``"cuda"`` by default (on a CPU the step's GEMMs are its cost, not
+    their number); eager calls always take ``F.linear``.
+    """
+    out_features, in_features = weight.shape[-2:]
+    if not (_fuse_narrow(x) and torch.compiler.is_compiling()):  # the setting checked in eager calls too
+        return F.linear(x, weight, bias)
+    if in_features <= NARROW_FEATURES and in_features <= out_features:
+        y = (x.unsqueeze(-1) * weight.transpose(-1, -2)).sum(-2)
+    elif out_features <= NARROW_FEATURES:
+        y = (x.unsqueeze(-2) * weight).sum(-1)
+    else:
+        # F.linear's own terms: traced under vmap with dynamic shapes (compiled acting), F.linear
+        # on the output of a sum above fails in torch 2.13 ("Cannot call sizes() on tensor with
+        # symbolic sizes/strides", in its batching rule)
+        y = torch.matmul(x, weight.transpose(-1, -2))
+    return y if bias is None else y + bias
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose forward is :func:`narrow_linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return narrow_linear(input, self.weight, self.bias)
+
+
 def mlp(in_dim: int, hidden: int, depth: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
     """``depth`` hidden layers of ``hidden`` units with Mish (and LayerNorm on request), then a linear head."""
     layers: list[nn.Module] = []
     d = in_dim
     for _ in range(depth):
-        layers.append(nn.Linear(d, hidden))
+        layers.append(Linear(d, hidden))
         if layer_norm:
             layers.append(nn.LayerNorm(hidden))
         layers.append(Mish())
         d = hidden
-    layers.append(nn.Linear(d, out_dim))
+    layers.append(Linear(d, out_dim))
     return nn.Sequential(*layers)
 
 
@@ -298,7 +352,7 @@ class EpsilonNetwork(nn.Module):
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
         time = _step_rows(cache.time, step, context=" with a chain cache")
         self._check_action(action)
-        h = F.linear(action, self.body[0].weight[:, : self.action_dim]) + time
+        h = narrow_linear(action, self.body[0].weight[:, : self.action_dim]) + time
         if cache.observation is not None:
             h = h + cache.observation
         for layer in self.body[1:]:
@@ -386,7 +440,7 @@ class DiffusionValueNetwork(nn.Module):
         table = F.linear(self.time_mlp(steps), first.weight[:, O + A :], first.bias)  # [N + 1, hidden]
         # tensor steps expanded to the actions' batch shape, as the plain forward does
         time = _step_rows(table, step, hint=f" (num_steps={self.num_steps})", batch_shape=action.shape[:-1])
-        h = F.linear(action, first.weight[:, O : O + A]) + time
+        h = narrow_linear(action, first.weight[:, O : O + A]) + time
         if O:
             h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
         for layer in self.body[1:]:
@@ -420,7 +474,16 @@ class QValueNetwork(nn.Module):
         )
         if observation.shape[:-1] != action.shape[:-1]:
             observation = observation.expand(*action.shape[:-1], self.observation_dim)
-        return self.body(torch.cat([observation, action], -1))
+        # the first layer in two parts, as DiffusionValueNetwork's: the observation's once per
+        # distinct observation (not per sample of an expanded one), the action's (6 features at
+        # the D4RL sizes) through narrow_linear
+        first, O = self.body[0], self.observation_dim
+        h = narrow_linear(action, first.weight[:, O:], first.bias)
+        if O:
+            h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
+        for layer in self.body[1:]:
+            h = layer(h)
+        return h
 
 
 def make_qvalue_operator(
