@@ -32,6 +32,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
+from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.diffusion.networks import mlp
 from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
 
@@ -106,17 +107,22 @@ def variants(args, device) -> dict:
 
 
 def update_variants(args, device) -> dict:
-    """:func:`variants` as ``(compile, cudagraphs, overlap_losses, step_sampling)``: on a GPU each
-    graphed variant again with the losses on two CUDA streams (``BDPOUpdate(overlap_losses=True)``);
-    with ``--step-sampling both``, the fastest kind of step again with stratified steps
-    (``<name>_stratified``: compiled on a CPU, compiled + graphs (+ two streams) on a GPU)."""
+    """:func:`variants` as ``(compile, cudagraphs, overlap_losses, step_sampling, fuse_narrow)``: on a
+    GPU each graphed variant again with the losses on two CUDA streams
+    (``BDPOUpdate(overlap_losses=True)``); with ``--step-sampling both``, the fastest kind of step
+    again with stratified steps (``<name>_stratified``: compiled on a CPU, compiled + graphs (+ two
+    streams) on a GPU); on a GPU, the fastest compiled kind again with the networks' narrow maps as
+    GEMMs (``<name>_gemm``: ``networks.FUSE_NARROW_LINEAR = False`` while it builds; the others
+    build with the library's default, sums on CUDA), unless ``--no-narrow-ab``."""
     sampling = "stratified" if args.step_sampling == "stratified" else "uniform"
-    out = {name: (c, g, False, sampling) for name, (c, g) in variants(args, device).items()}
+    out = {name: (c, g, False, sampling, None) for name, (c, g) in variants(args, device).items()}
     if device.type == "cuda" and not args.no_overlap:
-        out.update({f"{name}_overlap": (c, g, True, sampling) for name, (c, g, _, _) in list(out.items()) if g})
+        out.update({f"{name}_overlap": (c, g, True, sampling, None) for name, (c, g, *_) in list(out.items()) if g})
+    fastest = [name for name in ("compiled_cudagraphs_overlap", "compiled_cudagraphs", "compiled") if name in out][:1]
     if args.step_sampling == "both":
-        fastest = [name for name in ("compiled_cudagraphs_overlap", "compiled_cudagraphs", "compiled") if name in out][:1]
-        out.update({f"{name}_stratified": (*out[name][:3], "stratified") for name in fastest})
+        out.update({f"{name}_stratified": (*out[name][:3], "stratified", None) for name in fastest})
+    if device.type == "cuda" and not args.no_narrow_ab:
+        out.update({f"{name}_gemm": (*out[name][:4], False) for name in fastest})
     return out
 
 
@@ -198,10 +204,13 @@ def bench_update(args, device, progress=None):
                 "rounds": {name: r for name, r in rounds.items() if r},
             })
 
-    for name, (compile, cudagraphs, overlap, sampling) in update_variants(args, device).items():
+    for name, (compile, cudagraphs, overlap, sampling, fuse_narrow) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
+        default_fuse = networks.FUSE_NARROW_LINEAR
         try:
+            if fuse_narrow is not None:  # read while tracing: the captured graphs keep it
+                networks.FUSE_NARROW_LINEAR = fuse_narrow
             update = make_update(
                 device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling
             )
@@ -216,6 +225,8 @@ def bench_update(args, device, progress=None):
             print(name, "failed to build:", out[name]["error"][:300], flush=True)
             report({})
             continue
+        finally:
+            networks.FUSE_NARROW_LINEAR = default_fuse
         steps = args.steps * (args.graph_factor if cudagraphs else 1)
         built[name] = (update, steps, time.perf_counter() - t0)
         print(name, f"built in {built[name][2]:.1f} s", flush=True)
@@ -265,6 +276,11 @@ def bench_update(args, device, progress=None):
                 res[key] = statistics.median(
                     r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
                 )
+        base = name.removesuffix("_gemm")
+        if base != name and base in rounds:  # the library's default (narrow maps as sums) over this variant
+            res["sums_speedup_over_this"] = statistics.median(
+                o["phase_b_steps_per_s"] / r["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
+            )
         res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
@@ -356,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--matmul-precision", default="highest", choices=("highest", "high", "medium"),
         help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
+    )
+    p.add_argument(
+        "--no-narrow-ab", action="store_true",
+        help="GPU: leave out the fastest compiled variant again with the networks' narrow maps as GEMMs (<name>_gemm)",
     )
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument(

@@ -5,7 +5,10 @@
     python benchmarks/gpu_compile_ab.py --step-sampling stratified --variant default --variant pad:default:force_shape_pad=True
 
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
-none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles.
+none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles, or,
+for the library's own settings (``FUSE_NARROW_LINEAR``, of ``torchrl_bdpo.diffusion.networks``),
+that module: ``gemm:default:FUSE_NARROW_LINEAR=False`` builds the step with the networks' narrow
+maps as GEMMs.
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
 M=10, batch 256), TF32 matmuls by default, and on a GPU each step's two losses on two CUDA
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import sys
 import time
@@ -29,20 +33,44 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
+from torchrl_bdpo.diffusion import networks
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bdpo as bench  # noqa: E402
 
-# pad: at the D4RL sizes many GEMMs have a dim that is not a multiple of 4 floats (16 bytes),
-# which TF32 tensor-core kernels need: the input layers (K = 6 action, 17 observation, 23 both),
-# the eps-networks' outputs (N = 6) and the ensembles' heads (N = 1); an H100 profile
-# (2026-11-28) shows FFMA and gemv kernels taking ~125 us of a 1412 us critic step. Inductor pads
-# only GEMMs it deems compute-bound unless forced
+# At the D4RL sizes many GEMMs had a dim that is not a multiple of 4 floats (16 bytes), which TF32
+# tensor-core kernels need: the input layers (K = 6 action, 17 observation, 23 both), the
+# eps-networks' outputs (N = 6) and the ensembles' heads (N = 1); an H100 profile (2026-11-28)
+# shows FFMA and gemv kernels taking ~125 us of a 1412 us critic step. Since then the networks
+# write the maps with at most 8 inputs or outputs as sums on CUDA (networks.narrow_linear), fused
+# into the kernels around them; gemm: those maps as GEMMs again (the A/B of that change); pad:
+# forced padding of the GEMMs left with such dims (the observation parts, K = 17; inductor pads
+# only GEMMs it deems compute-bound unless forced)
 DEFAULT_VARIANTS = (
     "default:default",
+    "gemm:default:FUSE_NARROW_LINEAR=False",
     "pad:default:force_shape_pad=True",
     "combo:default:combo_kernels=True",
     "coordesc:default:coordinate_descent_tuning=True",
 )
+
+
+LIBRARY_SETTINGS = ("FUSE_NARROW_LINEAR",)  # module-level settings of torchrl_bdpo.diffusion.networks
+
+
+@contextlib.contextmanager
+def patched(config: dict):
+    """``config``'s inductor settings and library settings in force, restored on exit."""
+    library = {k: v for k, v in config.items() if k in LIBRARY_SETTINGS}
+    saved = {k: getattr(networks, k) for k in library}
+    try:
+        for k, v in library.items():
+            setattr(networks, k, v)
+        with inductor_config.patch({k: v for k, v in config.items() if k not in LIBRARY_SETTINGS}):
+            yield
+    finally:
+        for k, v in saved.items():
+            setattr(networks, k, v)
 
 
 def parse_variant(text: str) -> tuple[str, str | None, dict]:
@@ -53,10 +81,11 @@ def parse_variant(text: str) -> tuple[str, str | None, dict]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text!r}: expected key=value pairs after the mode, got {item!r}.")
-        if not hasattr(inductor_config, key):
+        if key not in LIBRARY_SETTINGS and not hasattr(inductor_config, key):
             raise SystemExit(
                 f"--variant {text!r}: torch._inductor.config has no {key!r} in torch {torch.__version__}; "
-                f"expected one of its settings, e.g. combo_kernels or coordinate_descent_tuning."
+                f"expected one of its settings, e.g. combo_kernels or coordinate_descent_tuning, or one of "
+                f"the library's: {', '.join(LIBRARY_SETTINGS)}."
             )
         try:
             config[key] = ast.literal_eval(value)
@@ -108,7 +137,7 @@ def main(argv=None):
         torch._dynamo.reset()
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        with inductor_config.patch(config):
+        with patched(config):
             update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
                                        overlap_losses=overlap, step_sampling=args.step_sampling)
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch

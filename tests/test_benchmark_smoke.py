@@ -62,12 +62,16 @@ def test_gpu_update_variants_add_the_two_stream_steps():
     names = bench.update_variants(args, torch.device("cuda"))
     u = "uniform"
     assert names == {
-        "eager": (False, False, False, u), "cudagraphs": (False, True, False, u), "compiled": (True, False, False, u),
-        "compiled_cudagraphs": (True, True, False, u), "cudagraphs_overlap": (False, True, True, u),
-        "compiled_cudagraphs_overlap": (True, True, True, u),
+        "eager": (False, False, False, u, None), "cudagraphs": (False, True, False, u, None),
+        "compiled": (True, False, False, u, None), "compiled_cudagraphs": (True, True, False, u, None),
+        "cudagraphs_overlap": (False, True, True, u, None), "compiled_cudagraphs_overlap": (True, True, True, u, None),
+        "compiled_cudagraphs_overlap_gemm": (True, True, True, u, False),  # the narrow maps as GEMMs
     }
     no_overlap = bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda"))
     assert not any(v[2] for v in no_overlap.values())
+    assert no_overlap["compiled_cudagraphs_gemm"] == (True, True, False, u, False)
+    no_ab = bench.update_variants(bench.build_parser().parse_args(["--no-narrow-ab"]), torch.device("cuda"))
+    assert set(no_ab) == set(names) - {"compiled_cudagraphs_overlap_gemm"}
     assert set(bench.update_variants(args, torch.device("cpu"))) == {"eager", "compiled"}
 
 
@@ -77,13 +81,13 @@ def test_step_sampling_variants():
 
     both = bench.build_parser().parse_args(["--step-sampling", "both"])
     gpu = bench.update_variants(both, torch.device("cuda"))
-    assert gpu["compiled_cudagraphs_overlap_stratified"] == (True, True, True, "stratified")
+    assert gpu["compiled_cudagraphs_overlap_stratified"] == (True, True, True, "stratified", None)
     assert [n for n, v in gpu.items() if v[3] == "stratified"] == ["compiled_cudagraphs_overlap_stratified"]
     cpu = bench.update_variants(both, torch.device("cpu"))
-    assert cpu == {"eager": (False, False, False, "uniform"), "compiled": (True, False, False, "uniform"),
-                   "compiled_stratified": (True, False, False, "stratified")}
+    assert cpu == {"eager": (False, False, False, "uniform", None), "compiled": (True, False, False, "uniform", None),
+                   "compiled_stratified": (True, False, False, "stratified", None)}
     only = bench.update_variants(bench.build_parser().parse_args(["--step-sampling", "stratified"]), torch.device("cpu"))
-    assert only == {"eager": (False, False, False, "stratified"), "compiled": (True, False, False, "stratified")}
+    assert only == {"eager": (False, False, False, "stratified", None), "compiled": (True, False, False, "stratified", None)}
 
 
 def bench_update_of(variants, tmp_path, monkeypatch, repeats=1):
@@ -95,15 +99,43 @@ def bench_update_of(variants, tmp_path, monkeypatch, repeats=1):
 
 
 def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypatch):
-    result = bench_update_of({"eager": (False, False, False, "uniform"), "eager_stratified": (False, False, False, "stratified")},
+    result = bench_update_of({"eager": (False, False, False, "uniform", None),
+                              "eager_stratified": (False, False, False, "stratified", None)},
                              tmp_path, monkeypatch, repeats=2)
     assert result["eager_stratified"]["speedup_over_uniform_steps"] > 0
     assert "speedup_over_uniform_steps" not in result["eager"]
 
 
+def test_gemm_variant_builds_with_the_narrow_maps_as_gemms_and_is_timed_against_its_twin(tmp_path, monkeypatch):
+    """``<name>_gemm`` builds with ``FUSE_NARROW_LINEAR = False`` (restored after its build, a failed
+    one too), and reports the default's speed over it, per round."""
+    from torchrl_bdpo.diffusion import networks
+
+    seen = {}
+    make_update = bench.make_update
+
+    def recording_make_update(*args, **kwargs):
+        seen[len(seen)] = networks.FUSE_NARROW_LINEAR
+        if len(seen) == 3:
+            raise RuntimeError("a build that fails")
+        return make_update(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "make_update", recording_make_update)
+    result = bench_update_of({"eager": (False, False, False, "uniform", None),
+                              "eager_gemm": (False, False, False, "uniform", False),
+                              "broken_gemm": (False, False, False, "uniform", False)},
+                             tmp_path, monkeypatch, repeats=2)
+    assert seen == {0: "cuda", 1: False, 2: False}
+    assert networks.FUSE_NARROW_LINEAR == "cuda"
+    assert result["eager_gemm"]["sums_speedup_over_this"] > 0
+    assert "sums_speedup_over_this" not in result["eager"]
+    assert set(result["broken_gemm"]) == {"error"}
+
+
 def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
     """A variant that raises while built (here two streams on a CPU) gets its error in the JSON."""
-    result = bench_update_of({"eager": (False, False, False, "uniform"), "eager_overlap": (False, False, True, "uniform")},
+    result = bench_update_of({"eager": (False, False, False, "uniform", None),
+                              "eager_overlap": (False, False, True, "uniform", None)},
                              tmp_path, monkeypatch)
     assert result["eager"]["phase_b_steps_per_s"] > 0
     assert set(result["eager_overlap"]) == {"error"}  # not timed
@@ -132,6 +164,45 @@ def test_profile_script_counts_the_step_ops(tmp_path, sampling):
         assert sum(per_stream.values()) == pytest.approx(result[step]["kernel_us_per_step"])
 
 
+def test_profile_script_like_gpu_counts_gemms_and_restores_the_setting(tmp_path):
+    from torchrl_bdpo.diffusion import networks
+
+    profile_step = load_benchmark("profile_step")
+    out = tmp_path / "profile.json"
+    result = profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out",
+                                str(out), "--like-gpu", "--fuse-narrow", "true"])
+    assert json.loads(out.read_text()) == result
+    assert result["like_gpu"] is True and result["fuse_narrow_linear"] is True
+    for step in ("critic_step", "actor_behavior_step"):
+        assert result[step]["gemm_calls_per_step"] > 10
+    assert networks.FUSE_NARROW_LINEAR == "cuda"  # restored
+    assert profile_step.bench.make_loss.__qualname__ == "make_loss"  # swapped only while it built
+
+
+@pytest.mark.slow
+def test_profile_script_counts_fewer_gemms_with_the_narrow_maps_as_sums(tmp_path):
+    """Compiled as on a GPU (on the CPU): the narrow maps as sums take GEMM calls out of both steps."""
+    profile_step = load_benchmark("profile_step")
+    gemms = {}
+    for fuse in ("false", "true"):
+        result = profile_step.main(["--steps", "1", "--batch-size", "16", "--device", "cpu", "--like-gpu",
+                                    "--fuse-narrow", fuse, "--out", str(tmp_path / f"{fuse}.json")])
+        gemms[fuse] = {k: result[k]["gemm_calls_per_step"] for k in ("critic_step", "actor_behavior_step")}
+    for step in ("critic_step", "actor_behavior_step"):
+        assert gemms["true"][step] < 0.85 * gemms["false"][step], gemms
+
+
+def test_gpu_check_fits_the_issue_s_eight_minutes():
+    """The check mode's time limits (tests, script tests, benchmark) add up to 8 minutes at most."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    check = text[text.index("# the gpu-marked tests"):]
+    limits = [int(m) for line in check.splitlines() if not line.lstrip().startswith("#")
+              for m in re.findall(r"\btimeout (\d+)", line)]
+    assert len(limits) == 3 and sum(limits) <= 480, limits
+
+
 def test_pretrain_overhead_times_the_parts_and_the_bare_mlp(tmp_path):
     module = load_benchmark("pretrain_overhead")
     out = tmp_path / "overhead.json"
@@ -155,6 +226,16 @@ def test_compile_ab_parses_variants():
         ab.parse_variant("x:default:combo_kernels")
     with pytest.raises(SystemExit, match="has no 'no_such_setting'"):
         ab.parse_variant("x:default:no_such_setting=1")
+    assert ab.parse_variant("gemm:default:FUSE_NARROW_LINEAR=False,combo_kernels=True") == (
+        "gemm", None, {"FUSE_NARROW_LINEAR": False, "combo_kernels": True}
+    )
+    from torchrl_bdpo.diffusion import networks
+    import torch._inductor.config as inductor_config
+
+    combo = inductor_config.combo_kernels
+    with ab.patched({"FUSE_NARROW_LINEAR": False, "combo_kernels": not combo}):
+        assert networks.FUSE_NARROW_LINEAR is False and inductor_config.combo_kernels is not combo
+    assert networks.FUSE_NARROW_LINEAR == "cuda" and inductor_config.combo_kernels is combo
     assert all(ab.parse_variant(v)[0] for v in ab.DEFAULT_VARIANTS)  # the default list parses here too
 
 
@@ -188,7 +269,7 @@ def test_a_run_cut_short_keeps_the_rounds_it_timed(tmp_path, monkeypatch):
         return timed(*args, **kwargs)
 
     monkeypatch.setattr(bench, "time_steps", time_steps)
-    monkeypatch.setattr(bench, "update_variants", lambda args, device: {"eager": (False, False, False, "uniform")})
+    monkeypatch.setattr(bench, "update_variants", lambda args, device: {"eager": (False, False, False, "uniform", None)})
     out = tmp_path / "bench.json"
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--only", "update", "--steps", "1", "--repeats", "3", "--batch-size", "8", "--out", str(out)])
