@@ -130,6 +130,24 @@ def test_overlap_losses_default_follows_cudagraphs(tmp_path, monkeypatch):
         utils.make_update(config(tmp_path, "compile.overlap_losses=yes"), None, {}, {})
 
 
+def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
+    """compile.fuse_narrow_linear sets networks.FUSE_NARROW_LINEAR (cuda by default); another value is refused."""
+    import utils
+    from torchrl_bdpo.diffusion import networks
+
+    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", "cuda")  # restored after the test
+    monkeypatch.setattr(utils, "BDPOUpdate", lambda *a, **kw: None)
+    for overrides, expected in [((), "cuda"), (("compile.fuse_narrow_linear=true",), True),
+                                (("compile.fuse_narrow_linear=cuda",), "cuda"), (("compile.fuse_narrow_linear=false",), False)]:
+        utils.make_update(config(tmp_path, *overrides), None, {}, {})
+        assert networks.FUSE_NARROW_LINEAR == expected and type(networks.FUSE_NARROW_LINEAR) is type(expected), overrides
+    with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear='gpu': expected cuda \(the default"):
+        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=gpu"), None, {}, {})
+    with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear=1: expected"):
+        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=1"), None, {}, {})
+    assert networks.FUSE_NARROW_LINEAR is False  # a refused value changes nothing
+
+
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"
