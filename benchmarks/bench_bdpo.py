@@ -207,16 +207,16 @@ def bench_update(args, device, progress=None):
     for name, (compile, cudagraphs, overlap, sampling, fuse_narrow) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        default_fuse = networks.FUSE_NARROW_LINEAR
+        if fuse_narrow is None:
+            fuse_narrow = networks.FUSE_NARROW_LINEAR
         try:
-            if fuse_narrow is not None:  # read while tracing: the captured graphs keep it
-                networks.FUSE_NARROW_LINEAR = fuse_narrow
-            update = make_update(
-                device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling
-            )
-            for _ in range(3):  # first (eager) call, compilation, warm-up and capture
-                update.critic(batch), update.policy(batch), update.behavior(batch)
-            sync(device)
+            with networks.fuse_narrow_linear(fuse_narrow):  # read while tracing: the captured graphs keep it
+                update = make_update(
+                    device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling
+                )
+                for _ in range(3):  # first (eager) call, compilation, warm-up and capture
+                    update.critic(batch), update.policy(batch), update.behavior(batch)
+                sync(device)
         except Exception as err:  # noqa: BLE001  a variant that cannot be built is reported, the others still run
             if name == "eager":
                 raise
@@ -225,8 +225,6 @@ def bench_update(args, device, progress=None):
             print(name, "failed to build:", out[name]["error"][:300], flush=True)
             report({})
             continue
-        finally:
-            networks.FUSE_NARROW_LINEAR = default_fuse
         steps = args.steps * (args.graph_factor if cudagraphs else 1)
         built[name] = (update, steps, time.perf_counter() - t0)
         print(name, f"built in {built[name][2]:.1f} s", flush=True)

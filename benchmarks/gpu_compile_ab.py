@@ -61,16 +61,11 @@ LIBRARY_SETTINGS = ("FUSE_NARROW_LINEAR",)  # module-level settings of torchrl_b
 @contextlib.contextmanager
 def patched(config: dict):
     """``config``'s inductor settings and library settings in force, restored on exit."""
-    library = {k: v for k, v in config.items() if k in LIBRARY_SETTINGS}
-    saved = {k: getattr(networks, k) for k in library}
-    try:
-        for k, v in library.items():
-            setattr(networks, k, v)
-        with inductor_config.patch({k: v for k, v in config.items() if k not in LIBRARY_SETTINGS}):
-            yield
-    finally:
-        for k, v in saved.items():
-            setattr(networks, k, v)
+    fuse = config.get("FUSE_NARROW_LINEAR", networks.FUSE_NARROW_LINEAR)
+    with networks.fuse_narrow_linear(fuse), inductor_config.patch(
+        {k: v for k, v in config.items() if k not in LIBRARY_SETTINGS}
+    ):
+        yield
 
 
 def parse_variant(text: str) -> tuple[str, str | None, dict]:

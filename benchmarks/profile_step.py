@@ -92,36 +92,21 @@ def main(argv=None):
         help="CPU: compile the graphs a GPU compiles (no ensemble row chunks, no Q-row capacity)",
     )
     args = p.parse_args(argv)
-    fuse = networks.FUSE_NARROW_LINEAR
-    try:
-        if args.fuse_narrow != "default":
-            networks.FUSE_NARROW_LINEAR = args.fuse_narrow == "true"
+    fuse = networks.FUSE_NARROW_LINEAR if args.fuse_narrow == "default" else args.fuse_narrow == "true"
+    with networks.fuse_narrow_linear(fuse):  # restored after: main() may run inside another process's tests
         return profile_steps(args)
-    finally:  # main() may run inside another process's tests
-        networks.FUSE_NARROW_LINEAR = fuse
 
 
 def profile_steps(args) -> dict:
     device = torch.device(args.device)
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
-    make_loss = bench.make_loss
-
-    def loss_like_gpu(*a, **kw):
-        loss = make_loss(*a, **kw)
-        loss.__class__ = _GpuLikeLoss
-        loss.ensemble_chunk_rows = None
-        return loss
-
-    if args.like_gpu:
-        bench.make_loss = loss_like_gpu  # what bench.make_update builds
-    try:
-        update = bench.make_update(
-            device, compile=not args.no_compile, cudagraphs=False, overlap_losses=args.overlap,
-            step_sampling=args.step_sampling,
-        )
-    finally:
-        bench.make_loss = make_loss
+    update = bench.make_update(
+        device, compile=not args.no_compile, cudagraphs=False, overlap_losses=args.overlap, step_sampling=args.step_sampling
+    )
+    if args.like_gpu:  # before the first call: compilation is lazy, and the loss methods look the capacity up on it
+        update.loss.__class__ = _GpuLikeLoss
+        update.loss.ensemble_chunk_rows = None
     batch = bench.make_batch(args.batch_size, device)
     for _ in range(3):
         update.critic(batch), update.policy(batch)

@@ -153,6 +153,13 @@ def test_narrow_linear_where_it_applies(monkeypatch):
         assert "linear" in graph
     monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
     torch.testing.assert_close(networks.narrow_linear(x, w), nn.functional.linear(x, w), rtol=0, atol=0)
+    with networks.fuse_narrow_linear(False):  # the context manager the benchmarks build under
+        assert networks.FUSE_NARROW_LINEAR is False
+    assert networks.FUSE_NARROW_LINEAR is True
+    with pytest.raises(ValueError, match="FUSE_NARROW_LINEAR='gpu': expected 'cuda'"):
+        with networks.fuse_narrow_linear("gpu"):
+            pass
+    assert networks.FUSE_NARROW_LINEAR is True  # a refused setting changes nothing
     monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", "gpu")
     for fn in (networks.narrow_linear, torch.compile(networks.narrow_linear, backend="eager")):
         with pytest.raises(ValueError, match="FUSE_NARROW_LINEAR='gpu': expected 'cuda'"):

@@ -5,6 +5,7 @@ and TorchRL's ``ValueOperator`` are their TensorDict faces.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -72,16 +73,33 @@ FUSE_NARROW_LINEAR: bool | str = "cuda"
 NARROW_FEATURES = 8
 
 
-def _fuse_narrow(x: torch.Tensor) -> bool:
-    setting = FUSE_NARROW_LINEAR
-    if setting is True or setting is False:
-        return setting
-    if setting != "cuda":
+def _check_fuse_setting(setting) -> None:
+    if not (setting is True or setting is False or setting == "cuda"):
         raise ValueError(
             f"torchrl_bdpo.diffusion.networks.FUSE_NARROW_LINEAR={setting!r}: expected 'cuda' (the "
             f"default: on CUDA tensors), True (every device) or False (never)."
         )
-    return x.device.type == "cuda"
+
+
+def _fuse_narrow(x: torch.Tensor) -> bool:
+    setting = FUSE_NARROW_LINEAR
+    _check_fuse_setting(setting)
+    return setting is True or (setting == "cuda" and x.device.type == "cuda")
+
+
+@contextlib.contextmanager
+def fuse_narrow_linear(setting: bool | str):
+    """:data:`FUSE_NARROW_LINEAR` set to ``setting`` (checked first) inside the block, restored after.
+
+    It is read while torch.compile traces: compile (and capture) a step inside the block.
+    """
+    global FUSE_NARROW_LINEAR
+    _check_fuse_setting(setting)
+    saved, FUSE_NARROW_LINEAR = FUSE_NARROW_LINEAR, setting
+    try:
+        yield
+    finally:
+        FUSE_NARROW_LINEAR = saved
 
 
 def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
