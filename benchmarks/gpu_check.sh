@@ -11,9 +11,11 @@
 #   bash benchmarks/gpu_check.sh ab [ARGS]    # instead: the inductor A/B of gpu_compile_ab.py,
 #                                             # ARGS passed on (~6-8 minutes with its defaults:
 #                                             # run timeout_s 580)
-#   bash benchmarks/gpu_check.sh profile [ARGS]  # instead: the per-stream kernel profile of the
-#                                             # compiled two-stream step (~90 s, its compile cold),
-#                                             # ARGS passed on (e.g. --step-sampling stratified)
+#   bash benchmarks/gpu_check.sh profile [ARGS]  # instead: the per-stream kernel profile and timeline
+#                                             # of the compiled, graphed two-stream step's replays
+#                                             # (~100 s, its compile cold), ARGS passed on (e.g.
+#                                             # --step-sampling stratified; --no-cudagraphs: the
+#                                             # compiled step ungraphed, with its GEMM count)
 # Wheels for packages the GPU machine lacks (torchrl, tensordict and their small
 # dependencies) are installed from .whl/ when that folder exists: `bash benchmarks/fetch_gpu_wheels.sh`
 # here first, then the device tool's run with carry [".whl"].
@@ -47,9 +49,11 @@ if [ "$MODE" = ab ]; then
   exit 0
 fi
 if [ "$MODE" = profile ]; then
-  # with two streams: the same kernels (their count and summed time compare with earlier profiles),
-  # and each stream's share, i.e. the two branches of the overlapped steps
-  (cd benchmarks && timeout 100 python3 profile_step.py --matmul-precision high --overlap --out "$OUT/gpu_profile_tf32.json" "$@" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/gpu_profile.log")
+  # with two streams and CUDA graphs, as the scripts run: the same kernels as a compiled step's
+  # (their count and summed time compare with earlier profiles), each stream's share (the two
+  # branches of the overlapped steps), and the replays' timeline: busy, overlapped and idle time
+  # per step against its wall time and the host's time per call
+  (cd benchmarks && timeout 120 python3 profile_step.py --matmul-precision high --overlap --cudagraphs --out "$OUT/gpu_profile_tf32.json" "$@" 2>&1 | grep -v -e Warning -e tensordict | tee "$OUT/gpu_profile.log")
   echo "profile exit: $?"
   exit 0
 fi

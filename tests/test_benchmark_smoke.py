@@ -162,6 +162,33 @@ def test_profile_script_counts_the_step_ops(tmp_path, sampling):
         assert 0 < len(top) <= 25 and top[0]["us_per_step"] >= top[-1]["us_per_step"]
         per_stream = result[step]["kernel_us_per_stream"]  # on a CPU: per thread
         assert sum(per_stream.values()) == pytest.approx(result[step]["kernel_us_per_step"])
+        r = result[step]  # the timeline: busy within the span, and at most the summed op time
+        assert 0 < r["busy_us_per_step"] <= r["span_us_per_step"] + 1e-6
+        assert r["busy_us_per_step"] <= r["kernel_us_per_step"] + 1e-6
+        assert r["idle_us_per_step"] == pytest.approx(r["span_us_per_step"] - r["busy_us_per_step"])
+        assert r["overlap_us_per_step"] == pytest.approx(r["kernel_us_per_step"] - r["busy_us_per_step"])
+        assert r["wall_us_per_step"] > 0 and r["host_us_per_call"] > 0
+        assert r["gemm_calls_per_step"] > 0  # counted: no CUDA graphs
+    assert result["cudagraphs"] is False
+
+
+def test_profile_timeline_merges_overlapping_intervals():
+    profile_step = load_benchmark("profile_step")
+    # two streams: [0, 4) and [2, 5) overlap, [3, 3.5) nested, a gap to [7, 8)
+    assert profile_step.timeline([(7.0, 8.0), (0.0, 4.0), (3.0, 3.5), (2.0, 5.0)]) == (6.0, 8.0)
+    assert profile_step.timeline([(1.0, 2.0), (2.0, 3.0)]) == (2.0, 2.0)  # touching: no idle time
+    assert profile_step.timeline([]) == (0.0, 0.0)
+
+
+def test_profile_script_refuses_cudagraphs_without_cuda(capsys):
+    profile_step = load_benchmark("profile_step")
+    with pytest.raises(SystemExit):
+        profile_step.main(["--cudagraphs", "--device", "cpu", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert "--cudagraphs profiles CUDA-graph replays, but --device is 'cpu'" in err and "--device cuda" in err
+    with pytest.raises(SystemExit):
+        profile_step.main(["--steps", "0", "--device", "cpu"])
+    assert "--steps=0: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_profile_script_like_gpu_counts_gemms_and_restores_the_setting(tmp_path):
