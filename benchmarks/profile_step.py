@@ -14,9 +14,9 @@ count times a few microseconds and the summed kernel time bound what a graphed s
 The timeline of each step says where the rest of a step's time goes: ``busy_us_per_step`` (the
 time at least one kernel runs: the union of the kernels' intervals over all streams),
 ``overlap_us_per_step`` (summed kernel time minus that: how much the two streams ran side by
-side), ``span_us_per_step`` (first kernel's start to last kernel's end, per step) and
-``idle_us_per_step`` (span minus busy: the device waits, between dependent kernels or for the
-host). Timed again without the profiler: ``wall_us_per_step`` (synchronised loop) and
+side), ``span_us_per_step`` (the profiled steps' first kernel start to their last kernel end,
+divided by the number of steps: waits between steps count) and ``idle_us_per_step`` (span minus
+busy: the device waits, between dependent kernels or for the host). Timed again without the profiler: ``wall_us_per_step`` (synchronised loop) and
 ``host_us_per_call`` (until the call returns, unsynchronised): a host time near the wall time
 means the host bounds the step, an idle time near it with a small host time means the gaps
 between dependent kernels do. ``--cudagraphs`` (CUDA) profiles the captured steps' replays, the
