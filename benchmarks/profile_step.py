@@ -62,18 +62,18 @@ class _GpuLikeLoss(BDPOLoss):
 def timeline(intervals: list[tuple[float, float]]) -> tuple[float, float]:
     """``(busy, span)`` of ``(start, end)`` intervals: the length of their union and from the first
     start to the last end (0 and 0 for none)."""
-    busy, cur_start, cur_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if cur_end is None or start > cur_end:
-            if cur_end is not None:
-                busy += cur_end - cur_start
+    ordered = sorted(intervals)
+    if not ordered:
+        return 0.0, 0.0
+    busy, (cur_start, cur_end) = 0.0, ordered[0]
+    for start, end in ordered[1:]:
+        if start > cur_end:  # a gap: the merged interval so far is done
+            busy += cur_end - cur_start
             cur_start, cur_end = start, end
         else:
             cur_end = max(cur_end, end)
-    if cur_end is None:
-        return 0.0, 0.0
-    busy += cur_end - cur_start
-    return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
+    # the last merged interval ends with the latest end
+    return busy + cur_end - cur_start, cur_end - ordered[0][0]
 
 
 def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25, count_gemms: bool = True) -> dict:
