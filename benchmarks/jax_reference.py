@@ -386,11 +386,12 @@ def make_jax_phase_b(preset: str, seed: int = 0):
     key, k_init, k_data = jax.random.split(key, 3)
     online = init_phase_b(k_init, O, A)
     target = jax.tree_util.tree_map(jnp.copy, online)
+    # Q and V each with its own clip and Adam, as the authors' q0 and vt models (and BDPOUpdate)
     critic_tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(LR))
     actor_tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(ACTOR_LR))
     behavior_tx = make_optimizer()
     opt = {
-        "critic": critic_tx.init({"q": online["q"], "v": online["v"]}),
+        "critic": {net: critic_tx.init(online[net]) for net in ("q", "v")},
         "actor": actor_tx.init(online["actor"]),
         "behavior": behavior_tx.init(online["behavior"]),
     }
@@ -418,8 +419,11 @@ def make_jax_phase_b(preset: str, seed: int = 0):
 
         critics = {"q": online["q"], "v": online["v"]}
         loss, grads = jax.value_and_grad(loss_fn)(critics)
-        updates, opt_state = critic_tx.update(grads, opt_state, critics)
-        critics = optax.apply_updates(critics, updates)
+        new_state = {}
+        for net in ("q", "v"):
+            updates, new_state[net] = critic_tx.update(grads[net], opt_state[net], critics[net])
+            critics = {**critics, net: optax.apply_updates(critics[net], updates)}
+        opt_state = new_state
         online = {**online, **critics}
         target = {**target, **optax.incremental_update(critics, {"q": target["q"], "v": target["v"]}, TAU)}
         return online, target, opt_state, key, loss
@@ -594,7 +598,7 @@ def run(args) -> dict:
     }
     base = "jax_phase_b" if args.phase == "phase_b" else "jax_xla"
     if base in names:
-        compared = ["ours_phase_b"] if args.phase == "phase_b" else [n for n in names if n != base]
+        compared = [n for n in (["ours_phase_b"] if args.phase == "phase_b" else names) if n in names and n != base]
         out["over_jax_xla"] = {name: statistics.median(r[name] / r[base] for r in rounds) for name in compared}
         reference = (AUTHORS_PHASE_B if args.phase == "phase_b" else AUTHORS_PRETRAIN)[args.preset]
         out["authors_figure_steps_per_s"] = reference

@@ -14,6 +14,12 @@ from torchrl_bdpo.objectives import BDPOUpdate
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 LOSSES = ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
+# the networks each optimizer group clips apart
+CLIPPED = {
+    "critic": ("qvalue_network_params", "value_network_params"),
+    "actor": ("actor_network_params",),
+    "behavior": ("behavior_network_params",),
+}
 
 
 def update_for(loss, fused=None, grad_clip=1.0, **kwargs):
@@ -152,12 +158,44 @@ def test_eager_update_matches_the_hand_written_steps():
             total.backward()
             applied = (group, "behavior") if group == "actor" else (group,)
             for g in applied:
-                torch.nn.utils.clip_grad_norm_(groups[g], 1.0)
+                # each network apart, as the authors' code clips its q0 and vt models
+                for attr in CLIPPED[g]:
+                    torch.nn.utils.clip_grad_norm_(list(getattr(loss, attr).parameters()), 1.0)
                 opts[g].step()
                 upd[g].step()
     for name, p in loss.named_parameters():
         torch.testing.assert_close(dict(update.loss.named_parameters())[name], p, msg=name)
     assert torch.isfinite(outs[-1]["loss_behavior"])
+
+
+def _grad_norm(params) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+
+
+def test_critic_step_clips_q_and_v_apart():
+    """Q and V each to its own global norm (the authors' q0 and vt models), never one norm over both:
+    with a clip that binds, each network's clipped gradient has the clip's norm, and the reported
+    norms are the unclipped ones of a hand-made backward with the same draws."""
+    clip = 1e-3
+    batch = cpu_batches(1)[0]
+    update = update_for(make_loss(seed=0), grad_clip=clip)
+    loss = make_loss(seed=0)  # by hand: the same losses and draws, no step
+    torch.manual_seed(5)
+    (loss.qvalue_loss(batch)[0] + loss.value_loss(batch)[0]).backward()
+    raw = {name: _grad_norm(getattr(loss, name + "_network_params").parameters()) for name in ("qvalue", "value")}
+    assert min(raw.values()) > 10 * clip  # the clip binds on both
+    torch.manual_seed(5)
+    out = update.critic(batch)
+    assert "grad_norm_critic" not in out.keys()
+    for name in ("qvalue", "value"):
+        torch.testing.assert_close(out[f"grad_norm_{name}"], raw[name], rtol=1e-5, atol=0, msg=name)
+        clipped = _grad_norm(getattr(update.loss, name + "_network_params").parameters())
+        torch.testing.assert_close(clipped, torch.tensor(clip), rtol=1e-4, atol=0, msg=name)
+    # one norm over both would leave the two clipped norms' root sum of squares at the clip, not sqrt(2) x it
+    both = torch.linalg.vector_norm(
+        torch.stack([_grad_norm(getattr(update.loss, n + "_network_params").parameters()) for n in ("qvalue", "value")])
+    )
+    torch.testing.assert_close(both, torch.tensor(clip * 2**0.5), rtol=1e-4, atol=0)
 
 
 class _KnownReward(torch.nn.Module):
@@ -473,7 +511,8 @@ def test_overlapped_steps_fork_and_join_around_the_second_loss(monkeypatch):
     outs, ref_outs = run_steps(upd, batches), run_steps(ref, batches)
     assert_same_run(outs, ref_outs, upd, ref, rtol=0, atol=0)
     critic = ["side waits main", "qvalue_loss on main", "enter side", "value_loss on side", "exit side", "main waits side",
-              "main waits side"]  # after the backward pass
+              "main waits side",  # after the backward pass
+              "side waits main", "enter side", "exit side", "main waits side"]  # Q's and V's gradient clips
     policy = ["side waits main", "actor_loss on main", "enter side", "behavior_loss on side", "exit side", "main waits side",
               "main waits side", "side waits main", "enter side", "exit side", "main waits side"]  # backward, optimizer steps
     behavior = ["behavior_loss on main"]

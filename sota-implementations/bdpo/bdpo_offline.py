@@ -266,7 +266,7 @@ def train(cfg: DictConfig) -> dict:
             now = time.perf_counter()
             rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
             tic, tic_step = now, step
-            diagnostics = ("qvalue_pred", "qvalue_target", "path_kl", "value_pred", "value_target", "value_step_kl", "grad_norm_critic")
+            diagnostics = ("qvalue_pred", "qvalue_target", "path_kl", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
             scalars = {f"train/{k}": v for k, v in row.items()}
             scalars.update({f"train/{k}": critic[k].item() for k in diagnostics if k in critic.keys()})
             kl = critic["kl_per_step"]

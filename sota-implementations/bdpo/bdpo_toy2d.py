@@ -243,7 +243,7 @@ def train(cfg: DictConfig) -> dict:
             now = time.perf_counter()
             rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
             tic, tic_step = now, step
-            diagnostics = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_critic")
+            diagnostics = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
             log_scalars(
                 logger,
                 {**{f"train/{k}": v for k, v in row.items()},

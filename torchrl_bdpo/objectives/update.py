@@ -17,6 +17,13 @@ _PARAMS = {
     "actor": ("actor_network_params",),
     "behavior": ("behavior_network_params",),
 }
+# the networks whose gradients are clipped apart, each to its own global norm, as the authors'
+# code does (each of its q0, vt, actor and behavior models has its own clip_by_global_norm + adam)
+_CLIPPED = {
+    "critic": (("qvalue", "qvalue_network_params"), ("value", "value_network_params")),
+    "actor": (("actor", "actor_network_params"),),
+    "behavior": (("behavior", "behavior_network_params"),),
+}
 
 
 def _trainable(params) -> list[torch.nn.Parameter]:
@@ -177,7 +184,13 @@ class BDPOUpdate:
             (:meth:`BDPOLoss.make_target_updaters`).
 
     Keyword Args:
-        grad_clip (float, optional): max global gradient norm per group. Defaults to ``None``.
+        grad_clip (float, optional): max global gradient norm of each network's gradients,
+            clipped apart: the Q ensemble, the V ensemble, the actor and the behavior, as the
+            authors' code clips its ``q0``, ``vt``, actor and behavior models (one norm over Q
+            and V together would let a large Q gradient shrink V's step, and the reverse).
+            The steps report each norm before the clip: ``grad_norm_qvalue`` and
+            ``grad_norm_value`` (critic step; none for a parameter-free Q), ``grad_norm_actor``,
+            ``grad_norm_behavior``. Defaults to ``None`` (no clip).
         compile (bool): ``torch.compile`` each loss method (one graph per loss keeps the
             random draws in eager's order), with static shapes (``dynamic=False``): a batch
             of a new shape compiles anew (torch's recompile limit, 8 per function, applies;
@@ -230,7 +243,7 @@ class BDPOUpdate:
         ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
         ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
         >>> sorted(update.critic(data).keys())[:3]
-        ['grad_norm_critic', 'kl_per_step', 'loss_qvalue']
+        ['grad_norm_qvalue', 'grad_norm_value', 'kl_per_step']
         >>> "loss_actor" in update.policy(data).keys()
         True
     """
@@ -264,6 +277,10 @@ class BDPOUpdate:
             for opt in self.optimizers.values():
                 make_capturable(opt)
         self._params = self.param_groups(loss)
+        self._clipped = {
+            g: [(name, ps) for name, attr in parts if (ps := _trainable(getattr(loss, attr)))]
+            for g, parts in _CLIPPED.items()
+        }
         self._compiled, self._cudagraphs = compile, cudagraphs
         if compile and not cudagraphs and getattr(loss, "ensemble_chunk_compile", False) is None:
             # CPU ensembles over many rows go in chunks, each through one compiled graph
@@ -332,9 +349,19 @@ class BDPOUpdate:
         if self._side_stream is not None:
             torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
 
+    def _clip(self, name: str, params: list, out: dict) -> None:
+        out[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+
     def _apply(self, group: str, out: dict, clip: bool = True) -> None:
+        """Clip each network of ``group`` apart (Q and V: each on its loss's stream), then the
+        group's optimizer step and target EMA."""
         if clip and self.grad_clip:
-            out[f"grad_norm_{group}"] = torch.nn.utils.clip_grad_norm_(self._params[group], self.grad_clip)
+            parts = [lambda n=name, ps=params: self._clip(n, ps, out) for name, params in self._clipped[group]]
+            if len(parts) == 2:
+                self._pair(*parts)
+            else:
+                for part in parts:
+                    part()
         self.optimizers[group].step()
         self.updaters[group].step()
 
