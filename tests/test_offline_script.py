@@ -182,3 +182,39 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, dataset, monke
         off.train(config(tmp_path, "eval.episodes=0"))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["phase"] == "train" and state["step"] == 0
+
+
+@pytest.mark.parametrize(
+    "horizon, final",
+    [
+        # the authors' horizon: phase-B steps, counted in actor steps; (30 - 6) / 3 = 8 actor steps of 30
+        ("30", 0.5 * (1 + np.cos(np.pi * 8 / 30))),
+        ("null", 0.0),  # the actor's own 8 steps: down to 0
+    ],
+)
+def test_actor_lr_cosine_horizon(tmp_path, horizon, final):
+    cfg = config(tmp_path, "optim.warmup=6", "optim.actor_every=3", f"optim.actor_lr_decay_steps={horizon}")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizers = {"critic": torch.optim.Adam([params[0]], lr=1.0), "actor": torch.optim.Adam([params[1]], lr=1.0)}
+    schedulers = off.make_schedulers(cfg, optimizers)
+    actor_steps = [s for s in range(cfg.optim.steps) if s >= 6 and (s - 6) % 3 == 0]
+    assert len(actor_steps) == 8
+    for _ in range(cfg.optim.steps):
+        schedulers["critic"].step()
+    for _ in actor_steps:
+        schedulers["actor"].step()
+    assert optimizers["critic"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert optimizers["actor"].param_groups[0]["lr"] == pytest.approx(final, abs=1e-9)
+
+
+def test_paper_settings_take_the_authors_actor_lr_horizon(tmp_path):
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        paper = compose("offline", overrides=["task=hopper-medium-v2"])
+        cpu = compose("offline", overrides=["task=hopper-medium-v2", "budget=cpu"])
+    assert paper.optim.actor_lr_decay_steps == paper.optim.steps == 2_000_000
+    assert cpu.optim.actor_lr_decay_steps is None
+    with pytest.raises(ValueError, match=r"optim.actor_lr_decay_steps=0: expected a positive integer"):
+        off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=0"), {"critic": None, "actor": None})
+    # TINY: (30 - 5) / 2 -> 13 actor steps
+    with pytest.raises(ValueError, match=r"actor_lr_decay_steps=12 is below the run's 13 actor steps"):
+        off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=12"), {"critic": None, "actor": None})

@@ -92,12 +92,34 @@ def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:
 
 
 def make_schedulers(cfg: DictConfig, optimizers: dict) -> dict:
-    """Cosine decay to 0: critics over phase B, the actor over its own steps (DESIGN section 4)."""
+    """Cosine learning-rate decays, each stepped once per optimizer step of its group.
+
+    The critics' reaches 0 at the end of phase B. The actor's reaches 0 after
+    ``optim.actor_lr_decay_steps`` actor steps: the authors' code sets that horizon to the
+    number of phase-B steps while its schedule counts actor steps only, so at the paper's
+    settings (2M steps, an actor step every 5th after 50k) the actor's rate ends at ~0.91x
+    its start; ``null`` takes the actor's own number of steps instead (decay to 0 at the end).
+    """
     o = cfg.optim
     actor_steps = max(1, (o.steps - o.warmup + o.actor_every - 1) // o.actor_every)
+    horizon = o.get("actor_lr_decay_steps", None)
+    if horizon is None:
+        horizon = actor_steps
+    elif isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(
+            f"optim.actor_lr_decay_steps={horizon!r}: expected a positive integer (actor steps until "
+            f"the actor's cosine learning rate reaches 0; the authors' code: ${{optim.steps}}) or null "
+            f"(the actor's own number of steps, {actor_steps} here)."
+        )
+    elif horizon < actor_steps:
+        raise ValueError(
+            f"optim.actor_lr_decay_steps={horizon} is below the run's {actor_steps} actor steps: "
+            f"torch's CosineAnnealingLR would raise the rate again after reaching 0. Set it to at "
+            f"least {actor_steps}, or null."
+        )
     return {
         "critic": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["critic"], max(1, o.steps)),
-        "actor": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["actor"], actor_steps),
+        "actor": torch.optim.lr_scheduler.CosineAnnealingLR(optimizers["actor"], horizon),
     }
 
 
