@@ -207,12 +207,17 @@ def test_actor_lr_cosine_horizon(tmp_path, horizon, final):
     assert optimizers["actor"].param_groups[0]["lr"] == pytest.approx(final, abs=1e-9)
 
 
-def test_paper_settings_take_the_authors_actor_lr_horizon(tmp_path):
+def test_paper_settings_follow_the_authors_scripts(tmp_path):
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         paper = compose("offline", overrides=["task=hopper-medium-v2"])
         cpu = compose("offline", overrides=["task=hopper-medium-v2", "budget=cpu"])
     assert paper.optim.actor_lr_decay_steps == paper.optim.steps == 2_000_000
     assert cpu.optim.actor_lr_decay_steps is None
+    # the authors' per-task settings: hopper-medium's 20 critics; antmaze-umaze-diverse acts with one sample
+    assert paper.critic.num_qvalue_nets == 20 and paper.eval.num_candidates == 10
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
+    assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
     with pytest.raises(ValueError, match=r"optim.actor_lr_decay_steps=0: expected a positive integer"):
         off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=0"), {"critic": None, "actor": None})
     # TINY: (30 - 5) / 2 -> 13 actor steps
