@@ -223,6 +223,62 @@ def test_d4rl_path_converts_torchrl_layout(monkeypatch):
     assert data["next", "terminated"].sum() == 1 and data["next", "truncated"].sum() == 1
 
 
+def test_d4rl_time_limit_transitions_without_their_next_observation_are_dropped(monkeypatch):
+    """torchrl fills D4RL's missing next observations from the next row: at a time limit that is
+    the next episode's first observation. Such rows go (counted, warned), as d4rl.qlearning_dataset
+    drops them; a truncated row with its own next observation stays; the episodes stay the file's."""
+    import torchrl.data.datasets as datasets
+
+    # the file's rows: episode A (3 steps, cut by the time limit), episode B (2 steps, terminated),
+    # episode C (2 steps, the last one truncated: no following row to compare with)
+    obs = torch.arange(7 * 11, dtype=torch.float64).reshape(7, 11)
+    next_obs = torch.cat([obs[1:], obs[-1:] + 0.5])  # torchrl's layout: the following row's observation
+    truncated = torch.tensor([False, False, True, False, False, False, True])
+    terminated = torch.tensor([False, False, False, False, True, False, False])
+    fake = TensorDict(
+        {
+            "observation": obs,
+            "action": torch.zeros(7, 3, dtype=torch.float64),
+            "next": {
+                "observation": next_obs,
+                "reward": torch.tensor([1.0, 2.0, 4.0, 1.0, 1.0, 3.0, 3.0]),
+                "terminated": terminated,
+                "truncated": truncated,
+                "done": terminated | truncated,
+            },
+        },
+        [7],
+    )
+
+    class FakeD4RL:
+        def __init__(self, dataset_id, batch_size, direct_download, **kwargs):
+            pass
+
+        def __getitem__(self, idx):
+            return fake
+
+    monkeypatch.setattr(datasets, "D4RLExperienceReplay", FakeD4RL)
+    with pytest.warns(UserWarning, match=r"hopper-medium-v2: dropped 1 of 7 transitions, the time-limit ones"):
+        buf = make_offline_buffer("hopper-medium-v2", 2)
+    data, info = buf[:], buf.dataset_info
+    assert info.dropped_transitions == 1 and info.num_transitions == len(data) == 6
+    # every kept row, in order: the file's rows 0, 1, 3, 4, 5, 6
+    kept = [0, 1, 3, 4, 5, 6]
+    torch.testing.assert_close(data["observation"], obs[kept].float())
+    torch.testing.assert_close(data["next", "observation"], next_obs[kept].float())
+    assert data["next", "truncated"].reshape(-1).tolist() == truncated[kept].tolist()
+    assert data["next", "terminated"].reshape(-1).tolist() == terminated[kept].tolist()
+    # three episodes, returns 3 (A without its dropped step), 2 and 6: reward scale 1000 / (6 - 2)
+    assert info.num_episodes == 3 and data["episode"].reshape(-1).tolist() == [0, 0, 1, 1, 2, 2]
+    assert info.reward_scale == pytest.approx(1000 / 4)
+    # a file with its own next observations (none equal to the following row's): nothing goes
+    fake.set(("next", "observation"), next_obs + 0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        buf = make_offline_buffer("hopper-medium-v2", 2)
+    assert buf.dataset_info.dropped_transitions == 0 and len(buf) == 7
+
+
 def test_discounted_returns_by_hand_and_across_blocks():
     from torchrl_bdpo.data import discounted_returns
 

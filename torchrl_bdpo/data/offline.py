@@ -1,8 +1,11 @@
 """Offline datasets as TensorDictReplayBuffers: local Minari datasets, Minari ids and D4RL ids.
 
-Every loaded transition is kept and checked: float32 data, actions clipped to
+Every loaded transition is kept and checked (float32 data, actions clipped to
 ``±(1 - 1e-5)``, ``terminated`` apart from ``truncated``, rewards scaled by mode, and
-the reference scores for normalised returns carried in ``buffer.dataset_info``.
+the reference scores for normalised returns carried in ``buffer.dataset_info``), except
+D4RL's time-limit transitions, whose next observation D4RL's files do not hold: those are
+dropped, counted in ``dataset_info.dropped_transitions`` and warned about, as
+``d4rl.qlearning_dataset`` (and the BDPO authors' loader) drops them.
 TorchRL 0.14's ``MinariExperienceReplay`` is never used: its cache is written with
 ``memmap_like`` and comes back all zeros (DESIGN.md section 6).
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,6 +65,8 @@ class DatasetInfo:
     ref_min_score: float | None = None
     ref_max_score: float | None = None
     env_id: str | None = None
+    # D4RL time-limit transitions left out: their next observation is not in the file
+    dropped_transitions: int = 0
 
     def normalized_score(self, returns):
         """``100 (R - R_random) / (R_expert - R_random)`` (D4RL's convention)."""
@@ -305,8 +311,16 @@ def _minari_ref_scores(dataset) -> tuple[float | None, float | None, str | None]
     return meta.get("ref_min_score"), meta.get("ref_max_score"), env_id
 
 
-def load_d4rl_transitions(dataset_id: str, **kwargs) -> TensorDict:
-    """D4RL transitions through torchrl's ``D4RLExperienceReplay(direct_download=True)``."""
+def load_d4rl_transitions(dataset_id: str, **kwargs) -> tuple[TensorDict, int]:
+    """D4RL transitions through torchrl's ``D4RLExperienceReplay(direct_download=True)``.
+
+    Returns ``(transitions, dropped)``. D4RL's files hold no next observations: torchrl takes
+    the next row's observation, which at a time-limit transition (``truncated``) is the
+    first observation of the next episode, not the state the step reached. Those transitions
+    are dropped (``dropped`` counts them), as ``d4rl.qlearning_dataset`` and the BDPO authors'
+    loader do; found as the truncated rows whose next observation equals the following row's
+    observation. The episodes stay as the file has them (an ``episode`` entry).
+    """
     from torchrl.data.datasets import D4RLExperienceReplay
 
     try:
@@ -328,8 +342,21 @@ def load_d4rl_transitions(dataset_id: str, **kwargs) -> TensorDict:
         term,
         torch.zeros_like(term) if trunc is None else trunc,
     )
+    td.set("episode", episode_index(td))  # before any row goes: the file's episodes
+    obs, next_obs = td.get("observation"), td.get(("next", "observation"))
+    shifted = torch.zeros(td.shape[0], dtype=torch.bool)
+    shifted[:-1] = td.get(("next", "truncated")).reshape(-1)[:-1] & (next_obs[:-1] == obs[1:]).all(-1)
+    dropped = int(shifted.sum())
+    if dropped:
+        warnings.warn(
+            f"{dataset_id}: dropped {dropped} of {td.shape[0]} transitions, the time-limit ones: D4RL "
+            f"does not store their next observation (the next row starts a new episode), as "
+            f"d4rl.qlearning_dataset drops them. buffer.dataset_info.dropped_transitions counts them.",
+            stacklevel=3,
+        )
+        td = td[~shifted]
     check_finite_transitions(td, dataset_id)
-    return td
+    return td, dropped
 
 
 def make_offline_buffer(
@@ -364,13 +391,14 @@ def make_offline_buffer(
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer.")
     name = str(dataset)
     ref_min = ref_max = env_id = None
+    dropped = 0
     if os.path.exists(name):
         mds = _open_minari(Path(name))
         td = _read_minari(mds, name)
         ref_min, ref_max, env_id = _minari_ref_scores(mds)
         source = "minari-local"
     elif _D4RL_PATTERN.match(name):
-        td = load_d4rl_transitions(name)
+        td, dropped = load_d4rl_transitions(name)
         ref_min, ref_max = D4RL_REF_SCORES[name.split("-")[0]]
         env_id = name
         source = "d4rl"
@@ -403,6 +431,7 @@ def make_offline_buffer(
         ref_min_score=None if ref_min is None else float(ref_min),
         ref_max_score=None if ref_max is None else float(ref_max),
         env_id=env_id,
+        dropped_transitions=dropped,
     )
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(td.shape[0], device=device), sampler=RandomSampler(), batch_size=batch_size
