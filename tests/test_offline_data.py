@@ -279,6 +279,18 @@ def test_d4rl_time_limit_transitions_without_their_next_observation_are_dropped(
     assert buf.dataset_info.dropped_transitions == 0 and len(buf) == 7
 
 
+def test_a_sampler_without_replacement_goes_through_every_transition_once_per_epoch(minari_root):
+    from torchrl.data.replay_buffers.samplers import RandomSampler, SamplerWithoutReplacement
+
+    create("test/pendulum/epochs-v0", make_episodes(num=2))  # 5 + 8 = 13 transitions
+    path = str(minari_root / "test" / "pendulum" / "epochs-v0")
+    assert isinstance(make_offline_buffer(path, 4)._sampler, RandomSampler)
+    buf = make_offline_buffer(path, 13, sampler=SamplerWithoutReplacement())
+    for _ in range(2):  # two epochs, each every transition once
+        seen = buf.sample()["observation"]
+        assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, buf[:]["observation"].tolist()))
+
+
 def test_discounted_returns_by_hand_and_across_blocks():
     from torchrl_bdpo.data import discounted_returns
 

@@ -367,6 +367,7 @@ def make_offline_buffer(
     action_clip: float = ACTION_CLIP,
     download: bool = True,
     device: str | torch.device = "cpu",
+    sampler=None,
 ) -> TensorDictReplayBuffer:
     """A ``TensorDictReplayBuffer`` of every transition of an offline dataset.
 
@@ -383,6 +384,9 @@ def make_offline_buffer(
         action_clip: actions are clipped to ``±action_clip``. Defaults to ``1 - 1e-5``.
         download: allow downloading a Minari id that is not stored locally.
         device: storage device.
+        sampler: the buffer's TorchRL sampler. Defaults to ``RandomSampler()`` (i.i.d. batches);
+            ``SamplerWithoutReplacement()`` goes through the data epoch by epoch in a shuffled
+            order, as the BDPO authors' loader does.
 
     The buffer's ``dataset_info`` (:class:`DatasetInfo`) holds the counts, the reward
     scale and the reference scores (D4RL's published ones, or the Minari metadata).
@@ -434,7 +438,9 @@ def make_offline_buffer(
         dropped_transitions=dropped,
     )
     buffer = TensorDictReplayBuffer(
-        storage=LazyTensorStorage(td.shape[0], device=device), sampler=RandomSampler(), batch_size=batch_size
+        storage=LazyTensorStorage(td.shape[0], device=device),
+        sampler=RandomSampler() if sampler is None else sampler,
+        batch_size=batch_size,
     )
     buffer.extend(td)
     buffer.dataset_info = info
