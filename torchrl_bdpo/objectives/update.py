@@ -1,6 +1,7 @@
 """BDPO's optimizer steps as three callables, eager, compiled or CUDA-graphed with the same results."""
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -16,13 +17,6 @@ _PARAMS = {
     "critic": ("qvalue_network_params", "value_network_params"),
     "actor": ("actor_network_params",),
     "behavior": ("behavior_network_params",),
-}
-# the networks whose gradients are clipped apart, each to its own global norm, as the authors'
-# code does (each of its q0, vt, actor and behavior models has its own clip_by_global_norm + adam)
-_CLIPPED = {
-    "critic": (("qvalue", "qvalue_network_params"), ("value", "value_network_params")),
-    "actor": (("actor", "actor_network_params"),),
-    "behavior": (("behavior", "behavior_network_params"),),
 }
 
 
@@ -277,9 +271,11 @@ class BDPOUpdate:
             for opt in self.optimizers.values():
                 make_capturable(opt)
         self._params = self.param_groups(loss)
+        # each network of a group is clipped apart, as the authors' code clips its q0, vt, actor
+        # and behavior models (each has its own clip_by_global_norm + adam): (name, parameters)
         self._clipped = {
-            g: [(name, ps) for name, attr in parts if (ps := _trainable(getattr(loss, attr)))]
-            for g, parts in _CLIPPED.items()
+            g: [(attr.removesuffix("_network_params"), ps) for attr in attrs if (ps := _trainable(getattr(loss, attr)))]
+            for g, attrs in _PARAMS.items()
         }
         self._compiled, self._cudagraphs = compile, cudagraphs
         if compile and not cudagraphs and getattr(loss, "ensemble_chunk_compile", False) is None:
@@ -356,8 +352,8 @@ class BDPOUpdate:
         """Clip each network of ``group`` apart (Q and V: each on its loss's stream), then the
         group's optimizer step and target EMA."""
         if clip and self.grad_clip:
-            parts = [lambda n=name, ps=params: self._clip(n, ps, out) for name, params in self._clipped[group]]
-            if len(parts) == 2:
+            parts = [functools.partial(self._clip, name, params, out) for name, params in self._clipped[group]]
+            if len(parts) == 2:  # Q and V
                 self._pair(*parts)
             else:
                 for part in parts:
