@@ -232,3 +232,25 @@ def test_step_sampling_reaches_the_loss_and_older_checkpoints_resume(tmp_path):
     assert toy.train(config(tmp_path, *resume))["history"] == []
     with pytest.raises(ValueError, match=r"step_sampling='balanced': expected one of \('uniform', 'stratified'\)"):
         toy.train(config(tmp_path / "b", "loss.step_sampling=balanced"))
+
+
+def test_train_scalars_entries():
+    """The phase-B log row: losses, the critic diagnostics present, the paths' per-step KL only
+    where next states have paths (the toy bandits' are all terminal), and the rate."""
+    import utils
+    from tensordict import TensorDict
+
+    critic = TensorDict(
+        {"qvalue_pred": torch.tensor(1.5), "qvalue_target": torch.tensor(2.0), "path_kl": torch.tensor(0.25),
+         "value_pred": torch.tensor(3.0), "grad_norm_qvalue": torch.tensor(4.0), "grad_norm_value": torch.tensor(5.0),
+         "kl_per_step": torch.tensor([0.5, 0.75]), "loss_qvalue": torch.tensor(9.0)}
+    )
+    row = {"loss_qvalue": 9.0, "loss_value": 8.0}
+    offline = utils.train_scalars(row, critic, 12.5)
+    assert offline == {
+        "train/loss_qvalue": 9.0, "train/loss_value": 8.0, "train/qvalue_pred": 1.5, "train/qvalue_target": 2.0,
+        "train/path_kl": 0.25, "train/value_pred": 3.0, "train/grad_norm_qvalue": 4.0, "train/grad_norm_value": 5.0,
+        "train/kl_step_1": 0.5, "train/kl_step_2": 0.75, "train/steps_per_s": 12.5,
+    }
+    toy_row = utils.train_scalars(row, critic, 12.5, next_state_paths=False)
+    assert toy_row == {k: v for k, v in offline.items() if k not in ("train/qvalue_target", "train/path_kl", "train/kl_step_1", "train/kl_step_2")}

@@ -40,6 +40,7 @@ from utils import (  # noqa: E402
     save_checkpoint,
     set_matmul_precision,
     set_seed,
+    train_scalars,
     train_step,
     training_state,
     write_json,
@@ -266,13 +267,7 @@ def train(cfg: DictConfig) -> dict:
             now = time.perf_counter()
             rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
             tic, tic_step = now, step
-            diagnostics = ("qvalue_pred", "qvalue_target", "path_kl", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
-            scalars = {f"train/{k}": v for k, v in row.items()}
-            scalars.update({f"train/{k}": critic[k].item() for k in diagnostics if k in critic.keys()})
-            kl = critic["kl_per_step"]
-            scalars.update({f"train/kl_step_{n + 1}": kl[n].item() for n in range(kl.numel())})
-            scalars["train/steps_per_s"] = rate
-            log_scalars(logger, scalars, o.pretrain_steps + step)
+            log_scalars(logger, train_scalars(row, critic, rate), o.pretrain_steps + step)
         if e.interval and (step + 1) % e.interval == 0:
             r = run_eval("train", step + 1, o.pretrain_steps + step + 1)
             if r:

@@ -38,6 +38,7 @@ from utils import (  # noqa: E402
     save_checkpoint,
     set_matmul_precision,
     set_seed,
+    train_scalars,
     train_step,
     training_state,
     write_json,
@@ -243,14 +244,7 @@ def train(cfg: DictConfig) -> dict:
             now = time.perf_counter()
             rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
             tic, tic_step = now, step
-            diagnostics = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
-            log_scalars(
-                logger,
-                {**{f"train/{k}": v for k, v in row.items()},
-                 **{f"train/{k}": critic[k].item() for k in diagnostics if k in critic.keys()},
-                 "train/steps_per_s": rate},
-                step,
-            )
+            log_scalars(logger, train_scalars(row, critic, rate, next_state_paths=False), step)
         if (step + 1) % cfg.checkpoint.interval == 0:
             checkpoint("train", step + 1)
     if o.steps > 0:

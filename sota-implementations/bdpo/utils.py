@@ -204,6 +204,37 @@ def train_step(update: BDPOUpdate, schedulers: dict, batch, step: int, optim_cfg
     return row, critic
 
 
+# the critic step's entries logged with each phase-B log row, where the step has them
+CRITIC_DIAGNOSTICS = (
+    "qvalue_pred",
+    "qvalue_target",
+    "path_kl",
+    "value_pred",
+    "value_target",
+    "value_step_kl",
+    "grad_norm_qvalue",
+    "grad_norm_value",
+)
+
+
+def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool = True) -> dict:
+    """The scalars of a phase-B log row: the step's losses (``row``), the critic step's
+    diagnostics, the Q-target paths' KL at each diffusion step (``train/kl_step_<n>``, when
+    ``next_state_paths``) and the steps/s since the previous row.
+
+    The toy bandits pass ``next_state_paths=False``: every transition is terminal, their Q
+    target is the reward and no path is sampled, so the path entries would log zeros.
+    """
+    names = CRITIC_DIAGNOSTICS if next_state_paths else tuple(k for k in CRITIC_DIAGNOSTICS if k not in ("qvalue_target", "path_kl"))
+    scalars = {f"train/{k}": v for k, v in row.items()}
+    scalars.update({f"train/{k}": critic[k].item() for k in names if k in critic.keys()})
+    if next_state_paths and "kl_per_step" in critic.keys():
+        kl = critic["kl_per_step"]
+        scalars.update({f"train/kl_step_{n + 1}": kl[n].item() for n in range(kl.numel())})
+    scalars["train/steps_per_s"] = steps_per_s
+    return scalars
+
+
 def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Path | None) -> None:
     if not torch.isfinite(value).all():
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
