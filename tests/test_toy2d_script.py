@@ -45,8 +45,13 @@ def test_smoke_outputs(tmp_path):
     for name in ("summary.json", "targets.png", "actor_samples.png", "values.png", "checkpoint.pt", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0, name
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert set(written["metrics"]) >= {"sw_actor_pstar", "sw_behavior_pstar", "reward_actor", "reward_pstar"}
+    assert set(written["metrics"]) >= {
+        "sw_actor_pstar", "sw_behavior_pstar", "reward_actor", "reward_pstar", "mmd2_behavior_data", "mmd2_data_data"
+    }
     assert all(torch.isfinite(torch.tensor(v)) for v in written["metrics"].values())
+    # a behavior model trained for a few steps is far from the data, two data draws are not
+    m = written["metrics"]
+    assert m["mmd2_behavior_data"] > 20 * abs(m["mmd2_data_data"]), m
     csvs = list((tmp_path / "logs").rglob("*.csv"))
     assert any(p.name == "loss_value.csv" for p in csvs) and any(p.name == "loss_actor.csv" for p in csvs)
     assert len(summary["history"]) == 30
