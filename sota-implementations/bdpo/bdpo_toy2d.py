@@ -71,6 +71,7 @@ def loss_device(loss) -> torch.device:
 
 @torch.no_grad()
 def evaluate(loss, data_actions, data_rewards, eta, num, seed):
+    """The metrics against pi* and the data, and the behavior model's samples (for the figures)."""
     g = torch.Generator().manual_seed(seed)
     obs = torch.zeros(num, 1, device=loss_device(loss))
     with loss.target_actor_network_params.to_module(loss.actor_network):
@@ -95,10 +96,11 @@ def evaluate(loss, data_actions, data_rewards, eta, num, seed):
     data = data_actions[torch.randint(0, data_actions.shape[0], (2, num), generator=g)]
     metrics["mmd2_behavior_data"] = mmd_rbf(behavior, data[0]).item()
     metrics["mmd2_data_data"] = mmd_rbf(data[1], data[0]).item()
-    return metrics
+    return metrics, behavior
 
 
-def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int) -> list[Path]:
+def plot_figures(loss, data_actions, data_rewards, behavior, eta, out_dir: Path, seed: int) -> list[Path]:
+    """The three figures; ``behavior``: the behavior model's samples that :func:`evaluate` drew."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,11 +130,8 @@ def plot_figures(loss, data_actions, data_rewards, eta, out_dir: Path, seed: int
     # 2. behavior and actor samples, and the actor's diffusion paths: the actor is regularised
     # towards the behavior model, so structure the behavior misses (too short a pretraining)
     # the actor cannot have either
-    obs = torch.zeros(2000, 1, device=loss_device(loss))
     with torch.no_grad(), loss.target_actor_network_params.to_module(loss.actor_network):
-        path = loss.actor_network.sample_path(obs)
-    with torch.no_grad(), loss.target_behavior_network_params.to_module(loss.behavior_network):
-        behavior = loss.behavior_network.sample_path(obs).action.cpu()
+        path = loss.actor_network.sample_path(torch.zeros(2000, 1, device=loss_device(loss)))
     action, actions = path.action.cpu(), path.actions.cpu()
     p_star = sample_optimal_policy(data_actions, data_rewards, eta, 2000, generator=g)
     fig, axes = plt.subplots(1, 4, figsize=(13.2, 3.6))
@@ -263,9 +262,9 @@ def train(cfg: DictConfig) -> dict:
     if o.steps > 0:
         checkpoint("train", o.steps)
 
-    metrics = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
+    metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)
-    figures = plot_figures(loss, data_actions, data_rewards, cfg.loss.eta, out_dir, cfg.seed)
+    figures = plot_figures(loss, data_actions, data_rewards, behavior, cfg.loss.eta, out_dir, cfg.seed)
     summary = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "metrics": metrics,

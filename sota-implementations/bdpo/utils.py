@@ -204,17 +204,10 @@ def train_step(update: BDPOUpdate, schedulers: dict, batch, step: int, optim_cfg
     return row, critic
 
 
-# the critic step's entries logged with each phase-B log row, where the step has them
-CRITIC_DIAGNOSTICS = (
-    "qvalue_pred",
-    "qvalue_target",
-    "path_kl",
-    "value_pred",
-    "value_target",
-    "value_step_kl",
-    "grad_norm_qvalue",
-    "grad_norm_value",
-)
+# the critic step's entries logged with each phase-B log row, where the step has them; the
+# Q-target paths' entries only where next states have paths
+CRITIC_DIAGNOSTICS = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
+PATH_DIAGNOSTICS = ("qvalue_target", "path_kl")
 
 
 def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool = True) -> dict:
@@ -225,7 +218,7 @@ def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool 
     The toy bandits pass ``next_state_paths=False``: every transition is terminal, their Q
     target is the reward and no path is sampled, so the path entries would log zeros.
     """
-    names = CRITIC_DIAGNOSTICS if next_state_paths else tuple(k for k in CRITIC_DIAGNOSTICS if k not in ("qvalue_target", "path_kl"))
+    names = CRITIC_DIAGNOSTICS + PATH_DIAGNOSTICS if next_state_paths else CRITIC_DIAGNOSTICS
     scalars = {f"train/{k}": v for k, v in row.items()}
     scalars.update({f"train/{k}": critic[k].item() for k in names if k in critic.keys()})
     if next_state_paths and "kl_per_step" in critic.keys():
