@@ -86,9 +86,14 @@ def test_smoke_outputs(tmp_path, dataset):
     assert final["step"] == 30 and "score_mean" in final and written["best"] is not None
     # Q diagnostic: finite Q on dataset pairs next to their (positive, Hopper) MC returns
     assert np.isfinite(final["q_dataset"]) and final["mc_return_dataset"] > 0
+    # diagnostics that separate the causes of a drop, at every phase-B evaluation
+    for key in ("return_one_sample_mean", "return_behavior_mean", "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
+        assert np.isfinite(final[key]), key
+    assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
-    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv"} <= csvs
+    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv",
+            "return_one_sample_mean.csv", "return_behavior_mean.csv", "q_policy.csv", "path_kl_mean.csv"} <= csvs
     assert len(summary["history"]) == 30
 
 
@@ -223,3 +228,43 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     # TINY: (30 - 5) / 2 -> 13 actor steps
     with pytest.raises(ValueError, match=r"actor_lr_decay_steps=12 is below the run's 13 actor steps"):
         off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=12"), {"critic": None, "actor": None})
+
+
+def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
+    """Q on the policy's actions and their MC return: a terminated episode counts whole, a
+    time-limited one loses the steps whose return-to-go the limit cut (gamma^k > 0.01 left)."""
+    from tensordict import TensorDict
+
+    from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
+    from torchrl_bdpo.objectives import BDPOLoss
+
+    torch.manual_seed(0)
+    net = lambda: DiffusionActor(EpsilonNetwork(2, 3, hidden=8), make_schedule("vp", 3))  # noqa: E731
+    loss = BDPOLoss(net(), net(), make_value_operator(3, 2, hidden=8, num_steps=3), make_qvalue_operator(3, 2, hidden=8),
+                    eta=0.2, rho=1.0, num_qvalue_nets=2, num_samples=2)
+
+    def episode(T, terminated):
+        term = torch.zeros(T, 1, dtype=torch.bool)
+        term[-1] = terminated
+        return TensorDict({"observation": torch.randn(T, 3), "action": torch.rand(T, 2) * 2 - 1,
+                           ("next", "reward"): torch.ones(T, 1), ("next", "terminated"): term}, [T])
+
+    gamma, scale = 0.5, 2.0  # horizon: ceil(log 0.01 / log 0.5) = 7 steps
+    short = episode(4, terminated=True)      # all 4 steps kept: returns-to-go 2 * (1 - 0.5^(4-t)) / 0.5
+    cut = episode(10, terminated=False)      # 10 - 7 = 3 steps kept
+    out = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
+    mc_short = [scale * (1 - gamma ** (4 - t)) / (1 - gamma) for t in range(4)]
+    mc_cut = [scale * (1 - gamma ** (10 - t)) / (1 - gamma) for t in range(3)]
+    assert out["policy_probe_states"] == 7
+    assert out["mc_return_policy"] == pytest.approx(np.mean(mc_short + mc_cut), rel=1e-6)
+    obs = torch.cat([short["observation"], cut["observation"][:3]])
+    act = torch.cat([short["action"], cut["action"][:3]])
+    with torch.no_grad():
+        q = loss._qvalue(loss.target_qvalue_network_params, obs, act)
+    assert out["q_policy"] == pytest.approx(float(q.mean()), rel=1e-6)
+    assert out["path_kl_mean"] > 0 and out["path_kl_p90"] >= out["path_kl_mean"] * 0.5
+    off.hand_over(loss)  # the target actor becomes the behavior EMA: no KL left
+    same = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
+    assert same["path_kl_mean"] == pytest.approx(0.0, abs=1e-10) and same["q_policy"] == out["q_policy"]
+    # an episode shorter than the horizon and cut by the time limit adds nothing
+    assert off.policy_value_probe(loss, [episode(5, terminated=False)], scale, gamma, torch.device("cpu")) == {}

@@ -90,12 +90,17 @@ def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device):
     return env
 
 
-def evaluate(env, policy, episodes: int, max_steps: int, exploration) -> np.ndarray:
-    """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done)."""
+def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episodes: bool = False):
+    """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done).
+
+    ``keep_episodes=True`` also returns each episode's steps, a TensorDict with
+    ``observation``, ``action``, ``("next", "reward")`` and ``("next", "terminated")`` up to
+    and including its first done: ``(returns, episodes)``.
+    """
     from torchrl.envs.utils import set_exploration_type
 
     n_envs = env.batch_size.numel() if env.batch_size else 1
-    returns = []
+    returns, kept = [], []
     with set_exploration_type(exploration), torch.no_grad():
         while len(returns) < episodes:
             td = env.rollout(max_steps, policy, break_when_any_done=False, break_when_all_done=True)
@@ -104,7 +109,55 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration) -> np.ndar
             done = td["next", "done"].reshape(n_envs, -1).long()
             before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
             returns += (reward * before_first_done).sum(-1).tolist()
-    return np.asarray(returns[:episodes])
+            if keep_episodes:
+                kept += [
+                    td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu()
+                    for i in range(n_envs)
+                ]
+    returns = np.asarray(returns[:episodes])
+    return (returns, kept[:episodes]) if keep_episodes else returns
+
+
+def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
+    """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
+
+    Over the states of evaluation ``episodes`` (from :func:`evaluate`): ``q_policy`` is the
+    target Q ensemble's mean on the (s, a) the policy took, ``mc_return_policy`` the discounted
+    return that followed (rewards scaled as in training). Steps whose return-to-go a time limit
+    cut short by more than 1% of its weight (gamma^k > 0.01 left) are left out, so the Monte
+    Carlo return is a fair comparison. ``path_kl_mean`` / ``path_kl_p90``: the target actor's
+    path KL to the behavior EMA (nats) at those states. Overestimation on the policy's actions
+    (not only on the data's) is how a policy that exploits Q errors shows.
+    """
+    from torchrl_bdpo.data import discounted_returns
+
+    horizon = int(np.ceil(np.log(0.01) / np.log(gamma))) if 0 < gamma < 1 else 0
+    rows = []
+    for ep in episodes:
+        ep = ep.clone()
+        ep.set(("next", "reward"), ep.get(("next", "reward")).float() * reward_scale)
+        ep.set(("next", "done"), torch.zeros_like(ep.get(("next", "terminated"))).bool())
+        ep.set("mc", discounted_returns(ep, gamma).float())
+        terminated = bool(ep.get(("next", "terminated"))[-1].any())
+        keep = ep.shape[0] if terminated else max(0, ep.shape[0] - horizon)
+        rows.append(ep[:keep])
+    data = torch.cat(rows) if rows else None
+    if data is None or data.shape[0] == 0:
+        return {}
+    if data.shape[0] > max_rows:
+        data = data[torch.linspace(0, data.shape[0] - 1, max_rows).long()]
+    obs, act = data.get("observation").to(device).float(), data.get("action").to(device).float()
+    with torch.no_grad():
+        q = loss._qvalue(loss.target_qvalue_network_params, obs, act)  # [K, rows]
+        terminated = torch.zeros(obs.shape[0], dtype=torch.bool, device=device)
+        _, path_kl, _ = loss.next_state_value(obs, terminated)
+    return {
+        "q_policy": float(q.mean()),
+        "mc_return_policy": float(data.get("mc").mean()),
+        "path_kl_mean": float(path_kl.mean()),
+        "path_kl_p90": float(path_kl.quantile(0.9)),
+        "policy_probe_states": int(obs.shape[0]),
+    }
 
 
 def plot_evals(rows: list[dict], out: Path) -> Path | None:
@@ -124,21 +177,31 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
             x = [r["global_step"] for r in pts]
             m = np.array([r["return_mean"] for r in pts])
             s = np.array([r["return_std"] for r in pts])
-            ax.plot(x, m, marker=".", color=color, label="behavior (phase A)" if phase == "pretrain" else "BDPO actor (phase B)")
+            ax.plot(x, m, marker=".", color=color, label="behavior (phase A)" if phase == "pretrain" else "BDPO, best of K by Q")
             ax.fill_between(x, m - s, m + s, color=color, alpha=0.2)
+    extra = [r for r in rows if "return_one_sample_mean" in r]
+    if extra:
+        x = [r["global_step"] for r in extra]
+        ax.plot(x, [r["return_one_sample_mean"] for r in extra], marker=".", color="C2", label="BDPO actor, one sample")
+        ax.plot(x, [r["return_behavior_mean"] for r in extra], marker=".", ls=":", color="C0", label="behavior model, one sample")
     if rows[0].get("dataset_return") is not None:
         ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
     ax.set_xlabel("gradient steps (phase A, then phase B)")
     ax.set_ylabel("evaluation return")
-    ax.legend(fontsize=8)
-    if probe:  # a Q that runs away from the data's returns is the usual way offline RL fails
+    ax.legend(fontsize=7)
+    if probe:  # a Q that runs away from the returns is the usual way offline RL fails
         ax = axes[0, 1]
         x = [r["global_step"] for r in probe]
         ax.plot(x, [r["q_dataset"] for r in probe], marker=".", color="C1", label="target Q on dataset (s, a)")
-        ax.plot(x, [r["mc_return_dataset"] for r in probe], ls="--", color="gray", label="their MC return (scaled)")
+        ax.plot(x, [r["mc_return_dataset"] for r in probe], ls="--", color="gray", label="their MC return")
+        pol = [r for r in probe if "q_policy" in r]
+        if pol:
+            xp = [r["global_step"] for r in pol]
+            ax.plot(xp, [r["q_policy"] for r in pol], marker=".", color="C3", label="target Q on the policy's (s, a)")
+            ax.plot(xp, [r["mc_return_policy"] for r in pol], ls="--", marker=".", color="C3", alpha=0.5, label="their MC return")
         ax.set_xlabel("gradient steps")
         ax.set_ylabel("value (scaled rewards)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "eval_returns.png"
     fig.savefig(path, dpi=120)
@@ -215,10 +278,11 @@ def train(cfg: DictConfig) -> dict:
 
         if env is None:
             return None
-        policy, exploration = (
-            (behavior_policy, ExplorationType.RANDOM) if phase_name == "pretrain" else (acting, ExplorationType.DETERMINISTIC)
-        )
-        returns = evaluate(env, policy, e.episodes, e.max_steps, exploration)
+        if phase_name == "pretrain":
+            returns = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM)
+        else:
+            # best-of-K by the target Q (DETERMINISTIC), the policy whose return is reported
+            returns, episodes = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True)
         row = {
             "phase": phase_name, "step": step_, "global_step": global_step,
             "return_mean": float(returns.mean()), "return_std": float(returns.std()),
@@ -232,11 +296,21 @@ def train(cfg: DictConfig) -> dict:
                     probe.get("action").to(device),
                 )
             row.update(q_dataset=float(q.mean()), mc_return_dataset=probe_mc)
+            if e.get("diagnostics", True):
+                # what separates the causes of a drop: the actor alone (one sample), the
+                # behavior alone, and Q on the actions the policy took against their return
+                one = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
+                beh = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM)
+                row.update(
+                    return_one_sample_mean=float(one.mean()), return_one_sample_std=float(one.std()),
+                    return_behavior_mean=float(beh.mean()), return_behavior_std=float(beh.std()),
+                )
+                row.update(policy_value_probe(loss, episodes, info.reward_scale or 1.0, cfg.loss.gamma, device))
         if info.ref_min_score is not None and info.ref_max_score is not None:
             scores = info.normalized_score(returns)
             row.update(score_mean=float(scores.mean()), score_std=float(scores.std()))
         eval_rows.append(row)
-        log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if isinstance(v, float)}, global_step)
+        log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "global_step")}, global_step)
         return row
 
     # ---------------------------------------------------------------- phase A
