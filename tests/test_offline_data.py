@@ -130,6 +130,36 @@ def test_action_clip_and_reward_scaling():
         reward_scale_for(flat, "locomotion")
 
 
+def test_reward_scale_warns_on_a_narrow_spread_or_one_dominant_episode():
+    import warnings
+
+    from torchrl_bdpo.data.offline import reward_scale_for
+
+    class Ep:
+        def __init__(self, ret):
+            self.observations = np.zeros((2, 2), dtype=np.float32)
+            self.actions = np.zeros((1, 1), dtype=np.float32)
+            self.rewards = np.asarray([ret])
+            self.terminations, self.truncations = [True], [False]
+
+    # returns 1000, 1001, 1002: spread 2 is 0.2% of their size; scale 500
+    narrow = transitions_from_episodes([Ep(1000.0), Ep(1001.0), Ep(1002.0)])
+    with pytest.warns(UserWarning, match=r"spread over only 2 \(min 1000, max 1002; 0.20% .*scale 1000 / spread = 500"):
+        assert reward_scale_for(narrow, "locomotion") == pytest.approx(500.0)
+    # one finite outlier reward (3e38) sets the spread: the warning names episode 2 and its return
+    outlier = transitions_from_episodes([Ep(10.0), Ep(30.0), Ep(3e38), Ep(20.0)])
+    with pytest.warns(UserWarning, match=r"episode 2 \(return 3e\+38\) alone sets the spread"):
+        reward_scale_for(outlier, "locomotion")
+    low = transitions_from_episodes([Ep(10.0), Ep(30.0), Ep(-5000.0), Ep(20.0)])
+    with pytest.warns(UserWarning, match=r"episode 2 \(return -5000\) alone sets the spread 5030, 252x the other 3"):
+        reward_scale_for(low, "locomotion")
+    # a spread shared by many episodes: no warning
+    spread = transitions_from_episodes([Ep(float(r)) for r in (10, 30, 500, 900, 1000)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reward_scale_for(spread, "locomotion") == pytest.approx(1000 / 990)
+
+
 def test_buffer_scales_and_clips(minari_root):
     create("test/pendulum/scaled-v0", make_episodes())
     path = minari_root / "test" / "pendulum" / "scaled-v0"

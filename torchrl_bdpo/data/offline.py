@@ -234,8 +234,45 @@ def reward_scale_for(td: TensorDict, mode: str) -> float:
                 f"of the {returns.numel()} episodes returns {float(returns[0]):.6g}. Use "
                 f"reward_mode='none' for this dataset."
             )
+        _warn_on_reward_spread(returns, spread)
         return 1000.0 / spread
     raise ValueError(f"reward_mode={mode!r}: expected one of {REWARD_MODES} or 'auto'.")
+
+
+# the scale 1000 / (max - min) is a poor one when the spread is this small a part of the
+# returns, or when one episode alone stretches it this many times over the others'
+NARROW_SPREAD = 0.01
+DOMINANT_EPISODE = 10.0
+
+
+def _warn_on_reward_spread(returns: torch.Tensor, spread: float) -> None:
+    """Warn when ``1000 / (max - min)`` episode return is a poor locomotion reward scale."""
+    typical = float(returns.abs().mean())
+    if spread < NARROW_SPREAD * typical:
+        warnings.warn(
+            f"reward_mode='locomotion': the episode returns spread over only {spread:.4g} "
+            f"(min {float(returns.min()):.6g}, max {float(returns.max()):.6g}; {spread / typical:.2%} of "
+            f"their mean size {typical:.4g}), so the scale 1000 / spread = {1000 / spread:.4g} inflates "
+            f"every reward and Q's size against eta. Use reward_mode='none' or scale the rewards yourself.",
+            stacklevel=3,
+        )
+        return
+    if returns.numel() < 3:
+        return
+    order = returns.argsort()
+    rest_without_max = float(returns[order[-2]] - returns[order[0]])
+    rest_without_min = float(returns[order[-1]] - returns[order[1]])
+    for rest, idx in ((rest_without_max, order[-1]), (rest_without_min, order[0])):
+        if spread > DOMINANT_EPISODE * max(rest, 1e-12):
+            warnings.warn(
+                f"reward_mode='locomotion': episode {int(idx)} (return {float(returns[idx]):.6g}) alone "
+                f"sets the spread {spread:.6g}, {spread / max(rest, 1e-12):.3g}x the other "
+                f"{returns.numel() - 1} episodes' {rest:.6g}, so the scale 1000 / spread = "
+                f"{1000 / spread:.4g} flattens the rest. Check that episode (an outlier reward?), "
+                f"drop it, or use reward_mode='none'.",
+                stacklevel=3,
+            )
+            return
 
 
 def _resolve_minari_path(path: Path) -> Path:
