@@ -1,4 +1,6 @@
 
+import re
+
 import pytest
 import torch
 from tensordict import TensorDict, TensorDictParams
@@ -577,3 +579,89 @@ def test_bad_input():
         BDPOLoss(actor, behavior, make_value_operator(OBS, ACT, num_steps=6), make_qvalue_operator(OBS, ACT), eta=0.1)
     with pytest.raises(ValueError, match="expected an integer >= 1"):
         make_loss(num_qvalue_nets=2.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.int32, torch.float32])
+def test_integer_and_float_terminated_give_the_bool_targets(dtype):
+    """``~`` on an integer 0/1 flag flips its bits: the loss reads flags as bool."""
+    loss = make_loss()
+    term = torch.tensor([[True], [False], [True], [False], [False], [True], [False], [False]])
+    data = make_batch(terminated=term)
+    noise = torch.randn(N + 1, 8, M, ACT)
+    want, want_kl, _ = loss.qvalue_target(data, noise=noise)
+    cast = data.clone()
+    cast["next", "terminated"] = term.to(dtype)
+    cast["next", "done"] = term.to(dtype)
+    got, got_kl, _ = loss.qvalue_target(cast, noise=noise)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_kl, want_kl)
+    torch.testing.assert_close(got[term.squeeze(-1)], data["next", "reward"][term].reshape(-1))  # terminal: r
+    torch.manual_seed(3)
+    a = loss.qvalue_loss(data)[0]
+    torch.manual_seed(3)
+    b = loss.qvalue_loss(cast)[0]
+    torch.testing.assert_close(a, b)
+    bad = data.clone()
+    bad["next", "terminated"] = torch.full((8, 1), 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"\('next', 'terminated'\).*holds \[2, 2, 2\]: a flag must be bool or 0/1"):
+        loss.qvalue_target(bad)
+
+
+def test_n_step_target_equals_torchrls_td0_on_a_multistep_batch():
+    """A torchrl ``MultiStep`` batch: ``r + gamma^k (1 - terminated) v``, as ``TD0Estimator`` computes."""
+    from torchrl.data.postprocs import MultiStep
+    from torchrl.objectives.value import TD0Estimator
+
+    T, gamma, n_steps = 12, 0.9, 3
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(1, T + 1, OBS, generator=g)
+    term = torch.zeros(1, T, 1, dtype=torch.bool)
+    term[0, -1] = True  # the last steps of the trajectory see fewer than n_steps rewards
+    traj = TensorDict({
+        "observation": obs[:, :-1], "action": torch.rand(1, T, ACT, generator=g) * 2 - 1,
+        "next": {"observation": obs[:, 1:], "reward": torch.randn(1, T, 1, generator=g),
+                 "terminated": term, "truncated": torch.zeros_like(term), "done": term.clone()},
+    }, [1, T])
+    batch = MultiStep(gamma=gamma, n_steps=n_steps)(traj).reshape(-1)
+    steps = batch["steps_to_next_obs"]
+    assert set(steps.reshape(-1).tolist()) == {1, 2, 3}
+    loss = make_loss(gamma=gamma)
+    noise = torch.randn(N + 1, T, M, ACT)
+    target, _, _ = loss.qvalue_target(batch, noise=noise)
+    next_value, _, _ = loss.next_state_value(batch["next", "observation"], batch["next", "terminated"], noise=noise)
+    reference = TD0Estimator(gamma=gamma, value_network=None).value_estimate(batch.clone(), next_value=next_value.unsqueeze(-1))
+    torch.testing.assert_close(target, reference.squeeze(-1))
+    live = ~batch["next", "terminated"].squeeze(-1)
+    by_hand = batch["next", "reward"].squeeze(-1) + live * gamma ** steps.squeeze(-1).float() * next_value
+    torch.testing.assert_close(target, by_hand)
+    assert (steps < n_steps).any() and (gamma ** steps != gamma).any()  # it would differ with gamma alone
+
+
+def test_bad_batches_get_clear_errors():
+    from torchrl_bdpo.objectives import DenoisingLoss, DiffusionValueLoss
+
+    loss = make_loss()
+    actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8), make_schedule("vp", N))
+    kl = PathwiseKLLoss(actor, DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8), make_schedule("vp", N)))
+    den = DenoisingLoss(actor)
+    value = DiffusionValueLoss(actor, actor, make_value_operator(OBS, ACT, hidden=8, num_steps=N),
+                               make_qvalue_operator(OBS, ACT, hidden=8), eta=0.2, num_qvalue_nets=2, num_samples=2)
+    calls = [loss, loss.qvalue_loss, loss.value_loss, loss.actor_loss, loss.behavior_loss, kl, den, value]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"empty batch \(batch size \(0,\)\)"):
+            call(make_batch()[:0])
+    for key, dtype in (("observation", torch.int64), ("action", torch.int64), ("observation", torch.float64)):
+        data = make_batch()
+        data[key] = data[key].to(dtype)
+        for call in calls if key == "observation" else [loss, den, value]:
+            with pytest.raises(TypeError, match=rf"tensordict\['{key}'\] is {dtype} with shape \(8, {OBS if key == 'observation' else ACT}\); expected torch.float32"):
+                call(data)
+    data = make_batch()
+    data["next", "reward"] = data["next", "reward"].double()
+    with pytest.raises(TypeError, match=r"\('next', 'reward'\)\] is torch.float64"):
+        loss.qvalue_loss(data)
+    for key in ("action", ("next", "reward")):
+        data = make_batch()
+        del data[key]
+        with pytest.raises(KeyError, match=re.escape(f"no {key!r} entry") + ".*set_keys"):
+            loss(data)

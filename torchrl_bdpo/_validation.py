@@ -53,3 +53,56 @@ def check_num_steps(num_steps, *, what: str = "the number of diffusion steps", h
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps={num_steps!r}: expected {what} (an integer N >= 1).{hint}")
     return num_steps
+
+
+def read_inputs(tensordict, keys, dtype: torch.dtype, *, owner: str, finite: bool = True) -> list[torch.Tensor]:
+    """The entries ``keys`` of a loss's batch, checked; a clear error for each bad one.
+
+    A batch without rows, a missing key, or a non-floating / other-precision entry (the
+    networks compute in ``dtype``) raise an error that names the key, what it holds, what is
+    expected and the fix; with ``finite``, NaN / inf too (:func:`check_finite`, skipped
+    inside static graphs). Shapes and dtypes are static, so this costs no host sync.
+    """
+    if tensordict.batch_size.numel() == 0:
+        raise ValueError(
+            f"{owner} got an empty batch (batch size {tuple(tensordict.batch_size)}): its losses "
+            f"would be NaN (a mean over no rows). Sample at least one transition."
+        )
+    values = []
+    for key in keys:
+        value = tensordict.get(key, None)
+        if value is None:
+            present = ", ".join(sorted(str(k) for k in tensordict.keys(True, True)))
+            raise KeyError(
+                f"{owner}: the batch has no {key!r} entry (it holds: {present}). Add it to the "
+                f"data, or point the loss at the key that holds it with loss.set_keys(...)."
+            )
+        if value.dtype != dtype:
+            raise TypeError(
+                f"{owner}: tensordict[{key!r}] is {value.dtype} with shape {tuple(value.shape)}; "
+                f"expected {dtype}, the networks' dtype. Cast it before the loss "
+                f"(e.g. td[{key!r}] = td[{key!r}].to({dtype})), or the networks with .to({dtype})."
+            )
+        if finite:
+            check_finite(f"tensordict[{key!r}]", value)
+        values.append(value)
+    return values
+
+
+def read_flag(tensordict, key, *, owner: str) -> torch.Tensor:
+    """A ``done`` / ``terminated`` / ``truncated`` entry as a bool tensor.
+
+    ``~`` on an integer flag flips its bits (``~1 == -2``) and silently corrupts a TD target,
+    so integer and float 0/1 flags are converted here; outside static graphs, a value other
+    than 0 or 1 raises. ``None`` when the key is absent.
+    """
+    value = tensordict.get(key, None)
+    if value is None or value.dtype == torch.bool:
+        return value
+    if not static_graph() and not bool(((value == 0) | (value == 1)).all()):
+        bad = value[(value != 0) & (value != 1)].reshape(-1)[:3].tolist()
+        raise ValueError(
+            f"{owner}: tensordict[{key!r}] ({value.dtype}) holds {bad}: a flag must be bool or 0/1. "
+            f"Store it as a bool tensor."
+        )
+    return value != 0

@@ -9,7 +9,7 @@ from tensordict.nn import TensorDictModule, dispatch
 from torch import nn
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 
-from torchrl_bdpo._validation import static_graph
+from torchrl_bdpo._validation import read_flag, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
@@ -311,7 +311,7 @@ class BDPOLoss(DiffusionValueLoss):
         """
         k = self.tensor_keys
         reward = tensordict.get(("next", k.reward))
-        terminated = tensordict.get(("next", k.terminated), default=None)
+        terminated = read_flag(tensordict, ("next", k.terminated), owner=type(self).__name__)
         if terminated is None:
             raise KeyError(
                 f"The batch has no {('next', k.terminated)!r} entry: BDPO bootstraps on "
@@ -322,14 +322,20 @@ class BDPOLoss(DiffusionValueLoss):
             next_value, path_kl, kl_per_step = self.next_state_value(
                 tensordict.get(("next", k.observation)), terminated, noise=noise, all_terminal=all_terminal
             )
+            done = read_flag(tensordict, ("next", k.done), owner=type(self).__name__)
             td = TensorDict(
                 {
                     ("next", k.reward): reward,
                     ("next", k.terminated): terminated,
-                    ("next", k.done): tensordict.get(("next", k.done), default=terminated),
+                    ("next", k.done): terminated if done is None else done,
                 },
                 batch_size=tensordict.batch_size,
             )
+            # n-step batches (torchrl's MultiStep): gamma ** steps_to_next_obs, as TD0Estimator
+            steps_key = self.value_estimator.tensor_keys.steps_to_next_obs
+            steps = tensordict.get(steps_key, None)
+            if steps is not None:
+                td.set(steps_key, steps)
             target = self.value_estimator.value_estimate(td, next_value=next_value.reshape(reward.shape))
         return target.reshape(next_value.shape), path_kl, kl_per_step
 
@@ -345,7 +351,8 @@ class BDPOLoss(DiffusionValueLoss):
         target, path_kl, kl_per_step = self.qvalue_target(tensordict, all_terminal=all_terminal)
         pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         loss = (pred - target).pow(2).mean(0)
-        live = (~tensordict.get(("next", k.terminated))).reshape(target.shape).to(path_kl.dtype)
+        terminated = read_flag(tensordict, ("next", k.terminated), owner=type(self).__name__)
+        live = (~terminated).reshape(target.shape).to(path_kl.dtype)
         metadata = {
             "qvalue_pred": pred.detach().mean(),
             "qvalue_target": target.detach().mean(),

@@ -9,7 +9,7 @@ from tensordict.nn import dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo._validation import read_inputs
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 
@@ -123,10 +123,8 @@ class DenoisingLoss(MovesSchedules, LossModule):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        observation = tensordict.get(self.tensor_keys.observation)
-        action = tensordict.get(self.tensor_keys.action)
-        if self.validate:
-            check_finite(f"tensordict[{self.tensor_keys.observation!r}]", observation)
-            check_finite(f"tensordict[{self.tensor_keys.action!r}]", action)
+        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        keys = (self.tensor_keys.observation, self.tensor_keys.action)
+        observation, action = read_inputs(tensordict, keys, dtype, owner=type(self).__name__, finite=self.validate)
         loss = self._reduce_loss(self.denoising_error(observation, action), tensordict)
         return TensorDict({"loss_denoising": loss})

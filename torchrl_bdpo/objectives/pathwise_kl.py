@@ -9,7 +9,7 @@ from tensordict.nn import dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import check_finite
+from torchrl_bdpo._validation import read_inputs
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
@@ -225,9 +225,10 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        observation = tensordict.get(self.tensor_keys.observation)
-        if self.validate:
-            check_finite(f"tensordict[{self.tensor_keys.observation!r}]", observation)
+        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        (observation,) = read_inputs(
+            tensordict, (self.tensor_keys.observation,), dtype, owner=type(self).__name__, finite=self.validate
+        )
         kl, per_step, _ = self.path_kl(observation)
         if kl.ndim > observation.ndim - 1:  # average the M paths of each observation
             kl, per_step = kl.mean(-1), per_step.mean(-1)

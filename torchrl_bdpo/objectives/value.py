@@ -13,7 +13,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import check_finite, static_graph
+from torchrl_bdpo._validation import read_inputs, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
@@ -489,9 +489,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         return next_value - self.eta * step_kl, next_value, step_kl
 
     def _validate(self, tensordict, keys) -> None:
-        if self.validate:
-            for key in keys:
-                check_finite(f"tensordict[{key!r}]", tensordict.get(key))
+        """Missing keys, other dtypes and empty batches raise; NaN / inf too with ``validate``."""
+        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        read_inputs(tensordict, keys, dtype, owner=type(self).__name__, finite=self.validate)
 
     # ---------------------------------------------------------------- losses
     def value_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
