@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from torchrl_bdpo.checkpoint import load_checkpoint
 from torchrl_bdpo.data import make_offline_buffer
 from torchrl_bdpo.data.generate import DatasetGenerator, EpisodeSplitter, GenerateConfig, generate
 
@@ -42,7 +43,7 @@ def assert_same_transitions(buffer_td, ref):
 def test_tiny_generation_round_trips_every_transition(tmp_path, minari_root):
     cfg = tiny(tmp_path)
     summary = generate(cfg)
-    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     levels = state["levels"]
     assert set(summary["datasets"]) == set(ALL)
     for level in ALL:
@@ -86,7 +87,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, minari_root, monkeypatch
     monkeypatch.setattr(DatasetGenerator, "_evaluate", evaluate)
     with pytest.raises(_Stop):
         generate(cfg)
-    saved = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    saved = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert saved["frames"] == 200 and len(saved["sac"]["buffer"]) == 200
     summary = generate(cfg)  # resumes: the next evaluation (frame 300) reaches the medium level
     assert summary["medium_policy"]["frames"] == 300 and summary["sac_frames"] == 300
@@ -112,7 +113,7 @@ def test_raising_the_medium_frame_cap_resumes(tmp_path, minari_root, monkeypatch
     with pytest.raises(RuntimeError, match=r"in 200 frames \(max_medium_frames=200; best evaluation 0\)\. Rerun with "
                        r"a higher max_medium_frames to continue from the checkpoint at frame 200"):
         generate(cfg)
-    assert torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["frames"] == 200
+    assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["frames"] == 200
     # a higher cap (and another checkpoint interval) resumes the same run
     summary = generate(dataclasses.replace(cfg, max_medium_frames=1000, checkpoint_every=150))
     assert summary["medium_policy"]["frames"] == 300 and calls["n"] == 3
@@ -127,7 +128,7 @@ def test_expert_levels_added_to_a_finished_run_continue_its_sac(tmp_path, minari
     cfg = tiny(tmp_path, levels=("random", "medium", "medium-replay"), expert_return=3.0, expert_frames=300)
     first = generate(cfg)
     assert first["sac_frames"] == 100 and first["ref_max_score"] == 3.0
-    saved = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    saved = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     medium_replay = saved["levels"]["medium-replay"].clone()
     with pytest.raises(ValueError, match=r"differing: \['levels'\]\).*may add the levels \['expert', 'medium-expert'\]"):
         generate(dataclasses.replace(cfg, levels=("medium", "medium-replay")))
@@ -160,7 +161,7 @@ def test_expert_levels_added_to_a_finished_run_continue_its_sac(tmp_path, minari
     generate(other)
     with pytest.raises(FileExistsError, match=r"'generated/hopper/expert-v0' exists already"):
         generate(dataclasses.replace(other, levels=ALL, overwrite=False))
-    assert torch.load(tmp_path / "other" / "checkpoint.pt", weights_only=False)["frames"] == 100  # no SAC ran
+    assert load_checkpoint(tmp_path / "other" / "checkpoint.pt")["frames"] == 100  # no SAC ran
 
 
 def test_bad_input(tmp_path, minari_root):

@@ -183,10 +183,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, dataset, monke
         return value * float("nan"), meta
 
     monkeypatch.setattr(BDPOLoss, "qvalue_loss", broken)
-    with pytest.raises(FloatingPointError, match=r"loss_qvalue \+ loss_value became nan at step 0.*checkpoint.pt"):
+    # the hand-over's checkpoint is checked first: its Q loss is NaN, so phase A's last one stays
+    with pytest.raises(FloatingPointError, match=r"state after train step 0 holds non-finite losses \{'qvalue_loss': nan\}.*not written.*checkpoint.pt"):
         off.train(config(tmp_path, "eval.episodes=0"))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["phase"] == "train" and state["step"] == 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == "pretrain" and state["step"] == 20
+    # a step's own loss check names the step (the checkpoint check is off here)
+    monkeypatch.setattr(off, "check_state_before_saving", lambda *args: None)
+    with pytest.raises(FloatingPointError, match=r"loss_qvalue \+ loss_value became nan at step 0.*checkpoint.pt"):
+        off.train(config(tmp_path / "b", "eval.episodes=0"))
 
 
 @pytest.mark.parametrize(
@@ -268,3 +273,76 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
     assert same["path_kl_mean"] == pytest.approx(0.0, abs=1e-10) and same["q_policy"] == out["q_policy"]
     # an episode shorter than the horizon and cut by the time limit adds nothing
     assert off.policy_value_probe(loss, [episode(5, terminated=False)], scale, gamma, torch.device("cpu")) == {}
+
+
+def test_a_diverged_state_is_never_checkpointed(tmp_path, dataset, monkeypatch):
+    """The update of phase-B step 9 blows Q up; the checkpoint due after it (step 10) is refused,
+    and the one before (the hand-over, step 0) stays."""
+    real = off.train_step
+
+    def diverging(update, schedulers, batch, step, o, written):
+        out = real(update, schedulers, batch, step, o, written)
+        if step == 9:
+            with torch.no_grad():
+                update.loss.qvalue_network_params.apply_(lambda p: p.mul_(1e30))
+        return out
+
+    monkeypatch.setattr(off, "train_step", diverging)
+    with pytest.raises(FloatingPointError, match=r"state after train step 10 holds non-finite .*checkpoint was not written .*checkpoint.pt"):
+        off.train(config(tmp_path, "eval.episodes=0"))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == "train" and state["step"] == 0
+
+
+def test_resume_rules(tmp_path, dataset):
+    """A refused resume writes nothing; evaluation settings and learning rates may change on
+    resume; a resume in a fresh folder names the run that has the checkpoint."""
+    base = ("eval.episodes=0", "optim.steps=10")
+    off.train(config(tmp_path / "runs" / "first", *base))
+    before = (tmp_path / "runs" / "first" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"differing keys: \['loss.eta"):
+        off.train(config(tmp_path / "runs" / "first", *base, "loss.eta=0.5", "checkpoint.resume=true"))
+    assert (tmp_path / "runs" / "first" / "config.yaml").read_text() == before
+    off.train(config(tmp_path / "runs" / "first", *base, "eval.interval=7", "optim.critic_lr=1e-4", "checkpoint.resume=true"))
+    with pytest.raises(FileNotFoundError, match=r"holds no checkpoint.*hydra.run.dir=.*runs/first"):
+        off.train(config(tmp_path / "runs" / "second", *base, "checkpoint.resume=true"))
+    off.train(config(tmp_path / "elsewhere" / "fresh", *base, "checkpoint.resume=true"))  # nothing to resume: fresh
+
+
+def test_resume_rescales_the_learning_rates(tmp_path):
+    cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1")
+    loss = off.make_bdpo_loss(cfg, 11, 3)
+    optimizers = off.make_optimizers(cfg, loss)
+    schedulers = off.make_schedulers(cfg, optimizers)
+    for _ in range(5):
+        for s in schedulers.values():
+            s.step()
+    state = off.training_state(loss, optimizers, schedulers, "train", 5, cfg)
+    critic_lr = optimizers["critic"].param_groups[0]["lr"]
+    new_cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1", f"optim.critic_lr={cfg.optim.critic_lr / 10}")
+    optimizers2 = off.make_optimizers(new_cfg, loss)
+    schedulers2 = off.make_schedulers(new_cfg, optimizers2)
+    off.load_checkpoint(state, new_cfg, loss, optimizers2, schedulers2)
+    assert optimizers2["critic"].param_groups[0]["lr"] == pytest.approx(critic_lr / 10)
+    assert optimizers2["actor"].param_groups[0]["lr"] == pytest.approx(optimizers["actor"].param_groups[0]["lr"])
+    for _ in range(15):  # the cosine goes on from the same point at a tenth of the height: 0 at the end
+        schedulers2["critic"].step()
+    assert optimizers2["critic"].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.critic_lr / 10), 20)
+    for _ in range(6):
+        reference.step()
+    schedulers3 = off.make_schedulers(new_cfg, off.make_optimizers(new_cfg, loss))
+    opt3 = schedulers3["critic"].optimizer
+    off.load_checkpoint(state, new_cfg, loss, {**optimizers2, "critic": opt3}, {**schedulers2, "critic": schedulers3["critic"]})
+    schedulers3["critic"].step()
+    assert opt3.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-9)
+
+
+def test_truncate_csv_logs(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "train" / "loss.csv").write_text("0,1.0\n5,2.0\n10,3.0\n15,4.0\n")
+    (tmp_path / "eval" / "return.csv").write_text("10,100.0\n20,200.0\n")
+    assert off.truncate_csv_logs(tmp_path, 10) == 3
+    assert (tmp_path / "train" / "loss.csv").read_text() == "0,1.0\n5,2.0\n"
+    assert (tmp_path / "eval" / "return.csv").read_text() == "10,100.0\n"  # logged before the checkpoint at 10

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from torchrl_bdpo.checkpoint import load_checkpoint, save_checkpoint
 from hydra import compose, initialize_config_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -157,9 +159,9 @@ def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path)
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"
     # a checkpoint written before the key existed: its run used torch's default, "highest"
-    state = torch.load(path, weights_only=False)
+    state = load_checkpoint(path)
     assert state["config"].pop("matmul_precision") == "highest"
-    torch.save(state, path)
+    save_checkpoint(path, state)
     resume = ("optim.steps=10", "checkpoint.resume=true")
     try:
         with pytest.raises(ValueError, match=r"differing keys: \[\"matmul_precision \('highest' in the checkpoint, 'high' now\)\"\]"):
@@ -181,9 +183,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
         return value * float("nan"), meta
 
     monkeypatch.setattr(BDPOLoss, "actor_loss", broken)
-    with pytest.raises(FloatingPointError, match=r"loss_actor became nan at step 5.*checkpoint.pt"):
+    # the hand-over's checkpoint is checked first (its actor loss is NaN): phase A's last one stays
+    with pytest.raises(FloatingPointError, match=r"state after train step 0 holds non-finite losses \{'actor_loss': nan\}.*not written.*checkpoint.pt"):
         toy.train(config(tmp_path))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["phase"] == "pretrain" and state["step"] == 20
+    monkeypatch.setattr(toy, "check_state_before_saving", lambda *args: None)
+    with pytest.raises(FloatingPointError, match=r"loss_actor became nan at step 5.*checkpoint.pt"):
+        toy.train(config(tmp_path / "b"))
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert state["phase"] == "train" and state["step"] == 0
 
 
@@ -228,9 +236,9 @@ def test_step_sampling_reaches_the_loss_and_older_checkpoints_resume(tmp_path):
     assert loss.step_sampling == "stratified"
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"
-    state = torch.load(path, weights_only=False)
+    state = load_checkpoint(path)
     assert state["config"]["loss"].pop("step_sampling") == "uniform"
-    torch.save(state, path)
+    save_checkpoint(path, state)
     resume = ("optim.steps=10", "checkpoint.resume=true")
     with pytest.raises(ValueError, match=r"loss.step_sampling \('uniform' in the checkpoint, 'stratified' now\)"):
         toy.train(config(tmp_path, *resume, "loss.step_sampling=stratified"))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
+    check_state_before_saving,
     hand_over,
     load_checkpoint,
     log_scalars,
@@ -35,6 +36,7 @@ from utils import (  # noqa: E402
     make_optimizers,
     make_schedulers,
     make_update,
+    open_run,
     make_updaters,
     pretrain_step,
     save_checkpoint,
@@ -42,6 +44,7 @@ from utils import (  # noqa: E402
     set_seed,
     train_scalars,
     train_step,
+    truncate_csv_logs,
     training_state,
     write_json,
 )
@@ -212,10 +215,9 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
 def train(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message="No target network updater")
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
-    set_seed(cfg.seed)
     set_matmul_precision(cfg)
+    resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    set_seed(cfg.seed)
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
     device = torch.device(cfg.device)
@@ -253,14 +255,16 @@ def train(cfg: DictConfig) -> dict:
 
     phase, step = "pretrain", 0
     eval_rows: list[dict] = []
-    if cfg.checkpoint.resume and ckpt.exists():
-        phase, step = load_checkpoint(ckpt, cfg, loss, optimizers, schedulers)
-        eval_rows = torch.load(ckpt, weights_only=False).get("evals", [])
+    if resume_state is not None:
+        phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
+        eval_rows = resume_state.get("evals", [])
+        truncate_csv_logs(out_dir / "logs", step if phase == "pretrain" else o.pretrain_steps + step)
         print(f"resumed from {ckpt}: phase {phase}, step {step}")
     written = ckpt if ckpt.exists() else None
 
     def checkpoint(phase_name, next_step):
         nonlocal written
+        check_state_before_saving(loss, lambda: buffer.sample().to(device), phase_name, next_step, written)
         state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg)
         state["evals"] = eval_rows
         save_checkpoint(ckpt, state)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
+    check_state_before_saving,
     hand_over,
     load_checkpoint,
     log_scalars,
@@ -33,6 +34,7 @@ from utils import (  # noqa: E402
     make_optimizers,
     make_schedulers,
     make_update,
+    open_run,
     make_updaters,
     pretrain_step,
     save_checkpoint,
@@ -40,6 +42,7 @@ from utils import (  # noqa: E402
     set_seed,
     train_scalars,
     train_step,
+    truncate_csv_logs,
     training_state,
     write_json,
 )
@@ -203,10 +206,9 @@ def train(cfg: DictConfig) -> dict:
         raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
     warnings.filterwarnings("ignore", message="No target network updater")
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out_dir / "config.yaml")
-    set_seed(cfg.seed)
     set_matmul_precision(cfg)
+    resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    set_seed(cfg.seed)
     start = time.perf_counter()
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
@@ -222,13 +224,15 @@ def train(cfg: DictConfig) -> dict:
     o = cfg.optim
 
     phase, step = "pretrain", 0
-    if cfg.checkpoint.resume and ckpt.exists():
-        phase, step = load_checkpoint(ckpt, cfg, loss, optimizers, schedulers)
+    if resume_state is not None:
+        phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
+        truncate_csv_logs(out_dir / "logs", step, only=phase)  # each phase logs on its own step axis
         print(f"resumed from {ckpt}: phase {phase}, step {step}")
     written = ckpt if ckpt.exists() else None
 
     def checkpoint(phase_name, next_step):
         nonlocal written
+        check_state_before_saving(loss, lambda: buffer.sample().to(device), phase_name, next_step, written)
         save_checkpoint(ckpt, training_state(loss, optimizers, schedulers, phase_name, next_step, cfg))
         written = ckpt
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torchrl_bdpo.diffusion import (
     make_schedule,
     make_value_operator,
 )
+from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate, TargetSoftUpdate
 
@@ -237,21 +237,57 @@ def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Pat
         )
 
 
+def check_state_before_saving(loss, sample_batch, phase: str, step: int, checkpoint: Path | None) -> None:
+    """Refuse to checkpoint a diverged state: every parameter and buffer of ``loss`` must be
+    finite, and so must the phase's losses on a fresh batch (``sample_batch()``).
+
+    A step's loss is checked before its update, so the update that diverges is seen only by
+    the next step; without this, a checkpoint written in between would hold the diverged
+    parameters. Runs under a forked RNG: the training stream is the same with or without it.
+    """
+    bad = [k for k, v in loss.state_dict().items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    losses = {}
+    if not bad:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            batch = sample_batch()
+            methods = ("behavior_loss",) if phase == "pretrain" else ("qvalue_loss", "value_loss", "actor_loss")
+            for name in methods:
+                value = getattr(loss, name)(batch)[0]
+                if not torch.isfinite(value).all():
+                    losses[name] = value.item()
+    if bad or losses:
+        where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        what = f"non-finite entries {bad[:5]}" if bad else f"non-finite losses {losses}"
+        raise FloatingPointError(
+            f"the state after {phase} step {step} holds {what}: training diverged, and the checkpoint "
+            f"was not written ({where}). Resume from it with lower learning rates (optim.*_lr may "
+            f"change on resume), or check the data."
+        )
+
+
 # ---------------------------------------------------------------- checkpoints
-def config_fingerprint(cfg: DictConfig) -> dict:
-    """The config minus the keys that may change on resume (compile options change no number)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("output_dir", "checkpoint", "logger", "compile"):
-        c.pop(key, None)
+# what may change when a run resumes: where it writes and logs, how it compiles (no number
+# changes), how it evaluates, and the learning rates (the advice after a divergence)
+RESUMABLE = ("output_dir", "checkpoint", "logger", "compile", "eval")
+LEARNING_RATES = ("behavior_lr", "critic_lr", "actor_lr")
+
+
+def _prune(c: dict) -> dict:
+    c = {k: v for k, v in c.items() if k not in RESUMABLE}
+    if isinstance(c.get("optim"), dict):
+        c["optim"] = {k: v for k, v in c["optim"].items() if k not in LEARNING_RATES}
     return c
 
 
+def config_fingerprint(cfg: DictConfig) -> dict:
+    """The config minus the keys that may change on resume (:data:`RESUMABLE`, the learning rates)."""
+    return _prune(OmegaConf.to_container(cfg, resolve=True))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: to a temporary file, then rename over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic and durable (temporary file, fsync, rename): :func:`torchrl_bdpo.checkpoint.save_checkpoint`."""
+    checkpoint_io.save_checkpoint(path, state)
 
 
 def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> dict:
@@ -262,11 +298,8 @@ def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> 
         "phase": phase,
         "step": step,
         "config": config_fingerprint(cfg),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        },
+        "learning_rates": {k: float(cfg.optim[k]) for k in LEARNING_RATES if k in cfg.optim},
+        "rng": checkpoint_io.rng_states(),
     }
 
 
@@ -290,24 +323,120 @@ def _with_later_keys(saved: dict) -> dict:
     return out
 
 
-def load_checkpoint(path: Path, cfg, loss, optimizers, schedulers) -> tuple[str, int]:
-    state = torch.load(path, weights_only=False)
-    mine, theirs = config_fingerprint(cfg), _with_later_keys(state["config"])
+def read_checkpoint(path: Path, cfg) -> dict:
+    """The checkpoint at ``path`` (``weights_only``), refused with the differing keys when it was
+    made with another config. Reads and checks only: nothing is loaded into a model."""
+    state = checkpoint_io.load_checkpoint(path)
+    mine, theirs = config_fingerprint(cfg), _prune(_with_later_keys(state["config"]))
     if mine != theirs:
         diff = _diff_keys(mine, theirs)
         raise ValueError(
             f"checkpoint {path} was made with another config; differing keys: {diff}. Resume with "
             f"the same settings, or start a fresh run (checkpoint.resume=false) in a new directory."
         )
+    return state
+
+
+def load_checkpoint(path: Path | dict, cfg, loss, optimizers, schedulers) -> tuple[str, int]:
+    """Load a checkpoint (a path, or a state from :func:`read_checkpoint`) into the run.
+
+    Learning rates in ``cfg`` that differ from the checkpoint's replace them: each group's
+    rate and its cosine schedule are rescaled by new / old, so the decay goes on from the
+    same point at the new height.
+    """
+    state = read_checkpoint(path, cfg) if not isinstance(path, dict) else path
     loss.load_state_dict(state["loss"])
     for k, o in optimizers.items():
         o.load_state_dict(state["optimizers"][k])
     for k, s in schedulers.items():
         s.load_state_dict(state["schedulers"][k])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
+    saved_lrs = state.get("learning_rates", {})
+    for group, optimizer in optimizers.items():
+        key = f"{group}_lr"
+        old, new = saved_lrs.get(key), cfg.optim.get(key)
+        if old is None or new is None or float(old) == float(new):
+            continue
+        if not old > 0:
+            raise ValueError(f"optim.{key}: the checkpoint's rate is {old}, which cannot be rescaled to {new}.")
+        ratio = float(new) / float(old)
+        for pg in optimizer.param_groups:
+            pg["lr"] = pg["lr"] * ratio
+            if "initial_lr" in pg:
+                pg["initial_lr"] = pg["initial_lr"] * ratio
+        if group in schedulers:
+            sched = schedulers[group]
+            sched.base_lrs = [b * ratio for b in sched.base_lrs]
+            sched._last_lr = [pg["lr"] for pg in optimizer.param_groups]
+        print(f"optim.{key}: {old} in the checkpoint, {new} now: the rate and its schedule rescaled by {ratio:g}")
+    checkpoint_io.set_rng_states(state["rng"])
     return state["phase"], state["step"]
+
+
+def open_run(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """Set up a run's folder; with ``checkpoint.resume``, the checkpoint state to resume from.
+
+    Before anything is written: a ``.tmp`` left by a crash mid-write is removed, and a
+    checkpoint of another config is refused (its ``config.yaml`` stays as it was). A resume
+    whose folder holds no checkpoint, while a sibling folder holds one of the same config
+    (hydra gives each launch a new timestamped folder), fails and names it: resume there with
+    ``hydra.run.dir=<that folder>``. With no such run anywhere it starts fresh.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    if checkpoint_io.remove_stale_tmp(ckpt):
+        print(f"removed {checkpoint_io.tmp_path(ckpt)}, a checkpoint write that did not finish")
+    state = None
+    if cfg.checkpoint.resume:
+        if ckpt.exists():
+            state = read_checkpoint(ckpt, cfg)
+        else:
+            mine = config_fingerprint(cfg)
+            found = []
+            for other in sorted(out_dir.parent.glob("*/checkpoint.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
+                try:
+                    same = config_fingerprint(OmegaConf.load(other.parent / "config.yaml")) == mine
+                except Exception:
+                    same = False
+                if same and other.parent != out_dir:
+                    found.append(str(other.parent))
+            if found:
+                raise FileNotFoundError(
+                    f"checkpoint.resume=true, but {out_dir} holds no checkpoint: each launch writes to a new "
+                    f"folder. Runs of this config with a checkpoint, newest first: {found[:3]}. Resume one "
+                    f"with hydra.run.dir=<folder> (e.g. hydra.run.dir={found[0]}), or drop checkpoint.resume."
+                )
+            print(f"checkpoint.resume=true: no checkpoint of this config in {out_dir.parent}; starting fresh")
+    OmegaConf.save(cfg, out_dir / "config.yaml")
+    return state
+
+
+def truncate_csv_logs(log_dir: Path, global_step: int, only: str | None = None) -> int:
+    """Drop the CSV log rows a resumed run will write again; returns how many were dropped.
+
+    Rows logged at steps after ``global_step`` go, and rows at ``global_step`` itself except
+    evaluations (logged just before the checkpoint they belong to). ``only``: the files of
+    that log group alone (e.g. ``"train"``, where phases count steps apart).
+    """
+    dropped = 0
+    for path in Path(log_dir).rglob("*.csv"):
+        parts = path.relative_to(log_dir).parts
+        if only is not None and only not in parts:
+            continue
+        keep_equal = "eval" in parts
+        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                step = float(line.split(",", 1)[0])
+            except ValueError:  # a header
+                kept.append(line)
+                continue
+            if step < global_step or (keep_equal and step == global_step):
+                kept.append(line)
+        if len(kept) != len(lines):
+            dropped += len(lines) - len(kept)
+            path.write_text("".join(kept))
+    return dropped
 
 
 def _diff_keys(a, b, prefix="") -> list[str]:

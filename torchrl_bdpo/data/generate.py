@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -37,6 +36,8 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
+
+from torchrl_bdpo.checkpoint import load_checkpoint, remove_stale_tmp, save_checkpoint
 
 LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 
@@ -279,9 +280,7 @@ class DatasetGenerator:
 
     # -- state
     def _save(self, state: dict) -> None:
-        tmp = self.ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt)
+        save_checkpoint(self.ckpt, state)  # atomic, fsynced; TensorDicts stored as plain data
 
     def _log(self, name: str, value: float, step: int) -> None:
         if self.logger is None:
@@ -361,8 +360,9 @@ class DatasetGenerator:
         warnings.filterwarnings("ignore", message=".*No target network updater.*")
         start = time.perf_counter()
         state = {"config": cfg.fingerprint(), "levels": {}, "frames": 0, "stage": "start"}
+        remove_stale_tmp(self.ckpt)  # a write a crash cut short; the checkpoint before it is whole
         if self.ckpt.exists():
-            state = torch.load(self.ckpt, weights_only=False)
+            state = load_checkpoint(self.ckpt)  # weights_only: a crafted file runs no code
             saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
             current = cfg.fingerprint()
             added = sorted(set(current["levels"]) - set(saved["levels"]))
