@@ -193,3 +193,28 @@ def test_episode_splitter_cuts_at_done():
     b, finished = sp.add(batch([False, True]))
     assert b["episode"].tolist() == [1, 1] and [f["x"].tolist() for f in finished] == [[2, 0, 1]]
     assert sp.close() is None
+
+
+def test_weak_medium_is_a_rollout_of_the_same_sac_run(tmp_path, minari_root):
+    """``weak-medium``: the first SAC policy past ``weak_band[0]`` x the expert return, rolled out;
+    with ``medium`` in the same run, SAC trains once and each level is a rollout."""
+    cfg = tiny(tmp_path, levels=("weak-medium", "medium", "medium-replay"), expert_return=1.0)
+    summary = generate(cfg)
+    state = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
+    assert set(summary["datasets"]) == {"weak-medium", "medium", "medium-replay"}
+    weak, medium = state["weak_policy"], state["medium_policy"]
+    assert weak["frames"] <= medium["frames"] and weak["eval_return"] >= 0.2 * cfg.reference_expert_return
+    assert summary["weak_policy"]["frames"] == weak["frames"]
+    buffer = make_offline_buffer(cfg.dataset_id("weak-medium"), batch_size=8, reward_mode="none", download=False)
+    assert_same_transitions(buffer.storage[: len(buffer)], state["levels"]["weak-medium"])
+    assert summary["datasets"]["weak-medium"]["transitions"] == cfg.num_transitions
+    # the two rollouts are their own draws (other seeds), not copies
+    assert not torch.equal(state["levels"]["weak-medium"]["observation"][:50], state["levels"]["medium"]["observation"][:50])
+    # weak-medium alone: SAC stops at the weak policy
+    only = tiny(tmp_path / "only", levels=("weak-medium",), expert_return=1.0, dataset_prefix="weakonly")
+    out = generate(only)
+    saved = load_checkpoint(tmp_path / "only" / "out" / "checkpoint.pt")
+    assert "medium_policy" not in saved and saved["frames"] == saved["weak_policy"]["frames"]
+    assert set(out["datasets"]) == {"weak-medium"}
+    with pytest.raises(ValueError, match=r"weak_band=\(0.3, 0.2\): expected 0 < low <= high"):
+        tiny(tmp_path, weak_band=(0.3, 0.2)).validate()

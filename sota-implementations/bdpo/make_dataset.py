@@ -25,13 +25,14 @@ def config_from(cfg: DictConfig) -> GenerateConfig:
         raise ValueError(f"unknown settings {unknown}; expected some of {sorted(fields)}.")
     values["levels"] = tuple(values["levels"])
     values["medium_band"] = tuple(values["medium_band"])
+    values["weak_band"] = tuple(values["weak_band"])
     return GenerateConfig(**values)
 
 
 @hydra.main(config_path="config", config_name="make_dataset", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     summary = generate(config_from(cfg))
-    short = {k: summary[k] for k in ("ref_min_score", "ref_max_score", "medium_policy", "sac_frames", "timings_s")}
+    short = {k: summary[k] for k in ("ref_min_score", "ref_max_score", "weak_policy", "medium_policy", "sac_frames", "timings_s")}
     print(json.dumps(short, indent=2, default=float))
     for level, d in summary["datasets"].items():
         print(f"{level}: {d['dataset_id']} ({d['transitions']} transitions, {d['episodes']} episodes, mean return {d['mean_episode_return']:.1f}) at {d['path']}")

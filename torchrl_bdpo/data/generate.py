@@ -39,7 +39,7 @@ from torch import nn
 
 from torchrl_bdpo.checkpoint import load_checkpoint, remove_stale_tmp, save_checkpoint
 
-LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+LEVELS = ("random", "weak-medium", "medium", "medium-replay", "expert", "medium-expert")
 
 # reference expert returns (D4RL's ref_max_score for the v2 tasks; Ant from D4RL's ant tasks)
 EXPERT_RETURNS = {
@@ -70,6 +70,7 @@ class GenerateConfig:
     dataset_prefix: str = "generated"
     expert_return: float | None = None  # None: EXPERT_RETURNS for the task
     medium_band: tuple = (1 / 3, 1 / 2)
+    weak_band: tuple = (0.2, 0.3)  # weak-medium: the first SAC policy past 1/5 of the expert return
     max_medium_frames: int = 400_000
     expert_frames: int = 1_000_000
     eval_every: int = 5_000
@@ -93,9 +94,10 @@ class GenerateConfig:
             raise ValueError(f"levels={list(self.levels)}: expected a non-empty subset of {list(LEVELS)}.")
         if self.num_transitions < 1:
             raise ValueError(f"num_transitions={self.num_transitions}: expected >= 1.")
-        lo, hi = self.medium_band
-        if not 0 < lo <= hi:
-            raise ValueError(f"medium_band={self.medium_band}: expected 0 < low <= high (fractions of the expert return).")
+        for name in ("medium_band", "weak_band"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name}={getattr(self, name)}: expected 0 < low <= high (fractions of the expert return).")
         if self.frames_per_batch < 1 or self.eval_every < self.frames_per_batch:
             raise ValueError(
                 f"eval_every={self.eval_every}, frames_per_batch={self.frames_per_batch}: expected "
@@ -390,6 +392,7 @@ class DatasetGenerator:
         np.random.seed(cfg.seed)
         levels = state["levels"]  # level -> transition TensorDict
         need_medium = any(lv in cfg.levels for lv in ("medium", "medium-replay", "medium-expert"))
+        need_weak = "weak-medium" in cfg.levels
         need_expert = any(lv in cfg.levels for lv in ("expert", "medium-expert"))
 
         # 1. random policy: its dataset, and ref_min_score
@@ -411,7 +414,7 @@ class DatasetGenerator:
             self._save({**state, "timings": self.timings, "evals": self.evals})
 
         # 2. SAC until medium (and expert)
-        if need_medium or need_expert:
+        if need_weak or need_medium or need_expert:
             t0 = time.perf_counter()
 
             def lap() -> float:
@@ -443,13 +446,14 @@ class DatasetGenerator:
                     rb.extend(stored)
                 splitter.next_id = state["sac"]["next_episode"]
                 torch.set_rng_state(state["sac"]["rng"])
-            sac_needed = (need_medium and "medium_policy" not in state) or (
+            sac_needed = (need_weak and "weak_policy" not in state) or (need_medium and "medium_policy" not in state) or (
                 need_expert and "expert_policy" not in state
             )
             frames = state["frames"]
             if sac_needed:
                 target = cfg.expert_frames if need_expert else cfg.max_medium_frames
                 lo, hi = (f * cfg.reference_expert_return for f in cfg.medium_band)
+                weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
                 frames = state["frames"]
                 collector = Collector(
                     env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1,
@@ -486,6 +490,21 @@ class DatasetGenerator:
                         self.evals.append((frames, ret))
                         self._log("eval/return", ret, frames)
                         bar.set_postfix(eval_return=f"{ret:.0f}", medium_at=f"{lo:.0f}")
+                        if need_weak and "weak_policy" not in state and ret >= weak_lo:
+                            # the same SAC run, earlier: each level is a rollout of one of its policies
+                            state["weak_policy"] = {
+                                "params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret,
+                                "in_band": ret <= weak_hi,
+                            }
+                            if ret > weak_hi:
+                                warnings.warn(
+                                    f"the first policy past {weak_lo:.0f} returned {ret:.0f} (> {weak_hi:.0f}, the weak "
+                                    f"band's top); it is used as the weak-medium policy. Evaluate more often (eval_every)."
+                                )
+                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
+                            last_ckpt = frames
+                            if not need_medium and not need_expert:
+                                break
                         if need_medium and "medium_policy" not in state and ret >= lo:
                             state["medium_policy"] = {
                                 "params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret,
@@ -500,9 +519,11 @@ class DatasetGenerator:
                             self.timings["sac_to_medium_s"] = lap()
                             self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                             last_ckpt = frames
-                            if not need_expert:
+                            if not need_expert and not (need_weak and "weak_policy" not in state):
                                 break
-                    at_cap = need_medium and "medium_policy" not in state and frames >= cfg.max_medium_frames
+                    at_cap = (
+                        (need_medium and "medium_policy" not in state) or (need_weak and "weak_policy" not in state)
+                    ) and frames >= cfg.max_medium_frames
                     if not at_cap and need_expert and frames >= cfg.expert_frames:
                         break
                     # at the cap too: a rerun with a higher cap continues from here
@@ -529,12 +550,12 @@ class DatasetGenerator:
                     }
             state["frames"] = frames
             # 3. rollouts of the medium and expert policies
-            for name, key in (("medium", "medium_policy"), ("expert", "expert_policy")):
+            for name, key in (("weak-medium", "weak_policy"), ("medium", "medium_policy"), ("expert", "expert_policy")):
                 wanted = name in cfg.levels or "medium-expert" in cfg.levels
                 if key in state and wanted and name not in levels:
                     t1 = time.perf_counter()
                     state[key]["params"].to_module(actor)
-                    env_r = make_env(cfg.env_id, cfg.seed + (20_000 if name == "medium" else 30_000))
+                    env_r = make_env(cfg.env_id, cfg.seed + {"weak-medium": 40_000, "medium": 20_000, "expert": 30_000}[name])
                     eps, _ = self._rollout(env_r, actor, cfg.num_transitions, f"{name} policy rollouts")
                     levels[name] = episodes_to_transitions(eps, cfg.num_transitions)
                     self.timings[f"{name}_rollout_s"] = time.perf_counter() - t1
@@ -593,7 +614,9 @@ class DatasetGenerator:
                 f"(seed {cfg.seed}). ref_min_score: mean return of a uniformly random policy; "
                 f"ref_max_score: {ref_max_source}."
             )
-            if "medium_policy" in state:
+            if level == "weak-medium" and "weak_policy" in state:
+                desc += f" Weak-medium policy: eval return {state['weak_policy']['eval_return']:.1f} after {state['weak_policy']['frames']} SAC frames."
+            elif "medium_policy" in state:
                 desc += f" Medium policy: eval return {state['medium_policy']['eval_return']:.1f} after {state['medium_policy']['frames']} SAC frames."
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -621,6 +644,7 @@ class DatasetGenerator:
             "ref_max_score": ref_max,
             "ref_max_source": ref_max_source,
             "medium_policy": {k: v for k, v in state.get("medium_policy", {}).items() if k != "params"},
+            "weak_policy": {k: v for k, v in state.get("weak_policy", {}).items() if k != "params"},
             "expert_policy": {k: v for k, v in (expert or {}).items() if k != "params"},
             "sac_frames": state["frames"],
             "timings_s": self.timings,
