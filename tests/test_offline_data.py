@@ -375,3 +375,61 @@ def test_episode_helpers_share_one_rule_for_interleaved_episode_ids():
         {("next", "reward"): torch.ones(4, 1), ("next", "done"): torch.tensor([[False], [True], [False], [True]])}, [4]
     )
     assert episode_index(td_done).tolist() == [0, 0, 1, 1]
+
+
+def _create_box(dataset_id, episodes, low, high, obs_dim=3):
+    import minari
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minari.create_dataset_from_buffers(
+            dataset_id, episodes, env="Pendulum-v1",
+            action_space=gym.spaces.Box(low, high, (episodes[0].actions.shape[-1],)),
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,)), algorithm_name="random",
+        )
+
+
+def test_a_non_unit_action_box_is_rescaled_and_acted_back(minari_root):
+    """Actions in a ±3 box (68% of them beyond ±1) are mapped to [-1, 1], never clipped; the
+    buffer's ActionScaling maps the policy's actions back to the box."""
+    episodes = make_episodes()
+    for ep in episodes:
+        ep.actions[:] = ep.actions * 3  # uniform on [-3, 3]
+    _create_box("test/pendulum/wide-v0", episodes, -3.0, 3.0)
+    path = minari_root / "test" / "pendulum" / "wide-v0"
+    with pytest.warns(UserWarning, match=r"action space is \[-3, 3\], not \[-1, 1\]: actions were rescaled"):
+        buffer = make_offline_buffer(str(path), 4, reward_mode="none")
+    raw = np.concatenate([ep.actions for ep in episodes])
+    torch.testing.assert_close(buffer[:]["action"], torch.from_numpy(raw / 3).clamp(-(1 - 1e-5), 1 - 1e-5))
+    info = buffer.dataset_info
+    assert info.action_low == [-3.0] and info.action_high == [3.0]
+    scaling = info.action_scaling()
+    assert float(scaling.loc) == 0.0 and float(scaling.scale) == 3.0
+    # the env side: a policy action of 0.5 reaches Pendulum (box ±2 there) as 1.5
+    from torchrl.envs import GymEnv, TransformedEnv
+
+    env = TransformedEnv(GymEnv("Pendulum-v1"), info.action_scaling())
+    td = env.reset()
+    td["action"] = torch.tensor([0.5])
+    assert float(env.transform.inv(td.clone())["action"]) == pytest.approx(1.5)
+    env.close()
+
+
+def test_actions_beyond_their_declared_box_are_refused_not_clipped(minari_root):
+    episodes = make_episodes()
+    for ep in episodes:
+        ep.actions[:] = ep.actions * 3  # ±3 data declared as a [-1, 1] box
+    _create_box("test/pendulum/lying-v0", episodes, -1.0, 1.0)
+    path = minari_root / "test" / "pendulum" / "lying-v0"
+    with pytest.raises(ValueError, match=r"action entries \(\d+\.\d%\) lie outside its declared action space, up to \|a\| = 2\.\d+"):
+        make_offline_buffer(str(path), 4, reward_mode="none")
+    kept = make_offline_buffer(str(path), 4, reward_mode="none", action_clip=None)  # kept as they are, on request
+    assert float(kept[:]["action"].abs().max()) > 2
+
+
+def test_dims_are_checked_against_the_metadata_and_missing_paths_are_named(minari_root, tmp_path):
+    _create_box("test/pendulum/dims-v0", make_episodes(obs_dim=3), -1.0, 1.0, obs_dim=4)
+    with pytest.raises(ValueError, match=r"its observations have 3 dims but its metadata declares observation_space .*\(4 dims\)"):
+        make_offline_buffer(str(minari_root / "test" / "pendulum" / "dims-v0"), 4, reward_mode="none")
+    with pytest.raises(FileNotFoundError, match=r"dataset path '.*nowhere' does not exist \(a path, not a Minari id"):
+        make_offline_buffer(str(tmp_path / "nowhere"), 4)

@@ -346,3 +346,38 @@ def test_truncate_csv_logs(tmp_path):
     assert off.truncate_csv_logs(tmp_path, 10) == 3
     assert (tmp_path / "train" / "loss.csv").read_text() == "0,1.0\n5,2.0\n"
     assert (tmp_path / "eval" / "return.csv").read_text() == "10,100.0\n"  # logged before the checkpoint at 10
+
+
+def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset):
+    bad = ("optim.steps=-5", "optim.pretrain_steps=-1", "checkpoint.interval=0", "logger.log_interval=0",
+           "optim.actor_every=0", "optim.batch_size=0", "loss.eta=0", "loss.gamma=1.5", "optim.critic_tau=2",
+           "logger.backend=foo", "eval.num_candidates=0")
+    with pytest.raises(ValueError) as err:
+        off.train(config(tmp_path / "a", *bad))
+    message = str(err.value)
+    for line in ("optim.steps=-5: expected >= 0", "optim.pretrain_steps=-1: expected >= 0",
+                 "checkpoint.interval=0: expected >= 1", "logger.log_interval=0: expected >= 1",
+                 "optim.actor_every=0: expected >= 1", "optim.batch_size=0: expected >= 1", "loss.eta=0: expected > 0",
+                 "loss.gamma=1.5: expected >= 0 and <= 1", "optim.critic_tau=2: expected > 0 and <= 1",
+                 "logger.backend='foo': expected one of ('csv', 'tensorboard', 'wandb', 'mlflow', 'trackio', '')",
+                 "eval.num_candidates=0: expected >= 1"):
+        assert line in message, line
+    assert not (tmp_path / "a").exists()  # nothing written
+    with pytest.raises(ValueError, match=r"optim.warmup=30: expected < optim.steps=30, or the actor never trains"):
+        off.train(config(tmp_path / "b", "optim.warmup=30"))
+    with pytest.raises(ValueError, match=r"optim.steps='ten': expected an integer"):
+        off.train(config(tmp_path / "c", "optim.steps=ten"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda': this torch build or machine has no CUDA; use device=cpu"):
+            off.train(config(tmp_path / "d", "device=cuda"))
+        with pytest.raises(ValueError, match=r"compile.cudagraphs=true: CUDA graphs need a CUDA device, and device='cpu'"):
+            off.train(config(tmp_path / "e", "compile.cudagraphs=true"))
+    # a batch larger than the 300-transition dataset
+    with pytest.raises(ValueError, match=r"optim.batch_size=512: expected at most the dataset's 300 transitions"):
+        off.train(config(tmp_path / "f", "optim.batch_size=512"))
+
+
+def test_no_evaluation_still_prints_the_summary_line(tmp_path, dataset, capsys):
+    off.train(config(tmp_path, "eval.episodes=0", "optim.steps=10"))
+    out = capsys.readouterr().out
+    assert "trained without evaluation (eval.episodes=0) (dataset mean" in out and str(tmp_path) in out

@@ -113,6 +113,8 @@ def test_bad_input(tmp_path):
     toy.train(config(tmp_path / "b", "optim.steps=10"))
     with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(0.06 in the checkpoint, 0.5 now\)'\]"):
         toy.train(config(tmp_path / "b", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
+    with pytest.raises(ValueError, match=r"optim.batch_size=0: expected >= 1"):  # was a NaN loss
+        toy.train(config(tmp_path / "z", "optim.batch_size=0"))
     with pytest.raises(ValueError, match=r"matmul_precision='fp16': expected one of \('highest', 'high', 'medium'\)"):
         toy.train(config(tmp_path / "c", "matmul_precision=fp16"))
     with pytest.raises(ValueError, match=r"overlap_losses=True runs the losses on two CUDA streams, but the loss's parameters are on \['cpu'\]"):

@@ -45,6 +45,7 @@ from utils import (  # noqa: E402
     train_scalars,
     train_step,
     truncate_csv_logs,
+    validate_config,
     training_state,
     write_json,
 )
@@ -73,9 +74,13 @@ def eval_env_id(cfg: DictConfig, info) -> str:
     )
 
 
-def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device):
+def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device, action_scaling=None):
     """The evaluation env, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
-    envs step on the CPU, and their observations reach the policy on the GPU)."""
+    envs step on the CPU, and their observations reach the policy on the GPU).
+
+    ``action_scaling``: a transform from the policy's [-1, 1] actions to the env's (the
+    dataset's ``dataset_info.action_scaling()`` when its action box is not [-1, 1]).
+    """
     from functools import partial
 
     from torchrl.envs import ParallelEnv
@@ -89,6 +94,10 @@ def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device):
             f"its package (gymnasium[mujoco]; gymnasium-robotics for antmaze), set env.eval_env, or "
             f"eval.episodes=0."
         ) from err
+    if action_scaling is not None:
+        from torchrl.envs import TransformedEnv
+
+        env = TransformedEnv(env, action_scaling)
     env.set_seed(seed)
     return env
 
@@ -214,6 +223,7 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
 
 def train(cfg: DictConfig) -> dict:
     warnings.filterwarnings("ignore", message="No target network updater")
+    validate_config(cfg)  # every integer and rate, before anything runs or is written
     out_dir = Path(cfg.output_dir)
     set_matmul_precision(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
@@ -228,6 +238,11 @@ def train(cfg: DictConfig) -> dict:
         device=device,
     )
     info = buffer.dataset_info
+    if o.batch_size > len(buffer):
+        raise ValueError(
+            f"optim.batch_size={o.batch_size}: expected at most the dataset's {len(buffer)} transitions "
+            f"({info.name}); a larger batch repeats transitions in every batch. Lower optim.batch_size."
+        )
     data = buffer.storage[: len(buffer)].cpu()  # the dataset statistics below run on the CPU
     dataset_returns = None
     if info.reward_scale:
@@ -243,7 +258,7 @@ def train(cfg: DictConfig) -> dict:
         probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
         probe = data[probe_rows]
         env_id = eval_env_id(cfg, info)
-        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device)
+        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device, info.action_scaling())
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     optimizers = make_optimizers(cfg, loss)
@@ -373,13 +388,14 @@ def train(cfg: DictConfig) -> dict:
         "figure": None if figure is None else str(figure),
     }
     write_json(out_dir / "summary.json", summary)
+    data_ret = summary["dataset"]["mean_episode_return"]
+    data_ret = "n/a" if data_ret is None else f"{data_ret:.1f}"
     if final:
         score = f", normalised {final['score_mean']:.1f}" if "score_mean" in final else ""
-        data_ret = summary["dataset"]["mean_episode_return"]
-        print(
-            f"[{cfg.env.dataset}] final return {final['return_mean']:.1f} +- {final['return_std']:.1f}{score} "
-            f"(dataset mean {data_ret:.1f}); {summary['wall_time_s']:.0f} s; outputs in {out_dir}"
-        )
+        result = f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f}{score}"
+    else:
+        result = "trained without evaluation (eval.episodes=0)" if e.episodes == 0 else "no phase-B step ran (optim.steps=0)"
+    print(f"[{cfg.env.dataset}] {result} (dataset mean {data_ret}); {summary['wall_time_s']:.0f} s; outputs in {out_dir}")
     summary["history"] = history
     return summary
 

@@ -43,6 +43,7 @@ from utils import (  # noqa: E402
     train_scalars,
     train_step,
     truncate_csv_logs,
+    validate_config,
     training_state,
     write_json,
 )
@@ -205,6 +206,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.env.dataset not in TOY_DATASETS:
         raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
     warnings.filterwarnings("ignore", message="No target network updater")
+    validate_config(cfg)  # every integer and rate, before anything runs or is written
     out_dir = Path(cfg.output_dir)
     set_matmul_precision(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing

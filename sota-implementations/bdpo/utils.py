@@ -21,6 +21,83 @@ from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate, TargetSoftUpdate
 
 
+LOGGER_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow", "trackio", "")
+
+# (dotted key, kind, lower bound, upper bound): int / float / rate, inclusive bounds (None: open)
+_CHECKS = (
+    ("seed", "int", 0, None),
+    ("diffusion.num_steps", "int", 1, None), ("diffusion.hidden", "int", 1, None), ("diffusion.depth", "int", 1, None),
+    ("critic.num_qvalue_nets", "int", 1, None), ("critic.hidden", "int", 1, None), ("critic.depth", "int", 1, None),
+    ("loss.eta", "float", "open0", None), ("loss.rho", "float", 0, None), ("loss.num_samples", "int", 1, None),
+    ("loss.gamma", "float", 0, 1),
+    ("optim.batch_size", "int", 1, None), ("optim.pretrain_steps", "int", 0, None), ("optim.steps", "int", 0, None),
+    ("optim.warmup", "int", 0, None), ("optim.actor_every", "int", 1, None),
+    ("optim.behavior_lr", "float", "open0", None), ("optim.critic_lr", "float", "open0", None),
+    ("optim.actor_lr", "float", "open0", None), ("optim.tau", "float", "open0", 1), ("optim.critic_tau", "float", "open0", 1),
+    ("optim.grad_clip", "float_or_null", 0, None),
+    ("eval.interval", "int", 0, None), ("eval.pretrain_interval", "int", 0, None), ("eval.episodes", "int", 0, None),
+    ("eval.num_envs", "int", 1, None), ("eval.num_candidates", "int", 1, None), ("eval.max_steps", "int", 1, None),
+    ("eval.num_samples", "int", 1, None), ("env.num_points", "int", 1, None),
+    ("checkpoint.interval", "int", 1, None), ("logger.log_interval", "int", 1, None), ("compile.warmup", "int", 0, None),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check every integer and rate of a script's config before anything runs.
+
+    One ``ValueError`` lists each bad value: its name, the value and the expected range. Keys a
+    config does not have are skipped. Also: ``optim.warmup`` must leave the actor steps,
+    ``device=cuda`` needs CUDA, ``compile.cudagraphs`` needs a CUDA device, and
+    ``logger.backend`` must be one torchrl knows.
+    """
+    problems = []
+    for dotted, kind, lo, hi in _CHECKS:
+        value = OmegaConf.select(cfg, dotted, default="<missing>")
+        if isinstance(value, str) and value == "<missing>":
+            continue
+        if kind == "float_or_null" and value is None:
+            continue
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        is_num = is_int or isinstance(value, float)
+        if kind == "int" and not is_int:
+            problems.append(f"{dotted}={value!r}: expected an integer")
+            continue
+        if kind != "int" and not is_num:
+            problems.append(f"{dotted}={value!r}: expected a number")
+            continue
+        low_ok = value > 0 if lo == "open0" else (lo is None or value >= lo)
+        if not low_ok or (hi is not None and value > hi):
+            low = "> 0" if lo == "open0" else (f">= {lo}" if lo is not None else "")
+            high = f"<= {hi}" if hi is not None else ""
+            problems.append(f"{dotted}={value!r}: expected {' and '.join(x for x in (low, high) if x)}")
+    o = cfg.get("optim", {})
+    if isinstance(o.get("warmup"), int) and isinstance(o.get("steps"), int) and o.steps > 0 and o.warmup >= o.steps:
+        problems.append(
+            f"optim.warmup={o.warmup}: expected < optim.steps={o.steps}, or the actor never trains "
+            f"(the actor starts after warmup critic-only steps)"
+        )
+    backend = OmegaConf.select(cfg, "logger.backend", default="csv")
+    if backend is None:
+        backend = ""
+    if backend not in LOGGER_BACKENDS:
+        problems.append(f"logger.backend={backend!r}: expected one of {LOGGER_BACKENDS} ('' for none)")
+    device = str(cfg.get("device", "cpu"))
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        problems.append(f"device={device!r}: expected a torch device such as cpu or cuda")
+        dev = None
+    if dev is not None and dev.type == "cuda" and not torch.cuda.is_available():
+        problems.append(f"device={device!r}: this torch build or machine has no CUDA; use device=cpu")
+    if OmegaConf.select(cfg, "compile.cudagraphs", default=False) and (dev is None or dev.type != "cuda"):
+        problems.append(
+            f"compile.cudagraphs=true: CUDA graphs need a CUDA device, and device={device!r}; set "
+            f"device=cuda on a GPU machine or compile.cudagraphs=false"
+        )
+    if problems:
+        raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

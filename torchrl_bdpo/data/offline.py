@@ -67,6 +67,21 @@ class DatasetInfo:
     env_id: str | None = None
     # D4RL time-limit transitions left out: their next observation is not in the file
     dropped_transitions: int = 0
+    # the dataset's action box when it is not [-1, 1]: its actions were rescaled to [-1, 1],
+    # and a policy trained on them acts in the env through ActionScaling(loc, scale) (see
+    # :meth:`action_scaling`); None: the actions were in [-1, 1] already
+    action_low: list | None = None
+    action_high: list | None = None
+
+    def action_scaling(self):
+        """``torchrl.envs.transforms.ActionScaling`` from the policy's [-1, 1] to the dataset's action
+        box (append it to the evaluation env), or None when the box is [-1, 1]."""
+        if self.action_low is None:
+            return None
+        from torchrl.envs.transforms import ActionScaling
+
+        low, high = torch.tensor(self.action_low), torch.tensor(self.action_high)
+        return ActionScaling(loc=(high + low) / 2, scale=(high - low) / 2)
 
     def normalized_score(self, returns):
         """``100 (R - R_random) / (R_expert - R_random)`` (D4RL's convention)."""
@@ -275,6 +290,72 @@ def _warn_on_reward_spread(returns: torch.Tensor, spread: float) -> None:
             return
 
 
+# entries further than this outside [-1, 1] are data, not rounding: they are never clipped silently
+_OUTSIDE_TOL = 1e-4
+
+
+def _action_box(mds):
+    """``(low, high)`` numpy arrays of a Minari dataset's Box action space, or None."""
+    space = getattr(mds, "action_space", None)
+    low, high = getattr(space, "low", None), getattr(space, "high", None)
+    if low is None or high is None:
+        return None
+    low, high = np.asarray(low, dtype=np.float64).reshape(-1), np.asarray(high, dtype=np.float64).reshape(-1)
+    if not (np.isfinite(low).all() and np.isfinite(high).all() and (high > low).all()):
+        return None
+    return low, high
+
+
+def _check_dims_against_metadata(td: TensorDict, mds, name: str) -> None:
+    """The loaded arrays' dims must be the dataset's declared observation and action spaces'."""
+    import gymnasium as gym
+
+    for key, attr in (("observation", "observation_space"), ("action", "action_space")):
+        space = getattr(mds, attr, None)
+        if space is None:
+            continue
+        try:
+            declared = gym.spaces.flatdim(space)
+        except Exception:  # a space without a flat size: nothing to compare
+            continue
+        found = td.get(key).shape[-1]
+        if found != declared:
+            raise ValueError(
+                f"{name}: its {key}s have {found} dims but its metadata declares {attr} {space} "
+                f"({declared} dims). The file is inconsistent: regenerate or re-download it."
+            )
+
+
+def _rescale_actions(td: TensorDict, box, name: str, action_clip) -> tuple[list | None, list | None]:
+    """Map actions from the dataset's box to [-1, 1] when the box is not [-1, 1]; refuse data
+    that clipping would change by more than rounding. Returns the box (or ``(None, None)``)."""
+    action = td.get("action")
+    low = high = None
+    if box is not None and not (np.allclose(box[0], -1) and np.allclose(box[1], 1)):
+        low, high = box
+        lo_t, hi_t = torch.as_tensor(low, dtype=action.dtype), torch.as_tensor(high, dtype=action.dtype)
+        action = 2 * (action - lo_t) / (hi_t - lo_t) - 1
+        td.set("action", action)
+        warnings.warn(
+            f"{name}: its action space is [{low.min():g}, {high.max():g}], not [-1, 1]: actions were "
+            f"rescaled to [-1, 1] (dataset_info.action_low / action_high keep the box; "
+            f"dataset_info.action_scaling() maps the policy's actions back for the env).",
+            stacklevel=4,
+        )
+    if action_clip is not None:
+        outside = action.abs() > 1 + _OUTSIDE_TOL
+        if outside.any():
+            frac = float(outside.float().mean())
+            where = "its declared action space" if box is not None else "[-1, 1] (the file declares no action space)"
+            raise ValueError(
+                f"{name}: {int(outside.sum())} of {outside.numel()} action entries ({frac:.1%}) lie outside "
+                f"{where}, up to |a| = {float(action.abs().max()):.4g} after scaling; clipping them to "
+                f"±{action_clip} would change the data. Fix the dataset's action space (its metadata), "
+                f"rescale the actions to [-1, 1] yourself, or pass action_clip=None to keep them as they are."
+            )
+    return (None if low is None else low.tolist()), (None if high is None else high.tolist())
+
+
 def _resolve_minari_path(path: Path) -> Path:
     data = path / "data" if (path / "data").is_dir() else path
     hdf5 = data / "main_data.hdf5"
@@ -433,11 +514,17 @@ def make_offline_buffer(
     name = str(dataset)
     ref_min = ref_max = env_id = None
     dropped = 0
+    mds = None
     if os.path.exists(name):
         mds = _open_minari(Path(name))
         td = _read_minari(mds, name)
         ref_min, ref_max, env_id = _minari_ref_scores(mds)
         source = "minari-local"
+    elif os.path.isabs(name) or name.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"dataset path {name!r} does not exist (a path, not a Minari id: those look like "
+            f"'mujoco/hopper/medium-v0'). Check the path; it must be the dataset folder holding 'data/'."
+        )
     elif _D4RL_PATTERN.match(name):
         td, dropped = load_d4rl_transitions(name)
         ref_min, ref_max = D4RL_REF_SCORES[name.split("-")[0]]
@@ -458,6 +545,11 @@ def make_offline_buffer(
         reward_mode = "antmaze" if "antmaze" in name else "locomotion"
     scale = reward_scale_for(td, reward_mode)
     td.set(("next", "reward"), td.get(("next", "reward")) * scale)
+    action_low = action_high = None
+    if mds is not None:
+        _check_dims_against_metadata(td, mds, name)
+    if action_clip is not None or mds is not None:
+        action_low, action_high = _rescale_actions(td, None if mds is None else _action_box(mds), name, action_clip)
     if action_clip is not None:
         td.set("action", td.get("action").clamp(-action_clip, action_clip))
     info = DatasetInfo(
@@ -473,6 +565,8 @@ def make_offline_buffer(
         ref_max_score=None if ref_max is None else float(ref_max),
         env_id=env_id,
         dropped_transitions=dropped,
+        action_low=action_low,
+        action_high=action_high,
     )
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(td.shape[0], device=device),
