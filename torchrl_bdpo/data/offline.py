@@ -578,14 +578,19 @@ def make_offline_buffer(
     return buffer
 
 
-def check_env_compatibility(info: DatasetInfo, env) -> None:
+def check_env_compatibility(info: DatasetInfo, env, observation_keys=("observation",)) -> None:
     """Raise a ``ValueError`` before training when the dataset and the environment disagree on dims.
 
-    ``env`` is a TorchRL env (specs) or a Gymnasium env (spaces).
+    ``env`` is a TorchRL env (specs) or a Gymnasium env (spaces). Of a TorchRL env, the
+    ``observation_keys`` entries count (the dataset's observation), not what transforms add
+    beside them (``StepCounter``'s ``step_count``, ``InitTracker``'s ``is_init``); an env
+    without those keys counts every observation leaf.
     """
     if hasattr(env, "observation_spec"):
         obs_spec = env.observation_spec
-        obs_dim = sum(int(np.prod(spec.shape[len(env.batch_size):])) for spec in obs_spec.values(True, True))
+        present = [k for k in observation_keys if k in obs_spec.keys(True, True)]
+        specs = [obs_spec[k] for k in present] if present else list(obs_spec.values(True, True))
+        obs_dim = sum(int(np.prod(spec.shape[len(env.batch_size):])) for spec in specs)
         act_dim = int(np.prod(env.action_spec.shape[len(env.batch_size):]))
     else:
         obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 0

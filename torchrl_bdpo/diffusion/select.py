@@ -92,14 +92,14 @@ class QSelectActor(TensorDictModuleBase):
 
     def sample(self, observation: torch.Tensor) -> torch.Tensor:
         """One action of the actor for ``observation`` ``[*B, S]`` (no selection)."""
-        with self.actor_params.to_module(self.actor):
+        with self.actor_params.to_module(self.actor, preserve_module_state=False):
             return self.actor.sample_path(observation).action
 
     def select(self, observation: torch.Tensor) -> torch.Tensor:
         """The best-of-K action for ``observation`` ``[*B, S]``."""
         from torchrl_bdpo.objectives.utils import ensemble_apply
 
-        with self.actor_params.to_module(self.actor):
+        with self.actor_params.to_module(self.actor, preserve_module_state=False):
             candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
         obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], self.num_candidates, observation.shape[-1])
         values = {self.observation_key: obs, self.action_key: candidates}

@@ -279,7 +279,7 @@ class BDPOLoss(DiffusionValueLoss):
             # differ from eager's, which draws it (finite noise: exact zeros)
             zeros = noise.sum(0).sum((-2, -1)).mul(0).reshape(batch)
             return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
-        with self.target_actor_network_params.to_module(actor):
+        with self.target_actor_network_params.to_module(actor, preserve_module_state=False):
             path = actor.sample_path(obs, num_samples=M, noise=noise_rows)
         obs_m = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
         # l_n for all n in one batched pass of the behavior EMA

@@ -24,7 +24,7 @@ def _check_actor(actor, name: str) -> None:
 
 def predict_eps_with(actor: DiffusionActor, params, action_n, n, observation) -> torch.Tensor:
     """``actor``'s epsilon at ``(s, a^n, n)`` under the functional parameters ``params``."""
-    with params.to_module(actor):
+    with params.to_module(actor, preserve_module_state=False):
         return actor.predict_eps(action_n, n, observation)
 
 

@@ -214,11 +214,11 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
             *observation.shape[:-1], num_samples, observation.shape[-1]
         )
         if self.detach_path:
-            with torch.no_grad(), self.actor_network_params.to_module(actor):
+            with torch.no_grad(), self.actor_network_params.to_module(actor, preserve_module_state=False):
                 path = actor.sample_path(observation, num_samples=num_samples, noise=noise)
             per_step = self.per_step_kl(obs, path)
         else:
-            with self.actor_network_params.to_module(actor):
+            with self.actor_network_params.to_module(actor, preserve_module_state=False):
                 path = actor.sample_path(observation, num_samples=num_samples, noise=noise)
             per_step = self.per_step_kl(obs, path, eps_policy=path.eps)
         return per_step.sum(0), per_step, path

@@ -71,7 +71,7 @@ def ensemble_apply(
         return out.unsqueeze(0).expand(size, *out.shape)
 
     def call(p, *xs):
-        with p.to_module(module):
+        with p.to_module(module, preserve_module_state=False):
             return inner(*xs)
 
     if use_vmap:

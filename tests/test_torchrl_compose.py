@@ -1,0 +1,79 @@
+"""BDPO's loss among TorchRL's own parts: target updaters, collectors, transforms."""
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs import GymEnv, StepCounter, TransformedEnv
+from torchrl.envs.transforms import ActionScaling
+from torchrl.objectives import HardUpdate, SoftUpdate
+
+from torchrl_bdpo.data import check_env_compatibility
+from torchrl_bdpo.data.offline import DatasetInfo
+from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
+from torchrl_bdpo.objectives import BDPOLoss
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+OBS, ACT = 3, 1  # Pendulum-v1
+
+
+def make_loss():
+    torch.manual_seed(0)
+    # clip_denoised: actions stay in the box [-1, 1] (as in locomotion); unclipped, an untrained
+    # actor proposes actions far outside it
+    net = lambda: DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=16, depth=2), make_schedule("vp", 3), clip_denoised=True)  # noqa: E731
+    return BDPOLoss(net(), net(), make_value_operator(OBS, ACT, hidden=16, num_steps=3), make_qvalue_operator(OBS, ACT, hidden=16),
+                    eta=0.2, rho=1.0, num_qvalue_nets=2, num_samples=2)
+
+
+def pendulum():
+    # Pendulum's actions are in [-2, 2]: the policy's [-1, 1] reaches it through ActionScaling
+    return TransformedEnv(GymEnv("Pendulum-v1"), ActionScaling())
+
+
+def target_leaves(loss):
+    return {k: v for k, v in loss.state_dict(keep_vars=True).items() if k.startswith("target_")}
+
+
+@pytest.mark.parametrize("updater", ["soft", "hard"])
+def test_torchrl_target_updaters_work_after_loss_acting_and_collector_calls(updater):
+    from torchrl.collectors import Collector
+
+    loss = make_loss()
+    env = pendulum()
+    batch = env.rollout(6).reshape(-1)
+    loss(batch)  # a loss call
+    acting = loss.make_acting_module(num_candidates=3)
+    acting(batch.select("observation").clone())  # an acting call
+    collector = Collector(env, acting, frames_per_batch=8, total_frames=16)
+    for data in collector:
+        assert data["action"].abs().max() <= 1 + 1e-6  # the policy's scale; the env sees ±2
+    collector.shutdown()
+    assert not any(v.requires_grad for v in target_leaves(loss).values())
+    up = SoftUpdate(loss, tau=0.25) if updater == "soft" else HardUpdate(loss, value_network_update_interval=1)
+    with torch.no_grad():
+        for p in loss.qvalue_network_params.values(True, True):
+            p.add_(1.0)
+    before = {k: v.detach().clone() for k, v in target_leaves(loss).items()}
+    online = {k.replace("target_", "", 1): v.detach().clone() for k, v in loss.state_dict().items() if k.startswith("qvalue_network_params")}
+    up.step()
+    if updater == "hard":  # torchrl's HardUpdate copies on the interval-th call after the first
+        up.step()
+    for key, old in before.items():
+        if key.startswith("target_qvalue_network_params"):
+            new = loss.state_dict()[key]
+            src = online[key.replace("target_", "", 1)]
+            want = 0.75 * old + 0.25 * src if updater == "soft" else src
+            torch.testing.assert_close(new, want)
+    assert not any(v.requires_grad for v in target_leaves(loss).values())
+    env.close()
+
+
+def test_check_env_compatibility_counts_only_the_observation_on_a_step_counter_env():
+    info = DatasetInfo(name="d", source="minari-local", num_transitions=1, num_episodes=1, observation_dim=3,
+                       action_dim=1, reward_mode="none", reward_scale=1.0)
+    env = TransformedEnv(GymEnv("Pendulum-v1"), StepCounter())
+    assert "step_count" in env.observation_spec.keys()
+    check_env_compatibility(info, env)  # 3 = 3: step_count does not count
+    wrong = DatasetInfo(**{**info.as_dict(), "observation_dim": 4})
+    with pytest.raises(ValueError, match=r"observation dim 4 in the dataset vs 3 in the environment"):
+        check_env_compatibility(wrong, env)
+    env.close()
