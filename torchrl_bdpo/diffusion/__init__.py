@@ -11,6 +11,11 @@ from torchrl_bdpo.diffusion.networks import (
     make_value_operator,
     timestep_embedding,
 )
+from torchrl_bdpo.diffusion.reference import (
+    GaussianReferenceEpsilon,
+    UniformReferenceEpsilon,
+    make_reference,
+)
 from torchrl_bdpo.diffusion.schedule import NoiseSchedule, StratifiedSteps, make_schedule, stratified_steps
 from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
 
@@ -21,12 +26,15 @@ __all__ = [
     "DiffusionSampler",
     "DiffusionValueNetwork",
     "EpsilonNetwork",
+    "GaussianReferenceEpsilon",
     "NoiseSchedule",
     "QSelectActor",
     "QValueNetwork",
     "SinusoidalTimestepEmbedding",
+    "UniformReferenceEpsilon",
     "StratifiedSteps",
     "make_qvalue_operator",
+    "make_reference",
     "make_schedule",
     "make_value_operator",
     "orthogonal_init_",
