@@ -665,3 +665,27 @@ def test_bad_batches_get_clear_errors():
         del data[key]
         with pytest.raises(KeyError, match=re.escape(f"no {key!r} entry") + ".*set_keys"):
             loss(data)
+
+
+def test_init_actor_from_behavior_is_the_hand_over():
+    from torchrl_bdpo.diffusion import make_reference
+
+    loss = make_loss()
+    with torch.no_grad():
+        for p in loss.target_behavior_network_params.values(True, True):
+            p.add_(0.5)
+    loss.init_actor_from_behavior()
+    for params in (loss.actor_network_params, loss.target_actor_network_params):
+        assert (params == loss.target_behavior_network_params).all()
+    data = make_batch()
+    torch.manual_seed(0)
+    same = loss.next_state_value(data["next", "observation"], data["next", "terminated"])[1]
+    assert float(same.abs().max()) < 1e-10  # the actor is the KL reference: no path KL
+    actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
+    ref = make_reference("uniform", make_schedule("vp", N), ACT, OBS)
+    analytic = BDPOLoss(actor, ref, make_value_operator(OBS, ACT, hidden=32, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=32),
+                        eta=0.2, num_qvalue_nets=K, num_samples=M, train_behavior=False)
+    with pytest.raises(ValueError, match=r"init_actor_from_behavior: the behavior network's parameters do not match.*DenoisingLoss"):
+        analytic.init_actor_from_behavior()
+    out = analytic(data)  # the analytic reference trains the rest as a behavior would
+    assert torch.isfinite(out["loss_qvalue"]) and torch.isfinite(out["loss_actor"]) and "loss_behavior" not in out.keys()

@@ -208,11 +208,9 @@ def make_updaters(cfg: DictConfig, loss: BDPOLoss) -> dict:
     }
 
 
-@torch.no_grad()
 def hand_over(loss: BDPOLoss) -> None:
-    """Actor and actor target start as copies of the behavior EMA."""
-    loss.actor_network_params.data.copy_(loss.target_behavior_network_params.data)
-    loss.target_actor_network_params.data.copy_(loss.target_behavior_network_params.data)
+    """Actor and actor target start as copies of the behavior EMA (``BDPOLoss.init_actor_from_behavior``)."""
+    loss.init_actor_from_behavior()
 
 
 def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dict) -> BDPOUpdate:

@@ -216,6 +216,29 @@ class BDPOLoss(DiffusionValueLoss):
             TargetSoftUpdate(self, ("behavior_network",), tau),
         )
 
+    @torch.no_grad()
+    def init_actor_from_behavior(self) -> None:
+        """The hand-over between pretraining and BDPO: the actor and its target become copies
+        of the behavior EMA (``target_behavior_network_params``).
+
+        Raises a ``ValueError`` when the behavior's parameters do not match the actor's (an
+        analytic reference from :func:`~torchrl_bdpo.diffusion.make_reference` has none: fit
+        the actor to it with :class:`DenoisingLoss` on its samples instead).
+        """
+        src = self.target_behavior_network_params
+        mine = self.actor_network_params
+        if set(src.keys(True, True)) != set(mine.keys(True, True)) or any(
+            src.get(k).shape != mine.get(k).shape for k in mine.keys(True, True)
+        ):
+            raise ValueError(
+                "init_actor_from_behavior: the behavior network's parameters do not match the actor's "
+                f"({len(list(src.keys(True, True)))} vs {len(list(mine.keys(True, True)))} entries, or other "
+                "shapes). Build both with the same EpsilonNetwork settings; for an analytic reference, fit "
+                "the actor to the reference's samples with DenoisingLoss instead."
+            )
+        mine.data.copy_(src.data)
+        self.target_actor_network_params.data.copy_(src.data)
+
     def make_acting_module(self, num_candidates: int = 10, **kwargs):
         """A :class:`~torchrl_bdpo.diffusion.QSelectActor` over the target actor and target Q.
 
