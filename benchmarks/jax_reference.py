@@ -10,16 +10,16 @@ JAX code on "this kind of 2-core CPU", but the hosts behind this VM differ by ~2
 drift within minutes, so a rate measured here cannot be held against a figure measured elsewhere.
 This script measures the reference's kind of program on the same host, in the same minutes: the
 behavior (pretraining) step written in JAX (``n ~ U{1..N}``, forward noising, the
-eps-network of DESIGN.md section 3, mean squared eps error, gradient clip at global norm 1.0,
+eps-network of docs/design.md section 3, mean squared eps error, gradient clip at global norm 1.0,
 Adam 3e-4, target EMA 0.005), ``jax.jit``-compiled as one XLA program with donated buffers.
-It is written here from DESIGN.md, not taken from the authors' code (which this workplace cannot
+It is written here from docs/design.md, not taken from the authors' code (which this workplace cannot
 reach); ``tests/test_jax_reference.py`` checks that it computes what our step computes (the
 network, and the loss and parameters over three clipped optimizer steps, from the same
 parameters and draws).
 
 ``--phase phase_b`` times phase B instead: our compiled ``BDPOUpdate.critic`` and ``.policy``
 (as ``bench_bdpo.py`` builds them) against two jitted JAX steps written the same way from
-DESIGN.md section 4: the critic step (the target actor's ``M x N`` reverse chains at ``s'``, the
+docs/design.md section 4: the critic step (the target actor's ``M x N`` reverse chains at ``s'``, the
 behavior EMA's path KL over all their steps in one pass, the Q ensemble at ``a'^0`` through
 ``vmap``, the V target's one reverse step with ``V_{n-1}`` / ``Q`` at ``n - 1 = 0`` selected by
 ``where``, both TD losses, clip, Adam, EMA) and the policy step (the one-step actor loss and the
@@ -86,7 +86,7 @@ def vp_tables(N: int, b_min: float = 0.1, b_max: float = 10.0) -> dict:
 
 
 def vp_alphas_cumprod(N: int) -> np.ndarray:
-    """``[abar_0 = 1, abar_1, ..., abar_N]`` of the "vp" schedule (DESIGN.md section 2)."""
+    """``[abar_0 = 1, abar_1, ..., abar_N]`` of the "vp" schedule (docs/design.md section 2)."""
     return vp_tables(N)["abar"]
 
 

@@ -689,3 +689,20 @@ def test_init_actor_from_behavior_is_the_hand_over():
         analytic.init_actor_from_behavior()
     out = analytic(data)  # the analytic reference trains the rest as a behavior would
     assert torch.isfinite(out["loss_qvalue"]) and torch.isfinite(out["loss_actor"]) and "loss_behavior" not in out.keys()
+
+
+def test_nested_reward_and_flag_keys():
+    """``set_keys`` with nested keys (a multi-agent style layout) gives the flat layout's numbers."""
+    loss = make_loss()
+    data = make_batch()
+    noise = torch.randn(N + 1, 8, M, ACT)
+    want, _, _ = loss.qvalue_target(data, noise=noise)
+    nested = data.clone()
+    nested["next", "agent", "rew"] = nested["next", "reward"]
+    nested["next", "agent", "term"] = nested["next", "terminated"]
+    nested["next", "agent", "done"] = nested["next", "done"]
+    del nested["next", "reward"], nested["next", "terminated"], nested["next", "done"]
+    loss.set_keys(reward=("agent", "rew"), terminated=("agent", "term"), done=("agent", "done"))
+    got, _, _ = loss.qvalue_target(nested, noise=noise)
+    torch.testing.assert_close(got, want)
+    assert torch.isfinite(loss(nested)["loss_qvalue"])

@@ -5,7 +5,7 @@
 
 Phase A pretrains the behavior diffusion model (with its EMA); the actor and its target
 start as copies of that EMA; phase B trains Q and V_n every step, and the actor and the
-behavior every ``optim.actor_every``-th step after ``optim.warmup`` (DESIGN section 4).
+behavior every ``optim.actor_every``-th step after ``optim.warmup`` (docs/design.md section 4).
 Evaluation runs the K-candidate acting module (the behavior model during phase A) in
 TorchRL ``GymEnv``s (a ``ParallelEnv`` when ``eval.num_envs > 1``) and reports the mean and
 std return and the normalised score. Under the output directory: CSV logs (or another

@@ -4,7 +4,7 @@
     python sota-implementations/bdpo/bdpo_toy2d.py --config-name toy2d_paper   # GPU-sized
 
 Phase A pretrains the behavior diffusion model (with its EMA); the actor starts as a
-copy of that EMA; phase B trains Q, V_n, the actor and the behavior (DESIGN section 4).
+copy of that EMA; phase B trains Q, V_n, the actor and the behavior (docs/design.md section 4).
 Every transition is terminal, so the Q target is the reward and no next-state path is
 sampled. The run writes, under its output directory: CSV logs, checkpoints, summary.json
 and three PNG figures (targets at a few eta, actor samples with their paths, V_n

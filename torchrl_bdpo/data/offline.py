@@ -7,7 +7,7 @@ D4RL's time-limit transitions, whose next observation D4RL's files do not hold: 
 dropped, counted in ``dataset_info.dropped_transitions`` and warned about, as
 ``d4rl.qlearning_dataset`` (and the BDPO authors' loader) drops them.
 TorchRL 0.14's ``MinariExperienceReplay`` is never used: its cache is written with
-``memmap_like`` and comes back all zeros (DESIGN.md section 6).
+``memmap_like`` and comes back all zeros (docs/design.md section 6).
 """
 from __future__ import annotations
 

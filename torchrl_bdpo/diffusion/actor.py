@@ -181,7 +181,7 @@ class DiffusionActor(TensorDictModule):
     """A DDPM diffusion policy as a TensorDictModule: ``observation -> action``.
 
     The action is ``a^0`` of the reverse chain ``a^N ~ N(0, I)``,
-    ``a^{n-1} = mu_n(s, a^n) + [n > 1] sigma_n z`` (DESIGN.md section 2).
+    ``a^{n-1} = mu_n(s, a^n) + [n > 1] sigma_n z`` (docs/design.md section 2).
 
     Exploration types (``torchrl.envs.utils.set_exploration_type``):
 

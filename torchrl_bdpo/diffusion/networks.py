@@ -1,4 +1,4 @@
-"""Plain ``nn.Module`` networks of the reference implementation (DESIGN.md section 3).
+"""Plain ``nn.Module`` networks of the reference implementation (docs/design.md section 3).
 
 They take tensors, not TensorDicts; :class:`~torchrl_bdpo.diffusion.DiffusionActor`
 and TorchRL's ``ValueOperator`` are their TensorDict faces.

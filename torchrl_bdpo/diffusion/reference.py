@@ -1,6 +1,6 @@
 """Analytic reference models: the uniform and the standard-Gaussian action distributions.
 
-BDPO regularises toward a reference ``nu`` (docs/design.md, "The three references"):
+BDPO regularises toward a reference ``nu`` (docs/design.md section 5):
 the data's behavior (offline RL), a pretrained model (post-training), or the uniform
 policy on the action box, which turns ``E_pi[Q] - eta KL(pi || nu)`` into maximum-entropy
 RL with temperature ``eta``. For the uniform and Gaussian distributions the reference's

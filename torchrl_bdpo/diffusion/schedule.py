@@ -1,6 +1,6 @@
 """DDPM noise schedules over N discrete diffusion steps.
 
-Every formula of DESIGN.md section 2 lives here and only here: forward noising,
+Every formula of docs/design.md section 2 lives here and only here: forward noising,
 the reverse mean from a predicted epsilon, one reverse step, and the per-step
 KL weights ``w_n``. Tensors are indexed by the step ``n`` itself: index 0 holds
 the values of ``n = 0`` (``beta_0 = 0``, ``alphabar_0 = 1``), so ``buf[n]``
