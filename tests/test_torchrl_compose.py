@@ -77,3 +77,43 @@ def test_check_env_compatibility_counts_only_the_observation_on_a_step_counter_e
     with pytest.raises(ValueError, match=r"observation dim 4 in the dataset vs 3 in the environment"):
         check_env_compatibility(wrong, env)
     env.close()
+
+
+def test_collector_data_joins_the_offline_buffer_in_its_keys_and_scale(tmp_path, monkeypatch):
+    from torchrl.collectors import Collector
+
+    from torchrl_bdpo.data import TRANSITION_KEYS, OfflineToOnlineBuffer, make_offline_buffer, to_offline_layout
+    from torchrl_bdpo.data.generate import GenerateConfig, generate
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    generate(GenerateConfig(levels=("random",), num_transitions=400, out_dir=str(tmp_path / "gen"),
+                            random_return_episodes=2, progress=False))
+    offline = make_offline_buffer("generated/hopper/random-v0", batch_size=32)
+    scale = offline.dataset_info.reward_scale
+    assert scale != 1.0
+    env = GymEnv("Hopper-v5")
+    collector = Collector(env, None, frames_per_batch=50, total_frames=50)  # random actions
+    batch = next(iter(collector))
+    collector.shutdown()
+    assert "collector" in batch.keys() and "episode" in offline[:].keys()
+    rb = OfflineToOnlineBuffer(offline, online_capacity=1000, offline_fraction=0.5)
+    rb.extend(batch)
+    stored = rb.online_buffer[:]
+    torch.testing.assert_close(stored["next", "reward"], batch["next", "reward"].reshape(-1, 1).float() * scale)
+    mixed = rb.sample()
+    assert mixed.batch_size == (32,)
+    keys = set(mixed.keys(True, True))
+    assert keys == set(TRANSITION_KEYS) == set(offline[:].exclude("episode", "index").keys(True, True))
+    for key in keys:
+        assert mixed[key].dtype == offline[:][key].dtype, key
+    # the first 16 rows come from the offline data, the last 16 from the collector
+    offline_obs = offline[:]["observation"]
+    from_offline = [(offline_obs == row).all(-1).any() for row in mixed["observation"]]
+    assert all(from_offline[:16]) and not any(from_offline[16:])
+    # truncated is derived when the data lacks it, never zeroed
+    no_trunc = batch.exclude(("next", "truncated"))
+    out = to_offline_layout(no_trunc, scale)
+    torch.testing.assert_close(out["next", "truncated"], (batch["next", "done"] & ~batch["next", "terminated"]).reshape(-1, 1))
+    with pytest.raises(KeyError, match=r"no \[\('next', 'terminated'\)\] entries"):
+        to_offline_layout(batch.exclude(("next", "terminated")))
+    env.close()

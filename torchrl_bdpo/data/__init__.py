@@ -12,6 +12,7 @@ from torchrl_bdpo.data.offline import (
     transitions_from_episodes,
 )
 from torchrl_bdpo.data.generate import GenerateConfig, generate
+from torchrl_bdpo.data.online import TRANSITION_KEYS, OfflineToOnlineBuffer, to_offline_layout
 from torchrl_bdpo.data.toy import (
     TOY_DATASETS,
     make_toy_buffer,
@@ -34,6 +35,9 @@ __all__ = [
     "episode_index",
     "episode_returns",
     "make_offline_buffer",
+    "OfflineToOnlineBuffer",
+    "TRANSITION_KEYS",
+    "to_offline_layout",
     "transitions_from_episodes",
     "TOY_DATASETS",
     "make_toy_buffer",
