@@ -269,3 +269,24 @@ def test_train_scalars_entries():
     }
     toy_row = utils.train_scalars(row, critic, 12.5, next_state_paths=False)
     assert toy_row == {k: v for k, v in offline.items() if k not in ("train/qvalue_target", "train/path_kl", "train/kl_step_1", "train/kl_step_2")}
+
+
+def test_a_refused_resume_leaves_the_runs_records_as_they_were(tmp_path):
+    """Through hydra itself: the second launch's .hydra record goes to its own folder, and its
+    refused checkpoint leaves config.yaml untouched."""
+    import os
+    import subprocess
+
+    script = str(SCRIPT_DIR / "bdpo_toy2d.py")
+    tiny = ["optim.pretrain_steps=5", "optim.steps=5", "optim.warmup=1", "env.num_points=2000",
+            "eval.num_samples=100", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, *tiny], check=True, capture_output=True, env=env)
+    first = {p: p.read_text() for p in tmp_path.rglob("*.yaml")}
+    assert len([p for p in first if ".hydra" in p.parts]) == 3 and (tmp_path / "config.yaml") in first
+    out = subprocess.run([sys.executable, script, *tiny, "loss.eta=0.5", "checkpoint.resume=true"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "differing keys: ['loss.eta (0.06 in the checkpoint, 0.5 now)']" in out.stderr
+    for path, text in first.items():
+        assert path.read_text() == text, path
+    assert len(list((tmp_path / ".hydra").iterdir())) == 2  # the refused launch's own record
