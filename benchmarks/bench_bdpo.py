@@ -406,9 +406,15 @@ def main(argv=None):
     parts = args.only or ["acting", "update", "actor_cost"]
     result = {
         "date": str(date.today()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256, "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats, "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal, "step_sampling": args.step_sampling},
+        "settings": {
+            "preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256,
+            "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats,
+            "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal,
+            "step_sampling": args.step_sampling,
+        },
         "matmul_peak_gflops": matmul_peak(device),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -654,7 +654,8 @@ def test_bad_batches_get_clear_errors():
         data = make_batch()
         data[key] = data[key].to(dtype)
         for call in calls if key == "observation" else [loss, den, value]:
-            with pytest.raises(TypeError, match=rf"tensordict\['{key}'\] is {dtype} with shape \(8, {OBS if key == 'observation' else ACT}\); expected torch.float32"):
+            dim = OBS if key == "observation" else ACT
+            with pytest.raises(TypeError, match=rf"tensordict\['{key}'\] is {dtype} with shape \(8, {dim}\); expected torch.float32"):
                 call(data)
     data = make_batch()
     data["next", "reward"] = data["next", "reward"].double()

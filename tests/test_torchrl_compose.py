@@ -1,7 +1,6 @@
 """BDPO's loss among TorchRL's own parts: target updaters, collectors, transforms."""
 import pytest
 import torch
-from tensordict import TensorDict
 from torchrl.envs import GymEnv, StepCounter, TransformedEnv
 from torchrl.envs.transforms import ActionScaling
 from torchrl.objectives import HardUpdate, SoftUpdate

@@ -35,7 +35,8 @@ def main(cfg: DictConfig) -> None:
     short = {k: summary[k] for k in ("ref_min_score", "ref_max_score", "weak_policy", "medium_policy", "sac_frames", "timings_s")}
     print(json.dumps(short, indent=2, default=float))
     for level, d in summary["datasets"].items():
-        print(f"{level}: {d['dataset_id']} ({d['transitions']} transitions, {d['episodes']} episodes, mean return {d['mean_episode_return']:.1f}) at {d['path']}")
+        counts = f"{d['transitions']} transitions, {d['episodes']} episodes, mean return {d['mean_episode_return']:.1f}"
+        print(f"{level}: {d['dataset_id']} ({counts}) at {d['path']}")
 
 
 if __name__ == "__main__":
