@@ -116,3 +116,38 @@ def test_collector_data_joins_the_offline_buffer_in_its_keys_and_scale(tmp_path,
     with pytest.raises(KeyError, match=r"no \[\('next', 'terminated'\)\] entries"):
         to_offline_layout(batch.exclude(("next", "terminated")))
     env.close()
+
+
+def test_bdpo_runs_under_torchrls_trainer_with_its_cadence():
+    """A torchrl Trainer, a Collector on Pendulum (ActionScaling), and BDPO's stepper: the critics
+    every step, the actor every 3rd after 2; the trainer averages the same keys every step."""
+    from torchrl.collectors import Collector
+    from torchrl.trainers import Trainer
+
+    from torchrl_bdpo.objectives import BDPOUpdate
+    from torchrl_bdpo.trainers import BDPOOptimizationStepper
+
+    loss = make_loss()
+    optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}
+    update = BDPOUpdate(loss, optimizers, dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters())), grad_clip=1.0)
+    stepper = BDPOOptimizationStepper(update, warmup=2, actor_every=3)
+    env = pendulum()
+    collector = Collector(env, loss.make_acting_module(num_candidates=2), frames_per_batch=10, total_frames=40)
+    actor_before = loss.actor_network_params.clone()
+    trainer = Trainer(collector=collector, total_frames=40, frame_skip=1, optim_steps_per_batch=3, loss_module=loss,
+                      optimizer=None, optimization_stepper=stepper, progress_bar=False)
+    trainer.train()
+    # 4 batches x 3 steps = 12 steps; actor steps at 2, 5, 8, 11
+    assert stepper.steps == 12 and stepper.actor_steps == 4
+    assert [s for s in range(12) if stepper.is_actor_step(s)] == [2, 5, 8, 11]
+    assert not (loss.actor_network_params == actor_before).all()
+    out = stepper.step(None, env.rollout(10))  # outside the trainer too
+    assert set(out.keys()) == set(BDPOOptimizationStepper.KEYS) and torch.isfinite(out["loss_actor"])
+    state = stepper.state_dict()
+    fresh = BDPOOptimizationStepper(update, warmup=2, actor_every=3)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 13 and fresh.actor_steps == stepper.actor_steps
+    with pytest.raises(ValueError, match=r"actor_every=0: expected an integer >= 1"):
+        BDPOOptimizationStepper(update, actor_every=0)
+    collector.shutdown()
+    env.close()
