@@ -492,29 +492,13 @@ class DatasetGenerator:
                         bar.set_postfix(eval_return=f"{ret:.0f}", medium_at=f"{lo:.0f}")
                         if need_weak and "weak_policy" not in state and ret >= weak_lo:
                             # the same SAC run, earlier: each level is a rollout of one of its policies
-                            state["weak_policy"] = {
-                                "params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret,
-                                "in_band": ret <= weak_hi,
-                            }
-                            if ret > weak_hi:
-                                warnings.warn(
-                                    f"the first policy past {weak_lo:.0f} returned {ret:.0f} (> {weak_hi:.0f}, the weak "
-                                    f"band's top); it is used as the weak-medium policy. Evaluate more often (eval_every)."
-                                )
+                            state["weak_policy"] = _policy_record(actor, frames, ret, weak_lo, weak_hi, "weak-medium")
                             self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
                             last_ckpt = frames
                             if not need_medium and not need_expert:
                                 break
                         if need_medium and "medium_policy" not in state and ret >= lo:
-                            state["medium_policy"] = {
-                                "params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret,
-                                "in_band": ret <= hi,
-                            }
-                            if ret > hi:
-                                warnings.warn(
-                                    f"the first policy past {lo:.0f} returned {ret:.0f} (> {hi:.0f}, the band's top); "
-                                    f"it is used as the medium policy. Evaluate more often (eval_every) for a closer one."
-                                )
+                            state["medium_policy"] = _policy_record(actor, frames, ret, lo, hi, "medium")
                             levels["medium-replay"] = _replay_transitions(rb.storage[: len(rb)])
                             self.timings["sac_to_medium_s"] = lap()
                             self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
@@ -679,6 +663,16 @@ class DatasetGenerator:
         fig.tight_layout()
         fig.savefig(self.out / "sac_learning_curve.png", dpi=120)
         plt.close(fig)
+
+
+def _policy_record(actor, frames: int, ret: float, lo: float, hi: float, level: str) -> dict:
+    """The SAC policy that a level rolls out: its parameters and where it was taken."""
+    if ret > hi:
+        warnings.warn(
+            f"the first policy past {lo:.0f} returned {ret:.0f} (> {hi:.0f}, the band's top); it is used "
+            f"as the {level} policy. Evaluate more often (eval_every) for a closer one."
+        )
+    return {"params": TensorDict.from_module(actor).clone(), "frames": frames, "eval_return": ret, "in_band": ret <= hi}
 
 
 def _replay_transitions(data: TensorDict) -> TensorDict:
