@@ -218,3 +218,13 @@ def test_weak_medium_is_a_rollout_of_the_same_sac_run(tmp_path, minari_root):
     assert set(out["datasets"]) == {"weak-medium"}
     with pytest.raises(ValueError, match=r"weak_band=\(0.3, 0.2\): expected 0 < low <= high"):
         tiny(tmp_path, weak_band=(0.3, 0.2)).validate()
+
+
+def test_every_bad_setting_is_named(tmp_path):
+    with pytest.raises(ValueError) as err:
+        tiny(tmp_path, num_transitions=0, checkpoint_every=0, batch_size=-1, lr=0.0, gamma=1.5, tau=0.0, hidden=2.5).validate()
+    for line in ("num_transitions=0: expected an integer >= 1", "checkpoint_every=0: expected an integer >= 1",
+                 "batch_size=-1: expected an integer >= 1", "lr=0.0: expected a number > 0",
+                 "gamma=1.5: expected a number >= 0 and <= 1", "tau=0.0: expected a number > 0 and <= 1",
+                 "hidden=2.5: expected an integer >= 1"):
+        assert line in str(err.value), line

@@ -92,8 +92,20 @@ class GenerateConfig:
         bad = [lv for lv in self.levels if lv not in LEVELS]
         if bad or not self.levels:
             raise ValueError(f"levels={list(self.levels)}: expected a non-empty subset of {list(LEVELS)}.")
-        if self.num_transitions < 1:
-            raise ValueError(f"num_transitions={self.num_transitions}: expected >= 1.")
+        problems = []
+        for name, low in (("num_transitions", 1), ("seed", 0), ("max_medium_frames", 1), ("expert_frames", 1),
+                          ("eval_every", 1), ("eval_episodes", 1), ("random_return_episodes", 1),
+                          ("frames_per_batch", 1), ("init_random_frames", 0), ("batch_size", 1), ("hidden", 1),
+                          ("checkpoint_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name}={value!r}: expected an integer >= {low}")
+        for name, lo, hi, lo_open in (("lr", 0, None, True), ("gamma", 0, 1, False), ("tau", 0, 1, True), ("utd_ratio", 0, None, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+                problems.append(f"{name}={value!r}: expected a number {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else ""))
+        if problems:
+            raise ValueError("invalid generation settings:\n  " + "\n  ".join(problems))
         for name in ("medium_band", "weak_band"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
