@@ -55,6 +55,11 @@ def check_num_steps(num_steps, *, what: str = "the number of diffusion steps", h
     return num_steps
 
 
+def params_dtype(params) -> torch.dtype:
+    """The dtype the networks compute in: that of the first leaf of their parameters."""
+    return next(iter(params.values(True, True))).dtype
+
+
 def read_inputs(tensordict, keys, dtype: torch.dtype, *, owner: str, finite: bool = True) -> list[torch.Tensor]:
     """The entries ``keys`` of a loss's batch, checked; a clear error for each bad one.
 

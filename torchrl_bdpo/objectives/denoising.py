@@ -9,7 +9,7 @@ from tensordict.nn import dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import read_inputs
+from torchrl_bdpo._validation import params_dtype, read_inputs
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 
@@ -123,7 +123,7 @@ class DenoisingLoss(MovesSchedules, LossModule):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        dtype = params_dtype(self.actor_network_params)
         keys = (self.tensor_keys.observation, self.tensor_keys.action)
         observation, action = read_inputs(tensordict, keys, dtype, owner=type(self).__name__, finite=self.validate)
         loss = self._reduce_loss(self.denoising_error(observation, action), tensordict)

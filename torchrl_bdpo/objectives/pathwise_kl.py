@@ -9,7 +9,7 @@ from tensordict.nn import dispatch
 from tensordict.utils import NestedKey
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import read_inputs
+from torchrl_bdpo._validation import params_dtype, read_inputs
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
@@ -225,7 +225,7 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
 
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        dtype = params_dtype(self.actor_network_params)
         (observation,) = read_inputs(
             tensordict, (self.tensor_keys.observation,), dtype, owner=type(self).__name__, finite=self.validate
         )

@@ -13,7 +13,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.objectives.common import LossModule
 
-from torchrl_bdpo._validation import read_inputs, static_graph
+from torchrl_bdpo._validation import params_dtype, read_inputs, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
@@ -490,7 +490,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
 
     def _validate(self, tensordict, keys) -> None:
         """Missing keys, other dtypes and empty batches raise; NaN / inf too with ``validate``."""
-        dtype = next(iter(self.actor_network_params.values(True, True))).dtype
+        dtype = params_dtype(self.actor_network_params)
         read_inputs(tensordict, keys, dtype, owner=type(self).__name__, finite=self.validate)
 
     # ---------------------------------------------------------------- losses
