@@ -51,84 +51,8 @@ from utils import (  # noqa: E402
 )
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
-from torchrl_bdpo.data.generate import make_env  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
-
-# D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
-# same observation and action spaces and are what evaluates them here.
-D4RL_EVAL_ENVS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-
-
-def eval_env_id(cfg: DictConfig, info) -> str:
-    if cfg.env.get("eval_env"):
-        return cfg.env.eval_env
-    name = str(info.env_id or "")
-    prefix = name.split("-")[0]
-    if info.source == "d4rl" and prefix in D4RL_EVAL_ENVS:
-        return D4RL_EVAL_ENVS[prefix]
-    if info.env_id:
-        return info.env_id
-    raise ValueError(
-        f"dataset {info.name!r} names no environment to evaluate in; set env.eval_env=<Gymnasium id> "
-        f"or eval.episodes=0 to train without evaluation."
-    )
-
-
-def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device, action_scaling=None):
-    """The evaluation env, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
-    envs step on the CPU, and their observations reach the policy on the GPU).
-
-    ``action_scaling``: a transform from the policy's [-1, 1] actions to the env's (the
-    dataset's ``dataset_info.action_scaling()`` when its action box is not [-1, 1]).
-    """
-    from functools import partial
-
-    from torchrl.envs import ParallelEnv
-
-    make = partial(make_env, env_id)
-    try:
-        env = ParallelEnv(num_envs, make, device=device) if num_envs > 1 else make().to(device)
-    except Exception as err:
-        raise RuntimeError(
-            f"could not build the evaluation environment {env_id!r} ({type(err).__name__}: {err}). Install "
-            f"its package (gymnasium[mujoco]; gymnasium-robotics for antmaze), set env.eval_env, or "
-            f"eval.episodes=0."
-        ) from err
-    if action_scaling is not None:
-        from torchrl.envs import TransformedEnv
-
-        env = TransformedEnv(env, action_scaling)
-    env.set_seed(seed)
-    return env
-
-
-def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episodes: bool = False):
-    """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done).
-
-    ``keep_episodes=True`` also returns each episode's steps, a TensorDict with
-    ``observation``, ``action``, ``("next", "reward")`` and ``("next", "terminated")`` up to
-    and including its first done: ``(returns, episodes)``.
-    """
-    from torchrl.envs.utils import set_exploration_type
-
-    n_envs = env.batch_size.numel() if env.batch_size else 1
-    returns, kept = [], []
-    with set_exploration_type(exploration), torch.no_grad():
-        while len(returns) < episodes:
-            td = env.rollout(max_steps, policy, break_when_any_done=False, break_when_all_done=True)
-            td = td.reshape(n_envs, -1) if env.batch_size else td.unsqueeze(0)
-            reward = td["next", "reward"].reshape(n_envs, -1)
-            done = td["next", "done"].reshape(n_envs, -1).long()
-            before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
-            returns += (reward * before_first_done).sum(-1).tolist()
-            if keep_episodes:
-                kept += [
-                    td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu()
-                    for i in range(n_envs)
-                ]
-    returns = np.asarray(returns[:episodes])
-    return (returns, kept[:episodes]) if keep_episodes else returns
-
+from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env  # noqa: E402
 
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
     """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
@@ -257,7 +181,7 @@ def train(cfg: DictConfig) -> dict:
         probe_rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
         probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
         probe = data[probe_rows]
-        env_id = eval_env_id(cfg, info)
+        env_id = eval_env_id(info, cfg.env.get("eval_env"))
         env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device, info.action_scaling())
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)

@@ -38,6 +38,7 @@ from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
 
 from torchrl_bdpo.checkpoint import load_checkpoint, remove_stale_tmp, save_checkpoint
+from torchrl_bdpo.envs import make_env
 
 LEVELS = ("random", "weak-medium", "medium", "medium-replay", "expert", "medium-expert")
 
@@ -142,16 +143,6 @@ class GenerateConfig:
 
 
 # ----------------------------------------------------------------------------- env, SAC
-def make_env(env_id: str, seed: int | None = None):
-    """A TorchRL ``GymEnv`` with float32 observations (Gymnasium MuJoCo returns float64)."""
-    from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
-
-    env = TransformedEnv(GymEnv(env_id), DoubleToFloat())
-    if seed is not None:
-        env.set_seed(seed)
-    return env
-
-
 def make_sac(env, hidden: int, gamma: float):
     from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
     from torchrl.objectives import SACLoss

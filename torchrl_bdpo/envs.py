@@ -1,0 +1,101 @@
+"""Gymnasium MuJoCo environments as TorchRL envs, and the evaluation of a policy in them.
+
+Shared by the offline script, the dataset generator and the offline peers' harness
+(``benchmarks/offline_peers.py``), so that every method is evaluated the same way.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import torch
+
+__all__ = ["D4RL_EVAL_ENVS", "eval_env_id", "evaluate", "make_env", "make_eval_env"]
+
+# D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
+# same observation and action spaces and are what evaluates them here.
+D4RL_EVAL_ENVS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+
+
+def make_env(env_id: str, seed: int | None = None):
+    """A TorchRL ``GymEnv`` with float32 observations (Gymnasium MuJoCo returns float64)."""
+    from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
+
+    env = TransformedEnv(GymEnv(env_id), DoubleToFloat())
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def eval_env_id(info, override: str | None = None) -> str:
+    """The Gymnasium id that evaluates a dataset (``info``: its ``DatasetInfo``).
+
+    ``override`` wins; a D4RL v2 locomotion dataset maps to the v5 task; otherwise the
+    dataset's own ``env_id``.
+    """
+    if override:
+        return override
+    name = str(info.env_id or "")
+    prefix = name.split("-")[0]
+    if info.source == "d4rl" and prefix in D4RL_EVAL_ENVS:
+        return D4RL_EVAL_ENVS[prefix]
+    if info.env_id:
+        return info.env_id
+    raise ValueError(
+        f"dataset {info.name!r} names no environment to evaluate in; set env.eval_env=<Gymnasium id> "
+        f"or eval.episodes=0 to train without evaluation."
+    )
+
+
+def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device, action_scaling=None):
+    """The evaluation env, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
+    envs step on the CPU, and their observations reach the policy on the GPU).
+
+    ``action_scaling``: a transform from the policy's [-1, 1] actions to the env's (the
+    dataset's ``dataset_info.action_scaling()`` when its action box is not [-1, 1]).
+    """
+    from torchrl.envs import ParallelEnv
+
+    make = partial(make_env, env_id)
+    try:
+        env = ParallelEnv(num_envs, make, device=device) if num_envs > 1 else make().to(device)
+    except Exception as err:
+        raise RuntimeError(
+            f"could not build the evaluation environment {env_id!r} ({type(err).__name__}: {err}). Install "
+            f"its package (gymnasium[mujoco]; gymnasium-robotics for antmaze), set env.eval_env, or "
+            f"eval.episodes=0."
+        ) from err
+    if action_scaling is not None:
+        from torchrl.envs import TransformedEnv
+
+        env = TransformedEnv(env, action_scaling)
+    env.set_seed(seed)
+    return env
+
+
+def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episodes: bool = False):
+    """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done).
+
+    ``keep_episodes=True`` also returns each episode's steps, a TensorDict with
+    ``observation``, ``action``, ``("next", "reward")`` and ``("next", "terminated")`` up to
+    and including its first done: ``(returns, episodes)``.
+    """
+    from torchrl.envs.utils import set_exploration_type
+
+    n_envs = env.batch_size.numel() if env.batch_size else 1
+    returns, kept = [], []
+    with set_exploration_type(exploration), torch.no_grad():
+        while len(returns) < episodes:
+            td = env.rollout(max_steps, policy, break_when_any_done=False, break_when_all_done=True)
+            td = td.reshape(n_envs, -1) if env.batch_size else td.unsqueeze(0)
+            reward = td["next", "reward"].reshape(n_envs, -1)
+            done = td["next", "done"].reshape(n_envs, -1).long()
+            before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
+            returns += (reward * before_first_done).sum(-1).tolist()
+            if keep_episodes:
+                kept += [
+                    td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu()
+                    for i in range(n_envs)
+                ]
+    returns = np.asarray(returns[:episodes])
+    return (returns, kept[:episodes]) if keep_episodes else returns
