@@ -175,7 +175,9 @@ class BDPOUpdate:
         optimizers (mapping): ``"critic"``, ``"actor"`` and ``"behavior"`` optimizers over
             the loss's ``qvalue/value``, ``actor`` and ``behavior`` parameters.
         updaters (mapping): ``"critic"``, ``"actor"``, ``"behavior"`` target updaters
-            (:meth:`BDPOLoss.make_target_updaters`).
+            (:meth:`BDPOLoss.make_target_updaters`). An analytic reference
+            (:func:`~torchrl_bdpo.diffusion.make_reference`, no parameters) needs neither a
+            ``"behavior"`` optimizer nor updater.
 
     Keyword Args:
         grad_clip (float, optional): max global gradient norm of each network's gradients,
@@ -256,10 +258,18 @@ class BDPOUpdate:
         warmup: int = 2,
         overlap_losses: bool = False,
     ) -> None:
+        groups = self.param_groups(loss)
+        if not groups["behavior"] and getattr(loss, "train_behavior", False):
+            raise ValueError(
+                "train_behavior=True, but the behavior (reference) model has no parameters to train (an "
+                "analytic reference, make_reference): build the loss with train_behavior=False."
+            )
+        # an analytic reference (no parameters) needs no behavior optimizer or updater
+        needed = [g for g in _GROUPS if g != "behavior" or groups["behavior"]]
         for name, given in (("optimizers", optimizers), ("updaters", updaters)):
-            missing = [g for g in _GROUPS if g not in given]
+            missing = [g for g in needed if g not in given]
             if missing:
-                raise KeyError(f"{name} lacks {missing}: expected the keys {list(_GROUPS)}.")
+                raise KeyError(f"{name} lacks {missing}: expected the keys {needed}.")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip={grad_clip!r}: expected a positive number or None.")
         self.loss = loss
@@ -410,6 +420,11 @@ class BDPOUpdate:
         return TensorDict(out)
 
     def _behavior_step(self, batch):
+        if "behavior" not in self.optimizers:
+            raise ValueError(
+                "behavior step: the behavior (reference) model has no parameters (an analytic reference) "
+                "and no optimizer; there is nothing to pretrain."
+            )
         program = self._behavior_program
         if program is not None and program.accepts(batch):
             out = program.set_grads(batch)

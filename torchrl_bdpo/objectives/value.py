@@ -210,7 +210,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         super().__init__()
         self.ensemble_chunk_rows = ensemble_chunk_rows
         self.ensemble_chunk_compile = None
-        self.eta = float(eta)
+        # eta in a buffer, so that compiled and CUDA-graphed steps read its current value:
+        # set_eta (EtaLagrangian, annealing) changes it in place. Not saved: the config sets it.
+        self.register_buffer("_eta", torch.tensor(float(eta)), persistent=False)
         self.rho = float(rho)
         self.aggregation = aggregation
         self.num_qvalue_nets = num_qvalue_nets
@@ -226,6 +228,19 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         self.convert_to_functional(behavior_network, "behavior_network", create_target_params=True)
         self._convert_ensemble(value_network, "value_network", network_init)
         self._convert_ensemble(qvalue_network, "qvalue_network", network_init)
+
+    @property
+    def eta(self) -> torch.Tensor:
+        """The KL weight, a 0-dim tensor (:meth:`set_eta` changes it)."""
+        return self._eta
+
+    def set_eta(self, value) -> None:
+        """Set the KL weight in place (a compiled or captured step sees the new value)."""
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"eta={value!r}: expected a finite, positive KL weight.")
+        with torch.no_grad():
+            self._eta.fill_(value)
 
     # ------------------------------------------------------------------ set-up
     def _check_critic(self, module, name, actor) -> None:
