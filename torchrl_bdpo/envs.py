@@ -10,7 +10,10 @@ from functools import partial
 import numpy as np
 import torch
 
-__all__ = ["D4RL_EVAL_ENVS", "eval_env_id", "evaluate", "make_env", "make_eval_env"]
+__all__ = [
+    "D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "eval_env_id", "evaluate", "make_env",
+    "make_eval_env",
+]
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
 # same observation and action spaces and are what evaluates them here.
@@ -25,6 +28,48 @@ def make_env(env_id: str, seed: int | None = None):
     if seed is not None:
         env.set_seed(seed)
     return env
+
+
+def _action_box(env):
+    spec = env.action_spec_unbatched if hasattr(env, "action_spec_unbatched") else env.action_spec
+    space = getattr(spec, "space", None)
+    if space is None or not hasattr(space, "low"):
+        raise ValueError(f"the env's action spec is {type(spec).__name__}: expected a bounded continuous box.")
+    low, high = space.low.float(), space.high.float()
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
+        raise ValueError(
+            f"the env's action box [{low.tolist()}, {high.tolist()}] is unbounded: diffusion policies here act in "
+            f"[-1, 1]; give the env a bounded action space."
+        )
+    return low, high
+
+
+def action_scaling_for(env):
+    """torchrl's ``ActionScaling`` from the policy's [-1, 1] to ``env``'s action box, or None when
+    the box is [-1, 1] already. ``TransformedEnv(env, action_scaling_for(env))`` then takes
+    [-1, 1] actions (its ``action_spec`` says so)."""
+    low, high = _action_box(env)
+    if torch.allclose(low, -torch.ones_like(low)) and torch.allclose(high, torch.ones_like(high)):
+        return None
+    from torchrl.envs.transforms import ActionScaling
+
+    return ActionScaling(loc=(high + low) / 2, scale=(high - low) / 2)
+
+
+def check_unit_action_box(env, what: str = "the policy") -> None:
+    """A ``ValueError`` unless ``env`` takes actions in [-1, 1] (e.g. after ``ActionScaling``).
+
+    The diffusion policies clip their samples to [-1, 1], and the uniform reference is uniform
+    on that box: on Pendulum's ±2 the policy would never reach half the range, and eta would
+    weigh the KL to a distribution on the wrong box.
+    """
+    low, high = _action_box(env)
+    if not (torch.allclose(low, -torch.ones_like(low)) and torch.allclose(high, torch.ones_like(high))):
+        raise ValueError(
+            f"the env's action box is low={low.tolist()}, high={high.tolist()}, but {what} acts in [-1, 1]. "
+            f"Scale it: env = TransformedEnv(env, torchrl_bdpo.envs.action_scaling_for(env)) (torchrl's "
+            f"ActionScaling maps [-1, 1] onto the box)."
+        )
 
 
 def eval_env_id(info, override: str | None = None) -> str:

@@ -13,6 +13,7 @@ from torchrl_bdpo.diffusion import (
     DiffusionActor,
     EpsilonNetwork,
     make_qvalue_operator,
+    make_reference,
     make_schedule,
     make_value_operator,
 )
@@ -125,8 +126,9 @@ def set_matmul_precision(cfg: DictConfig) -> str:
     return value
 
 
-def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalue_network=None) -> BDPOLoss:
-    """BDPO's loss from the config; ``qvalue_network`` replaces the Q ensemble (e.g. a known reward)."""
+def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalue_network=None, reference: str | None = None) -> BDPOLoss:
+    """BDPO's loss from the config; ``qvalue_network`` replaces the Q ensemble (e.g. a known reward);
+    ``reference`` (``"uniform"`` | ``"gaussian"``) replaces the behavior model by an analytic one."""
     d, c, lc = cfg.diffusion, cfg.critic, cfg.loss
 
     def diffusion_model():
@@ -134,7 +136,11 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         net = EpsilonNetwork(action_dim, observation_dim, hidden=d.hidden, depth=d.depth)
         return DiffusionActor(net, schedule, clip_denoised=d.clip_denoised)
 
-    behavior = diffusion_model()
+    if reference is None:
+        behavior = diffusion_model()
+    else:
+        schedule = make_schedule(d.schedule, d.num_steps, sigma=d.sigma, final_noise=d.final_noise)
+        behavior = make_reference(reference, schedule, action_dim, observation_dim, clip_denoised=d.clip_denoised)
     actor = diffusion_model()
     loss = BDPOLoss(
         actor,
@@ -165,7 +171,8 @@ def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:
     o = cfg.optim
     groups = BDPOUpdate.param_groups(loss)  # critic: Q's then V's parameters
     lrs = {"behavior": o.behavior_lr, "critic": o.critic_lr, "actor": o.actor_lr}
-    return {g: torch.optim.Adam(groups[g], lr=lrs[g], fused=True) for g in ("behavior", "critic", "actor")}
+    # an analytic reference (online: the uniform policy) has no parameters and no optimizer
+    return {g: torch.optim.Adam(groups[g], lr=lrs[g], fused=True) for g in ("behavior", "critic", "actor") if groups[g]}
 
 
 def make_schedulers(cfg: DictConfig, optimizers: dict) -> dict:
@@ -201,11 +208,13 @@ def make_schedulers(cfg: DictConfig, optimizers: dict) -> dict:
 
 
 def make_updaters(cfg: DictConfig, loss: BDPOLoss) -> dict:
-    return {
+    updaters = {
         "critic": TargetSoftUpdate(loss, ("qvalue_network", "value_network"), cfg.optim.critic_tau),
         "actor": TargetSoftUpdate(loss, ("actor_network",), cfg.optim.tau),
-        "behavior": TargetSoftUpdate(loss, ("behavior_network",), cfg.optim.tau),
     }
+    if BDPOUpdate.param_groups(loss)["behavior"]:  # not for an analytic reference
+        updaters["behavior"] = TargetSoftUpdate(loss, ("behavior_network",), cfg.optim.tau)
+    return updaters
 
 
 def hand_over(loss: BDPOLoss) -> None:

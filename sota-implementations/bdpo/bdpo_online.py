@@ -1,0 +1,430 @@
+"""Online and offline-to-online BDPO with a TorchRL Collector.
+
+    python sota-implementations/bdpo/bdpo_online.py                               # MaxEnt RL, Pendulum-v1
+    python sota-implementations/bdpo/bdpo_online.py env.name=Hopper-v5 collector.total_frames=50000
+    python sota-implementations/bdpo/bdpo_online.py mode=offline2online offline.run=<offline run folder>
+    python sota-implementations/bdpo/bdpo_online.py mode=offline2online \
+        'offline.overrides=[task=generated-hopper-medium,budget=cpu]'             # phases A and B first
+
+``mode=online``: maximum-entropy RL. The reference is the uniform policy on the action box
+(``reference=uniform``; docs/design.md section 5) and eta is the temperature, fixed or automatic
+(``auto_eta.enabled``: :class:`~torchrl_bdpo.objectives.EtaLagrangian` toward
+``auto_eta.target_kl_per_dim`` nats of path KL per action dimension).
+
+``mode=offline2online``: starts from an offline BDPO run after phase B (``offline.run``, its
+``config.yaml`` and ``checkpoint.pt``; or ``offline.overrides`` runs bdpo_offline.py first into
+``<output_dir>/offline``), with the offline run's networks and loss settings. Each batch takes
+``replay.offline_fraction`` of the offline data and the rest from the online replay, whose
+rewards are scaled as the dataset's. The reference is the dataset behavior, frozen
+(``reference=behavior``) or trained on the replay (``reference=behavior_train``); eta may move
+linearly to ``anneal_eta.final`` over ``anneal_eta.frames``.
+
+Both: a TorchRL ``Collector`` (``init_random_frames`` of uniform actions first; then one sample
+of the target actor per step, ``ExplorationType.RANDOM``), ``ActionScaling`` when the env's
+action box is not [-1, 1], ``optim.utd_ratio`` updates per frame (critics every update, the
+actor every ``optim.actor_every``-th after ``optim.warmup``), evaluations every
+``eval.interval`` frames with best-of-K by Q (``DETERMINISTIC``) and with one sample
+(``RANDOM``), TorchRL loggers, tqdm, atomic checkpoints every ``checkpoint.interval`` frames
+(replay buffer, eta and RNG included; a resume restarts the env's episode), ``summary.json``
+and ``learning_curve.png`` in the output folder.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import (  # noqa: E402
+    check_state_before_saving,
+    load_checkpoint,
+    log_scalars,
+    make_bdpo_loss,
+    make_logger,
+    make_optimizers,
+    make_update,
+    make_updaters,
+    open_run,
+    save_checkpoint,
+    set_matmul_precision,
+    set_seed,
+    train_scalars,
+    train_step,
+    training_state,
+    truncate_csv_logs,
+    validate_config,
+    write_json,
+)
+
+from torchrl_bdpo import checkpoint as checkpoint_io  # noqa: E402
+from torchrl_bdpo.data import OfflineToOnlineBuffer, check_env_compatibility, make_offline_buffer, to_offline_layout  # noqa: E402
+from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, eval_env_id, evaluate, make_env  # noqa: E402
+from torchrl_bdpo.objectives import EtaLagrangian  # noqa: E402
+
+MODES = ("online", "offline2online")
+REFERENCES = {"online": ("uniform", "gaussian"), "offline2online": ("behavior", "behavior_train")}
+# the model blocks an offline2online run takes from its offline run
+MODEL_BLOCKS = ("diffusion", "critic", "loss")
+
+
+def check_online_config(cfg: DictConfig) -> None:
+    """The online script's own settings, one message per bad value (validate_config does the shared ones)."""
+    problems = []
+    if cfg.mode not in MODES:
+        problems.append(f"mode={cfg.mode!r}: expected one of {MODES}")
+    elif cfg.reference not in REFERENCES[cfg.mode]:
+        problems.append(f"reference={cfg.reference!r}: mode={cfg.mode} takes one of {REFERENCES[cfg.mode]}")
+    c = cfg.collector
+    for key, value, low in (
+        ("collector.total_frames", c.total_frames, 1), ("collector.frames_per_batch", c.frames_per_batch, 1),
+        ("collector.init_random_frames", c.init_random_frames, 0), ("replay.capacity", cfg.replay.capacity, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key}={value!r}: expected an integer >= {low}")
+    if not (isinstance(cfg.optim.utd_ratio, (int, float)) and cfg.optim.utd_ratio > 0):
+        problems.append(f"optim.utd_ratio={cfg.optim.utd_ratio!r}: expected a number > 0 (updates per frame)")
+    f = cfg.replay.offline_fraction
+    if not (isinstance(f, (int, float)) and 0 < f < 1):
+        problems.append(f"replay.offline_fraction={f!r}: expected a number in (0, 1)")
+    if cfg.auto_eta.enabled:
+        if not (isinstance(cfg.auto_eta.target_kl_per_dim, (int, float)) and cfg.auto_eta.target_kl_per_dim > 0):
+            problems.append(f"auto_eta.target_kl_per_dim={cfg.auto_eta.target_kl_per_dim!r}: expected a number > 0")
+        if cfg.anneal_eta.final is not None:
+            problems.append("auto_eta.enabled and anneal_eta.final both set eta: choose one")
+    a = cfg.anneal_eta
+    if a.final is not None and not (
+        isinstance(a.final, (int, float)) and a.final > 0 and isinstance(a.frames, int) and a.frames > 0
+    ):
+        problems.append(f"anneal_eta.final={a.final!r}, anneal_eta.frames={a.frames!r}: expected a number > 0 and an integer > 0")
+    for key in ("collector.total_frames", "collector.init_random_frames", "eval.interval", "logger.log_interval",
+                "checkpoint.interval"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % c.frames_per_batch:
+            problems.append(
+                f"{key}={value}: expected a multiple of collector.frames_per_batch={c.frames_per_batch} "
+                f"(it is counted in frames, checked after each batch)"
+            )
+    if cfg.mode == "offline2online" and not cfg.offline.run and not cfg.offline.overrides:
+        problems.append(
+            "mode=offline2online needs an offline start: offline.run=<an offline run's folder (config.yaml, "
+            "checkpoint.pt)> or offline.overrides=[task=...,budget=...] to run bdpo_offline.py first"
+        )
+    if problems:
+        raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
+
+
+def offline_start(cfg: DictConfig, out_dir: Path) -> tuple[DictConfig, dict]:
+    """The offline run's config and its phase-B checkpoint state (running it first if asked)."""
+    if cfg.offline.run:
+        run = Path(cfg.offline.run)
+    else:
+        from hydra import compose
+
+        import bdpo_offline
+
+        run = out_dir / "offline"
+        overrides = [*cfg.offline.overrides, f"output_dir={run}", f"seed={cfg.seed}", f"device={cfg.device}"]
+        if (run / "checkpoint.pt").exists():
+            overrides.append("checkpoint.resume=true")
+        offline_cfg = compose(config_name="offline", overrides=overrides)
+        print(f"offline2online: running bdpo_offline.py {' '.join(cfg.offline.overrides)} into {run}")
+        bdpo_offline.train(offline_cfg)
+    config, ckpt = run / "config.yaml", run / "checkpoint.pt"
+    for path in (config, ckpt):
+        if not path.exists():
+            raise FileNotFoundError(
+                f"offline.run={run}: {path.name} not found. Point offline.run at the folder of a bdpo_offline.py "
+                f"run (it holds config.yaml and checkpoint.pt), or set offline.overrides to run one first."
+            )
+    offline_cfg = OmegaConf.load(config)
+    state = checkpoint_io.load_checkpoint(ckpt)
+    o = offline_cfg.optim
+    if state.get("phase") != "train" or state.get("step") != o.steps:
+        raise ValueError(
+            f"{ckpt} is at phase {state.get('phase')!r}, step {state.get('step')}: offline2online starts from a "
+            f"finished offline run (phase 'train', step {o.steps}). Finish it first (checkpoint.resume=true)."
+        )
+    return offline_cfg, state
+
+
+def make_train_env(name: str, seed: int):
+    """``make_env`` + ``ActionScaling`` onto [-1, 1] where needed + ``RewardSum`` (episode returns)."""
+    from torchrl.envs import RewardSum, TransformedEnv
+
+    env = make_env(name, seed)
+    scaling = action_scaling_for(env)
+    if scaling is not None:
+        env = TransformedEnv(env, scaling)
+    env = TransformedEnv(env, RewardSum())
+    check_unit_action_box(env)
+    return env
+
+
+def check_dims(env, observation_dim: int, action_dim: int, where: str) -> None:
+    obs = env.observation_spec["observation"].shape[-1]
+    act = env.action_spec.shape[-1]
+    if (obs, act) != (observation_dim, action_dim):
+        raise ValueError(
+            f"the env {env} has observation dim {obs} and action dim {act}, but {where} has {observation_dim} and "
+            f"{action_dim}: use the env the model was trained for (env.name)."
+        )
+
+
+def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str) -> Path | None:
+    if not rows and not train_returns:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if train_returns:
+        x, y = zip(*train_returns)
+        ax.plot(x, y, ".", color="gray", alpha=0.4, ms=3, label="training episodes (exploration)")
+    if rows:
+        x = [r["frames"] for r in rows]
+        for key, label, color in (("return_mean", "best of K by Q", "C1"), ("return_one_sample_mean", "one sample", "C2")):
+            m = np.array([r[key] for r in rows])
+            s = np.array([r[key.replace("mean", "std")] for r in rows])
+            ax.plot(x, m, marker="o", color=color, label=label)
+            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2)
+        if rows[0].get("start_return") is not None:
+            ax.axhline(rows[0]["start_return"], color="k", ls="--", lw=1, label="offline start (best of K)")
+    ax.set_xlabel("environment frames")
+    ax.set_ylabel("return")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "learning_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def train(cfg: DictConfig) -> dict:
+    from torchrl.collectors import Collector
+    from torchrl.data import LazyTensorStorage, ReplayBuffer
+    from torchrl.envs.utils import ExplorationType
+
+    warnings.filterwarnings("ignore", message="No target network updater")
+    check_online_config(cfg)
+    out_dir = Path(cfg.output_dir)
+    offline_cfg = offline_state = info = None
+    if cfg.mode == "offline2online":
+        offline_cfg, offline_state = offline_start(cfg, out_dir)
+        # the offline run's networks and loss; this run's optimisation, collection and evaluation
+        cfg = OmegaConf.merge(cfg, {k: offline_cfg[k] for k in MODEL_BLOCKS})
+    cfg.optim.train_behavior = cfg.reference == "behavior_train"
+    validate_config(cfg)
+    set_matmul_precision(cfg)
+    resume_state = open_run(cfg, out_dir)
+    set_seed(cfg.seed)
+    start = time.perf_counter()
+    o, e, c = cfg.optim, cfg.eval, cfg.collector
+    device = torch.device(cfg.device)
+
+    offline_buffer = None
+    if cfg.mode == "offline2online":
+        oe = offline_cfg.env
+        offline_buffer = make_offline_buffer(oe.dataset, o.batch_size, reward_mode=oe.reward_mode, download=oe.download)
+        info = offline_buffer.dataset_info
+        env_name = cfg.env.name or eval_env_id(info, oe.get("eval_env"))
+        reward_scale = float(info.reward_scale)
+    else:
+        env_name, reward_scale = cfg.env.name, float(cfg.env.reward_scale)
+    env = make_train_env(env_name, cfg.seed)
+    eval_env = make_train_env(env_name, cfg.seed + 12345) if e.episodes > 0 else None
+    observation_dim = env.observation_spec["observation"].shape[-1]
+    action_dim = env.action_spec.shape[-1]
+    if info is not None:
+        check_env_compatibility(info, env)
+        check_dims(env, info.observation_dim, info.action_dim, f"the offline run's dataset {info.name}")
+
+    loss = make_bdpo_loss(cfg, observation_dim, action_dim, reference=cfg.reference if cfg.mode == "online" else None)
+    if offline_state is not None:
+        loss.load_state_dict(offline_state["loss"])
+    optimizers = make_optimizers(cfg, loss)
+    # constant rates online: ConstantLR(factor 1) keeps train_step's scheduler calls
+    schedulers = {k: torch.optim.lr_scheduler.ConstantLR(optimizers[k], factor=1.0, total_iters=0) for k in ("critic", "actor")}
+    update = make_update(cfg, loss, optimizers, make_updaters(cfg, loss))
+    tuner = None
+    if cfg.auto_eta.enabled:
+        tuner = EtaLagrangian(loss, target_kl_per_dim=cfg.auto_eta.target_kl_per_dim, lr=cfg.auto_eta.lr)
+    eta_start = float(loss.eta)
+
+    if offline_buffer is not None:
+        replay = OfflineToOnlineBuffer(offline_buffer, online_capacity=cfg.replay.capacity,
+                                       offline_fraction=cfg.replay.offline_fraction, batch_size=o.batch_size)
+        online_rb = replay._online_buffer
+
+        def add(batch):
+            replay.extend(batch)
+
+        def sample():
+            return replay.sample()
+    else:
+        online_rb = ReplayBuffer(storage=LazyTensorStorage(cfg.replay.capacity), batch_size=o.batch_size)
+
+        def add(batch):
+            online_rb.extend(to_offline_layout(batch, reward_scale))
+
+        def sample():
+            return online_rb.sample()
+
+    logger = make_logger(cfg, out_dir)
+    ckpt = out_dir / "checkpoint.pt"
+    frames = updates = 0
+    eval_rows: list[dict] = []
+    train_returns: list[tuple[int, float]] = []
+    if resume_state is not None:
+        _, updates = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
+        frames = resume_state["frames"]
+        eval_rows, train_returns = resume_state["evals"], [tuple(x) for x in resume_state["train_returns"]]
+        stored = resume_state["replay"]
+        if stored["data"] is not None:
+            online_rb.extend(stored["data"])
+            online_rb._writer._cursor = stored["cursor"]
+            online_rb._writer._write_count = stored["write_count"]
+        if tuner is not None:
+            tuner.load_state_dict(resume_state["eta"])
+        else:
+            loss.set_eta(resume_state["eta_value"])
+        truncate_csv_logs(out_dir / "logs", frames)
+        print(f"resumed from {ckpt}: {frames} frames, {updates} updates (the env starts a new episode)")
+    written = ckpt if ckpt.exists() else None
+
+    def checkpoint():
+        nonlocal written
+        if len(online_rb) >= o.batch_size or offline_buffer is not None:
+            check_state_before_saving(loss, lambda: sample().to(device), "train", updates, written)
+        state = training_state(loss, optimizers, schedulers, "online", updates, cfg)
+        n = len(online_rb)
+        state.update(
+            frames=frames, evals=eval_rows, train_returns=[list(x) for x in train_returns],
+            replay={
+                "data": online_rb.storage._storage[:n].clone() if n else None,
+                "cursor": online_rb._writer._cursor, "write_count": online_rb._writer._write_count,
+            },
+            eta=tuner.state_dict() if tuner is not None else None, eta_value=float(loss.eta),
+        )
+        save_checkpoint(ckpt, state)
+        written = ckpt
+
+    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
+
+    def run_eval():
+        if eval_env is None:
+            return None
+        eval_env.set_seed(cfg.seed + 12345)  # the same start states at every evaluation (and on resume)
+        best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC)
+        one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
+        row = {
+            "frames": frames, "updates": updates, "eta": float(loss.eta),
+            "return_mean": float(best.mean()), "return_std": float(best.std()),
+            "return_one_sample_mean": float(one.mean()), "return_one_sample_std": float(one.std()),
+        }
+        if info is not None and info.ref_min_score is not None and info.ref_max_score is not None:
+            row["score_mean"] = float(info.normalized_score(best.mean()))
+        if eval_rows and "start_return" in eval_rows[0]:
+            row["start_return"] = eval_rows[0]["start_return"]
+        eval_rows.append(row)
+        log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if k not in ("frames", "updates")}, frames)
+        return row
+
+    if frames == 0 and cfg.mode == "offline2online" and e.episodes > 0:
+        row = run_eval()  # the offline start: the reference line of the curve
+        row["start_return"] = row["return_mean"]
+
+    bar = tqdm(total=c.total_frames, initial=frames, desc=f"BDPO {cfg.mode} on {env_name}")
+    tic, tic_frames = time.perf_counter(), frames
+    last_row: dict = {}
+    # one collector per checkpoint interval, its env reseeded from the frame count: a resumed run
+    # collects exactly what an uninterrupted one does (an episode is cut at each checkpoint;
+    # its transitions are not terminal, so Q bootstraps through the cut as through a time limit)
+    while frames < c.total_frames:
+        segment = min(cfg.checkpoint.interval - frames % cfg.checkpoint.interval, c.total_frames - frames)
+        env.set_seed(cfg.seed + frames)
+        collector = Collector(
+            env, acting, frames_per_batch=c.frames_per_batch, total_frames=segment,
+            init_random_frames=max(0, c.init_random_frames - frames),
+        )
+        for batch in collector:
+            batch = batch.reshape(-1)
+            frames += batch.numel()
+            add(batch)
+            done = batch.get(("next", "done")).reshape(-1)
+            ends = batch.get(("next", "episode_reward")).reshape(-1)[done]
+            train_returns += [(frames, float(r)) for r in ends]
+            row = critic = None
+            if frames >= c.init_random_frames and (offline_buffer is not None or len(online_rb) >= o.batch_size):
+                for _ in range(max(1, round(o.utd_ratio * batch.numel()))):
+                    row, critic = train_step(update, schedulers, sample().to(device), updates, o, written)
+                    if tuner is not None:
+                        row.update(tuner.step(critic["path_kl"]))
+                    elif cfg.anneal_eta.final is not None:
+                        w = min(1.0, frames / cfg.anneal_eta.frames)
+                        loss.set_eta(eta_start + w * (cfg.anneal_eta.final - eta_start))
+                    last_row.update(row)  # the actor's entries stay from its last step
+                    updates += 1
+                collector.update_policy_weights_()
+            bar.update(batch.numel())
+            if frames % cfg.logger.log_interval == 0:
+                now = time.perf_counter()
+                scalars = {"train/frames_per_s": (frames - tic_frames) / max(now - tic, 1e-9), "train/eta": float(loss.eta)}
+                tic, tic_frames = now, frames
+                if ends.numel():
+                    scalars["train/episode_return"] = float(ends.mean())
+                if row is not None:
+                    scalars.update(train_scalars(last_row, critic, float("nan")))
+                log_scalars(logger, scalars, frames)
+            if e.interval and frames % e.interval == 0:
+                r = run_eval()
+                if r:
+                    bar.set_postfix(eval_return=f"{r['return_mean']:.0f}", one_sample=f"{r['return_one_sample_mean']:.0f}")
+        collector.shutdown()
+        checkpoint()
+    bar.close()
+    if e.episodes > 0 and (not eval_rows or eval_rows[-1]["frames"] != frames):
+        run_eval()  # the final policy is always evaluated
+        checkpoint()
+    env.close()
+    if eval_env is not None:
+        eval_env.close()
+
+    final = eval_rows[-1] if eval_rows else None
+    figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}")
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": env_name,
+        "frames": frames,
+        "updates": updates,
+        "final": final,
+        "best": max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None,
+        "evaluations": eval_rows,
+        "train_episode_returns": train_returns,
+        "wall_time_s": time.perf_counter() - start,
+        "figure": None if figure is None else str(figure),
+    }
+    write_json(out_dir / "summary.json", summary)
+    result = f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), " \
+             f"{final['return_one_sample_mean']:.1f} (one sample)" if final else "no evaluation (eval.episodes=0)"
+    print(f"[{cfg.mode} {env_name}] {result}; {frames} frames, {updates} updates, "
+          f"{summary['wall_time_s']:.0f} s; outputs in {out_dir}")
+    return summary
+
+
+@hydra.main(config_path="config", config_name="online", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""sota-implementations/bdpo/bdpo_online.py: online (uniform reference) and offline-to-online runs, tiny."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from torchrl_bdpo import checkpoint as checkpoint_io
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+sys.path.insert(0, str(SCRIPT_DIR))
+_spec = importlib.util.spec_from_file_location("bdpo_online", SCRIPT_DIR / "bdpo_online.py")
+online = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(online)
+
+TINY = [
+    "collector.total_frames=400",
+    "collector.frames_per_batch=100",
+    "collector.init_random_frames=100",
+    "optim.warmup=20",
+    "optim.actor_every=2",
+    "optim.batch_size=32",
+    "optim.utd_ratio=0.5",
+    "diffusion.hidden=16",
+    "diffusion.depth=2",
+    "critic.hidden=16",
+    "eval.interval=200",
+    "eval.episodes=2",
+    "eval.max_steps=20",
+    "eval.num_candidates=3",
+    "logger.log_interval=100",
+    "checkpoint.interval=200",
+]
+
+
+def config(tmp_path, *overrides, name="online"):
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        return compose(name, overrides=[*(TINY if name == "online" else []), f"output_dir={tmp_path}", *overrides])
+
+
+def test_online_run_outputs(tmp_path):
+    summary = online.train(config(tmp_path))
+    assert summary["frames"] == 400
+    # updates start once init_random_frames are in: after each of the 4 batches, 100 frames x utd 0.5
+    assert summary["updates"] == 200
+    for name in ("summary.json", "learning_curve.png", "checkpoint.pt", "config.yaml"):
+        assert (tmp_path / name).exists(), name
+    rows = summary["evaluations"]
+    assert [r["frames"] for r in rows] == [200, 400]
+    for r in rows:
+        assert r["return_mean"] <= 0 and r["return_one_sample_mean"] <= 0  # Pendulum's rewards are <= 0
+    assert json.loads((tmp_path / "summary.json").read_text())["final"] == rows[-1]
+    logs = tmp_path / "logs" / "bdpo_online" / "scalars"
+    assert (logs / "train" / "loss_actor.csv").exists() and (logs / "eval" / "return_one_sample_mean.csv").exists()
+    # Pendulum's episodes (200 steps) end in the training curve
+    assert len(summary["train_episode_returns"]) >= 1
+
+
+def test_resume_gives_the_same_run(tmp_path, monkeypatch):
+    """A crash after the first checkpoint, then checkpoint.resume=true: the same evaluations and
+    the same final parameters as the run that never stopped."""
+    straight = online.train(config(tmp_path / "a"))
+    calls = {"n": 0}
+    real = online.train_step
+
+    def crash_later(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 130:  # after the 200-frame checkpoint (100 updates), before the next
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(online, "train_step", crash_later)
+    with pytest.raises(KeyboardInterrupt):
+        online.train(config(tmp_path / "b"))
+    monkeypatch.setattr(online, "train_step", real)
+    resumed = online.train(config(tmp_path / "b", "checkpoint.resume=true"))
+    assert resumed["evaluations"] == straight["evaluations"]
+    assert resumed["updates"] == straight["updates"]
+    a = checkpoint_io.load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    b = checkpoint_io.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for key, value in a["loss"].items():
+        torch.testing.assert_close(b["loss"][key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(b["replay"]["data"]["observation"], a["replay"]["data"]["observation"], rtol=0, atol=0)
+
+
+def test_automatic_eta_moves_and_is_logged(tmp_path):
+    summary = online.train(config(tmp_path, "auto_eta.enabled=true", "auto_eta.lr=0.05"))
+    etas = [r["eta"] for r in summary["evaluations"]]
+    assert etas[-1] != pytest.approx(0.05)  # moved from the configured start
+    assert (tmp_path / "logs" / "bdpo_online" / "scalars" / "train" / "eta.csv").exists()
+    state = checkpoint_io.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["eta"]["log_eta"].exp().item() == pytest.approx(etas[-1], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """A tiny Hopper dataset and a finished tiny offline BDPO run on it."""
+    import os
+
+    from torchrl_bdpo.data.generate import GenerateConfig, generate
+
+    root = tmp_path_factory.mktemp("o2o")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
+    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
+                            random_return_episodes=3, progress=False))
+    _off_spec = importlib.util.spec_from_file_location("bdpo_offline", SCRIPT_DIR / "bdpo_offline.py")
+    off = importlib.util.module_from_spec(_off_spec)
+    _off_spec.loader.exec_module(off)
+    from tests.test_offline_script import TINY as OFFLINE_TINY
+
+    cfg = config(root / "offline", *OFFLINE_TINY, "eval.episodes=0", name="offline")
+    off.train(cfg)
+    yield root / "offline"
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH")
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+O2O = ["mode=offline2online", "env.name=null", "collector.init_random_frames=0", "reference=behavior"]
+
+
+@pytest.mark.parametrize("reference", ["behavior", "behavior_train"])
+def test_offline_to_online_starts_from_the_offline_run(tmp_path, offline_run, reference):
+    start = checkpoint_io.load_checkpoint(offline_run / "checkpoint.pt")["loss"]
+    summary = online.train(config(tmp_path, *O2O, f"offline.run={offline_run}", f"reference={reference}"))
+    rows = summary["evaluations"]
+    assert [r["frames"] for r in rows] == [0, 200, 400]  # the offline start, then every interval
+    assert all(r["start_return"] == rows[0]["return_mean"] for r in rows)
+    assert summary["config"]["diffusion"]["hidden"] == 16  # the offline run's networks
+    end = checkpoint_io.load_checkpoint(tmp_path / "checkpoint.pt")
+    behavior = [k for k in start if k.startswith("behavior_network_params")]
+    same = all(torch.equal(start[k], end["loss"][k]) for k in behavior)
+    assert same == (reference == "behavior")  # frozen, or trained on the replay
+    # the online half of the replay holds rewards on the dataset's scale: Hopper pays ~1 per step
+    # (the healthy reward) near a random policy, and this dataset's scale is ~1000 / (its returns' range)
+    from omegaconf import OmegaConf
+
+    from torchrl_bdpo.data import make_offline_buffer
+
+    dataset = OmegaConf.load(offline_run / "config.yaml").env.dataset
+    scale = make_offline_buffer(dataset, 8, download=False).dataset_info.reward_scale
+    assert scale > 5
+    per_step = float(end["replay"]["data"]["next"]["reward"].mean()) / scale
+    assert 0.5 < per_step < 1.5, per_step
+
+
+def test_bad_inputs(tmp_path, offline_run):
+    with pytest.raises(ValueError, match="mode=offline2online needs an offline start"):
+        online.train(config(tmp_path / "a", "mode=offline2online", "reference=behavior"))
+    with pytest.raises(ValueError, match="reference='uniform': mode=offline2online takes one of"):
+        online.train(config(tmp_path / "b", *O2O, "reference=uniform", f"offline.run={offline_run}"))
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt not found"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "config.yaml").write_text((offline_run / "config.yaml").read_text())
+        online.train(config(tmp_path / "c", *O2O, f"offline.run={empty}"))
+    with pytest.raises(ValueError, match="observation dim"):
+        online.train(config(tmp_path / "d", *O2O[:1], "env.name=Pendulum-v1", "collector.init_random_frames=0",
+                            "reference=behavior", f"offline.run={offline_run}"))
+    with pytest.raises(ValueError, match="collector.total_frames=450: expected a multiple"):
+        online.train(config(tmp_path / "e", "collector.total_frames=450"))
+    with pytest.raises(ValueError, match="optim.utd_ratio=0"):
+        online.train(config(tmp_path / "f", "optim.utd_ratio=0"))
+
+
+def test_uniform_reference_needs_a_unit_action_box():
+    from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, make_env
+
+    env = make_env("Pendulum-v1")
+    with pytest.raises(ValueError, match=r"low=\[-2.0\], high=\[2.0\].*ActionScaling"):
+        check_unit_action_box(env, "the uniform reference")
+    scaled = online.make_train_env("Pendulum-v1", 0)
+    check_unit_action_box(scaled)
+    scaling = action_scaling_for(env)
+    assert scaling.scale.tolist() == [2.0] and scaling.loc.tolist() == [0.0]
