@@ -180,3 +180,17 @@ def test_uniform_reference_needs_a_unit_action_box():
     check_unit_action_box(scaled)
     scaling = action_scaling_for(env)
     assert scaling.scale.tolist() == [2.0] and scaling.loc.tolist() == [0.0]
+
+
+def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
+    from tests.test_benchmark_smoke import load_benchmark
+
+    harness = load_benchmark("online_vs_sac")
+    result = harness.main(["--frames", "400", "--frames-per-batch", "100", "--init-random-frames", "100",
+                           "--eval-every", "200", "--episodes", "2", "--utd-ratio", "0.25", "--out-dir", str(tmp_path),
+                           "--bdpo", "diffusion.hidden=16", "critic.hidden=16", "optim.warmup=10"])
+    bdpo, sac = result["runs"]["bdpo"]["0"], result["runs"]["sac"]["0"]
+    assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
+    assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
+    assert (tmp_path / "online_vs_sac.png").exists()
+    assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]

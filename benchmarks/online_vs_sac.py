@@ -1,0 +1,170 @@
+"""Online BDPO (uniform reference) against TorchRL's SAC: the same env, frames and updates per frame.
+
+    python benchmarks/online_vs_sac.py --env Pendulum-v1 --frames 20000 --seeds 0 1
+    python benchmarks/online_vs_sac.py --env Hopper-v5 --frames 50000 --bdpo auto_eta.enabled=true
+
+BDPO runs through ``sota-implementations/bdpo/bdpo_online.py`` (its config plus ``--bdpo``
+overrides). SAC is TorchRL's ``SACLoss`` with its sota script's settings (2 x 256 ReLU MLPs,
+TanhNormal actor, clipped double Q, automatic temperature, lr 3e-4, target EMA 0.005, batch
+256) on the same frames, ``frames_per_batch``, ``init_random_frames`` and updates per frame.
+Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the same start
+states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
+evaluation, env frames/s of each run) and ``online_vs_sac.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from torchrl_bdpo.envs import evaluate, make_env
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+
+
+def run_bdpo(args, seed: int, out: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(SCRIPT_DIR))
+    import bdpo_online
+
+    overrides = [
+        f"env.name={args.env}", f"seed={seed}", f"collector.total_frames={args.frames}",
+        f"collector.frames_per_batch={args.frames_per_batch}", f"collector.init_random_frames={args.init_random_frames}",
+        f"optim.utd_ratio={args.utd_ratio}", f"eval.interval={args.eval_every}", f"eval.episodes={args.episodes}",
+        f"checkpoint.interval={args.eval_every}", f"logger.log_interval={args.frames_per_batch}",
+        f"output_dir={out}", *args.bdpo,
+    ]
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        cfg = compose("online", overrides=overrides)
+    summary = bdpo_online.train(cfg)
+    return {
+        "evals": [{"frames": r["frames"], "mean": r["return_mean"], "std": r["return_std"],
+                   "one_sample_mean": r["return_one_sample_mean"], "eta": r["eta"]} for r in summary["evaluations"]],
+        "wall_s": summary["wall_time_s"],
+        "frames_per_s": summary["frames"] / summary["wall_time_s"],
+        "overrides": overrides,
+    }
+
+
+def run_sac(args, seed: int) -> dict:
+    """TorchRL's SAC (sota settings) on the same frames and updates per frame."""
+    from torchrl.collectors import Collector
+    from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+    from torchrl.envs.utils import ExplorationType
+    from torchrl.objectives import SoftUpdate
+
+    from torchrl_bdpo.data.generate import make_sac
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    env, eval_env = make_env(args.env, seed), make_env(args.env, seed + 12345)
+    actor, loss = make_sac(env, 256, 0.99)
+    updater = SoftUpdate(loss, tau=0.005)
+    optims = [
+        torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4),
+        torch.optim.Adam(loss.qvalue_network_params.parameters(), lr=3e-4),
+        torch.optim.Adam([loss.log_alpha], lr=3e-4),
+    ]
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
+    collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames,
+                          init_random_frames=args.init_random_frames)
+    frames, evals, t0 = 0, [], time.perf_counter()
+    for batch in tqdm(collector, total=args.frames // args.frames_per_batch, desc=f"SAC {args.env} seed {seed}"):
+        rb.extend(batch.reshape(-1))
+        frames += batch.numel()
+        if frames >= args.init_random_frames:
+            for _ in range(max(1, round(args.utd_ratio * batch.numel()))):
+                out = loss(rb.sample())
+                total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+                for o in optims:
+                    o.zero_grad(set_to_none=True)
+                total.backward()
+                for o in optims:
+                    o.step()
+                updater.step()
+            collector.update_policy_weights_()
+        if frames % args.eval_every == 0:
+            eval_env.set_seed(seed + 12345)
+            returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC)
+            evals.append({"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())})
+    collector.shutdown()
+    wall = time.perf_counter() - t0
+    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall}
+
+
+def plot(result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, key, color in (("BDPO, best of K", "bdpo", "C1"), ("SAC", "sac", "C0")):
+        runs = list(result["runs"][key].values())
+        x = [e["frames"] for e in runs[0]["evals"]]
+        m = np.array([[e["mean"] for e in r["evals"]] for r in runs])
+        ax.plot(x, m.mean(0), marker="o", color=color, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+        if len(runs) > 1:
+            ax.fill_between(x, m.min(0), m.max(0), color=color, alpha=0.2)
+    runs = list(result["runs"]["bdpo"].values())
+    m = np.array([[e["one_sample_mean"] for e in r["evals"]] for r in runs])
+    ax.plot([e["frames"] for e in runs[0]["evals"]], m.mean(0), ls=":", marker=".", color="C1", label="BDPO, one sample")
+    ax.set_xlabel("environment frames")
+    ax.set_ylabel(f"return ({result['settings']['episodes']} episodes)")
+    ax.set_title(result["settings"]["env"], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "online_vs_sac.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="Pendulum-v1")
+    p.add_argument("--frames", type=int, default=20000)
+    p.add_argument("--frames-per-batch", type=int, default=1000)
+    p.add_argument("--init-random-frames", type=int, default=5000)
+    p.add_argument("--utd-ratio", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=5000)
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--bdpo", nargs="*", default=[], help="extra bdpo_online.py overrides")
+    p.add_argument("--out-dir", default="outputs/online_vs_sac")
+    args = p.parse_args(argv)
+    for name in ("frames", "init_random_frames", "eval_every"):
+        if getattr(args, name) % args.frames_per_batch:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a multiple of --frames-per-batch")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "runs": {"bdpo": {}, "sac": {}},
+    }
+    path = out / "online_vs_sac.json"
+    for seed in args.seeds:
+        result["runs"]["sac"][str(seed)] = run_sac(args, seed)
+        path.write_text(json.dumps(result, indent=1))
+        result["runs"]["bdpo"][str(seed)] = run_bdpo(args, seed, out / f"bdpo_seed{seed}")
+        path.write_text(json.dumps(result, indent=1))
+    result["plot"] = str(plot(result, out))
+    path.write_text(json.dumps(result, indent=1))
+    for key in ("bdpo", "sac"):
+        finals = [r["evals"][-1]["mean"] for r in result["runs"][key].values()]
+        rate = np.mean([r["frames_per_s"] for r in result["runs"][key].values()])
+        print(f"{key}: final return {np.mean(finals):.1f} +- {np.std(finals):.1f}, {rate:.1f} env frames/s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
