@@ -95,9 +95,21 @@ class Peer:
     acts (deterministically under ``ExplorationType.DETERMINISTIC``)."""
 
     policy: nn.Module
+    optims: list
+    updater = None
 
     def update(self, batch, step: int) -> dict:
         raise NotImplementedError
+
+    def _step(self, total) -> None:
+        """One backward of ``total`` through every optimizer of the peer, then its target update."""
+        for o in self.optims:
+            o.zero_grad(set_to_none=True)
+        total.backward()
+        for o in self.optims:
+            o.step()
+        if self.updater is not None:
+            self.updater.step()
 
 
 class IQL(Peer):
@@ -120,13 +132,7 @@ class IQL(Peer):
 
     def update(self, batch, step):
         out = self.loss(batch)
-        total = out["loss_actor"] + out["loss_qvalue"] + out["loss_value"]
-        for o in self.optims:
-            o.zero_grad(set_to_none=True)
-        total.backward()
-        for o in self.optims:
-            o.step()
-        self.updater.step()
+        self._step(out["loss_actor"] + out["loss_qvalue"] + out["loss_value"])
         return {k: out[k].item() for k in ("loss_actor", "loss_qvalue", "loss_value")}
 
 
@@ -153,13 +159,7 @@ class CQL(Peer):
     def update(self, batch, step):
         out = self.loss(batch)
         actor = out["loss_actor"] if step >= self.bc_steps else out["loss_actor_bc"]
-        total = actor + out["loss_qvalue"] + out["loss_cql"] + out["loss_alpha"] + out["loss_alpha_prime"]
-        for o in self.optims:
-            o.zero_grad(set_to_none=True)
-        total.backward()
-        for o in self.optims:
-            o.step()
-        self.updater.step()
+        self._step(actor + out["loss_qvalue"] + out["loss_cql"] + out["loss_alpha"] + out["loss_alpha_prime"])
         return {"loss_actor": actor.item(), "loss_qvalue": out["loss_qvalue"].item(), "loss_cql": out["loss_cql"].item()}
 
 
@@ -198,14 +198,12 @@ class TD3BC(Peer):
 class BC(Peer):
     def __init__(self, obs_dim, action_dim, hidden=256, lr=3e-4):
         self.policy = _tanh_actor(obs_dim, action_dim, hidden)
-        self.optim = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.optims = [torch.optim.Adam(self.policy.parameters(), lr=lr)]
 
     def update(self, batch, step):
         pred = self.policy(batch.select("observation").clone())["action"]
         loss = (pred - batch["action"]).pow(2).sum(-1).mean()
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optim.step()
+        self._step(loss)
         return {"loss_bc": loss.item()}
 
 
@@ -221,31 +219,18 @@ def make_peer(name: str, obs_dim: int, action_dim: int, steps: int, hidden: int 
     raise ValueError(f"algorithm {name!r}: expected one of {', '.join(ALGOS)}.")
 
 
-def plot(result: dict, out: Path) -> Path | None:
-    try:
-        import matplotlib
+def plot(result: dict, out: Path) -> Path:
+    from torchrl_bdpo.plotting import curve, finish, subplots
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax,) = subplots()
     for algo, runs in result["runs"].items():
         steps = [e["step"] for e in next(iter(runs.values()))["evals"]]
-        means = np.array([[e["mean"] for e in run["evals"]] for run in runs.values()])
-        ax.plot(steps, means.mean(0), marker="o", label=f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        if len(runs) > 1:
-            ax.fill_between(steps, means.min(0), means.max(0), alpha=0.2)
-    ax.axhline(result["dataset"]["mean_return"], color="k", ls="--", lw=1, label="dataset mean return")
-    ax.set_xlabel("gradient steps")
-    ax.set_ylabel(f"return ({result['settings']['episodes']} episodes)")
-    ax.set_title(result["dataset"]["name"], fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "peers.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        means = [[e["mean"] for e in run["evals"]] for run in runs.values()]
+        curve(ax, steps, means, f"{algo} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+    if result["dataset"]["mean_return"] is not None:
+        ax.axhline(result["dataset"]["mean_return"], color="k", ls="--", lw=1, label="dataset mean return")
+    ylabel = f"return ({result['settings']['episodes']} episodes)"
+    return finish(fig, [(ax, "gradient steps", ylabel)], out / "peers.png", title=result["dataset"]["name"], legend_size=8)
 
 
 def run(args) -> dict:

@@ -101,31 +101,17 @@ def run_sac(args, seed: int) -> dict:
 
 
 def plot(result: dict, out: Path) -> Path:
-    import matplotlib
+    from torchrl_bdpo.plotting import curve, finish, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, key, color in (("BDPO, best of K", "bdpo", "C1"), ("SAC", "sac", "C0")):
+    fig, (ax,) = subplots()
+    for name, key, field, style in (("BDPO, best of K", "bdpo", "mean", "-"), ("BDPO, one sample", "bdpo", "one_sample_mean", ":"),
+                                    ("SAC", "sac", "mean", "-")):
         runs = list(result["runs"][key].values())
         x = [e["frames"] for e in runs[0]["evals"]]
-        m = np.array([[e["mean"] for e in r["evals"]] for r in runs])
-        ax.plot(x, m.mean(0), marker="o", color=color, label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-        if len(runs) > 1:
-            ax.fill_between(x, m.min(0), m.max(0), color=color, alpha=0.2)
-    runs = list(result["runs"]["bdpo"].values())
-    m = np.array([[e["one_sample_mean"] for e in r["evals"]] for r in runs])
-    ax.plot([e["frames"] for e in runs[0]["evals"]], m.mean(0), ls=":", marker=".", color="C1", label="BDPO, one sample")
-    ax.set_xlabel("environment frames")
-    ax.set_ylabel(f"return ({result['settings']['episodes']} episodes)")
-    ax.set_title(result["settings"]["env"], fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "online_vs_sac.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        curve(ax, x, [[e[field] for e in r["evals"]] for r in runs], name + seeds, "C0" if key == "sac" else "C1", ls=style)
+    ylabel = f"return ({result['settings']['episodes']} episodes)"
+    return finish(fig, [(ax, "environment frames", ylabel)], out / "online_vs_sac.png", title=result["settings"]["env"], legend_size=8)
 
 
 def main(argv=None) -> dict:

@@ -99,22 +99,17 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
 def plot_evals(rows: list[dict], out: Path) -> Path | None:
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from torchrl_bdpo.plotting import curve, finish, subplots
 
     probe = [r for r in rows if "q_dataset" in r]
-    fig, axes = plt.subplots(1, 2 if probe else 1, figsize=(11 if probe else 6, 3.5), squeeze=False)
-    ax = axes[0, 0]
+    fig, axes = subplots(2 if probe else 1, width=11 if probe else 6, height=3.5)
+    ax = axes[0]
     for phase, color in (("pretrain", "C0"), ("train", "C1")):
         pts = [r for r in rows if r["phase"] == phase]
         if pts:
-            x = [r["global_step"] for r in pts]
-            m = np.array([r["return_mean"] for r in pts])
-            s = np.array([r["return_std"] for r in pts])
-            ax.plot(x, m, marker=".", color=color, label="behavior (phase A)" if phase == "pretrain" else "BDPO, best of K by Q")
-            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2)
+            label = "behavior (phase A)" if phase == "pretrain" else "BDPO, best of K by Q"
+            mean_std = ([r["return_mean"] for r in pts], [r["return_std"] for r in pts])
+            curve(ax, [r["global_step"] for r in pts], mean_std, label, color, band="std", marker=".")
     extra = [r for r in rows if "return_one_sample_mean" in r]
     if extra:
         x = [r["global_step"] for r in extra]
@@ -122,11 +117,9 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
         ax.plot(x, [r["return_behavior_mean"] for r in extra], marker=".", ls=":", color="C0", label="behavior model, one sample")
     if rows[0].get("dataset_return") is not None:
         ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
-    ax.set_xlabel("gradient steps (phase A, then phase B)")
-    ax.set_ylabel("evaluation return")
-    ax.legend(fontsize=7)
+    labels = [(ax, "gradient steps (phase A, then phase B)", "evaluation return")]
     if probe:  # a Q that runs away from the returns is the usual way offline RL fails
-        ax = axes[0, 1]
+        ax = axes[1]
         x = [r["global_step"] for r in probe]
         ax.plot(x, [r["q_dataset"] for r in probe], marker=".", color="C1", label="target Q on dataset (s, a)")
         ax.plot(x, [r["mc_return_dataset"] for r in probe], ls="--", color="gray", label="their MC return")
@@ -135,14 +128,8 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
             xp = [r["global_step"] for r in pol]
             ax.plot(xp, [r["q_policy"] for r in pol], marker=".", color="C3", label="target Q on the policy's (s, a)")
             ax.plot(xp, [r["mc_return_policy"] for r in pol], ls="--", marker=".", color="C3", alpha=0.5, label="their MC return")
-        ax.set_xlabel("gradient steps")
-        ax.set_ylabel("value (scaled rewards)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "eval_returns.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        labels.append((ax, "gradient steps", "value (scaled rewards)"))
+    return finish(fig, labels, out / "eval_returns.png")
 
 
 def train(cfg: DictConfig) -> dict:

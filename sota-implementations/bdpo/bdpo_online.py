@@ -36,7 +36,6 @@ import warnings
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -180,33 +179,19 @@ def check_dims(env, observation_dim: int, action_dim: int, where: str) -> None:
 def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str) -> Path | None:
     if not rows and not train_returns:
         return None
-    import matplotlib
+    from torchrl_bdpo.plotting import curve, finish, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, (ax,) = subplots()
     if train_returns:
         x, y = zip(*train_returns)
         ax.plot(x, y, ".", color="gray", alpha=0.4, ms=3, label="training episodes (exploration)")
     if rows:
         x = [r["frames"] for r in rows]
-        for key, label, color in (("return_mean", "best of K by Q", "C1"), ("return_one_sample_mean", "one sample", "C2")):
-            m = np.array([r[key] for r in rows])
-            s = np.array([r[key.replace("mean", "std")] for r in rows])
-            ax.plot(x, m, marker="o", color=color, label=label)
-            ax.fill_between(x, m - s, m + s, color=color, alpha=0.2)
+        for key, label, color in (("return", "best of K by Q", "C1"), ("return_one_sample", "one sample", "C2")):
+            curve(ax, x, ([r[f"{key}_mean"] for r in rows], [r[f"{key}_std"] for r in rows]), label, color, band="std")
         if rows[0].get("start_return") is not None:
             ax.axhline(rows[0]["start_return"], color="k", ls="--", lw=1, label="offline start (best of K)")
-    ax.set_xlabel("environment frames")
-    ax.set_ylabel("return")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "learning_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, [(ax, "environment frames", "return")], out / "learning_curve.png", title=title)
 
 
 def train(cfg: DictConfig) -> dict:
