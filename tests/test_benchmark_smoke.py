@@ -1,17 +1,9 @@
 """The benchmark script runs and writes its JSON (timings themselves are never asserted)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def load_benchmark(name: str):
-    """The module ``benchmarks/<name>.py``, loaded from its file."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.loaders import ROOT, load_benchmark
 
 
 bench = load_benchmark("bench_bdpo")
@@ -223,7 +215,7 @@ def test_gpu_check_fits_the_issue_s_eight_minutes():
     """The check mode's time limits (tests, script tests, benchmark) add up to 8 minutes at most."""
     import re
 
-    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     check = text[text.index("# the gpu-marked tests"):]
     limits = [int(m) for line in check.splitlines() if not line.lstrip().startswith("#")
               for m in re.findall(r"\btimeout (\d+)", line)]

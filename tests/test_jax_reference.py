@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_benchmark_smoke import load_benchmark
+from tests.loaders import load_benchmark
 from torchrl_bdpo.diffusion import EpsilonNetwork, make_schedule
 
 ref = load_benchmark("jax_reference")

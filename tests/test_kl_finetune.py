@@ -1,17 +1,12 @@
 """The examples/kl_finetune_2d.py fine-tuning styles reach p* ∝ p_ref exp(r / eta)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.loaders import ROOT, load_file
+
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
-_spec = importlib.util.spec_from_file_location(
-    "kl_finetune_2d", Path(__file__).resolve().parents[1] / "examples" / "kl_finetune_2d.py"
-)
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_file(ROOT / "examples" / "kl_finetune_2d.py", "kl_finetune_2d")
 
 ETA = 0.5
 

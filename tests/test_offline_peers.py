@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_benchmark_smoke import load_benchmark
+from tests.loaders import load_benchmark
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

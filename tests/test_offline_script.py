@@ -1,21 +1,16 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_offline.py on a tiny generated dataset."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tests.loaders import SCRIPT_DIR, load_script
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
-sys.path.insert(0, str(SCRIPT_DIR))
-_spec = importlib.util.spec_from_file_location("bdpo_offline", SCRIPT_DIR / "bdpo_offline.py")
-off = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(off)
+off = load_script("bdpo_offline")
 
 TINY = [
     "task=generated-hopper-random",

@@ -1,8 +1,5 @@
 """sota-implementations/bdpo/bdpo_online.py: online (uniform reference) and offline-to-online runs, tiny."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +7,11 @@ from hydra import compose, initialize_config_dir
 
 from torchrl_bdpo import checkpoint as checkpoint_io
 
+from tests.loaders import SCRIPT_DIR, load_script
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
-sys.path.insert(0, str(SCRIPT_DIR))
-_spec = importlib.util.spec_from_file_location("bdpo_online", SCRIPT_DIR / "bdpo_online.py")
-online = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(online)
+online = load_script("bdpo_online")
 
 TINY = [
     "collector.total_frames=400",
@@ -109,9 +104,7 @@ def offline_run(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
     generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
                             random_return_episodes=3, progress=False))
-    _off_spec = importlib.util.spec_from_file_location("bdpo_offline", SCRIPT_DIR / "bdpo_offline.py")
-    off = importlib.util.module_from_spec(_off_spec)
-    _off_spec.loader.exec_module(off)
+    off = load_script("bdpo_offline")
     from tests.test_offline_script import TINY as OFFLINE_TINY
 
     cfg = config(root / "offline", *OFFLINE_TINY, "eval.episodes=0", name="offline")
@@ -183,7 +176,7 @@ def test_uniform_reference_needs_a_unit_action_box():
 
 
 def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
-    from tests.test_benchmark_smoke import load_benchmark
+    from tests.loaders import load_benchmark
 
     harness = load_benchmark("online_vs_sac")
     result = harness.main(["--frames", "400", "--frames-per-batch", "100", "--init-random-frames", "100",

@@ -1,8 +1,6 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_toy2d.py at tiny budgets."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +8,11 @@ import torch
 from torchrl_bdpo.checkpoint import load_checkpoint, save_checkpoint
 from hydra import compose, initialize_config_dir
 
+from tests.loaders import SCRIPT_DIR, load_script
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
-sys.path.insert(0, str(SCRIPT_DIR))
-_spec = importlib.util.spec_from_file_location("bdpo_toy2d", SCRIPT_DIR / "bdpo_toy2d.py")
-toy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(toy)
+toy = load_script("bdpo_toy2d")
 
 TINY = [
     "env.num_points=2000",
