@@ -187,3 +187,18 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
     assert (tmp_path / "online_vs_sac.png").exists()
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
+
+
+def test_threads_setting():
+    from omegaconf import OmegaConf
+
+    import utils
+
+    before = torch.get_num_threads()
+    try:
+        assert utils.set_threads(OmegaConf.create({"threads": 1})) == 1 == torch.get_num_threads()
+        assert utils.set_threads(OmegaConf.create({"threads": None})) == 1  # null leaves it as it is
+        with pytest.raises(ValueError, match="threads=0: expected a positive integer"):
+            utils.set_threads(OmegaConf.create({"threads": 0}))
+    finally:
+        torch.set_num_threads(before)

@@ -41,6 +41,7 @@ from utils import (  # noqa: E402
     pretrain_step,
     save_checkpoint,
     set_matmul_precision,
+    set_threads,
     set_seed,
     train_scalars,
     train_step,
@@ -137,6 +138,7 @@ def train(cfg: DictConfig) -> dict:
     validate_config(cfg)  # every integer and rate, before anything runs or is written
     out_dir = Path(cfg.output_dir)
     set_matmul_precision(cfg)
+    set_threads(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
     set_seed(cfg.seed)
     start = time.perf_counter()

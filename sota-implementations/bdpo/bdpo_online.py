@@ -53,6 +53,7 @@ from utils import (  # noqa: E402
     open_run,
     save_checkpoint,
     set_matmul_precision,
+    set_threads,
     set_seed,
     train_scalars,
     train_step,
@@ -210,6 +211,7 @@ def train(cfg: DictConfig) -> dict:
     cfg.optim.train_behavior = cfg.reference == "behavior_train"
     validate_config(cfg)
     set_matmul_precision(cfg)
+    set_threads(cfg)
     resume_state = open_run(cfg, out_dir)
     set_seed(cfg.seed)
     start = time.perf_counter()

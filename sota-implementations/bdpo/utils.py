@@ -108,6 +108,20 @@ def set_seed(seed: int) -> None:
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def set_threads(cfg: DictConfig) -> int:
+    """``torch.set_num_threads(cfg.threads)`` when set (null: torch's default, every core).
+
+    Two jobs on one machine each take every core by default and thrash; give each its share
+    (``threads=1`` for two jobs on 2 cores). Returns the number of threads in use.
+    """
+    threads = cfg.get("threads", None)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r}: expected a positive integer, or null for torch's default.")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def set_matmul_precision(cfg: DictConfig) -> str:
     """``torch.set_float32_matmul_precision(cfg.matmul_precision)``; returns the value.
 
@@ -353,7 +367,7 @@ def check_state_before_saving(loss, sample_batch, phase: str, step: int, checkpo
 # ---------------------------------------------------------------- checkpoints
 # what may change when a run resumes: where it writes and logs, how it compiles (no number
 # changes), how it evaluates, and the learning rates (the advice after a divergence)
-RESUMABLE = ("output_dir", "checkpoint", "logger", "compile", "eval")
+RESUMABLE = ("output_dir", "checkpoint", "logger", "compile", "eval", "threads")
 LEARNING_RATES = ("behavior_lr", "critic_lr", "actor_lr")
 
 
