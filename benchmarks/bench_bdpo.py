@@ -34,7 +34,8 @@ from torchrl_bdpo.diffusion import (
 )
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.diffusion.networks import mlp
-from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
+from torchrl_bdpo.objectives import BDPOLoss
+from torchrl_bdpo.training import BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
 OBS, ACT = 17, 6  # halfcheetah/walker2d-sized

@@ -2,7 +2,7 @@
 
     python benchmarks/pretrain_overhead.py --preset toy --out benchmarks/results/pretrain_overhead.json
 
-The regular behavior step of :class:`~torchrl_bdpo.objectives.BDPOUpdate` is timed in parts
+The regular behavior step of :class:`~torchrl_bdpo.training.BDPOUpdate` is timed in parts
 (zero_grad, the compiled loss's forward, backward, gradient clip, Adam, target EMA, the output
 TensorDict), whole (``update.behavior``: on a CPU, since 2026-11-27, the functional program of
 loss, gradients and clip, which skips most of the regular step's fixed cost), and next to ``bench_bdpo.bare_mlp_step`` (a compiled

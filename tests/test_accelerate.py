@@ -9,7 +9,7 @@ from tensordict import TensorDict
 
 from tests.test_bdpo import ACT, M, N, OBS, make_batch, make_loss
 from torchrl_bdpo.compile import AcceleratedFunction, accelerate, input_signature
-from torchrl_bdpo.objectives import BDPOUpdate
+from torchrl_bdpo.training import BDPOUpdate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

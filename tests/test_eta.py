@@ -6,7 +6,8 @@ import torch
 from tensordict import TensorDict
 
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
-from torchrl_bdpo.objectives import BDPOLoss, EtaLagrangian
+from torchrl_bdpo.objectives import BDPOLoss
+from torchrl_bdpo.training import EtaLagrangian
 
 
 def make_loss(eta=0.2, obs_dim=3, action_dim=2):
@@ -84,3 +85,19 @@ def test_bad_settings_are_named():
         EtaLagrangian(make_loss(), target_kl_per_dim=0)
     with pytest.raises(ValueError, match="lr=-1"):
         EtaLagrangian(make_loss(), target_kl_per_dim=1.0, lr=-1)
+
+
+def test_moved_names_keep_deprecated_aliases():
+    import importlib
+
+    import torchrl_bdpo.objectives as objectives
+    import torchrl_bdpo.training as training
+
+    for name in ("BDPOUpdate", "make_capturable", "EtaLagrangian"):
+        with pytest.warns(DeprecationWarning, match=f"torchrl_bdpo.objectives.{name} is deprecated"):
+            assert getattr(objectives, name) is getattr(training, name)
+    with pytest.warns(DeprecationWarning, match="torchrl_bdpo.trainers is deprecated"):
+        import torchrl_bdpo.trainers as trainers
+
+        importlib.reload(trainers)
+    assert trainers.BDPOOptimizationStepper is training.BDPOOptimizationStepper

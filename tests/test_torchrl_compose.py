@@ -124,8 +124,7 @@ def test_bdpo_runs_under_torchrls_trainer_with_its_cadence():
     from torchrl.collectors import Collector
     from torchrl.trainers import Trainer
 
-    from torchrl_bdpo.objectives import BDPOUpdate
-    from torchrl_bdpo.trainers import BDPOOptimizationStepper
+    from torchrl_bdpo.training import BDPOOptimizationStepper, BDPOUpdate
 
     loss = make_loss()
     optimizers = {g: torch.optim.Adam(p, lr=1e-3) for g, p in BDPOUpdate.param_groups(loss).items()}

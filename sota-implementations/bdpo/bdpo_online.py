@@ -8,7 +8,7 @@
 
 ``mode=online``: maximum-entropy RL. The reference is the uniform policy on the action box
 (``reference=uniform``; docs/design.md section 5) and eta is the temperature, fixed or automatic
-(``auto_eta.enabled``: :class:`~torchrl_bdpo.objectives.EtaLagrangian` toward
+(``auto_eta.enabled``: :class:`~torchrl_bdpo.training.EtaLagrangian` toward
 ``auto_eta.target_kl_per_dim`` nats of path KL per action dimension).
 
 ``mode=offline2online``: starts from an offline BDPO run after phase B (``offline.run``, its
@@ -66,7 +66,7 @@ from utils import (  # noqa: E402
 from torchrl_bdpo import checkpoint as checkpoint_io  # noqa: E402
 from torchrl_bdpo.data import OfflineToOnlineBuffer, check_env_compatibility, make_offline_buffer, to_offline_layout  # noqa: E402
 from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, eval_env_id, evaluate, make_env  # noqa: E402
-from torchrl_bdpo.objectives import EtaLagrangian  # noqa: E402
+from torchrl_bdpo.training import EtaLagrangian  # noqa: E402
 
 MODES = ("online", "offline2online")
 REFERENCES = {"online": ("uniform", "gaussian"), "offline2online": ("behavior", "behavior_train")}

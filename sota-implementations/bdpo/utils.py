@@ -19,7 +19,8 @@ from torchrl_bdpo.diffusion import (
 )
 from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.diffusion import networks
-from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate, TargetSoftUpdate
+from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
+from torchrl_bdpo.training import BDPOUpdate
 
 
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow", "trackio", "")

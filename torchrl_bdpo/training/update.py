@@ -225,7 +225,8 @@ class BDPOUpdate:
         >>> from tensordict import TensorDict
         >>> from torchrl_bdpo.diffusion import (DiffusionActor, EpsilonNetwork, make_schedule,
         ...     make_qvalue_operator, make_value_operator)
-        >>> from torchrl_bdpo.objectives import BDPOLoss, BDPOUpdate
+        >>> from torchrl_bdpo.objectives import BDPOLoss
+        >>> from torchrl_bdpo.training import BDPOUpdate
         >>> def model():
         ...     return DiffusionActor(EpsilonNetwork(2, 3, hidden=16), make_schedule("vp", 5))
         >>> loss = BDPOLoss(model(), model(), make_value_operator(3, 2, hidden=16),
