@@ -127,6 +127,9 @@ def test_offline_to_online_starts_from_the_offline_run(tmp_path, offline_run, re
     assert [r["frames"] for r in rows] == [0, 200, 400]  # the offline start, then every interval
     assert all(r["start_return"] == rows[0]["return_mean"] for r in rows)
     assert summary["config"]["diffusion"]["hidden"] == 16  # the offline run's networks
+    # and its optimiser settings where the online config leaves them null (the cpu budget's)
+    assert summary["config"]["optim"]["actor_lr"] == 1e-5 and summary["config"]["optim"]["critic_tau"] == 0.05
+    assert summary["config"]["optim"]["batch_size"] == 32  # set here: not inherited
     end = checkpoint_io.load_checkpoint(tmp_path / "checkpoint.pt")
     behavior = [k for k in start if k.startswith("behavior_network_params")]
     same = all(torch.equal(start[k], end["loss"][k]) for k in behavior)

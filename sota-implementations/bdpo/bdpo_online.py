@@ -72,6 +72,8 @@ MODES = ("online", "offline2online")
 REFERENCES = {"online": ("uniform", "gaussian"), "offline2online": ("behavior", "behavior_train")}
 # the model blocks an offline2online run takes from its offline run
 MODEL_BLOCKS = ("diffusion", "critic", "loss")
+# optimiser settings an offline2online run takes from its offline run where its config says null
+INHERITED_OPTIM = ("batch_size", "actor_every", "critic_lr", "actor_lr", "behavior_lr", "tau", "critic_tau", "grad_clip")
 
 
 def check_online_config(cfg: DictConfig) -> None:
@@ -206,8 +208,9 @@ def train(cfg: DictConfig) -> dict:
     offline_cfg = offline_state = info = None
     if cfg.mode == "offline2online":
         offline_cfg, offline_state = offline_start(cfg, out_dir)
-        # the offline run's networks and loss; this run's optimisation, collection and evaluation
-        cfg = OmegaConf.merge(cfg, {k: offline_cfg[k] for k in MODEL_BLOCKS})
+        # the offline run's networks and loss; its optimiser settings where this config says null
+        inherited = {k: offline_cfg.optim[k] for k in INHERITED_OPTIM if cfg.optim.get(k) is None}
+        cfg = OmegaConf.merge(cfg, {k: offline_cfg[k] for k in MODEL_BLOCKS}, {"optim": inherited})
     cfg.optim.train_behavior = cfg.reference == "behavior_train"
     validate_config(cfg)
     set_matmul_precision(cfg)
