@@ -147,6 +147,19 @@ def test_offline_to_online_starts_from_the_offline_run(tmp_path, offline_run, re
     assert 0.5 < per_step < 1.5, per_step
 
 
+def test_offline_to_online_runs_the_offline_phases_first(tmp_path, offline_run):
+    """offline.overrides: bdpo_offline.py runs into <output_dir>/offline, then collection starts from it."""
+    from tests.test_offline_script import TINY as OFFLINE_TINY
+
+    overrides = ",".join(f'"{o}"' for o in [*OFFLINE_TINY, "eval.episodes=0"])  # hydra's quoted list items
+    cfg = config(tmp_path, *O2O, "collector.total_frames=200", f"offline.overrides=[{overrides}]")
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        summary = online.train(cfg)
+    offline = tmp_path / "offline"
+    assert (offline / "summary.json").exists() and (offline / "checkpoint.pt").exists()
+    assert summary["frames"] == 200 and summary["evaluations"][0]["frames"] == 0
+
+
 def test_bad_inputs(tmp_path, offline_run):
     with pytest.raises(ValueError, match="mode=offline2online needs an offline start"):
         online.train(config(tmp_path / "a", "mode=offline2online", "reference=behavior"))

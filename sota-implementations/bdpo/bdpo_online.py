@@ -4,7 +4,7 @@
     python sota-implementations/bdpo/bdpo_online.py env.name=Hopper-v5 collector.total_frames=50000
     python sota-implementations/bdpo/bdpo_online.py mode=offline2online offline.run=<offline run folder>
     python sota-implementations/bdpo/bdpo_online.py mode=offline2online \
-        'offline.overrides=[task=generated-hopper-medium,budget=cpu]'             # phases A and B first
+        'offline.overrides=["task=generated-hopper-medium","budget=cpu"]'         # phases A and B first
 
 ``mode=online``: maximum-entropy RL. The reference is the uniform policy on the action box
 (``reference=uniform``; docs/design.md section 5) and eta is the temperature, fixed or automatic
@@ -116,7 +116,7 @@ def check_online_config(cfg: DictConfig) -> None:
     if cfg.mode == "offline2online" and not cfg.offline.run and not cfg.offline.overrides:
         problems.append(
             "mode=offline2online needs an offline start: offline.run=<an offline run's folder (config.yaml, "
-            "checkpoint.pt)> or offline.overrides=[task=...,budget=...] to run bdpo_offline.py first"
+            'checkpoint.pt)> or \'offline.overrides=["task=...","budget=..."]\' to run bdpo_offline.py first'
         )
     if problems:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
@@ -288,7 +288,7 @@ def train(cfg: DictConfig) -> dict:
         else:
             loss.set_eta(resume_state["eta_value"])
         truncate_csv_logs(out_dir / "logs", frames)
-        print(f"resumed from {ckpt}: {frames} frames, {updates} updates (the env starts a new episode)")
+        print(f"resumed from {ckpt}: {frames} frames, {updates} updates")
     written = ckpt if ckpt.exists() else None
 
     def checkpoint():
