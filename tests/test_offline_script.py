@@ -11,6 +11,7 @@ from tests.loaders import SCRIPT_DIR, load_script
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 off = load_script("bdpo_offline")
+import utils  # noqa: E402  (the scripts' shared helpers and loop, importable once load_script ran)
 
 TINY = [
     "task=generated-hopper-random",
@@ -184,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, dataset, monke
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["phase"] == "pretrain" and state["step"] == 20
     # a step's own loss check names the step (the checkpoint check is off here)
-    monkeypatch.setattr(off, "check_state_before_saving", lambda *args: None)
+    monkeypatch.setattr(utils, "check_state_before_saving", lambda *args: None)
     with pytest.raises(FloatingPointError, match=r"loss_qvalue \+ loss_value became nan at step 0.*checkpoint.pt"):
         off.train(config(tmp_path / "b", "eval.episodes=0"))
 
@@ -263,7 +264,7 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
         q = loss._qvalue(loss.target_qvalue_network_params, obs, act)
     assert out["q_policy"] == pytest.approx(float(q.mean()), rel=1e-6)
     assert out["path_kl_mean"] > 0 and out["path_kl_p90"] >= out["path_kl_mean"] * 0.5
-    off.hand_over(loss)  # the target actor becomes the behavior EMA: no KL left
+    loss.init_actor_from_behavior()  # the target actor becomes the behavior EMA: no KL left
     same = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
     assert same["path_kl_mean"] == pytest.approx(0.0, abs=1e-10) and same["q_policy"] == out["q_policy"]
     # an episode shorter than the horizon and cut by the time limit adds nothing
@@ -273,7 +274,7 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
 def test_a_diverged_state_is_never_checkpointed(tmp_path, dataset, monkeypatch):
     """The update of phase-B step 9 blows Q up; the checkpoint due after it (step 10) is refused,
     and the one before (the hand-over, step 0) stays."""
-    real = off.train_step
+    real = utils.train_step
 
     def diverging(update, schedulers, batch, step, o, written):
         out = real(update, schedulers, batch, step, o, written)
@@ -282,7 +283,7 @@ def test_a_diverged_state_is_never_checkpointed(tmp_path, dataset, monkeypatch):
                 update.loss.qvalue_network_params.apply_(lambda p: p.mul_(1e30))
         return out
 
-    monkeypatch.setattr(off, "train_step", diverging)
+    monkeypatch.setattr(utils, "train_step", diverging)
     with pytest.raises(FloatingPointError, match=r"state after train step 10 holds non-finite .*checkpoint was not written .*checkpoint.pt"):
         off.train(config(tmp_path, "eval.episodes=0"))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -312,7 +313,7 @@ def test_resume_rescales_the_learning_rates(tmp_path):
     for _ in range(5):
         for s in schedulers.values():
             s.step()
-    state = off.training_state(loss, optimizers, schedulers, "train", 5, cfg)
+    state = utils.training_state(loss, optimizers, schedulers, "train", 5, cfg)
     critic_lr = optimizers["critic"].param_groups[0]["lr"]
     new_cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1", f"optim.critic_lr={cfg.optim.critic_lr / 10}")
     optimizers2 = off.make_optimizers(new_cfg, loss)

@@ -23,12 +23,9 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
-    check_state_before_saving,
-    hand_over,
     load_checkpoint,
     log_scalars,
     make_bdpo_loss,
@@ -37,17 +34,13 @@ from utils import (  # noqa: E402
     make_schedulers,
     make_update,
     open_run,
+    run_phases,
     make_updaters,
-    pretrain_step,
-    save_checkpoint,
     set_matmul_precision,
     set_threads,
     set_seed,
-    train_scalars,
-    train_step,
     truncate_csv_logs,
     validate_config,
-    training_state,
     write_json,
 )
 
@@ -188,16 +181,6 @@ def train(cfg: DictConfig) -> dict:
         eval_rows = resume_state.get("evals", [])
         truncate_csv_logs(out_dir / "logs", step if phase == "pretrain" else o.pretrain_steps + step)
         print(f"resumed from {ckpt}: phase {phase}, step {step}")
-    written = ckpt if ckpt.exists() else None
-
-    def checkpoint(phase_name, next_step):
-        nonlocal written
-        check_state_before_saving(loss, lambda: buffer.sample().to(device), phase_name, next_step, written)
-        state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg)
-        state["evals"] = eval_rows
-        save_checkpoint(ckpt, state)
-        written = ckpt
-
     behavior_policy = QSelectActor(
         loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
         qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
@@ -245,45 +228,11 @@ def train(cfg: DictConfig) -> dict:
         log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k not in ("step", "global_step")}, global_step)
         return row
 
-    # ---------------------------------------------------------------- phase A
-    if phase == "pretrain":
-        bar = tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps)
-        for step in bar:
-            out = pretrain_step(update, buffer.sample().to(device), step, written)
-            if step % cfg.logger.log_interval == 0:
-                log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
-            if e.pretrain_interval and (step + 1) % e.pretrain_interval == 0:
-                row = run_eval("pretrain", step + 1, step + 1)
-                if row:
-                    bar.set_postfix(eval_return=f"{row['return_mean']:.0f}")
-            if (step + 1) % cfg.checkpoint.interval == 0:
-                checkpoint("pretrain", step + 1)
-        hand_over(loss)
-        phase, step = "train", 0
-        checkpoint("train", 0)
-
-    # ---------------------------------------------------------------- phase B
-    history = []
-    tic, tic_step = time.perf_counter(), step
-    bar = tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps)
-    for step in bar:
-        row, critic = train_step(update, schedulers, buffer.sample().to(device), step, o, written)
-        history.append(row)
-        if step % cfg.logger.log_interval == 0:
-            now = time.perf_counter()
-            rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
-            tic, tic_step = now, step
-            log_scalars(logger, train_scalars(row, critic, rate), o.pretrain_steps + step)
-        if e.interval and (step + 1) % e.interval == 0:
-            r = run_eval("train", step + 1, o.pretrain_steps + step + 1)
-            if r:
-                bar.set_postfix(eval_return=f"{r['return_mean']:.0f}")
-        if (step + 1) % cfg.checkpoint.interval == 0:
-            checkpoint("train", step + 1)
-    if o.steps > 0:
-        if e.episodes > 0 and not (e.interval and o.steps % e.interval == 0):
-            run_eval("train", o.steps, o.pretrain_steps + o.steps)  # the final policy is always evaluated
-        checkpoint("train", o.steps)
+    history = run_phases(
+        cfg, loss=loss, update=update, optimizers=optimizers, schedulers=schedulers,
+        sample=lambda: buffer.sample().to(device), logger=logger, out_dir=out_dir, phase=phase, step=step,
+        evaluate=run_eval, extra_state=lambda: {"evals": eval_rows},
+    )
     if env is not None:
         env.close()
 

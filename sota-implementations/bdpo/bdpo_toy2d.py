@@ -21,12 +21,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict.nn import TensorDictModule
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import (  # noqa: E402
-    check_state_before_saving,
-    hand_over,
     load_checkpoint,
     log_scalars,
     make_bdpo_loss,
@@ -35,17 +32,13 @@ from utils import (  # noqa: E402
     make_schedulers,
     make_update,
     open_run,
+    run_phases,
     make_updaters,
-    pretrain_step,
-    save_checkpoint,
     set_matmul_precision,
     set_threads,
     set_seed,
-    train_scalars,
-    train_step,
     truncate_csv_logs,
     validate_config,
-    training_state,
     write_json,
 )
 
@@ -232,43 +225,14 @@ def train(cfg: DictConfig) -> dict:
         phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
         truncate_csv_logs(out_dir / "logs", step, only=phase)  # each phase logs on its own step axis
         print(f"resumed from {ckpt}: phase {phase}, step {step}")
-    written = ckpt if ckpt.exists() else None
-
-    def checkpoint(phase_name, next_step):
-        nonlocal written
-        check_state_before_saving(loss, lambda: buffer.sample().to(device), phase_name, next_step, written)
-        save_checkpoint(ckpt, training_state(loss, optimizers, schedulers, phase_name, next_step, cfg))
-        written = ckpt
-
     update = make_update(cfg, loss, optimizers, updaters)
     device = torch.device(cfg.device)
-    # ---------------------------------------------------------------- phase A
-    if phase == "pretrain":
-        for step in tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps):
-            out = pretrain_step(update, buffer.sample().to(device), step, written)
-            if step % cfg.logger.log_interval == 0:
-                log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
-            if (step + 1) % cfg.checkpoint.interval == 0:
-                checkpoint("pretrain", step + 1)
-        hand_over(loss)
-        phase, step = "train", 0
-        checkpoint("train", 0)
-
-    # ---------------------------------------------------------------- phase B
-    history = []
-    tic, tic_step = time.perf_counter(), step
-    for step in tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps):
-        row, critic = train_step(update, schedulers, buffer.sample().to(device), step, o, written)
-        history.append(row)
-        if step % cfg.logger.log_interval == 0:
-            now = time.perf_counter()
-            rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
-            tic, tic_step = now, step
-            log_scalars(logger, train_scalars(row, critic, rate, next_state_paths=False), step)
-        if (step + 1) % cfg.checkpoint.interval == 0:
-            checkpoint("train", step + 1)
-    if o.steps > 0:
-        checkpoint("train", o.steps)
+    # every transition is terminal: no Q-target paths to log; each phase logs on its own step axis
+    history = run_phases(
+        cfg, loss=loss, update=update, optimizers=optimizers, schedulers=schedulers,
+        sample=lambda: buffer.sample().to(device), logger=logger, out_dir=out_dir, phase=phase, step=step,
+        global_steps=False, next_state_paths=False,
+    )
 
     metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)

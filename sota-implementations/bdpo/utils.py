@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from torchrl_bdpo.diffusion import (
     DiffusionActor,
@@ -325,6 +327,75 @@ def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool 
         scalars.update({f"train/kl_step_{n + 1}": kl[n].item() for n in range(kl.numel())})
     scalars["train/steps_per_s"] = steps_per_s
     return scalars
+
+
+def run_phases(cfg: DictConfig, *, loss, update, optimizers: dict, schedulers: dict, sample, logger, out_dir: Path,
+               phase: str, step: int, evaluate=None, extra_state=None, global_steps: bool = True,
+               next_state_paths: bool = True) -> list[dict]:
+    """The training loop of the offline and toy scripts: phase A, the hand-over, phase B.
+
+    Phase A trains the behavior model for ``optim.pretrain_steps``; the actor then starts as its
+    EMA (``hand_over``); phase B runs ``train_step`` for ``optim.steps`` (docs/design.md
+    section 4). Starts at ``(phase, step)`` (a resumed checkpoint's). Logs every
+    ``logger.log_interval`` steps, checkpoints every ``checkpoint.interval`` steps (after the
+    finiteness check; ``extra_state()`` adds entries, e.g. the evaluations), at the hand-over and
+    at the end. ``sample()`` returns the next batch on the run's device. ``evaluate(phase, step,
+    global_step)`` returns an evaluation row (or None) and runs every ``eval.pretrain_interval``
+    phase-A and ``eval.interval`` phase-B steps, and on the final policy. Phase-B rows log at
+    ``pretrain_steps + step`` with ``global_steps``, else on their own axis. Returns the phase-B
+    rows.
+    """
+    o, e = cfg.optim, cfg.get("eval", {})
+    ckpt = out_dir / "checkpoint.pt"
+    written = [ckpt if ckpt.exists() else None]
+
+    def checkpoint(phase_name: str, next_step: int) -> None:
+        check_state_before_saving(loss, sample, phase_name, next_step, written[0])
+        state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg)
+        state.update(extra_state() if extra_state is not None else {})
+        save_checkpoint(ckpt, state)
+        written[0] = ckpt
+
+    def run_eval(phase_name: str, step_: int, global_step: int, bar) -> None:
+        row = evaluate(phase_name, step_, global_step) if evaluate is not None else None
+        if row:
+            bar.set_postfix(eval_return=f"{row['return_mean']:.0f}")
+
+    if phase == "pretrain":
+        bar = tqdm(range(step, o.pretrain_steps), desc="phase A (behavior)", initial=step, total=o.pretrain_steps)
+        for step in bar:
+            out = pretrain_step(update, sample(), step, written[0])
+            if step % cfg.logger.log_interval == 0:
+                log_scalars(logger, {"pretrain/loss_behavior": out["loss_behavior"].item()}, step)
+            if e.get("pretrain_interval") and (step + 1) % e.pretrain_interval == 0:
+                run_eval("pretrain", step + 1, step + 1, bar)
+            if (step + 1) % cfg.checkpoint.interval == 0:
+                checkpoint("pretrain", step + 1)
+        hand_over(loss)
+        step = 0
+        checkpoint("train", 0)
+
+    offset = o.pretrain_steps if global_steps else 0
+    history = []
+    tic, tic_step = time.perf_counter(), step
+    bar = tqdm(range(step, o.steps), desc="phase B (BDPO)", initial=step, total=o.steps)
+    for step in bar:
+        row, critic = train_step(update, schedulers, sample(), step, o, written[0])
+        history.append(row)
+        if step % cfg.logger.log_interval == 0:
+            now = time.perf_counter()
+            rate = (step - tic_step) / max(now - tic, 1e-9) if step > tic_step else float("nan")
+            tic, tic_step = now, step
+            log_scalars(logger, train_scalars(row, critic, rate, next_state_paths), offset + step)
+        if e.get("interval") and (step + 1) % e.interval == 0:
+            run_eval("train", step + 1, offset + step + 1, bar)
+        if (step + 1) % cfg.checkpoint.interval == 0:
+            checkpoint("train", step + 1)
+    if o.steps > 0:
+        if not (e.get("interval") and o.steps % e.interval == 0):
+            run_eval("train", o.steps, offset + o.steps, bar)  # the final policy is always evaluated
+        checkpoint("train", o.steps)
+    return history
 
 
 def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Path | None) -> None:
