@@ -14,6 +14,7 @@ torchrl logger), ``checkpoint.pt`` (atomic; ``checkpoint.resume=true`` continues
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -24,8 +25,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _HERE)
+# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
 from utils import (  # noqa: E402
+    check_launcher_plugin,
     load_checkpoint,
     log_scalars,
     make_bdpo_loss,
@@ -33,6 +38,7 @@ from utils import (  # noqa: E402
     make_optimizers,
     make_schedulers,
     make_update,
+    finished_summary,
     open_run,
     run_phases,
     make_updaters,
@@ -133,6 +139,9 @@ def train(cfg: DictConfig) -> dict:
     set_matmul_precision(cfg)
     set_threads(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    at_end = resume_state is not None and (resume_state["phase"], resume_state["step"]) == ("train", cfg.optim.steps)
+    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+        return finished
     set_seed(cfg.seed)
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
@@ -247,6 +256,7 @@ def train(cfg: DictConfig) -> dict:
         "best": best,
         "evaluations": eval_rows,
         "wall_time_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
         "figure": None if figure is None else str(figure),
     }
     write_json(out_dir / "summary.json", summary)
@@ -268,4 +278,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_launcher_plugin(sys.argv[1:])
     main()

@@ -30,6 +30,7 @@ and ``learning_curve.png`` in the output folder.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -40,8 +41,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _HERE)
+# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
 from utils import (  # noqa: E402
+    check_launcher_plugin,
     check_state_before_saving,
     load_checkpoint,
     log_scalars,
@@ -50,6 +55,7 @@ from utils import (  # noqa: E402
     make_optimizers,
     make_update,
     make_updaters,
+    finished_summary,
     open_run,
     save_checkpoint,
     set_matmul_precision,
@@ -216,6 +222,9 @@ def train(cfg: DictConfig) -> dict:
     set_matmul_precision(cfg)
     set_threads(cfg)
     resume_state = open_run(cfg, out_dir)
+    at_end = resume_state is not None and resume_state["frames"] >= cfg.collector.total_frames
+    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+        return finished
     set_seed(cfg.seed)
     start = time.perf_counter()
     o, e, c = cfg.optim, cfg.eval, cfg.collector
@@ -401,6 +410,7 @@ def train(cfg: DictConfig) -> dict:
         "evaluations": eval_rows,
         "train_episode_returns": train_returns,
         "wall_time_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
         "figure": None if figure is None else str(figure),
     }
     write_json(out_dir / "summary.json", summary)
@@ -417,4 +427,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_launcher_plugin(sys.argv[1:])
     main()

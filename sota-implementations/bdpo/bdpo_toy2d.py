@@ -12,6 +12,7 @@ landscapes at n = N, 3N/4, N/2, N/4 and 0 where V_0 = Q).
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -22,8 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tensordict.nn import TensorDictModule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+_HERE = str(Path(__file__).resolve().parent)
+sys.path.insert(0, _HERE)
+# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
 from utils import (  # noqa: E402
+    check_launcher_plugin,
     load_checkpoint,
     log_scalars,
     make_bdpo_loss,
@@ -31,6 +36,7 @@ from utils import (  # noqa: E402
     make_optimizers,
     make_schedulers,
     make_update,
+    finished_summary,
     open_run,
     run_phases,
     make_updaters,
@@ -205,6 +211,9 @@ def train(cfg: DictConfig) -> dict:
     set_matmul_precision(cfg)
     set_threads(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    at_end = resume_state is not None and (resume_state["phase"], resume_state["step"]) == ("train", cfg.optim.steps)
+    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+        return finished
     set_seed(cfg.seed)
     start = time.perf_counter()
 
@@ -242,6 +251,7 @@ def train(cfg: DictConfig) -> dict:
         "metrics": metrics,
         "distance_ratio_behavior_over_actor": metrics["sw_behavior_pstar"] / max(metrics["sw_actor_pstar"], 1e-12),
         "wall_time_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
         "figures": [str(p) for p in figures],
     }
     write_json(out_dir / "summary.json", summary)
@@ -262,4 +272,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_launcher_plugin(sys.argv[1:])
     main()

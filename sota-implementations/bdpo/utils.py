@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -102,6 +103,32 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
 
 
+# hydra launcher plugins: the config name on the command line -> (module, pip package)
+LAUNCHER_PLUGINS = {
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    "ray": ("hydra_plugins.hydra_ray_launcher", "hydra-ray-launcher"),
+}
+
+
+def check_launcher_plugin(argv: list[str]) -> None:
+    """Exit with the pip package to install when ``hydra/launcher=<name>`` names a plugin that is
+    not installed (hydra itself only says that it cannot find the config)."""
+    import importlib.util
+
+    for arg in argv:
+        if arg.startswith(("hydra/launcher=", "+hydra/launcher=", "override hydra/launcher=")):
+            name = arg.split("=", 1)[1]
+            module, package = LAUNCHER_PLUGINS.get(name, (None, None))
+            if module is not None and importlib.util.find_spec(module) is None:
+                raise SystemExit(
+                    f"hydra/launcher={name} needs the {package} plugin, which is not installed: "
+                    f"pip install {package} (or pip install \"torchrl_bdpo[sweep]\")."
+                )
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -111,13 +138,31 @@ def set_seed(seed: int) -> None:
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def _launcher_share() -> int | None:
+    """Cores per job when hydra's joblib launcher runs ``n_jobs`` jobs at once on this machine."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except Exception:  # not under hydra (a direct train(cfg) call)
+        return None
+    n_jobs = OmegaConf.select(hc, "launcher.n_jobs", default=None)
+    if str(hc.mode) != "RunMode.MULTIRUN" or not isinstance(n_jobs, int) or n_jobs == 0:
+        return None
+    n_jobs = os.cpu_count() if n_jobs < 0 else n_jobs  # joblib: -1 is one job per core
+    return max(1, (os.cpu_count() or 1) // n_jobs)
+
+
 def set_threads(cfg: DictConfig) -> int:
     """``torch.set_num_threads(cfg.threads)`` when set (null: torch's default, every core).
 
     Two jobs on one machine each take every core by default and thrash; give each its share
-    (``threads=1`` for two jobs on 2 cores). Returns the number of threads in use.
+    (``threads=1`` for two jobs on 2 cores). Under hydra's joblib launcher a null ``threads``
+    is the job's share: ``cpu_count // hydra.launcher.n_jobs``. Returns the number in use.
     """
     threads = cfg.get("threads", None)
+    if threads is None:
+        threads = _launcher_share()
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r}: expected a positive integer, or null for torch's default.")
@@ -578,6 +623,16 @@ def open_run(cfg: DictConfig, out_dir: Path) -> dict | None:
             print(f"checkpoint.resume=true: no checkpoint of this config in {out_dir.parent}; starting fresh")
     OmegaConf.save(cfg, out_dir / "config.yaml")
     return state
+
+
+def finished_summary(out_dir: Path, resume_state: dict | None, done: bool) -> dict | None:
+    """The summary of a run that already finished (``done``: its checkpoint is at the last step),
+    so that rerunning a sweep with ``checkpoint.resume=true`` skips the finished jobs."""
+    path = out_dir / "summary.json"
+    if resume_state is None or not done or not path.exists():
+        return None
+    print(f"{out_dir} finished already (its checkpoint is at the last step, summary.json written): skipped")
+    return json.loads(path.read_text())
 
 
 def truncate_csv_logs(log_dir: Path, global_step: int, only: str | None = None) -> int:
