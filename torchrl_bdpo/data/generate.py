@@ -30,6 +30,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -356,206 +357,237 @@ class DatasetGenerator:
 
     # -- main
     def run(self) -> dict:
+        """The stages, each resumable: random level, SAC to the policies, their rollouts, the files."""
         cfg = self.cfg
-        from torchrl.collectors import Collector
-        from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
-        from torchrl.objectives import SoftUpdate
-        from tqdm import tqdm
-
         warnings.filterwarnings("ignore", message=".*No target network updater.*")
         start = time.perf_counter()
-        state = {"config": cfg.fingerprint(), "levels": {}, "frames": 0, "stage": "start"}
-        remove_stale_tmp(self.ckpt)  # a write a crash cut short; the checkpoint before it is whole
-        if self.ckpt.exists():
-            state = load_checkpoint(self.ckpt)  # weights_only: a crafted file runs no code
-            saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
-            current = cfg.fingerprint()
-            added = sorted(set(current["levels"]) - set(saved["levels"]))
-            if set(saved["levels"]) <= set(current["levels"]) and set(added) <= set(ADDABLE_LEVELS):
-                saved = {**saved, "levels": current["levels"]}
-            if saved != current:
-                diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-                raise ValueError(
-                    f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
-                    f"the same settings to resume (a resumed run may add the levels {list(ADDABLE_LEVELS)} "
-                    f"and change {list(RESUMABLE_SETTINGS)}), or another out_dir for a new run."
-                )
-            if added:
-                self._check_ids_free(skip=state.get("written", {}))
-                if state["stage"] in ("policies done", "written"):  # SAC had stopped; older runs left so_far behind the total
-                    state.setdefault("timings", {})["sac_so_far_s"] = state["timings"].get("sac_total_s", 0.0)
-                state["stage"] = "levels added"
-            state["config"] = current
-            print(f"resuming from {self.ckpt}: stage {state['stage']}, {state['frames']} SAC frames" + (f", adding {added}" if added else ""))
-        else:
-            self._check_ids_free()
+        state = self._open_state()
         self.timings = state.get("timings", {})
         self.evals = state.get("evals", [])
         torch.manual_seed(cfg.seed + state["frames"])
         np.random.seed(cfg.seed)
         levels = state["levels"]  # level -> transition TensorDict
-        need_medium = any(lv in cfg.levels for lv in ("medium", "medium-replay", "medium-expert"))
-        need_weak = "weak-medium" in cfg.levels
-        need_expert = any(lv in cfg.levels for lv in ("expert", "medium-expert"))
-
-        # 1. random policy: its dataset, and ref_min_score
         if "random_return" not in state:
-            t0 = time.perf_counter()
-            env = make_env(cfg.env_id, cfg.seed)
-            frames = cfg.num_transitions if "random" in cfg.levels else 0
-            episodes, n = self._rollout(env, None, frames, "random policy") if frames else ([], 0)
-            complete = episodes[:n]
-            while len(complete) < cfg.random_return_episodes:  # ref_min_score needs whole episodes
-                more, m = self._rollout(env, None, 1000, "random-policy returns")
-                complete += more[:m]
-            state["random_return"] = mean_episode_return(complete)
-            if episodes:
-                levels["random"] = episodes_to_transitions(episodes, cfg.num_transitions)
-            env.close()
-            self.timings["random_s"] = time.perf_counter() - t0
-            state["stage"] = "random done"
-            self._save({**state, "timings": self.timings, "evals": self.evals})
-
-        # 2. SAC until medium (and expert)
-        if need_weak or need_medium or need_expert:
-            t0 = time.perf_counter()
-
-            def lap() -> float:
-                """The SAC clock: adds the time since the last lap to ``sac_so_far_s`` and returns it."""
-                nonlocal t0
-                now = time.perf_counter()
-                self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + now - t0
-                t0 = now
-                return self.timings["sac_so_far_s"]
-
-            env = make_env(cfg.env_id, cfg.seed + 1 + state["frames"])
-            eval_env = make_env(cfg.env_id, cfg.seed + 10_000 + state["frames"])
-            actor, loss = make_sac(env, cfg.hidden, cfg.gamma)
-            updater = SoftUpdate(loss, tau=cfg.tau)
-            optim = {
-                "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=cfg.lr),
-                "qvalue": torch.optim.Adam(loss.qvalue_network_params.parameters(), lr=cfg.lr),
-                "alpha": torch.optim.Adam([loss.log_alpha], lr=cfg.lr),
-            }
-            capacity = max(cfg.expert_frames if need_expert else 0, cfg.max_medium_frames) + cfg.frames_per_batch
-            rb = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=cfg.batch_size)
-            splitter = EpisodeSplitter()
-            if "sac" in state:
-                loss.load_state_dict(state["sac"]["loss"])
-                for k, o in optim.items():
-                    o.load_state_dict(state["sac"]["optim"][k])
-                stored = state["sac"]["buffer"]
-                if stored is not None:
-                    rb.extend(stored)
-                splitter.next_id = state["sac"]["next_episode"]
-                torch.set_rng_state(state["sac"]["rng"])
-            sac_needed = (need_weak and "weak_policy" not in state) or (need_medium and "medium_policy" not in state) or (
-                need_expert and "expert_policy" not in state
-            )
-            frames = state["frames"]
-            if sac_needed:
-                target = cfg.expert_frames if need_expert else cfg.max_medium_frames
-                lo, hi = (f * cfg.reference_expert_return for f in cfg.medium_band)
-                weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
-                frames = state["frames"]
-                collector = Collector(
-                    env, actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1,
-                    init_random_frames=max(0, cfg.init_random_frames - frames),
-                )
-                updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
-                last_ckpt = frames
-                bar = tqdm(total=target, initial=frames, desc=f"SAC on {cfg.env_id}", disable=not cfg.progress)
-                for batch in collector:
-                    batch, _ = splitter.add(batch.cpu())
-                    rb.extend(batch)
-                    frames += batch.numel()
-                    bar.update(batch.numel())
-                    if frames >= cfg.init_random_frames:
-                        for _ in range(updates_per_batch):
-                            out = loss(rb.sample())
-                            total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
-                            for o in optim.values():
-                                o.zero_grad(set_to_none=True)
-                            total.backward()
-                            for o in optim.values():
-                                o.step()
-                            updater.step()
-                        if not torch.isfinite(total):
-                            raise FloatingPointError(
-                                f"SAC loss became {total.item()} at frame {frames}; the last checkpoint "
-                                f"({self.ckpt}, frame {last_ckpt}) is intact. Lower lr or check the task."
-                            )
-                        self._log("sac/loss_qvalue", out["loss_qvalue"].item(), frames)
-                        self._log("sac/alpha", out["alpha"].item(), frames)
-                    collector.update_policy_weights_()
-                    if frames % cfg.eval_every < cfg.frames_per_batch and frames >= cfg.init_random_frames:
-                        ret = self._evaluate(eval_env, actor)
-                        self.evals.append((frames, ret))
-                        self._log("eval/return", ret, frames)
-                        bar.set_postfix(eval_return=f"{ret:.0f}", medium_at=f"{lo:.0f}")
-                        if need_weak and "weak_policy" not in state and ret >= weak_lo:
-                            # the same SAC run, earlier: each level is a rollout of one of its policies
-                            state["weak_policy"] = _policy_record(actor, frames, ret, weak_lo, weak_hi, "weak-medium")
-                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
-                            last_ckpt = frames
-                            if not need_medium and not need_expert:
-                                break
-                        if need_medium and "medium_policy" not in state and ret >= lo:
-                            state["medium_policy"] = _policy_record(actor, frames, ret, lo, hi, "medium")
-                            levels["medium-replay"] = _replay_transitions(rb.storage[: len(rb)])
-                            self.timings["sac_to_medium_s"] = lap()
-                            self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
-                            last_ckpt = frames
-                            if not need_expert and not (need_weak and "weak_policy" not in state):
-                                break
-                    at_cap = (
-                        (need_medium and "medium_policy" not in state) or (need_weak and "weak_policy" not in state)
-                    ) and frames >= cfg.max_medium_frames
-                    if not at_cap and need_expert and frames >= cfg.expert_frames:
-                        break
-                    # at the cap too: a rerun with a higher cap continues from here
-                    if frames - last_ckpt >= cfg.checkpoint_every or (at_cap and frames > last_ckpt):
-                        lap()
-                        self._checkpoint(state, levels, loss, optim, rb, splitter, frames)
-                        last_ckpt = frames
-                    if at_cap:
-                        best = max(r for _, r in self.evals) if self.evals else float("nan")
-                        raise RuntimeError(
-                            f"SAC on {cfg.env_id} did not reach the medium level ({lo:.0f} = "
-                            f"{cfg.medium_band[0]:.2f} x the expert return {cfg.reference_expert_return:.0f}) in "
-                            f"{frames} frames (max_medium_frames={cfg.max_medium_frames}; best evaluation {best:.0f}). Rerun with a higher "
-                            f"max_medium_frames to continue from the checkpoint at frame {frames} ({self.ckpt}), "
-                            f"or start anew (another out_dir) with a lower medium_band / expert_return."
-                        )
-                bar.close()
-                collector.shutdown()
-                self.timings["sac_total_s"] = lap()
-                if need_expert and "expert_policy" not in state:
-                    state["expert_policy"] = {
-                        "params": TensorDict.from_module(actor).clone(), "frames": frames,
-                        "eval_return": self._evaluate(eval_env, actor),
-                    }
-            state["frames"] = frames
-            # 3. rollouts of the medium and expert policies
-            for name, key in (("weak-medium", "weak_policy"), ("medium", "medium_policy"), ("expert", "expert_policy")):
-                wanted = name in cfg.levels or "medium-expert" in cfg.levels
-                if key in state and wanted and name not in levels:
-                    t1 = time.perf_counter()
-                    state[key]["params"].to_module(actor)
-                    env_r = make_env(cfg.env_id, cfg.seed + {"weak-medium": 40_000, "medium": 20_000, "expert": 30_000}[name])
-                    eps, _ = self._rollout(env_r, actor, cfg.num_transitions, f"{name} policy rollouts")
-                    levels[name] = episodes_to_transitions(eps, cfg.num_transitions)
-                    self.timings[f"{name}_rollout_s"] = time.perf_counter() - t1
-            env.close()
-            eval_env.close()
-            self._checkpoint(state, levels, loss, optim, None, splitter, frames, stage="policies done")
+            self._random_level(state, levels)
+        if self._need("weak") or self._need("medium") or self._need("expert"):
+            sac = self._make_sac(state)
+            if self._sac_needed(state):
+                self._train_sac(state, levels, sac)
+            self._policy_rollouts(state, levels, sac)
         if "medium-expert" in cfg.levels and "medium-expert" not in levels:
             med, exp = levels["medium"], levels["expert"].clone()
             exp["episode"] = exp["episode"] + med["episode"].max() + 1
             levels["medium-expert"] = torch.cat([med, exp])
-
-        # 4. Minari files
         return self._write(state, levels, time.perf_counter() - start)
+
+    # --------------------------------------------------------------------- stages
+    def _need(self, what: str) -> bool:
+        """Whether the requested levels need the ``weak``, ``medium`` or ``expert`` SAC policy."""
+        wanted = {"weak": ("weak-medium",), "medium": ("medium", "medium-replay", "medium-expert"),
+                  "expert": ("expert", "medium-expert")}[what]
+        return any(level in self.cfg.levels for level in wanted)
+
+    def _sac_needed(self, state: dict) -> bool:
+        return any(self._need(w) and f"{w}_policy" not in state for w in ("weak", "medium", "expert"))
+
+    def _open_state(self) -> dict:
+        """A fresh state, or the checkpoint's (refused when made with other settings)."""
+        cfg = self.cfg
+        state = {"config": cfg.fingerprint(), "levels": {}, "frames": 0, "stage": "start"}
+        remove_stale_tmp(self.ckpt)  # a write a crash cut short; the checkpoint before it is whole
+        if not self.ckpt.exists():
+            self._check_ids_free()
+            return state
+        state = load_checkpoint(self.ckpt)  # weights_only: a crafted file runs no code
+        saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_SETTINGS}  # older checkpoints kept them
+        current = cfg.fingerprint()
+        added = sorted(set(current["levels"]) - set(saved["levels"]))
+        if set(saved["levels"]) <= set(current["levels"]) and set(added) <= set(ADDABLE_LEVELS):
+            saved = {**saved, "levels": current["levels"]}
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(
+                f"{self.ckpt} was written by a run with other settings (differing: {diff}). Use "
+                f"the same settings to resume (a resumed run may add the levels {list(ADDABLE_LEVELS)} "
+                f"and change {list(RESUMABLE_SETTINGS)}), or another out_dir for a new run."
+            )
+        if added:
+            self._check_ids_free(skip=state.get("written", {}))
+            if state["stage"] in ("policies done", "written"):  # SAC had stopped; older runs left so_far behind the total
+                state.setdefault("timings", {})["sac_so_far_s"] = state["timings"].get("sac_total_s", 0.0)
+            state["stage"] = "levels added"
+        state["config"] = current
+        print(f"resuming from {self.ckpt}: stage {state['stage']}, {state['frames']} SAC frames" + (f", adding {added}" if added else ""))
+        return state
+
+    def _random_level(self, state: dict, levels: dict) -> None:
+        """1. The random policy: its dataset, and ``ref_min_score`` (whole episodes only)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        env = make_env(cfg.env_id, cfg.seed)
+        frames = cfg.num_transitions if "random" in cfg.levels else 0
+        episodes, n = self._rollout(env, None, frames, "random policy") if frames else ([], 0)
+        complete = episodes[:n]
+        while len(complete) < cfg.random_return_episodes:
+            more, m = self._rollout(env, None, 1000, "random-policy returns")
+            complete += more[:m]
+        state["random_return"] = mean_episode_return(complete)
+        if episodes:
+            levels["random"] = episodes_to_transitions(episodes, cfg.num_transitions)
+        env.close()
+        self.timings["random_s"] = time.perf_counter() - t0
+        state["stage"] = "random done"
+        self._save({**state, "timings": self.timings, "evals": self.evals})
+
+    def _lap(self) -> float:
+        """The SAC clock: adds the time since the last lap to ``sac_so_far_s`` and returns it."""
+        now = time.perf_counter()
+        self.timings["sac_so_far_s"] = self.timings.get("sac_so_far_s", 0) + now - self._t0
+        self._t0 = now
+        return self.timings["sac_so_far_s"]
+
+    def _make_sac(self, state: dict) -> SimpleNamespace:
+        """TorchRL's SAC, its optimizers, replay buffer and envs, from the checkpoint when there is one."""
+        from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+        from torchrl.objectives import SoftUpdate
+
+        cfg = self.cfg
+        self._t0 = time.perf_counter()
+        env = make_env(cfg.env_id, cfg.seed + 1 + state["frames"])
+        eval_env = make_env(cfg.env_id, cfg.seed + 10_000 + state["frames"])
+        actor, loss = make_sac(env, cfg.hidden, cfg.gamma)
+        optim = {
+            "actor": torch.optim.Adam(loss.actor_network_params.parameters(), lr=cfg.lr),
+            "qvalue": torch.optim.Adam(loss.qvalue_network_params.parameters(), lr=cfg.lr),
+            "alpha": torch.optim.Adam([loss.log_alpha], lr=cfg.lr),
+        }
+        capacity = max(cfg.expert_frames if self._need("expert") else 0, cfg.max_medium_frames) + cfg.frames_per_batch
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=cfg.batch_size)
+        splitter = EpisodeSplitter()
+        if "sac" in state:
+            loss.load_state_dict(state["sac"]["loss"])
+            for k, o in optim.items():
+                o.load_state_dict(state["sac"]["optim"][k])
+            stored = state["sac"]["buffer"]
+            if stored is not None:
+                rb.extend(stored)
+            splitter.next_id = state["sac"]["next_episode"]
+            torch.set_rng_state(state["sac"]["rng"])
+        return SimpleNamespace(env=env, eval_env=eval_env, actor=actor, loss=loss, optim=optim,
+                               updater=SoftUpdate(loss, tau=cfg.tau), rb=rb, splitter=splitter)
+
+    def _sac_update(self, sac: SimpleNamespace) -> dict:
+        out = sac.loss(sac.rb.sample())
+        total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
+        for o in sac.optim.values():
+            o.zero_grad(set_to_none=True)
+        total.backward()
+        for o in sac.optim.values():
+            o.step()
+        sac.updater.step()
+        return {"total": total, "loss_qvalue": out["loss_qvalue"], "alpha": out["alpha"]}
+
+    def _train_sac(self, state: dict, levels: dict, sac: SimpleNamespace) -> None:
+        """2. SAC until the weak and medium policies (and the expert's frames), checkpointed."""
+        from torchrl.collectors import Collector
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        need_weak, need_medium, need_expert = self._need("weak"), self._need("medium"), self._need("expert")
+        target = cfg.expert_frames if need_expert else cfg.max_medium_frames
+        lo, hi = (f * cfg.reference_expert_return for f in cfg.medium_band)
+        weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
+        frames = state["frames"]
+        collector = Collector(
+            sac.env, sac.actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1,
+            init_random_frames=max(0, cfg.init_random_frames - frames),
+        )
+        updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
+        last_ckpt = frames
+
+        def checkpoint() -> None:
+            nonlocal last_ckpt
+            self._checkpoint(state, levels, sac.loss, sac.optim, sac.rb, sac.splitter, frames)
+            last_ckpt = frames
+
+        bar = tqdm(total=target, initial=frames, desc=f"SAC on {cfg.env_id}", disable=not cfg.progress)
+        for batch in collector:
+            batch, _ = sac.splitter.add(batch.cpu())
+            sac.rb.extend(batch)
+            frames += batch.numel()
+            bar.update(batch.numel())
+            if frames >= cfg.init_random_frames:
+                for _ in range(updates_per_batch):
+                    out = self._sac_update(sac)
+                if not torch.isfinite(out["total"]):
+                    raise FloatingPointError(
+                        f"SAC loss became {out['total'].item()} at frame {frames}; the last checkpoint "
+                        f"({self.ckpt}, frame {last_ckpt}) is intact. Lower lr or check the task."
+                    )
+                self._log("sac/loss_qvalue", out["loss_qvalue"].item(), frames)
+                self._log("sac/alpha", out["alpha"].item(), frames)
+            collector.update_policy_weights_()
+            if frames % cfg.eval_every < cfg.frames_per_batch and frames >= cfg.init_random_frames:
+                ret = self._evaluate(sac.eval_env, sac.actor)
+                self.evals.append((frames, ret))
+                self._log("eval/return", ret, frames)
+                bar.set_postfix(eval_return=f"{ret:.0f}", medium_at=f"{lo:.0f}")
+                if need_weak and "weak_policy" not in state and ret >= weak_lo:
+                    # the same SAC run, earlier: each level is a rollout of one of its policies
+                    state["weak_policy"] = _policy_record(sac.actor, frames, ret, weak_lo, weak_hi, "weak-medium")
+                    checkpoint()
+                    if not need_medium and not need_expert:
+                        break
+                if need_medium and "medium_policy" not in state and ret >= lo:
+                    state["medium_policy"] = _policy_record(sac.actor, frames, ret, lo, hi, "medium")
+                    levels["medium-replay"] = _replay_transitions(sac.rb.storage[: len(sac.rb)])
+                    self.timings["sac_to_medium_s"] = self._lap()
+                    checkpoint()
+                    if not need_expert and not (need_weak and "weak_policy" not in state):
+                        break
+            at_cap = (
+                (need_medium and "medium_policy" not in state) or (need_weak and "weak_policy" not in state)
+            ) and frames >= cfg.max_medium_frames
+            if not at_cap and need_expert and frames >= cfg.expert_frames:
+                break
+            # at the cap too: a rerun with a higher cap continues from here
+            if frames - last_ckpt >= cfg.checkpoint_every or (at_cap and frames > last_ckpt):
+                self._lap()
+                checkpoint()
+            if at_cap:
+                best = max(r for _, r in self.evals) if self.evals else float("nan")
+                raise RuntimeError(
+                    f"SAC on {cfg.env_id} did not reach the medium level ({lo:.0f} = "
+                    f"{cfg.medium_band[0]:.2f} x the expert return {cfg.reference_expert_return:.0f}) in "
+                    f"{frames} frames (max_medium_frames={cfg.max_medium_frames}; best evaluation {best:.0f}). Rerun with a higher "
+                    f"max_medium_frames to continue from the checkpoint at frame {frames} ({self.ckpt}), "
+                    f"or start anew (another out_dir) with a lower medium_band / expert_return."
+                )
+        bar.close()
+        collector.shutdown()
+        self.timings["sac_total_s"] = self._lap()
+        if need_expert and "expert_policy" not in state:
+            state["expert_policy"] = {
+                "params": TensorDict.from_module(sac.actor).clone(), "frames": frames,
+                "eval_return": self._evaluate(sac.eval_env, sac.actor),
+            }
+        state["frames"] = frames
+
+    def _policy_rollouts(self, state: dict, levels: dict, sac: SimpleNamespace) -> None:
+        """3. Rollouts of the weak, medium and expert policies, then the stage's checkpoint."""
+        cfg = self.cfg
+        for name, key in (("weak-medium", "weak_policy"), ("medium", "medium_policy"), ("expert", "expert_policy")):
+            wanted = name in cfg.levels or "medium-expert" in cfg.levels
+            if key in state and wanted and name not in levels:
+                t1 = time.perf_counter()
+                state[key]["params"].to_module(sac.actor)
+                env_r = make_env(cfg.env_id, cfg.seed + {"weak-medium": 40_000, "medium": 20_000, "expert": 30_000}[name])
+                eps, _ = self._rollout(env_r, sac.actor, cfg.num_transitions, f"{name} policy rollouts")
+                levels[name] = episodes_to_transitions(eps, cfg.num_transitions)
+                self.timings[f"{name}_rollout_s"] = time.perf_counter() - t1
+        sac.env.close()
+        sac.eval_env.close()
+        self._checkpoint(state, levels, sac.loss, sac.optim, None, sac.splitter, state["frames"], stage="policies done")
 
     def _checkpoint(self, state, levels, loss, optim, rb, splitter, frames, stage="sac") -> None:
         state["frames"] = frames
