@@ -74,7 +74,9 @@ def kind_of(cfg) -> str:
 
 
 def task_of(cfg, kind: str) -> str:
-    return str(cfg.env.name if kind == "online" else cfg.env.dataset)
+    if kind == "online":  # offline2online runs take the env of their offline run's dataset
+        return str(cfg.env.name or f"offline2online from {cfg.offline.run or cfg.offline.overrides}")
+    return str(cfg.env.dataset)
 
 
 def read_run(folder: Path) -> dict:
