@@ -632,7 +632,7 @@ def finished_summary(out_dir: Path, resume_state: dict | None, done: bool) -> di
     if resume_state is None or not done or not path.exists():
         return None
     print(f"{out_dir} finished already (its checkpoint is at the last step, summary.json written): skipped")
-    return json.loads(path.read_text())
+    return {**json.loads(path.read_text()), "history": []}  # no step ran in this call
 
 
 def truncate_csv_logs(log_dir: Path, global_step: int, only: str | None = None) -> int:
