@@ -175,16 +175,6 @@ def make_train_env(name: str, seed: int):
     return env
 
 
-def check_dims(env, observation_dim: int, action_dim: int, where: str) -> None:
-    obs = env.observation_spec["observation"].shape[-1]
-    act = env.action_spec.shape[-1]
-    if (obs, act) != (observation_dim, action_dim):
-        raise ValueError(
-            f"the env {env} has observation dim {obs} and action dim {act}, but {where} has {observation_dim} and "
-            f"{action_dim}: use the env the model was trained for (env.name)."
-        )
-
-
 def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str) -> Path | None:
     if not rows and not train_returns:
         return None
@@ -244,8 +234,7 @@ def train(cfg: DictConfig) -> dict:
     observation_dim = env.observation_spec["observation"].shape[-1]
     action_dim = env.action_spec.shape[-1]
     if info is not None:
-        check_env_compatibility(info, env)
-        check_dims(env, info.observation_dim, info.action_dim, f"the offline run's dataset {info.name}")
+        check_env_compatibility(info, env)  # the env's observation and action dims against the offline data's
 
     loss = make_bdpo_loss(cfg, observation_dim, action_dim, reference=cfg.reference if cfg.mode == "online" else None)
     if offline_state is not None:
