@@ -113,8 +113,8 @@ def update_variants(args, device) -> dict:
     (``BDPOUpdate(overlap_losses=True)``); with ``--step-sampling both``, the fastest kind of step
     again with stratified steps (``<name>_stratified``: compiled on a CPU, compiled + graphs (+ two
     streams) on a GPU); on a GPU, the fastest compiled kind again with the networks' narrow maps as
-    GEMMs (``<name>_gemm``: ``networks.FUSE_NARROW_LINEAR = False`` while it builds; the others
-    build with the library's default, sums on CUDA), unless ``--no-narrow-ab``."""
+    GEMMs (``<name>_gemm``: its networks built with ``fuse_narrow=False``; the others with the
+    library's default, sums on CUDA), unless ``--no-narrow-ab``."""
     sampling = "stratified" if args.step_sampling == "stratified" else "uniform"
     out = {name: (c, g, False, sampling, None) for name, (c, g) in variants(args, device).items()}
     if device.type == "cuda" and not args.no_overlap:
@@ -129,9 +129,11 @@ def update_variants(args, device) -> dict:
 
 def make_update(
     device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False,
-    step_sampling="uniform",
+    step_sampling="uniform", fuse_narrow="cuda",
 ):
-    loss = make_loss(N=N, device=device, step_sampling=step_sampling)
+    """The update of :func:`make_loss`; ``fuse_narrow``: its networks' narrow-map setting
+    (``networks.set_fuse_narrow_linear``, set before anything is compiled)."""
+    loss = networks.set_fuse_narrow_linear(make_loss(N=N, device=device, step_sampling=step_sampling), fuse_narrow)
     fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
@@ -208,16 +210,14 @@ def bench_update(args, device, progress=None):
     for name, (compile, cudagraphs, overlap, sampling, fuse_narrow) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        if fuse_narrow is None:
-            fuse_narrow = networks.FUSE_NARROW_LINEAR
         try:
-            with networks.fuse_narrow_linear(fuse_narrow):  # read while tracing: the captured graphs keep it
-                update = make_update(
-                    device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling
-                )
-                for _ in range(3):  # first (eager) call, compilation, warm-up and capture
-                    update.critic(batch), update.policy(batch), update.behavior(batch)
-                sync(device)
+            update = make_update(
+                device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling,
+                fuse_narrow="cuda" if fuse_narrow is None else fuse_narrow,
+            )
+            for _ in range(3):  # first (eager) call, compilation, warm-up and capture
+                update.critic(batch), update.policy(batch), update.behavior(batch)
+            sync(device)
         except Exception as err:  # noqa: BLE001  a variant that cannot be built is reported, the others still run
             if name == "eager":
                 raise

@@ -6,9 +6,9 @@
 
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
 none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles, or,
-for the library's own settings (``FUSE_NARROW_LINEAR``, of ``torchrl_bdpo.diffusion.networks``),
-that module: ``gemm:default:FUSE_NARROW_LINEAR=False`` builds the step with the networks' narrow
-maps as GEMMs.
+for the library's own settings (``fuse_narrow``: ``networks.set_fuse_narrow_linear`` on the
+update's networks), those: ``gemm:default:fuse_narrow=False`` builds the step with the networks'
+narrow maps as GEMMs.
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
 M=10, batch 256), TF32 matmuls by default, and on a GPU each step's two losses on two CUDA
@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch._inductor.config as inductor_config
 
-from torchrl_bdpo.diffusion import networks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bdpo as bench  # noqa: E402
@@ -48,23 +47,21 @@ import bench_bdpo as bench  # noqa: E402
 # only GEMMs it deems compute-bound unless forced)
 DEFAULT_VARIANTS = (
     "default:default",
-    "gemm:default:FUSE_NARROW_LINEAR=False",
+    "gemm:default:fuse_narrow=False",
     "pad:default:force_shape_pad=True",
     "combo:default:combo_kernels=True",
     "coordesc:default:coordinate_descent_tuning=True",
 )
 
 
-LIBRARY_SETTINGS = ("FUSE_NARROW_LINEAR",)  # module-level settings of torchrl_bdpo.diffusion.networks
+# the library's settings, given to the update's networks (fuse_narrow: set_fuse_narrow_linear)
+LIBRARY_SETTINGS = ("fuse_narrow",)
 
 
 @contextlib.contextmanager
 def patched(config: dict):
-    """``config``'s inductor settings and library settings in force, restored on exit."""
-    fuse = config.get("FUSE_NARROW_LINEAR", networks.FUSE_NARROW_LINEAR)
-    with networks.fuse_narrow_linear(fuse), inductor_config.patch(
-        {k: v for k, v in config.items() if k not in LIBRARY_SETTINGS}
-    ):
+    """``config``'s inductor settings in force, restored on exit (the library's are not inductor's)."""
+    with inductor_config.patch({k: v for k, v in config.items() if k not in LIBRARY_SETTINGS}):
         yield
 
 
@@ -134,7 +131,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         with patched(config):
             update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
-                                       overlap_losses=overlap, step_sampling=args.step_sampling)
+                                       overlap_losses=overlap, step_sampling=args.step_sampling,
+                                       fuse_narrow=config.get("fuse_narrow", "cuda"))
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
                 last = update.critic(batch)
                 update.policy(batch), update.behavior(batch)

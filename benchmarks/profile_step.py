@@ -25,7 +25,7 @@ scripts' GPU configuration; the CPU-side ATen calls do not run in a replay, so t
 
 On a CPU, ``--like-gpu`` compiles the graphs a GPU compiles (no ensemble row chunks, both target
 ensembles on every row rather than Q on the ~B/N rows a host read finds) and ``--fuse-narrow
-true`` writes the networks' narrow maps as sums as on CUDA (``networks.FUSE_NARROW_LINEAR``): the
+true`` writes the networks' narrow maps as sums as on CUDA (``set_fuse_narrow_linear``): the
 GEMM count of a GPU step, counted without one::
 
     python benchmarks/profile_step.py --like-gpu --fuse-narrow true --steps 1
@@ -46,7 +46,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bdpo as bench  # noqa: E402  (the benchmark's own models and batches)
-from torchrl_bdpo.diffusion import networks  # noqa: E402
 from torchrl_bdpo.objectives import BDPOLoss  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_addmm_activation")
@@ -145,7 +144,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--fuse-narrow", choices=("default", "true", "false"), default="default",
-        help="networks.FUSE_NARROW_LINEAR for the run: default ('cuda': sums on CUDA), true (every device), false (GEMMs)",
+        help="the networks' narrow-map setting (set_fuse_narrow_linear): default ('cuda': sums on CUDA), true (every device), false (GEMMs)",
     )
     p.add_argument(
         "--like-gpu", action="store_true",
@@ -157,9 +156,8 @@ def main(argv=None):
                 f"device (--device cuda), or leave --cudagraphs out to profile the compiled step.")
     if args.steps < 1:
         p.error(f"--steps={args.steps}: expected an integer >= 1.")
-    fuse = networks.FUSE_NARROW_LINEAR if args.fuse_narrow == "default" else args.fuse_narrow == "true"
-    with networks.fuse_narrow_linear(fuse):  # restored after: main() may run inside another process's tests
-        return profile_steps(args)
+    args.fuse_narrow = "cuda" if args.fuse_narrow == "default" else args.fuse_narrow == "true"
+    return profile_steps(args)
 
 
 def profile_steps(args) -> dict:
@@ -168,7 +166,7 @@ def profile_steps(args) -> dict:
     torch.manual_seed(0)
     update = bench.make_update(
         device, compile=not args.no_compile, cudagraphs=args.cudagraphs, overlap_losses=args.overlap,
-        step_sampling=args.step_sampling,
+        step_sampling=args.step_sampling, fuse_narrow=args.fuse_narrow,
     )
     if args.like_gpu:  # before the first call: compilation is lazy, and the loss methods look the capacity up on it
         update.loss.__class__ = _GpuLikeLoss
@@ -182,7 +180,7 @@ def profile_steps(args) -> dict:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "matmul_precision": args.matmul_precision,
               "compiled": not args.no_compile, "cudagraphs": args.cudagraphs, "overlap_losses": args.overlap, "step_sampling": args.step_sampling,
-              "fuse_narrow_linear": networks.FUSE_NARROW_LINEAR, "like_gpu": args.like_gpu}
+              "fuse_narrow_linear": args.fuse_narrow, "like_gpu": args.like_gpu}
     for name, fn in (("critic_step", update.critic), ("actor_behavior_step", update.policy)):
         with profile(activities=activities) as prof:
             for _ in range(args.steps):

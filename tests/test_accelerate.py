@@ -240,16 +240,18 @@ def test_update_with_a_known_reward_as_q_trains_the_value_only(compile):
 
 
 @pytest.mark.parametrize("fuse_narrow", ["cuda", True])
-def test_compiled_update_matches_eager(monkeypatch, fuse_narrow):
+def test_compiled_update_matches_eager(fuse_narrow):
     """Compiled losses inside full optimizer steps: same outputs and parameters, step for step.
     ``fuse_narrow=True``: with the networks' narrow maps written as sums, as on a GPU."""
     from torchrl_bdpo.diffusion import networks
 
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", fuse_narrow)
     batches = cpu_batches()
     ref = make_update()
     ref_outs = run_steps(ref, batches)
-    upd = make_update(compile=True, compile_backend="aot_eager")
+    loss = networks.set_fuse_narrow_linear(make_loss(seed=0), fuse_narrow)
+    assert len(fusing := networks._fusing_modules(loss)) == 4 + 2 * 3 + 2 * 4  # the networks and their Linear layers
+    assert {m.fuse_narrow for m in fusing} == {fuse_narrow}
+    upd = update_for(loss, compile=True, compile_backend="aot_eager")
     outs = run_steps(upd, batches)
     assert_same_run(outs, ref_outs, upd, ref)
 
@@ -442,11 +444,11 @@ def test_compiled_update_skips_the_paths_of_all_terminal_batches():
 
 
 @pytest.mark.parametrize("fuse_narrow", ["cuda", True])
-def test_compiled_acting_and_q_target_match_eager(monkeypatch, fuse_narrow):
+def test_compiled_acting_and_q_target_match_eager(fuse_narrow):
     from torchrl_bdpo.diffusion import networks
 
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", fuse_narrow)
-    loss = make_loss()
+    loss = networks.set_fuse_narrow_linear(make_loss(), fuse_narrow)
+    assert {m.fuse_narrow for m in networks._fusing_modules(loss)} == {fuse_narrow}
     eager = loss.make_acting_module(num_candidates=4)
     compiled = loss.make_acting_module(num_candidates=4, compile=True, compile_backend="aot_eager")
     for B in (1, 5, 1):

@@ -99,26 +99,26 @@ def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypa
 
 
 def test_gemm_variant_builds_with_the_narrow_maps_as_gemms_and_is_timed_against_its_twin(tmp_path, monkeypatch):
-    """``<name>_gemm`` builds with ``FUSE_NARROW_LINEAR = False`` (restored after its build, a failed
-    one too), and reports the default's speed over it, per round."""
+    """``<name>_gemm`` builds its networks with ``fuse_narrow=False`` (the others with the default),
+    a failed build is reported, and the default's speed over it is reported per round."""
     from torchrl_bdpo.diffusion import networks
 
     seen = {}
     make_update = bench.make_update
 
     def recording_make_update(*args, **kwargs):
-        seen[len(seen)] = networks.FUSE_NARROW_LINEAR
+        update = make_update(*args, **kwargs)
+        seen[len(seen)] = {m.fuse_narrow for m in networks._fusing_modules(update.loss)}
         if len(seen) == 3:
             raise RuntimeError("a build that fails")
-        return make_update(*args, **kwargs)
+        return update
 
     monkeypatch.setattr(bench, "make_update", recording_make_update)
     result = bench_update_of({"eager": (False, False, False, "uniform", None),
                               "eager_gemm": (False, False, False, "uniform", False),
                               "broken_gemm": (False, False, False, "uniform", False)},
                              tmp_path, monkeypatch, repeats=2)
-    assert seen == {0: "cuda", 1: False, 2: False}
-    assert networks.FUSE_NARROW_LINEAR == "cuda"
+    assert seen == {0: {"cuda"}, 1: {False}, 2: {False}}
     assert result["eager_gemm"]["sums_speedup_over_this"] > 0
     assert "sums_speedup_over_this" not in result["eager"]
     assert set(result["broken_gemm"]) == {"error"}
@@ -183,9 +183,7 @@ def test_profile_script_refuses_cudagraphs_without_cuda(capsys):
     assert "--steps=0: expected an integer >= 1" in capsys.readouterr().err
 
 
-def test_profile_script_like_gpu_counts_gemms_and_restores_the_setting(tmp_path):
-    from torchrl_bdpo.diffusion import networks
-
+def test_profile_script_like_gpu_counts_gemms(tmp_path):
     profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
     result = profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out",
@@ -194,7 +192,6 @@ def test_profile_script_like_gpu_counts_gemms_and_restores_the_setting(tmp_path)
     assert result["like_gpu"] is True and result["fuse_narrow_linear"] is True
     for step in ("critic_step", "actor_behavior_step"):
         assert result[step]["gemm_calls_per_step"] > 10
-    assert networks.FUSE_NARROW_LINEAR == "cuda"  # restored
     assert profile_step.bench.make_loss.__qualname__ == "make_loss"  # swapped only while it built
 
 
@@ -245,16 +242,15 @@ def test_compile_ab_parses_variants():
         ab.parse_variant("x:default:combo_kernels")
     with pytest.raises(SystemExit, match="has no 'no_such_setting'"):
         ab.parse_variant("x:default:no_such_setting=1")
-    assert ab.parse_variant("gemm:default:FUSE_NARROW_LINEAR=False,combo_kernels=True") == (
-        "gemm", None, {"FUSE_NARROW_LINEAR": False, "combo_kernels": True}
+    assert ab.parse_variant("gemm:default:fuse_narrow=False,combo_kernels=True") == (
+        "gemm", None, {"fuse_narrow": False, "combo_kernels": True}
     )
-    from torchrl_bdpo.diffusion import networks
     import torch._inductor.config as inductor_config
 
     combo = inductor_config.combo_kernels
-    with ab.patched({"FUSE_NARROW_LINEAR": False, "combo_kernels": not combo}):
-        assert networks.FUSE_NARROW_LINEAR is False and inductor_config.combo_kernels is not combo
-    assert networks.FUSE_NARROW_LINEAR == "cuda" and inductor_config.combo_kernels is combo
+    with ab.patched({"fuse_narrow": False, "combo_kernels": not combo}):  # the library's setting is not inductor's
+        assert inductor_config.combo_kernels is not combo
+    assert inductor_config.combo_kernels is combo
     assert all(ab.parse_variant(v)[0] for v in ab.DEFAULT_VARIANTS)  # the default list parses here too
 
 

@@ -113,18 +113,20 @@ def _traced_graphs(fn, *args):
     "in_f,out_f,fused",
     [(6, 32, True), (8, 8, True), (32, 6, True), (32, 1, True), (9, 32, False), (32, 9, False)],
 )
-def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(monkeypatch, in_f, out_f, fused):
+def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(in_f, out_f, fused):
     """Few inputs (an action part) or few outputs (an eps or critic head): under compile a
     multiply-and-sum, not a GEMM; the values and gradients are F.linear's, member by member under
     vmap too (the critic ensembles). Wider maps stay a GEMM."""
+    import functools
+
     from torchrl_bdpo.diffusion import networks
 
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
+    fused_linear = functools.partial(networks.narrow_linear, fuse=True)
     torch.manual_seed(0)
     x = torch.randn(4, 3, in_f, requires_grad=True)
     w = torch.randn(out_f, in_f, requires_grad=True)
     b = torch.randn(out_f, requires_grad=True)
-    out, graph = _traced_graphs(networks.narrow_linear, x, w, b)
+    out, graph = _traced_graphs(fused_linear, x, w, b)
     assert "linear" not in graph, graph  # wider maps: a matmul (F.linear's terms), see narrow_linear
     assert ("sum" in graph) == fused and ("matmul" in graph) != fused, graph
     ref = nn.functional.linear(x, w, b)
@@ -135,44 +137,65 @@ def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(m
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-4)
     # an ensemble of 5 members over shared inputs, as the critics' vmap runs them
     ws, bs = torch.randn(5, out_f, in_f), torch.randn(5, out_f)
-    out, _ = _traced_graphs(lambda x, w, b: torch.vmap(networks.narrow_linear, (None, 0, 0))(x, w, b), x, ws, bs)
+    out, _ = _traced_graphs(lambda x, w, b: torch.vmap(fused_linear, (None, 0, 0))(x, w, b), x, ws, bs)
     for k in range(5):
         torch.testing.assert_close(out[k], nn.functional.linear(x, ws[k], bs[k]), rtol=1e-5, atol=1e-5)
 
 
-def test_narrow_linear_where_it_applies(monkeypatch):
+def test_narrow_linear_where_it_applies():
     """``"cuda"`` (the default) keeps CPU graphs on F.linear, False keeps every graph there, eager
     calls never change, and another setting is a clear error, compiled or not."""
     from torchrl_bdpo.diffusion import networks
 
-    assert networks.FUSE_NARROW_LINEAR == "cuda"
     x, w = torch.randn(4, 6), torch.randn(32, 6)
-    for setting in ("cuda", False):
-        monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", setting)
-        _, graph = _traced_graphs(networks.narrow_linear, x, w)
-        assert "linear" in graph
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
-    torch.testing.assert_close(networks.narrow_linear(x, w), nn.functional.linear(x, w), rtol=0, atol=0)
-    with networks.fuse_narrow_linear(False):  # the context manager the benchmarks build under
-        assert networks.FUSE_NARROW_LINEAR is False
-    assert networks.FUSE_NARROW_LINEAR is True
-    with pytest.raises(ValueError, match="FUSE_NARROW_LINEAR='gpu': expected 'cuda'"):
-        with networks.fuse_narrow_linear("gpu"):
-            pass
-    assert networks.FUSE_NARROW_LINEAR is True  # a refused setting changes nothing
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", "gpu")
+    for kwargs in ({}, {"fuse": "cuda"}, {"fuse": False}):
+        _, graph = _traced_graphs(lambda x, w: networks.narrow_linear(x, w, **kwargs), x, w)
+        assert "linear" in graph and "sum" not in graph, kwargs
+    _, graph = _traced_graphs(lambda x, w: networks.narrow_linear(x, w, fuse=True), x, w)
+    assert "linear" not in graph and "sum" in graph
+    torch.testing.assert_close(networks.narrow_linear(x, w, fuse=True), nn.functional.linear(x, w), rtol=0, atol=0)
     for fn in (networks.narrow_linear, torch.compile(networks.narrow_linear, backend="eager")):
-        with pytest.raises(ValueError, match="FUSE_NARROW_LINEAR='gpu': expected 'cuda'"):
-            fn(x, w)
+        with pytest.raises(ValueError, match="fuse_narrow='gpu': expected 'cuda'"):
+            fn(x, w, fuse="gpu")
 
 
-def test_narrow_linear_inductor_values_and_gradients(monkeypatch):
+def test_fuse_narrow_linear_is_each_networks_own_setting():
+    """No process-wide state: set_fuse_narrow_linear sets every layer of the module it is given
+    (and no other module's), the context manager restores each layer's own value, and a refused
+    setting changes nothing. A compiled network traces with its own setting."""
+    from torchrl_bdpo.diffusion import networks
+
+    eps = networks.EpsilonNetwork(2, 3, hidden=16, depth=2)
+    q = networks.QValueNetwork(3, 2, hidden=16)
+    fusing = [m for m in eps.modules() if hasattr(type(m), "fuse_narrow")]
+    assert len(fusing) == 1 + 3  # the network (its first layer's action part) and its 3 Linear layers
+    assert {m.fuse_narrow for m in fusing} == {"cuda"}
+    assert networks.set_fuse_narrow_linear(eps, True) is eps
+    assert {m.fuse_narrow for m in eps.modules() if hasattr(type(m), "fuse_narrow")} == {True}
+    assert {m.fuse_narrow for m in q.modules() if hasattr(type(m), "fuse_narrow")} == {"cuda"}  # untouched
+    eps.body[-1].fuse_narrow = False  # one layer's own value
+    with networks.fuse_narrow_linear(eps, "cuda"):
+        assert {m.fuse_narrow for m in fusing} == {"cuda"}
+    assert [m.fuse_narrow for m in fusing] == [True, True, True, False]
+    with pytest.raises(ValueError, match="fuse_narrow='gpu': expected 'cuda'"):
+        networks.set_fuse_narrow_linear(eps, "gpu")
+    assert [m.fuse_narrow for m in fusing] == [True, True, True, False]
+    # traced: a Q network's action part (2 inputs) and 1-wide head are sums only when it says so
+    net = networks.QValueNetwork(3, 2, hidden=16)
+    s, a = torch.randn(5, 3), torch.randn(5, 2)
+    for setting, sums in ((False, False), (True, True)):
+        networks.set_fuse_narrow_linear(net, setting)
+        out, graph = _traced_graphs(net, s, a)
+        assert ("sum" in graph) == sums, setting
+        torch.testing.assert_close(out, networks.set_fuse_narrow_linear(net, False)(s, a), rtol=1e-5, atol=1e-5)
+
+
+def test_narrow_linear_inductor_values_and_gradients():
     """The sums through inductor's own code (CPU): F.linear's values and gradients."""
     from torchrl_bdpo.diffusion import networks
 
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", True)
     torch.manual_seed(0)
-    net = networks.mlp(6, 64, 2, 1, layer_norm=True)  # a critic: 6 inputs, a 1-wide head
+    net = networks.set_fuse_narrow_linear(networks.mlp(6, 64, 2, 1, layer_norm=True), True)  # a critic: 6 inputs, a 1-wide head
     x = torch.randn(256, 6, requires_grad=True)
     ref = net(x)
     ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *net.parameters()])

@@ -136,21 +136,30 @@ def test_overlap_losses_default_follows_cudagraphs(tmp_path, monkeypatch):
 
 
 def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
-    """compile.fuse_narrow_linear sets networks.FUSE_NARROW_LINEAR (cuda by default); another value is refused."""
+    """compile.fuse_narrow_linear is set on every network of the loss (cuda by default), before the
+    update is built; another value is refused and changes nothing."""
     import utils
     from torchrl_bdpo.diffusion import networks
 
-    monkeypatch.setattr(networks, "FUSE_NARROW_LINEAR", "cuda")  # restored after the test
-    monkeypatch.setattr(utils, "BDPOUpdate", lambda *a, **kw: None)
+    cfg = config(tmp_path)
+    loss = utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2)
+    fusing = networks._fusing_modules(loss)
+    # the actor's and the behavior's eps networks, the V and Q networks, and each one's Linear layers
+    assert sorted(type(m).__name__ for m in fusing if type(m) is not networks.Linear) == [
+        "DiffusionValueNetwork", "EpsilonNetwork", "EpsilonNetwork", "QValueNetwork"]
+    assert sum(type(m) is networks.Linear for m in fusing) == 2 * (cfg.diffusion.depth + 1) + 2 * (cfg.critic.depth + 1)
+    seen = []
+    monkeypatch.setattr(utils, "BDPOUpdate", lambda loss, *a, **kw: seen.append({m.fuse_narrow for m in fusing}))
     for overrides, expected in [((), "cuda"), (("compile.fuse_narrow_linear=true",), True),
                                 (("compile.fuse_narrow_linear=cuda",), "cuda"), (("compile.fuse_narrow_linear=false",), False)]:
-        utils.make_update(config(tmp_path, *overrides), None, {}, {})
-        assert networks.FUSE_NARROW_LINEAR == expected and type(networks.FUSE_NARROW_LINEAR) is type(expected), overrides
+        utils.make_update(config(tmp_path, *overrides), loss, {}, {})
+        assert seen[-1] == {expected} and {type(m.fuse_narrow) for m in fusing} == {type(expected)}, overrides
     with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear='gpu': expected cuda \(the default"):
-        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=gpu"), None, {}, {})
+        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=gpu"), loss, {}, {})
     with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear=1: expected"):
-        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=1"), None, {}, {})
-    assert networks.FUSE_NARROW_LINEAR is False  # a refused value changes nothing
+        utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=1"), loss, {}, {})
+    assert {m.fuse_narrow for m in fusing} == {False}  # a refused value changes nothing
+    assert networks.narrow_linear.__kwdefaults__ == {"fuse": "cuda"}  # no process-wide setting moved
 
 
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):

@@ -290,9 +290,10 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
     ``compile.overlap_losses: null`` (the default) runs each step's two losses on two CUDA
     streams when the steps are CUDA graphs (an H100 measured 1.19-1.20x more phase-B steps/s
     that way: benchmarks/README.md) and on one stream otherwise; true or false forces it.
-    ``compile.fuse_narrow_linear`` sets ``torchrl_bdpo.diffusion.networks.FUSE_NARROW_LINEAR``
-    for the process: ``cuda`` (the default: compiled GPU steps write the networks' maps with at
-    most 8 inputs or outputs as fused sums), true (on a CPU too) or false (GEMMs everywhere).
+    ``compile.fuse_narrow_linear`` is set on the loss's networks before anything compiles
+    (``torchrl_bdpo.diffusion.networks.set_fuse_narrow_linear``): ``cuda`` (the default:
+    compiled GPU steps write the networks' maps with at most 8 inputs or outputs as fused
+    sums), true (on a CPU too) or false (GEMMs everywhere).
     """
     c = cfg.get("compile", {})
     fuse = c.get("fuse_narrow_linear", "cuda")
@@ -301,7 +302,7 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
             f"compile.fuse_narrow_linear={fuse!r}: expected cuda (the default: fused sums in compiled "
             f"GPU steps), true (every device) or false (never)."
         )
-    networks.FUSE_NARROW_LINEAR = fuse
+    networks.set_fuse_narrow_linear(loss, fuse)
     cudagraphs = c.get("cudagraphs", False)
     overlap = c.get("overlap_losses", None)
     if overlap is None:

@@ -68,41 +68,74 @@ class Mish(nn.Mish):
 
 
 # Where narrow_linear writes a map with few inputs or outputs as a sum under torch.compile:
-# "cuda" (on CUDA tensors), True (every device) or False (nowhere: always F.linear, a GEMM)
-FUSE_NARROW_LINEAR: bool | str = "cuda"
+# "cuda" (on CUDA tensors, the default), True (every device) or False (nowhere: always
+# F.linear, a GEMM). Each network holds its own setting (`fuse_narrow`); set_fuse_narrow_linear
+# changes it for every layer of a module.
+FUSE_SETTINGS = ("cuda", True, False)
 NARROW_FEATURES = 8
 
 
-def _check_fuse_setting(setting) -> None:
+def check_fuse_narrow(setting) -> None:
+    """A ``ValueError`` naming ``setting`` unless it is ``"cuda"``, ``True`` or ``False``."""
     if not (setting is True or setting is False or setting == "cuda"):
         raise ValueError(
-            f"torchrl_bdpo.diffusion.networks.FUSE_NARROW_LINEAR={setting!r}: expected 'cuda' (the "
-            f"default: on CUDA tensors), True (every device) or False (never)."
+            f"fuse_narrow={setting!r}: expected 'cuda' (the default: on CUDA tensors), True "
+            f"(every device) or False (never)."
         )
 
 
-def _fuse_narrow(x: torch.Tensor) -> bool:
-    setting = FUSE_NARROW_LINEAR
-    _check_fuse_setting(setting)
+def _fuse_narrow(x: torch.Tensor, setting) -> bool:
+    check_fuse_narrow(setting)
     return setting is True or (setting == "cuda" and x.device.type == "cuda")
 
 
-@contextlib.contextmanager
-def fuse_narrow_linear(setting: bool | str):
-    """:data:`FUSE_NARROW_LINEAR` set to ``setting`` (checked first) inside the block, restored after.
+def _fusing_modules(module: nn.Module) -> list[nn.Module]:
+    """Every module under ``module`` with a ``fuse_narrow`` setting, each once: its submodules, and
+    the networks a TorchRL ``LossModule`` keeps outside them (``convert_to_functional`` stores
+    each network in the instance dict and registers only its parameters)."""
+    found, seen, stack = [], set(), [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        if hasattr(type(m), "fuse_narrow"):
+            found.append(m)
+        stack.extend(reversed([*m.children(), *(v for v in vars(m).values() if isinstance(v, nn.Module))]))
+    return found
 
-    It is read while torch.compile traces: compile (and capture) a step inside the block.
+
+def set_fuse_narrow_linear(module: nn.Module, setting: bool | str) -> nn.Module:
+    """Set where every layer of ``module`` writes its narrow maps as sums (see :func:`narrow_linear`).
+
+    ``module``: a network, or a loss (the networks of a TorchRL ``LossModule`` included).
+
+    ``setting`` (checked first; a refused one changes nothing): ``"cuda"`` (the default of every
+    network), ``True`` or ``False``. It is read while ``torch.compile`` traces: set it before
+    compiling (a compiled function already traced keeps the graphs it has). Returns ``module``.
     """
-    global FUSE_NARROW_LINEAR
-    _check_fuse_setting(setting)
-    saved, FUSE_NARROW_LINEAR = FUSE_NARROW_LINEAR, setting
+    check_fuse_narrow(setting)
+    for m in _fusing_modules(module):
+        m.fuse_narrow = setting
+    return module
+
+
+@contextlib.contextmanager
+def fuse_narrow_linear(module: nn.Module, setting: bool | str):
+    """:func:`set_fuse_narrow_linear` inside the block; each layer's own setting restored after."""
+    check_fuse_narrow(setting)
+    saved = [(m, m.fuse_narrow) for m in _fusing_modules(module)]
+    set_fuse_narrow_linear(module, setting)
     try:
-        yield
+        yield module
     finally:
-        FUSE_NARROW_LINEAR = saved
+        for m, value in saved:
+            m.fuse_narrow = value
 
 
-def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def narrow_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fuse: bool | str = "cuda"
+) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; under ``torch.compile``, a map with few inputs or outputs as a sum.
 
     With at most :data:`NARROW_FEATURES` input features (the action part of a first layer) the
@@ -112,12 +145,12 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     layer's pointwise ops in. Either way the GEMM kernel of its own (on a GPU, a slow one: such
     dims keep cuBLAS off the TF32 tensor cores, FFMA and gemv kernels) and a pass over its output
     go. Wider maps stay one GEMM (``matmul`` and the bias, F.linear's terms). The same values up
-    to float rounding (another summation order). Where: the module-level
-    ``FUSE_NARROW_LINEAR``, ``"cuda"`` by default (on a CPU the step's GEMMs are its cost, not
-    their number); eager calls always take ``F.linear``.
+    to float rounding (another summation order). Where: ``fuse``, ``"cuda"`` by default (on a
+    CPU the step's GEMMs are its cost, not their number), ``True`` (every device) or ``False``;
+    eager calls always take ``F.linear``.
     """
     out_features, in_features = weight.shape[-2:]
-    if not (_fuse_narrow(x) and torch.compiler.is_compiling()):  # the setting checked in eager calls too
+    if not (_fuse_narrow(x, fuse) and torch.compiler.is_compiling()):  # the setting checked in eager calls too
         return F.linear(x, weight, bias)
     if in_features <= NARROW_FEATURES and in_features <= out_features:
         y = (x.unsqueeze(-1) * weight.transpose(-1, -2)).sum(-2)
@@ -132,10 +165,13 @@ def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict) whose forward is :func:`narrow_linear`."""
+    """``nn.Linear`` (same parameters, same state dict) whose forward is :func:`narrow_linear`
+    with this layer's ``fuse_narrow`` setting (``"cuda"``; see :func:`set_fuse_narrow_linear`)."""
+
+    fuse_narrow: bool | str = "cuda"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return narrow_linear(input, self.weight, self.bias)
+        return narrow_linear(input, self.weight, self.bias, fuse=self.fuse_narrow)
 
 
 def mlp(in_dim: int, hidden: int, depth: int, out_dim: int, layer_norm: bool = False) -> nn.Sequential:
@@ -303,6 +339,9 @@ class EpsilonNetwork(nn.Module):
     split in three). :class:`~torchrl_bdpo.diffusion.DiffusionActor` does this for every call.
     """
 
+    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
+    fuse_narrow: bool | str = "cuda"
+
     def __init__(
         self,
         action_dim: int,
@@ -370,7 +409,7 @@ class EpsilonNetwork(nn.Module):
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
         time = _step_rows(cache.time, step, context=" with a chain cache")
         self._check_action(action)
-        h = narrow_linear(action, self.body[0].weight[:, : self.action_dim]) + time
+        h = narrow_linear(action, self.body[0].weight[:, : self.action_dim], fuse=self.fuse_narrow) + time
         if cache.observation is not None:
             h = h + cache.observation
         for layer in self.body[1:]:
@@ -418,6 +457,9 @@ class DiffusionValueNetwork(nn.Module):
             Steps outside ``[0, N]`` then raise an error. Defaults to ``None`` (the plain forward).
     """
 
+    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
+    fuse_narrow: bool | str = "cuda"
+
     def __init__(
         self,
         observation_dim: int,
@@ -458,7 +500,7 @@ class DiffusionValueNetwork(nn.Module):
         table = F.linear(self.time_mlp(steps), first.weight[:, O + A :], first.bias)  # [N + 1, hidden]
         # tensor steps expanded to the actions' batch shape, as the plain forward does
         time = _step_rows(table, step, hint=f" (num_steps={self.num_steps})", batch_shape=action.shape[:-1])
-        h = narrow_linear(action, first.weight[:, O : O + A]) + time
+        h = narrow_linear(action, first.weight[:, O : O + A], fuse=self.fuse_narrow) + time
         if O:
             h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
         for layer in self.body[1:]:
@@ -468,6 +510,9 @@ class DiffusionValueNetwork(nn.Module):
 
 class QValueNetwork(nn.Module):
     """``Q(s, a)``: ``concat[s, a] -> depth x hidden Mish (LayerNorm on request) -> 1``."""
+
+    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
+    fuse_narrow: bool | str = "cuda"
 
     def __init__(
         self,
@@ -496,7 +541,7 @@ class QValueNetwork(nn.Module):
         # distinct observation (not per sample of an expanded one), the action's (6 features at
         # the D4RL sizes) through narrow_linear
         first, O = self.body[0], self.observation_dim
-        h = narrow_linear(action, first.weight[:, O:], first.bias)
+        h = narrow_linear(action, first.weight[:, O:], first.bias, fuse=self.fuse_narrow)
         if O:
             h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
         for layer in self.body[1:]:
