@@ -289,9 +289,8 @@ def test_compiled_update_with_ensemble_chunks_matches_eager(chunk_calls):
     ref.loss.ensemble_chunk_rows = None
     ref_outs = run_steps(ref, batches)
     assert chunk_calls == []
-    upd = make_update(compile=True, compile_backend="aot_eager")
-    assert upd.loss.ensemble_chunk_compile == {"backend": "aot_eager"}
-    upd.loss.ensemble_chunk_rows = 4 * M  # 4 states x M samples a chunk
+    loss = make_loss(seed=0, ensemble_chunk_rows=4 * M, ensemble_chunk_compile={"backend": "aot_eager"})
+    upd = update_for(loss, compile=True, compile_backend="aot_eager")  # 4 states x M samples a chunk
     outs = run_steps(upd, batches)
     assert_same_run(outs, ref_outs, upd, ref)
     # compiled steps (all but each method's first, eager call) split the Q target, V's and the actor's
@@ -368,13 +367,18 @@ def test_behavior_program_leaves_masked_batches_and_overridden_losses_to_the_reg
     assert update_for(own, compile=True, compile_backend="aot_eager")._behavior_program is None
 
 
-def test_update_keeps_a_set_ensemble_chunk_compile():
-    loss_upd = make_update()
-    assert loss_upd.loss.ensemble_chunk_compile is None  # eager steps: chunks run eagerly
-    loss = make_loss()
-    loss.ensemble_chunk_compile = {"mode": "max-autotune-no-cudagraphs"}
-    update_for(loss, grad_clip=None, compile=True)
-    assert loss.ensemble_chunk_compile == {"mode": "max-autotune-no-cudagraphs"}
+def test_update_never_changes_the_losses_chunk_compile_setting(chunk_calls):
+    """The chunks' compile options are the loss's own (a constructor argument), never the update's:
+    without them a compiled step evaluates each ensemble in one call; a bad value is named."""
+    for given in (None, {"mode": "max-autotune-no-cudagraphs"}):
+        loss = make_loss(ensemble_chunk_compile=given)
+        update_for(loss, grad_clip=None, compile=True, compile_backend="aot_eager")
+        assert loss.ensemble_chunk_compile == given
+    upd = update_for(make_loss(ensemble_chunk_rows=4 * M), compile=True, compile_backend="aot_eager")
+    run_steps(upd, cpu_batches(B=16))
+    assert chunk_calls and all(options is None for _, options in chunk_calls)  # eager first calls only
+    with pytest.raises(TypeError, match=r"ensemble_chunk_compile='aot_eager': expected None or a dict"):
+        make_loss(ensemble_chunk_compile="aot_eager")
 
 
 @pytest.mark.parametrize("zeros", ["some", "all", "small batch", "per sample"])

@@ -162,6 +162,21 @@ def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
     assert networks.narrow_linear.__kwdefaults__ == {"fuse": "cuda"}  # no process-wide setting moved
 
 
+def test_compiled_cpu_steps_give_the_loss_its_chunk_compile_options(tmp_path):
+    """The scripts build the loss with the ensemble chunks' compile options: the steps' mode when
+    compiled without CUDA graphs, none otherwise (eager chunks, or no chunks inside graphs)."""
+    import utils
+
+    for overrides, expected in [((), None), (("compile.compile=true",), {}),
+                                (("compile.compile=true", "compile.mode=max-autotune-no-cudagraphs"),
+                                 {"mode": "max-autotune-no-cudagraphs"}),
+                                (("compile.compile=true", "compile.cudagraphs=true"), None)]:
+        cfg = config(tmp_path, *overrides)
+        assert utils.chunk_compile_options(cfg) == expected, overrides
+        if not cfg.compile.get("cudagraphs", False):  # a CPU run can build it
+            assert utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2).ensemble_chunk_compile == expected
+
+
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):
     toy.train(config(tmp_path, "optim.steps=10"))
     path = tmp_path / "checkpoint.pt"

@@ -222,9 +222,19 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         max_q_backup=lc.get("max_q_backup", False),
         train_behavior=cfg.optim.train_behavior,
         ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"),
+        ensemble_chunk_compile=chunk_compile_options(cfg),
         step_sampling=lc.get("step_sampling", "uniform"),
     )
     return loss.to(cfg.device)
+
+
+def chunk_compile_options(cfg: DictConfig) -> dict | None:
+    """The loss's ``ensemble_chunk_compile``: compiled steps without CUDA graphs run the ensembles'
+    row chunks (CPU) through one compiled graph each, with the steps' own compile mode."""
+    c = cfg.get("compile", {})
+    if not c.get("compile", False) or c.get("cudagraphs", False):
+        return None
+    return {} if c.get("mode") is None else {"mode": c.get("mode")}
 
 
 def make_optimizers(cfg: DictConfig, loss: BDPOLoss) -> dict:

@@ -68,7 +68,7 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
         skip_terminal_next (bool): skip the path sampling for terminal next states in
             eager mode. Defaults to ``True``.
-        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, validate, step_sampling:
+        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, ensemble_chunk_compile, validate, step_sampling:
             see :class:`DiffusionValueLoss` (``step_sampling`` draws the steps of the V and
             actor objectives).
 
@@ -137,6 +137,7 @@ class BDPOLoss(DiffusionValueLoss):
         reduction: str | None = None,
         deactivate_vmap: bool = False,
         ensemble_chunk_rows: int | str | None = "auto",
+        ensemble_chunk_compile: dict | None = None,
         validate: bool = True,
         step_sampling: str = "uniform",
     ) -> None:
@@ -154,6 +155,7 @@ class BDPOLoss(DiffusionValueLoss):
             reduction=reduction,
             deactivate_vmap=deactivate_vmap,
             ensemble_chunk_rows=ensemble_chunk_rows,
+            ensemble_chunk_compile=ensemble_chunk_compile,
             validate=validate,
             step_sampling=step_sampling,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
@@ -91,9 +91,14 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             to float rounding (on a 2-core CPU: toy-preset phase-B steps ~1.3x compiled and
             ~2x eager, D4RL preset ~1.07x; benchmarks/README.md). ``"auto"``: ``6400 // K`` rows.
             ``None``: never split. GPU tensors are never split. Under ``torch.compile``, chunks
-            run only when :attr:`ensemble_chunk_compile` is set (:class:`BDPOUpdate` sets it):
-            the chunk loop is a graph break, and each chunk runs one compiled graph of the
-            ensemble. Defaults to ``"auto"``.
+            run only when ``ensemble_chunk_compile`` is given. Defaults to ``"auto"``.
+        ensemble_chunk_compile (dict or None): ``torch.compile`` keyword arguments (``{}`` for
+            its defaults, or e.g. ``{"mode": ...}``) with which a compiled CPU step runs the
+            ensemble chunks: the chunk loop is then a graph break, and each chunk runs one
+            compiled graph of the ensemble, outside the step's graph. ``None`` (the default):
+            compiled steps evaluate each ensemble in one call, inside the step's graph. Eager
+            steps chunk either way. Pass it when you compile the steps on a CPU
+            (the scripts pass their ``compile`` settings).
         validate (bool): raise a ``ValueError`` on NaN/inf inputs. Defaults to ``True``.
         step_sampling (str): how the V and actor objectives draw ``n`` for a batch:
             ``"uniform"``, i.i.d. ``U{1..N}`` per sample (the paper's); ``"stratified"``,
@@ -177,6 +182,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         reduction: str | None = None,
         deactivate_vmap: bool = False,
         ensemble_chunk_rows: int | str | None = "auto",
+        ensemble_chunk_compile: dict | None = None,
         validate: bool = True,
         step_sampling: str = "uniform",
     ) -> None:
@@ -207,9 +213,14 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
                 "It is the most rows an ensemble call evaluates at once on a CPU; \"auto\" picks it, "
                 "None never splits.",
             )
+        if not (ensemble_chunk_compile is None or isinstance(ensemble_chunk_compile, Mapping)):
+            raise TypeError(
+                f"ensemble_chunk_compile={ensemble_chunk_compile!r}: expected None or a dict of torch.compile "
+                f"keyword arguments ({{}} for its defaults)."
+            )
         super().__init__()
         self.ensemble_chunk_rows = ensemble_chunk_rows
-        self.ensemble_chunk_compile = None
+        self.ensemble_chunk_compile = None if ensemble_chunk_compile is None else dict(ensemble_chunk_compile)
         # eta in a buffer, so that compiled and CUDA-graphed steps read its current value:
         # set_eta (EtaLagrangian, annealing) changes it in place. Not saved: the config sets it.
         self.register_buffer("_eta", torch.tensor(float(eta)), persistent=False)

@@ -213,9 +213,9 @@ class BDPOUpdate:
     (bandits such as the toy 2D tasks), which take a graph without the paths. Compiled CPU
     steps also evaluate the target ``V_0 = Q`` of the V and actor objectives on about
     ``B / N`` selected rows instead of all ``B`` (see ``DiffusionValueLoss._next_value``), and
-    split the Q and V ensembles over many rows into chunks (``ensemble_chunk_rows`` of the loss):
-    ``compile=True`` sets the loss's ``ensemble_chunk_compile`` (unless already set), so that
-    each chunk runs one compiled graph, outside the step's graph. Compiled (not graphed) CPU
+    split the Q and V ensembles over many rows into chunks (``ensemble_chunk_rows`` of the loss)
+    when the loss was built with ``ensemble_chunk_compile`` (each chunk then runs one compiled
+    graph, outside the step's graph); the update never changes the loss's settings. Compiled (not graphed) CPU
     :attr:`behavior` steps compute the denoising loss, its gradients and the gradient clip as
     one compiled function of the parameters (``torch.func.grad_and_value``), then step the
     optimizer and the EMA on those gradients: the same numbers, less fixed cost per step.
@@ -289,10 +289,6 @@ class BDPOUpdate:
             for g, attrs in _PARAMS.items()
         }
         self._compiled, self._cudagraphs = compile, cudagraphs
-        if compile and not cudagraphs and getattr(loss, "ensemble_chunk_compile", False) is None:
-            # CPU ensembles over many rows go in chunks, each through one compiled graph
-            options = {"mode": compile_mode, "backend": compile_backend}
-            loss.ensemble_chunk_compile = {k: v for k, v in options.items() if v is not None}
         self._fns = {
             m: accelerate(
                 getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, dynamic=False, name=m
