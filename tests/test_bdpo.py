@@ -14,7 +14,7 @@ from torchrl_bdpo.diffusion import (
     make_value_operator,
 )
 from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss, TargetSoftUpdate
-from torchrl_bdpo.objectives.utils import aggregate_ensemble, chunk_sizes
+from torchrl_bdpo.ensemble import aggregate_ensemble, chunk_sizes
 
 OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 
@@ -195,7 +195,7 @@ def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
     graph, none falls back to eager, and dynamo's own limit is left as it was."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from torchrl_bdpo.objectives import utils
+    from torchrl_bdpo import ensemble as utils
 
     loss = make_loss(num_qvalue_nets=2)
     code = utils._ensemble_members.__code__

@@ -10,6 +10,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
+from torchrl_bdpo.ensemble import ensemble_apply
 
 
 def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
@@ -97,8 +98,6 @@ class QSelectActor(TensorDictModuleBase):
 
     def select(self, observation: torch.Tensor) -> torch.Tensor:
         """The best-of-K action for ``observation`` ``[*B, S]``."""
-        from torchrl_bdpo.objectives.utils import ensemble_apply
-
         with self.actor_params.to_module(self.actor, preserve_module_state=False):
             candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
         obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], self.num_candidates, observation.shape[-1])

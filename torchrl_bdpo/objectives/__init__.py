@@ -4,7 +4,8 @@ import warnings
 from torchrl_bdpo.objectives.bdpo import BDPOLoss
 from torchrl_bdpo.objectives.denoising import DenoisingLoss, denoising_error
 from torchrl_bdpo.objectives.pathwise_kl import PathwiseKLLoss, check_same_schedule
-from torchrl_bdpo.objectives.utils import TargetSoftUpdate, aggregate_ensemble
+from torchrl_bdpo.ensemble import aggregate_ensemble
+from torchrl_bdpo.objectives.utils import TargetSoftUpdate
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
 __all__ = [

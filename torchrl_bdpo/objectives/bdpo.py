@@ -12,9 +12,11 @@ from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 from torchrl_bdpo._validation import read_flag, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.networks import orthogonal_init_
+from torchrl_bdpo.diffusion.select import QSelectActor
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
-from torchrl_bdpo.objectives.utils import aggregate_ensemble, unwrap_exploration_wrappers
+from torchrl_bdpo.ensemble import aggregate_ensemble
+from torchrl_bdpo.objectives.utils import TargetSoftUpdate, unwrap_exploration_wrappers
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
 
@@ -210,8 +212,6 @@ class BDPOLoss(DiffusionValueLoss):
 
     def make_target_updaters(self, tau: float = 0.005):
         """``(critics, actor, behavior)`` :class:`TargetSoftUpdate` objects with EMA rate ``tau``."""
-        from torchrl_bdpo.objectives.utils import TargetSoftUpdate
-
         return (
             TargetSoftUpdate(self, ("qvalue_network", "value_network"), tau),
             TargetSoftUpdate(self, ("actor_network",), tau),
@@ -247,8 +247,6 @@ class BDPOLoss(DiffusionValueLoss):
         It shares their storage, so it always acts with the current targets. ``kwargs``
         (``compile``, ``cudagraphs``, ``validate``, ...) go to :class:`QSelectActor`.
         """
-        from torchrl_bdpo.diffusion.select import QSelectActor
-
         return QSelectActor(
             self.actor_network,
             self.qvalue_network,

@@ -19,16 +19,15 @@ from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
-from torchrl_bdpo.objectives.utils import (
-    MovesSchedules,
+from torchrl_bdpo.ensemble import (
     AGGREGATIONS,
     aggregate_ensemble,
     chunk_sizes,
     ensemble_apply,
     ensemble_apply_chunked,
     make_ensemble_members,
-    unwrap_exploration_wrappers,
 )
+from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 
 
 def _check_positive_int(name: str, value, hint: str) -> int:
