@@ -433,3 +433,20 @@ def test_dims_are_checked_against_the_metadata_and_missing_paths_are_named(minar
         make_offline_buffer(str(minari_root / "test" / "pendulum" / "dims-v0"), 4, reward_mode="none")
     with pytest.raises(FileNotFoundError, match=r"dataset path '.*nowhere' does not exist \(a path, not a Minari id"):
         make_offline_buffer(str(tmp_path / "nowhere"), 4)
+
+
+def test_episode_stats_are_mean_length_and_discounted_return():
+    """Two kept episodes, rewards [1, 1, 1] and [2]: lengths 3 and 1, discounted returns
+    1 + g + g^2 and 2 (g = 0.5: 1.75 and 2)."""
+    from tensordict import TensorDict
+
+    from torchrl_bdpo.envs import episode_stats
+
+    def episode(rewards):
+        r = torch.tensor(rewards).unsqueeze(-1)
+        return TensorDict({("next", "reward"): r}, [len(rewards)])
+
+    stats = episode_stats([episode([1.0, 1.0, 1.0]), episode([2.0])], gamma=0.5)
+    assert stats == {"length": 2.0, "discounted_return": (1.75 + 2.0) / 2}
+    with pytest.raises(ValueError, match="episodes is empty"):
+        episode_stats([], 0.99)

@@ -86,6 +86,10 @@ def test_smoke_outputs(tmp_path, dataset):
     for key in ("return_one_sample_mean", "return_behavior_mean", "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
         assert np.isfinite(final[key]), key
     assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
+    # episode lengths (Hopper: 1 .. max_steps) and discounted returns of all three policies
+    for name in ("", "_one_sample", "_behavior"):
+        assert 1 <= final[f"length{name}_mean"] <= written["config"]["eval"]["max_steps"], name
+        assert np.isfinite(final[f"discounted_return{name}_mean"]), name
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
     assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv",

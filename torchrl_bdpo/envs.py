@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 __all__ = [
-    "D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "eval_env_id", "evaluate", "make_env",
-    "make_eval_env",
+    "D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "episode_stats", "eval_env_id", "evaluate",
+    "make_env", "make_eval_env",
 ]
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
@@ -144,3 +144,20 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episo
                 ]
     returns = np.asarray(returns[:episodes])
     return (returns, kept[:episodes]) if keep_episodes else returns
+
+
+def episode_stats(episodes, gamma: float) -> dict:
+    """Mean length and mean discounted return (raw rewards, from the first step) of kept episodes.
+
+    ``episodes``: what :func:`evaluate` keeps (``keep_episodes=True``). Next to the undiscounted
+    return these tell a policy that gains reward early and falls later (a longer ``length``
+    matters to the return, hardly to the discounted return) from one that is simply worse.
+    """
+    if not episodes:
+        raise ValueError("episodes is empty: evaluate with keep_episodes=True and at least one episode.")
+    lengths, discounted = [], []
+    for ep in episodes:
+        reward = ep["next", "reward"].reshape(-1).double()
+        lengths.append(reward.numel())
+        discounted.append(float((reward * gamma ** torch.arange(reward.numel(), dtype=torch.float64)).sum()))
+    return {"length": float(np.mean(lengths)), "discounted_return": float(np.mean(discounted))}

@@ -52,7 +52,7 @@ from utils import (  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
-from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env  # noqa: E402
+from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env  # noqa: E402
 
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
     """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
@@ -212,6 +212,8 @@ def train(cfg: DictConfig) -> dict:
             "return_mean": float(returns.mean()), "return_std": float(returns.std()),
             "dataset_return": None if dataset_returns is None else float(dataset_returns.mean()),
         }
+        if phase_name == "train":  # episode length and discounted return: a policy that falls sooner
+            row.update({f"{k}_mean": v for k, v in episode_stats(episodes, cfg.loss.gamma).items()})
         if phase_name == "train":
             with torch.no_grad():
                 q = loss._qvalue(
@@ -223,12 +225,16 @@ def train(cfg: DictConfig) -> dict:
             if e.get("diagnostics", True):
                 # what separates the causes of a drop: the actor alone (one sample), the
                 # behavior alone, and Q on the actions the policy took against their return
-                one = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
-                beh = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM)
+                one, one_eps = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True)
+                beh, beh_eps = evaluate(
+                    env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True
+                )
                 row.update(
                     return_one_sample_mean=float(one.mean()), return_one_sample_std=float(one.std()),
                     return_behavior_mean=float(beh.mean()), return_behavior_std=float(beh.std()),
                 )
+                for name, eps in (("one_sample", one_eps), ("behavior", beh_eps)):
+                    row.update({f"{k}_{name}_mean": v for k, v in episode_stats(eps, cfg.loss.gamma).items()})
                 row.update(policy_value_probe(loss, episodes, info.reward_scale or 1.0, cfg.loss.gamma, device))
         if info.ref_min_score is not None and info.ref_max_score is not None:
             scores = info.normalized_score(returns)
