@@ -45,13 +45,14 @@ PRESETS = {  # the settings the authors' figures in the speed issue were measure
 }
 
 
-def make_loss(N=5, K=10, M=10, hidden=256, device="cpu", step_sampling="uniform"):
+def make_loss(N=5, K=10, M=10, hidden=256, device="cpu", step_sampling="uniform", ensemble_chunk_compile=None):
     def actor():
         return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=hidden, depth=4), make_schedule("vp", N), clip_denoised=True)
 
     loss = BDPOLoss(
         actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=hidden),
         eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M, step_sampling=step_sampling,
+        ensemble_chunk_compile=ensemble_chunk_compile,
     )
     return loss.to(device)
 
@@ -131,9 +132,15 @@ def make_update(
     device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False,
     step_sampling="uniform", fuse_narrow="cuda",
 ):
-    """The update of :func:`make_loss`; ``fuse_narrow``: its networks' narrow-map setting
-    (``networks.set_fuse_narrow_linear``, set before anything is compiled)."""
-    loss = networks.set_fuse_narrow_linear(make_loss(N=N, device=device, step_sampling=step_sampling), fuse_narrow)
+    """The update of :func:`make_loss`, as the scripts build it; ``fuse_narrow``: its networks'
+    narrow-map setting (``networks.set_fuse_narrow_linear``, set before anything is compiled).
+    Compiled steps without CUDA graphs run the ensembles' row chunks (CPU) through their own
+    compiled graphs, with the steps' mode (the scripts' ``utils.chunk_compile_options``)."""
+    chunks = None
+    if compile and not cudagraphs:
+        chunks = {} if compile_mode is None else {"mode": compile_mode}
+    loss = make_loss(N=N, device=device, step_sampling=step_sampling, ensemble_chunk_compile=chunks)
+    loss = networks.set_fuse_narrow_linear(loss, fuse_narrow)
     fused = None if adam == "foreach" else True  # fused, as the scripts do; foreach: CUDA's default
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))

@@ -31,6 +31,15 @@ def test_benchmark_writes_json(tmp_path):
     assert 0 < result["update"]["eager"]["fraction_of_matmul_peak"] == result["update"]["best_fraction_of_matmul_peak"]
 
 
+def test_benchmark_builds_the_update_as_the_scripts_do():
+    """Compiled CPU steps get the ensemble chunks' compile options (the steps' mode), eager and
+    graphed ones none, as utils.chunk_compile_options gives the scripts' losses."""
+    for kwargs, expected in [({}, None), ({"compile": True}, {}),
+                             ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
+                              {"mode": "max-autotune-no-cudagraphs"})]:
+        assert bench.make_update("cpu", N=2, **kwargs).loss.ensemble_chunk_compile == expected, kwargs
+
+
 def test_toy_preset_times_terminal_batches(tmp_path):
     """The toy bandits' transitions all end: the toy preset's batches are terminal, so the
     critic step samples no Q-target path and counts fewer FLOPs than live batches."""
