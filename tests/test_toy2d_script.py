@@ -129,10 +129,10 @@ def test_overlap_losses_default_follows_cudagraphs(tmp_path, monkeypatch):
         (("compile.cudagraphs=true", "compile.overlap_losses=false"), (True, False)),
         (("compile.overlap_losses=true",), (False, True)),
     ]:
-        utils.make_update(config(tmp_path, *overrides), None, {}, {})
+        utils.make_update(config(tmp_path, *overrides), torch.nn.Module(), {}, {})  # a stand-in loss
         assert (asked[-1]["cudagraphs"], asked[-1]["overlap_losses"]) == expected, overrides
     with pytest.raises(ValueError, match=r"compile.overlap_losses='yes': expected true, false or null"):
-        utils.make_update(config(tmp_path, "compile.overlap_losses=yes"), None, {}, {})
+        utils.make_update(config(tmp_path, "compile.overlap_losses=yes"), torch.nn.Module(), {}, {})
 
 
 def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
