@@ -1,0 +1,61 @@
+"""The ``cpu`` budget on a dataset it was not tuned on (issue 36): once the actor trains, its
+one-sample return must not fall below the behavior model's by more than the evaluation noise.
+
+Slow (``-m slow``): on a machine without the suite's datasets it first makes them with
+``benchmarks/robustness_suite.py generate`` (SAC on Hopper-v5, ~35 min on 2 cores; kept in
+``MINARI_DATASETS_PATH`` for the next run), then trains ``budget=cpu`` for 20k + 15k steps
+(~15 min), 5k phase-B steps past the actor's start.
+"""
+import math
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.loaders import SCRIPT_DIR, load_benchmark, load_script
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+DATASET = "generated/hopper/weak-medium-v0"
+
+
+def _dataset_dir() -> Path:
+    root = Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+    return root / DATASET
+
+
+@pytest.fixture(scope="module")
+def weak_medium_hopper(tmp_path_factory):
+    if not _dataset_dir().exists():
+        suite = load_benchmark("robustness_suite")
+        out = tmp_path_factory.mktemp("suite")
+        suite.main(["generate", "--envs", "hopper", "--gen-seeds", "0", "--out", str(out)])
+        assert _dataset_dir().exists(), f"generation did not make {DATASET}: see {out / 'logs'}"
+    return DATASET
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 36, open: on this dataset the actor's first 1000 steps cost ~1/3 of the return (it falls "
+    "sooner; docs/results/locomotion.md). Strict: once a budget passes, this xfail must go.",
+)
+def test_cpu_budget_keeps_the_behaviors_return_once_the_actor_trains(tmp_path, weak_medium_hopper):
+    off = load_script("bdpo_offline")
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        cfg = compose("offline", overrides=[
+            "task=generated-hopper-weak-medium", "budget=cpu", "seed=0", f"env.dataset={weak_medium_hopper}",
+            "optim.steps=15000", "eval.interval=5000", "checkpoint.interval=5000", f"output_dir={tmp_path}",
+        ])
+    assert cfg.optim.warmup == 10000  # the budget's: the actor trains for the last 5k steps
+    summary = off.train(cfg)
+    last = summary["final"]
+    assert last["step"] == 15000
+    n = cfg.eval.episodes
+    # two standard errors of the difference of two means of n episodes
+    margin = 2 * math.sqrt((last["return_one_sample_std"] ** 2 + last["return_behavior_std"] ** 2) / n)
+    assert last["return_one_sample_mean"] >= last["return_behavior_mean"] - margin, (
+        f"actor (one sample) {last['return_one_sample_mean']:.0f} vs behavior {last['return_behavior_mean']:.0f} "
+        f"(margin {margin:.0f}); lengths {last['length_one_sample_mean']:.0f} vs {last['length_behavior_mean']:.0f}"
+    )
