@@ -88,7 +88,9 @@ def test_smoke_outputs(tmp_path, dataset):
     assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
     # episode lengths (Hopper: 1 .. max_steps) and discounted returns of all three policies
     for name in ("", "_one_sample", "_behavior"):
-        assert 1 <= final[f"length{name}_mean"] <= written["config"]["eval"]["max_steps"], name
+        length, episodes = final[f"length{name}_mean"], written["config"]["eval"]["episodes"]
+        assert 1 <= length <= written["config"]["eval"]["max_steps"], name
+        assert (length * episodes).is_integer(), (name, length)  # a mean of whole episode lengths
         assert np.isfinite(final[f"discounted_return{name}_mean"]), name
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
