@@ -71,7 +71,15 @@ def test_ensemble_chunk_rows_reach_the_loss(tmp_path, override, rows):
     assert off.make_bdpo_loss(cfg, 11, 3).ensemble_chunk_rows == rows
 
 
-def test_smoke_outputs(tmp_path, dataset):
+def test_smoke_outputs(tmp_path, dataset, monkeypatch):
+    stats_of = []  # what each evaluation's episodes were, as episode_stats received them
+    episode_stats = off.episode_stats
+
+    def recording_stats(episodes, gamma):
+        stats_of.append(([ep["next", "reward"].reshape(-1).tolist() for ep in episodes], gamma))
+        return episode_stats(episodes, gamma)
+
+    monkeypatch.setattr(off, "episode_stats", recording_stats)
     summary = off.train(config(tmp_path, "eval.num_envs=2"))  # a ParallelEnv of 2 workers
     for name in ("summary.json", "eval_returns.png", "checkpoint.pt", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -86,12 +94,15 @@ def test_smoke_outputs(tmp_path, dataset):
     for key in ("return_one_sample_mean", "return_behavior_mean", "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
         assert np.isfinite(final[key]), key
     assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
-    # episode lengths (Hopper: 1 .. max_steps) and discounted returns of all three policies
-    for name in ("", "_one_sample", "_behavior"):
-        length, episodes = final[f"length{name}_mean"], written["config"]["eval"]["episodes"]
-        assert 1 <= length <= written["config"]["eval"]["max_steps"], name
-        assert (length * episodes).is_integer(), (name, length)  # a mean of whole episode lengths
-        assert np.isfinite(final[f"discounted_return{name}_mean"]), name
+    # episode lengths and discounted returns of the three policies, each from its own episodes
+    # (the last evaluation's calls: best-of-K, one sample, behavior), recomputed here
+    gamma, episodes = written["config"]["loss"]["gamma"], written["config"]["eval"]["episodes"]
+    assert len(stats_of) == 2 * 3  # two phase-B evaluations, three policies each (phase A logs none)
+    for name, (rewards, used_gamma) in zip(("", "_one_sample", "_behavior"), stats_of[-3:]):
+        assert used_gamma == gamma and len(rewards) == episodes, name
+        assert final[f"length{name}_mean"] == np.mean([len(r) for r in rewards]), name
+        discounted = np.mean([sum(x * gamma**t for t, x in enumerate(r)) for r in rewards])
+        assert final[f"discounted_return{name}_mean"] == pytest.approx(discounted, rel=1e-6), name
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
     assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv",
