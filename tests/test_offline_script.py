@@ -6,35 +6,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from tests.loaders import SCRIPT_DIR, load_script
+from tests.helpers import make_loss_nan
+from tests.loaders import SCRIPT_DIR, TINY_MODEL, TINY_PHASES, assert_resume_is_step_for_step, load_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 off = load_script("bdpo_offline")
 import utils  # noqa: E402  (the scripts' shared helpers and loop, importable once load_script ran)
 
-TINY = [
-    "task=generated-hopper-random",
-    "budget=cpu",
-    "diffusion.hidden=16",
-    "diffusion.depth=2",
-    "critic.hidden=16",
-    "critic.num_qvalue_nets=2",
-    "loss.num_samples=2",
-    "optim.batch_size=32",
-    "optim.pretrain_steps=20",
-    "optim.steps=30",
-    "optim.warmup=5",
-    "optim.actor_every=2",
-    "eval.interval=15",
-    "eval.pretrain_interval=10",
-    "eval.episodes=2",
-    "eval.max_steps=20",
-    "eval.num_candidates=3",
-    "logger.log_interval=5",
-    "checkpoint.interval=10",
-    "compile.compile=false",  # the cpu budget compiles; tests/test_accelerate.py covers that path
-]
+# compile.compile=false: the cpu budget compiles; tests/test_accelerate.py covers that path
+TINY = ["task=generated-hopper-random", "budget=cpu", *TINY_MODEL, *TINY_PHASES, "eval.interval=15",
+        "eval.pretrain_interval=10", "eval.episodes=2", "eval.max_steps=20", "eval.num_candidates=3",
+        "logger.log_interval=5", "checkpoint.interval=10", "compile.compile=false"]
 
 
 @pytest.fixture(scope="module")
@@ -137,39 +120,8 @@ def test_eval_env_outputs_on_the_run_device(dataset):
             env.close()
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_gives_the_same_losses_step_for_step(tmp_path, dataset, monkeypatch):
-    no_eval = ("eval.episodes=0",)
-    full = off.train(config(tmp_path / "full", *no_eval))["history"]
-    real = off.make_offline_buffer
-    calls = {"n": 0}
-
-    def interrupted_buffer(*args, **kwargs):
-        buffer = real(*args, **kwargs)
-        sample = buffer.sample
-
-        def sample_then_die():
-            calls["n"] += 1
-            if calls["n"] > 20 + 17:  # 20 phase-A batches, then die during phase-B step 17
-                raise _Interrupt()
-            return sample()
-
-        buffer.sample = sample_then_die
-        return buffer
-
-    monkeypatch.setattr(off, "make_offline_buffer", interrupted_buffer)
-    with pytest.raises(_Interrupt):
-        off.train(config(tmp_path / "resumed", *no_eval))
-    monkeypatch.setattr(off, "make_offline_buffer", real)
-    resumed = off.train(config(tmp_path / "resumed", *no_eval, "checkpoint.resume=true"))["history"]
-    assert len(resumed) == 20  # from the checkpoint at phase-B step 10
-    for a, b in zip(full[10:], resumed):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert_resume_is_step_for_step(off, "make_offline_buffer", config, tmp_path, monkeypatch, "eval.episodes=0")
 
 
 def test_bad_input(tmp_path, dataset):
@@ -187,15 +139,7 @@ def test_bad_input(tmp_path, dataset):
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, dataset, monkeypatch):
-    from torchrl_bdpo.objectives import BDPOLoss
-
-    real = BDPOLoss.qvalue_loss
-
-    def broken(self, td):
-        value, meta = real(self, td)
-        return value * float("nan"), meta
-
-    monkeypatch.setattr(BDPOLoss, "qvalue_loss", broken)
+    make_loss_nan(monkeypatch, "qvalue_loss")
     # the hand-over's checkpoint is checked first: its Q loss is NaN, so phase A's last one stays
     with pytest.raises(FloatingPointError, match=r"state after train step 0 holds non-finite losses \{'qvalue_loss': nan\}.*not written.*checkpoint.pt"):
         off.train(config(tmp_path, "eval.episodes=0"))
@@ -219,7 +163,7 @@ def test_actor_lr_cosine_horizon(tmp_path, horizon, final):
     cfg = config(tmp_path, "optim.warmup=6", "optim.actor_every=3", f"optim.actor_lr_decay_steps={horizon}")
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
     optimizers = {"critic": torch.optim.Adam([params[0]], lr=1.0), "actor": torch.optim.Adam([params[1]], lr=1.0)}
-    schedulers = off.make_schedulers(cfg, optimizers)
+    schedulers = utils.make_schedulers(cfg, optimizers)
     actor_steps = [s for s in range(cfg.optim.steps) if s >= 6 and (s - 6) % 3 == 0]
     assert len(actor_steps) == 8
     for _ in range(cfg.optim.steps):
@@ -242,10 +186,10 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
         umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
     assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
     with pytest.raises(ValueError, match=r"optim.actor_lr_decay_steps=0: expected a positive integer"):
-        off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=0"), {"critic": None, "actor": None})
+        utils.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=0"), {"critic": None, "actor": None})
     # TINY: (30 - 5) / 2 -> 13 actor steps
     with pytest.raises(ValueError, match=r"actor_lr_decay_steps=12 is below the run's 13 actor steps"):
-        off.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=12"), {"critic": None, "actor": None})
+        utils.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=12"), {"critic": None, "actor": None})
 
 
 def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
@@ -325,17 +269,17 @@ def test_resume_rules(tmp_path, dataset):
 def test_resume_rescales_the_learning_rates(tmp_path):
     cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1")
     loss = off.make_bdpo_loss(cfg, 11, 3)
-    optimizers = off.make_optimizers(cfg, loss)
-    schedulers = off.make_schedulers(cfg, optimizers)
+    optimizers = utils.make_optimizers(cfg, loss)
+    schedulers = utils.make_schedulers(cfg, optimizers)
     for _ in range(5):
         for s in schedulers.values():
             s.step()
     state = utils.training_state(loss, optimizers, schedulers, "train", 5, cfg)
     critic_lr = optimizers["critic"].param_groups[0]["lr"]
     new_cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1", f"optim.critic_lr={cfg.optim.critic_lr / 10}")
-    optimizers2 = off.make_optimizers(new_cfg, loss)
-    schedulers2 = off.make_schedulers(new_cfg, optimizers2)
-    off.load_checkpoint(state, new_cfg, loss, optimizers2, schedulers2)
+    optimizers2 = utils.make_optimizers(new_cfg, loss)
+    schedulers2 = utils.make_schedulers(new_cfg, optimizers2)
+    utils.load_checkpoint(state, new_cfg, loss, optimizers2, schedulers2)
     assert optimizers2["critic"].param_groups[0]["lr"] == pytest.approx(critic_lr / 10)
     assert optimizers2["actor"].param_groups[0]["lr"] == pytest.approx(optimizers["actor"].param_groups[0]["lr"])
     for _ in range(15):  # the cosine goes on from the same point at a tenth of the height: 0 at the end
@@ -344,9 +288,9 @@ def test_resume_rescales_the_learning_rates(tmp_path):
     reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.critic_lr / 10), 20)
     for _ in range(6):
         reference.step()
-    schedulers3 = off.make_schedulers(new_cfg, off.make_optimizers(new_cfg, loss))
+    schedulers3 = utils.make_schedulers(new_cfg, utils.make_optimizers(new_cfg, loss))
     opt3 = schedulers3["critic"].optimizer
-    off.load_checkpoint(state, new_cfg, loss, {**optimizers2, "critic": opt3}, {**schedulers2, "critic": schedulers3["critic"]})
+    utils.load_checkpoint(state, new_cfg, loss, {**optimizers2, "critic": opt3}, {**schedulers2, "critic": schedulers3["critic"]})
     schedulers3["critic"].step()
     assert opt3.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0], rel=1e-9)
 
@@ -356,7 +300,7 @@ def test_truncate_csv_logs(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "train" / "loss.csv").write_text("0,1.0\n5,2.0\n10,3.0\n15,4.0\n")
     (tmp_path / "eval" / "return.csv").write_text("10,100.0\n20,200.0\n")
-    assert off.truncate_csv_logs(tmp_path, 10) == 3
+    assert utils.truncate_csv_logs(tmp_path, 10) == 3
     assert (tmp_path / "train" / "loss.csv").read_text() == "0,1.0\n5,2.0\n"
     assert (tmp_path / "eval" / "return.csv").read_text() == "10,100.0\n"  # logged before the checkpoint at 10
 

@@ -8,29 +8,15 @@ import torch
 from torchrl_bdpo.checkpoint import load_checkpoint, save_checkpoint
 from hydra import compose, initialize_config_dir
 
-from tests.loaders import SCRIPT_DIR, load_script
+from tests.helpers import make_loss_nan
+from tests.loaders import SCRIPT_DIR, TINY_MODEL, TINY_PHASES, assert_resume_is_step_for_step, load_script
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 toy = load_script("bdpo_toy2d")
 
-TINY = [
-    "env.num_points=2000",
-    "diffusion.num_steps=5",
-    "diffusion.hidden=16",
-    "diffusion.depth=2",
-    "critic.hidden=16",
-    "critic.num_qvalue_nets=2",
-    "loss.num_samples=2",
-    "optim.batch_size=32",
-    "optim.pretrain_steps=20",
-    "optim.steps=30",
-    "optim.warmup=5",
-    "optim.actor_every=2",
-    "eval.num_samples=200",
-    "logger.log_interval=5",
-    "checkpoint.interval=10",
-]
+TINY = ["env.num_points=2000", "diffusion.num_steps=5", *TINY_MODEL, *TINY_PHASES, "eval.num_samples=200",
+        "logger.log_interval=5", "checkpoint.interval=10"]
 
 
 def config(tmp_path, *overrides):
@@ -67,40 +53,8 @@ def test_cuda_run_evaluates_and_plots(tmp_path):
     assert len(summary["history"]) == 30
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_gives_the_same_losses_step_for_step(tmp_path, monkeypatch):
-    full = toy.train(config(tmp_path / "full"))["history"]
-
-    real = toy.make_toy_buffer
-    calls = {"n": 0}
-
-    def interrupted_buffer(*args, **kwargs):
-        buffer = real(*args, **kwargs)
-        sample = buffer.sample
-
-        def sample_then_die():
-            calls["n"] += 1
-            if calls["n"] > 20 + 17:  # 20 phase-A batches, then die during phase-B step 17
-                raise _Interrupt()
-            return sample()
-
-        buffer.sample = sample_then_die
-        return buffer
-
-    monkeypatch.setattr(toy, "make_toy_buffer", interrupted_buffer)
-    with pytest.raises(_Interrupt):
-        toy.train(config(tmp_path / "resumed"))
-    monkeypatch.setattr(toy, "make_toy_buffer", real)
-    resumed = toy.train(config(tmp_path / "resumed", "checkpoint.resume=true"))["history"]
-    # the last checkpoint was at phase-B step 10: the resumed run redoes steps 10..29
-    assert len(resumed) == 20
-    for a, b in zip(full[10:], resumed):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert_resume_is_step_for_step(toy, "make_toy_buffer", config, tmp_path, monkeypatch)
 
 
 def test_bad_input(tmp_path):
@@ -196,15 +150,7 @@ def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    from torchrl_bdpo.objectives import BDPOLoss
-
-    real = BDPOLoss.actor_loss
-
-    def broken(self, td):
-        value, meta = real(self, td)
-        return value * float("nan"), meta
-
-    monkeypatch.setattr(BDPOLoss, "actor_loss", broken)
+    make_loss_nan(monkeypatch, "actor_loss")
     # the hand-over's checkpoint is checked first (its actor loss is NaN): phase A's last one stays
     with pytest.raises(FloatingPointError, match=r"state after train step 0 holds non-finite losses \{'actor_loss': nan\}.*not written.*checkpoint.pt"):
         toy.train(config(tmp_path))

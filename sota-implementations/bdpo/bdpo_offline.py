@@ -14,41 +14,17 @@ torchrl logger), ``checkpoint.pt`` (atomic; ``checkpoint.resume=true`` continues
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-_HERE = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _HERE)
-# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
-from utils import (  # noqa: E402
-    check_launcher_plugin,
-    load_checkpoint,
-    log_scalars,
-    make_bdpo_loss,
-    make_logger,
-    make_optimizers,
-    make_schedulers,
-    make_update,
-    finished_summary,
-    open_run,
-    run_phases,
-    make_updaters,
-    set_matmul_precision,
-    set_threads,
-    set_seed,
-    truncate_csv_logs,
-    validate_config,
-    write_json,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
+from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
+from utils import resume_phases, run_phases, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
@@ -133,16 +109,9 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    warnings.filterwarnings("ignore", message="No target network updater")
-    validate_config(cfg)  # every integer and rate, before anything runs or is written
-    out_dir = Path(cfg.output_dir)
-    set_matmul_precision(cfg)
-    set_threads(cfg)
-    resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
-    at_end = resume_state is not None and (resume_state["phase"], resume_state["step"]) == ("train", cfg.optim.steps)
-    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+    out_dir, resume_state, finished = start_run(cfg, lambda s: (s["phase"], s["step"]) == ("train", cfg.optim.steps))
+    if finished is not None:
         return finished
-    set_seed(cfg.seed)
     start = time.perf_counter()
     o, e = cfg.optim, cfg.eval
     device = torch.device(cfg.device)
@@ -176,20 +145,10 @@ def train(cfg: DictConfig) -> dict:
         env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device, info.action_scaling())
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
-    optimizers = make_optimizers(cfg, loss)
-    schedulers = make_schedulers(cfg, optimizers)
-    updaters = make_updaters(cfg, loss)
-    update = make_update(cfg, loss, optimizers, updaters)
+    optimizers, schedulers, update = make_training(cfg, loss)
     logger = make_logger(cfg, out_dir)
-    ckpt = out_dir / "checkpoint.pt"
-
-    phase, step = "pretrain", 0
-    eval_rows: list[dict] = []
-    if resume_state is not None:
-        phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
-        eval_rows = resume_state.get("evals", [])
-        truncate_csv_logs(out_dir / "logs", step if phase == "pretrain" else o.pretrain_steps + step)
-        print(f"resumed from {ckpt}: phase {phase}, step {step}")
+    phase, step = resume_phases(resume_state, cfg, loss, optimizers, schedulers, out_dir)
+    eval_rows: list[dict] = [] if resume_state is None else resume_state.get("evals", [])
     behavior_policy = QSelectActor(
         loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
         qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
@@ -255,17 +214,10 @@ def train(cfg: DictConfig) -> dict:
     trained = [r for r in eval_rows if r["phase"] == "train"]
     best = max(trained, key=lambda r: r["return_mean"]) if trained else None
     figure = plot_evals(eval_rows, out_dir)
-    summary = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "dataset": {**info.as_dict(), "mean_episode_return": None if dataset_returns is None else float(dataset_returns.mean())},
-        "final": final,
-        "best": best,
-        "evaluations": eval_rows,
-        "wall_time_s": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
-        "figure": None if figure is None else str(figure),
-    }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_summary(
+        out_dir, cfg, start, final=final, best=best, evaluations=eval_rows, figure=None if figure is None else str(figure),
+        dataset={**info.as_dict(), "mean_episode_return": None if dataset_returns is None else float(dataset_returns.mean())},
+    )
     data_ret = summary["dataset"]["mean_episode_return"]
     data_ret = "n/a" if data_ret is None else f"{data_ret:.1f}"
     if final:
@@ -278,11 +230,5 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="config", config_name="offline", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
-
-
 if __name__ == "__main__":
-    check_launcher_plugin(sys.argv[1:])
-    main()
+    hydra_main(train, "offline")

@@ -30,43 +30,30 @@ and ``learning_curve.png`` in the output folder.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-_HERE = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _HERE)
-# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import (  # noqa: E402
-    check_launcher_plugin,
     check_state_before_saving,
+    hydra_main,
     load_checkpoint,
     log_scalars,
     make_bdpo_loss,
     make_logger,
-    make_optimizers,
-    make_update,
-    make_updaters,
-    finished_summary,
-    open_run,
+    make_training,
     save_checkpoint,
-    set_matmul_precision,
-    set_threads,
-    set_seed,
+    start_run,
     train_scalars,
     train_step,
     training_state,
     truncate_csv_logs,
-    validate_config,
-    write_json,
+    write_summary,
 )
 
 from torchrl_bdpo import checkpoint as checkpoint_io  # noqa: E402
@@ -198,7 +185,6 @@ def train(cfg: DictConfig) -> dict:
     from torchrl.data import LazyTensorStorage, ReplayBuffer
     from torchrl.envs.utils import ExplorationType
 
-    warnings.filterwarnings("ignore", message="No target network updater")
     check_online_config(cfg)
     out_dir = Path(cfg.output_dir)
     offline_cfg = offline_state = info = None
@@ -208,14 +194,9 @@ def train(cfg: DictConfig) -> dict:
         inherited = {k: offline_cfg.optim[k] for k in INHERITED_OPTIM if cfg.optim.get(k) is None}
         cfg = OmegaConf.merge(cfg, {k: offline_cfg[k] for k in MODEL_BLOCKS}, {"optim": inherited})
     cfg.optim.train_behavior = cfg.reference == "behavior_train"
-    validate_config(cfg)
-    set_matmul_precision(cfg)
-    set_threads(cfg)
-    resume_state = open_run(cfg, out_dir)
-    at_end = resume_state is not None and resume_state["frames"] >= cfg.collector.total_frames
-    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+    out_dir, resume_state, finished = start_run(cfg, lambda s: s["frames"] >= cfg.collector.total_frames)
+    if finished is not None:
         return finished
-    set_seed(cfg.seed)
     start = time.perf_counter()
     o, e, c = cfg.optim, cfg.eval, cfg.collector
     device = torch.device(cfg.device)
@@ -239,10 +220,7 @@ def train(cfg: DictConfig) -> dict:
     loss = make_bdpo_loss(cfg, observation_dim, action_dim, reference=cfg.reference if cfg.mode == "online" else None)
     if offline_state is not None:
         loss.load_state_dict(offline_state["loss"])
-    optimizers = make_optimizers(cfg, loss)
-    # constant rates online: ConstantLR(factor 1) keeps train_step's scheduler calls
-    schedulers = {k: torch.optim.lr_scheduler.ConstantLR(optimizers[k], factor=1.0, total_iters=0) for k in ("critic", "actor")}
-    update = make_update(cfg, loss, optimizers, make_updaters(cfg, loss))
+    optimizers, schedulers, update = make_training(cfg, loss, constant_lr=True)  # constant rates online
     tuner = None
     if cfg.auto_eta.enabled:
         tuner = EtaLagrangian(loss, target_kl_per_dim=cfg.auto_eta.target_kl_per_dim, lr=cfg.auto_eta.lr)
@@ -389,20 +367,11 @@ def train(cfg: DictConfig) -> dict:
 
     final = eval_rows[-1] if eval_rows else None
     figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}")
-    summary = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "env": env_name,
-        "frames": frames,
-        "updates": updates,
-        "final": final,
-        "best": max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None,
-        "evaluations": eval_rows,
-        "train_episode_returns": train_returns,
-        "wall_time_s": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
-        "figure": None if figure is None else str(figure),
-    }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_summary(
+        out_dir, cfg, start, env=env_name, frames=frames, updates=updates, final=final,
+        best=max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None, evaluations=eval_rows,
+        train_episode_returns=train_returns, figure=None if figure is None else str(figure),
+    )
     result = f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), " \
              f"{final['return_one_sample_mean']:.1f} (one sample)" if final else "no evaluation (eval.episodes=0)"
     print(f"[{cfg.mode} {env_name}] {result}; {frames} frames, {updates} updates, "
@@ -410,11 +379,5 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="config", config_name="online", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
-
-
 if __name__ == "__main__":
-    check_launcher_plugin(sys.argv[1:])
-    main()
+    hydra_main(train, "online")

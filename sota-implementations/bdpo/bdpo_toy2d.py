@@ -12,41 +12,17 @@ landscapes at n = N, 3N/4, N/2, N/4 and 0 where V_0 = Q).
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tensordict.nn import TensorDictModule
 
-_HERE = str(Path(__file__).resolve().parent)
-sys.path.insert(0, _HERE)
-# launcher subprocesses (hydra-submitit-launcher) unpickle the job here and import utils too
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_HERE, os.environ.get("PYTHONPATH")) if p)
-from utils import (  # noqa: E402
-    check_launcher_plugin,
-    load_checkpoint,
-    log_scalars,
-    make_bdpo_loss,
-    make_logger,
-    make_optimizers,
-    make_schedulers,
-    make_update,
-    finished_summary,
-    open_run,
-    run_phases,
-    make_updaters,
-    set_matmul_precision,
-    set_threads,
-    set_seed,
-    truncate_csv_logs,
-    validate_config,
-    write_json,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
+from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
+from utils import resume_phases, run_phases, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, sample_optimal_policy, toy_energy  # noqa: E402
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
@@ -114,6 +90,14 @@ def plot_figures(loss, data_actions, data_rewards, behavior, eta, out_dir: Path,
     lim = float(data_actions.abs().quantile(0.999)) * 1.1
     paths = []
 
+    def save(fig, square_axes, name):
+        for ax in square_axes:
+            ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=90)
+        plt.close(fig)
+
     # 1. target distributions: the data reweighted by exp(r / eta)
     etas = [eta * 10, eta * 3, eta, eta / 3]
     fig, axes = plt.subplots(1, len(etas) + 1, figsize=(3.2 * (len(etas) + 1), 3.4))
@@ -124,12 +108,7 @@ def plot_figures(loss, data_actions, data_rewards, behavior, eta, out_dir: Path,
         s = sample_optimal_policy(data_actions, data_rewards, e, 4000, generator=g)
         ax.scatter(*s.T, s=1, alpha=0.4, color="C3")
         ax.set_title(f"π* ∝ ν exp(r/η), η={e:.3g}")
-    for ax in axes:
-        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
-    fig.tight_layout()
-    paths.append(out_dir / "targets.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, axes, "targets.png")
 
     # 2. behavior and actor samples, and the actor's diffusion paths: the actor is regularised
     # towards the behavior model, so structure the behavior misses (too short a pretraining)
@@ -149,12 +128,7 @@ def plot_figures(loss, data_actions, data_rewards, behavior, eta, out_dir: Path,
         axes[3].plot(*actions[:, i].T, lw=0.5, alpha=0.7)
         axes[3].plot(*action[i], "k.", ms=3)
     axes[3].set_title("actor paths a^N → a^0")
-    for ax in axes:
-        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_aspect("equal")
-    fig.tight_layout()
-    paths.append(out_dir / "actor_samples.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, axes, "actor_samples.png")
 
     # 3. V_n landscapes on a grid; V_0 is Q
     N = loss.actor_network.num_steps
@@ -175,10 +149,7 @@ def plot_figures(loss, data_actions, data_rewards, behavior, eta, out_dir: Path,
             v = v.cpu()
             ax.imshow(v.reshape(80, 80), origin="lower", extent=(-lim, lim, -lim, lim), cmap="viridis")
             ax.set_title(f"V_{n}" + (" = Q" if n == 0 else ""))
-    fig.tight_layout()
-    paths.append(out_dir / "values.png")
-    fig.savefig(paths[-1], dpi=90)
-    plt.close(fig)
+    save(fig, [], "values.png")
     return paths
 
 
@@ -205,16 +176,9 @@ def true_reward_q(cfg: DictConfig):
 def train(cfg: DictConfig) -> dict:
     if cfg.env.dataset not in TOY_DATASETS:
         raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
-    warnings.filterwarnings("ignore", message="No target network updater")
-    validate_config(cfg)  # every integer and rate, before anything runs or is written
-    out_dir = Path(cfg.output_dir)
-    set_matmul_precision(cfg)
-    set_threads(cfg)
-    resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
-    at_end = resume_state is not None and (resume_state["phase"], resume_state["step"]) == ("train", cfg.optim.steps)
-    if (finished := finished_summary(out_dir, resume_state, at_end)) is not None:
+    out_dir, resume_state, finished = start_run(cfg, lambda s: (s["phase"], s["step"]) == ("train", cfg.optim.steps))
+    if finished is not None:
         return finished
-    set_seed(cfg.seed)
     start = time.perf_counter()
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
@@ -222,19 +186,11 @@ def train(cfg: DictConfig) -> dict:
     all_data = buffer[:].cpu()  # metrics and figures run on the CPU
     data_actions, data_rewards = all_data["action"], all_data["next", "reward"].squeeze(-1)
     loss = make_bdpo_loss(cfg, observation_dim=1, action_dim=2, qvalue_network=true_reward_q(cfg))
-    optimizers = make_optimizers(cfg, loss)
-    schedulers = make_schedulers(cfg, optimizers)
-    updaters = make_updaters(cfg, loss)
+    optimizers, schedulers, update = make_training(cfg, loss)
     logger = make_logger(cfg, out_dir)
-    ckpt = out_dir / "checkpoint.pt"
     o = cfg.optim
-
-    phase, step = "pretrain", 0
-    if resume_state is not None:
-        phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
-        truncate_csv_logs(out_dir / "logs", step, only=phase)  # each phase logs on its own step axis
-        print(f"resumed from {ckpt}: phase {phase}, step {step}")
-    update = make_update(cfg, loss, optimizers, updaters)
+    # each phase logs on its own step axis
+    phase, step = resume_phases(resume_state, cfg, loss, optimizers, schedulers, out_dir, global_steps=False)
     device = torch.device(cfg.device)
     # every transition is terminal: no Q-target paths to log; each phase logs on its own step axis
     history = run_phases(
@@ -246,15 +202,10 @@ def train(cfg: DictConfig) -> dict:
     metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)
     figures = plot_figures(loss, data_actions, data_rewards, behavior, cfg.loss.eta, out_dir, cfg.seed)
-    summary = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "metrics": metrics,
-        "distance_ratio_behavior_over_actor": metrics["sw_behavior_pstar"] / max(metrics["sw_actor_pstar"], 1e-12),
-        "wall_time_s": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
-        "figures": [str(p) for p in figures],
-    }
-    write_json(out_dir / "summary.json", summary)
+    summary = write_summary(
+        out_dir, cfg, start, metrics=metrics, figures=[str(p) for p in figures],
+        distance_ratio_behavior_over_actor=metrics["sw_behavior_pstar"] / max(metrics["sw_actor_pstar"], 1e-12),
+    )
     print(
         f"[{cfg.env.dataset}] sliced W2 to pi*: actor {metrics['sw_actor_pstar']:.3f}, behavior "
         f"{metrics['sw_behavior_pstar']:.3f}; E r: actor {metrics['reward_actor']:.3f}, behavior "
@@ -266,11 +217,5 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path="config", config_name="toy2d", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
-
-
 if __name__ == "__main__":
-    check_launcher_plugin(sys.argv[1:])
-    main()
+    hydra_main(train, "toy2d")

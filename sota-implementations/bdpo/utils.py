@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,11 @@ from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
 from torchrl_bdpo.training import BDPOUpdate
 
+
+# launcher subprocesses (hydra-submitit-launcher) unpickle a script's job in a new interpreter,
+# which imports this module again: the scripts' folder goes on their PYTHONPATH
+_HERE = str(Path(__file__).resolve().parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([_HERE, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _HERE)])
 
 LOGGER_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow", "trackio", "")
 
@@ -127,6 +134,15 @@ def check_launcher_plugin(argv: list[str]) -> None:
                     f"hydra/launcher={name} needs the {package} plugin, which is not installed: "
                     f"pip install {package} (or pip install \"torchrl_bdpo[sweep]\")."
                 )
+
+
+def hydra_main(train, config_name: str) -> None:
+    """A script's command line: the launcher check, then ``train`` under hydra with
+    ``config/<config_name>.yaml`` (next to the script that defines ``train``)."""
+    import hydra
+
+    check_launcher_plugin(sys.argv[1:])
+    hydra.main(config_path="config", config_name=config_name, version_base="1.3")(train)()
 
 
 def set_seed(seed: int) -> None:
@@ -598,6 +614,22 @@ def load_checkpoint(path: Path | dict, cfg, loss, optimizers, schedulers) -> tup
     return state["phase"], state["step"]
 
 
+def resume_phases(resume_state: dict | None, cfg: DictConfig, loss, optimizers: dict, schedulers: dict, out_dir: Path,
+                  *, global_steps: bool = True) -> tuple[str, int]:
+    """Where a two-phase run (:func:`run_phases`) starts: ``("pretrain", 0)``, or, resuming, the
+    checkpoint's phase and step, with its state loaded and the CSV log rows after that step
+    dropped (logged on one global step axis, or on each phase's own with ``global_steps=False``)."""
+    if resume_state is None:
+        return "pretrain", 0
+    phase, step = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
+    if global_steps:
+        truncate_csv_logs(out_dir / "logs", step if phase == "pretrain" else cfg.optim.pretrain_steps + step)
+    else:
+        truncate_csv_logs(out_dir / "logs", step, only=phase)
+    print(f"resumed from {out_dir / 'checkpoint.pt'}: phase {phase}, step {step}")
+    return phase, step
+
+
 def open_run(cfg: DictConfig, out_dir: Path) -> dict | None:
     """Set up a run's folder; with ``checkpoint.resume``, the checkpoint state to resume from.
 
@@ -634,6 +666,36 @@ def open_run(cfg: DictConfig, out_dir: Path) -> dict | None:
             print(f"checkpoint.resume=true: no checkpoint of this config in {out_dir.parent}; starting fresh")
     OmegaConf.save(cfg, out_dir / "config.yaml")
     return state
+
+
+def start_run(cfg: DictConfig, finished) -> tuple[Path, dict | None, dict | None]:
+    """What every script does before its first step, in an order that writes nothing until the
+    config is checked: validate it, set the matmul precision and the threads, open the run's
+    folder (:func:`open_run`), and seed. ``finished(resume_state)`` says whether a resumed
+    checkpoint is at the run's last step. Returns ``(out_dir, resume_state, summary)``; the
+    summary of a finished run is not None, and the script returns it without training.
+    """
+    warnings.filterwarnings("ignore", message="No target network updater")
+    validate_config(cfg)  # every integer and rate, before anything runs or is written
+    out_dir = Path(cfg.output_dir)
+    set_matmul_precision(cfg)
+    set_threads(cfg)
+    resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    summary = finished_summary(out_dir, resume_state, resume_state is not None and finished(resume_state))
+    if summary is None:
+        set_seed(cfg.seed)
+    return out_dir, resume_state, summary
+
+
+def make_training(cfg: DictConfig, loss: BDPOLoss, *, constant_lr: bool = False) -> tuple[dict, dict, BDPOUpdate]:
+    """The optimizers, their learning-rate schedules (cosine, or constant with ``constant_lr``:
+    online) and the update (:func:`make_update`) of ``loss``."""
+    optimizers = make_optimizers(cfg, loss)
+    if constant_lr:  # ConstantLR(factor 1) keeps train_step's scheduler calls
+        schedulers = {k: torch.optim.lr_scheduler.ConstantLR(optimizers[k], factor=1.0, total_iters=0) for k in ("critic", "actor")}
+    else:
+        schedulers = make_schedulers(cfg, optimizers)
+    return optimizers, schedulers, make_update(cfg, loss, optimizers, make_updaters(cfg, loss))
 
 
 def finished_summary(out_dir: Path, resume_state: dict | None, done: bool) -> dict | None:
@@ -703,6 +765,19 @@ def log_scalars(logger, values: dict, step: int) -> None:
         v = float(v)
         if np.isfinite(v):
             logger.log_scalar(k, v, step=step)
+
+
+def write_summary(out_dir: Path, cfg: DictConfig, start: float, **fields) -> dict:
+    """``summary.json``: the resolved config, ``fields``, the wall time since ``start``
+    (``time.perf_counter()``) and the torch threads. Returns it."""
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **fields,
+        "wall_time_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+    }
+    write_json(out_dir / "summary.json", summary)
+    return summary
 
 
 def write_json(path: Path, obj) -> None:
