@@ -21,7 +21,9 @@ from tensordict.nn import TensorDictModule
 from torchrl_bdpo.data import optimal_value, sample_optimal_policy
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule, make_value_operator
 from torchrl_bdpo.metrics import mmd_rbf
-from torchrl_bdpo.objectives import BDPOLoss, DenoisingLoss, TargetSoftUpdate
+from torchrl_bdpo.objectives import BDPOLoss, DenoisingLoss
+
+from tests.helpers import train_value_and_actor
 
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
@@ -56,24 +58,7 @@ def run_bandit(bc_steps, rl_steps, batch, num_samples):
         actor, behavior, make_value_operator(1, 2, hidden=64), reward,
         eta=ETA, rho=0.0, num_qvalue_nets=1, num_samples=num_samples, train_behavior=False,
     )
-    value_up = TargetSoftUpdate(loss, ("value_network",), tau=0.05)
-    actor_up = TargetSoftUpdate(loss, ("actor_network",), tau=0.005)
-    v_optim = torch.optim.Adam(loss.value_network_params.parameters(), lr=1e-3)
-    a_optim = torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4)
-    warmup = rl_steps // 5
-    for step in range(rl_steps):
-        data = TensorDict({"observation": obs, "action": mixture(batch)}, [batch])
-        v_loss, _ = loss.value_loss(data)
-        v_optim.zero_grad()
-        v_loss.backward()
-        v_optim.step()
-        value_up.step()
-        if step >= warmup and step % 2 == 0:
-            a_loss, _ = loss.actor_loss(data)
-            a_optim.zero_grad()
-            a_loss.backward()
-            a_optim.step()
-            actor_up.step()
+    train_value_and_actor(loss, obs, mixture, rl_steps, warmup=rl_steps // 5)
 
     with torch.no_grad():
         nu = behavior.sample_path(torch.zeros(20000, 1)).action

@@ -9,6 +9,8 @@ from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein
 from torchrl_bdpo.objectives import DenoisingLoss
 
+from tests.helpers import assert_reductions_agree
+
 
 def make_actor(N=5, hidden=32, obs_dim=3, depth=2):
     return DiffusionActor(EpsilonNetwork(2, obs_dim, hidden=hidden, depth=depth), make_schedule("vp", N))
@@ -41,18 +43,7 @@ def test_keys_reduction_and_grads():
     assert loss.in_keys == ["observation", "action"]
     assert loss.out_keys == ["loss_denoising"]
     data = batch()
-    torch.manual_seed(1)
-    mean = loss(data)["loss_denoising"]
-    loss.reduction = "none"
-    torch.manual_seed(1)
-    none = loss(data)["loss_denoising"]
-    loss.reduction = "sum"
-    torch.manual_seed(1)
-    total = loss(data)["loss_denoising"]
-    assert none.shape == (8,)
-    torch.testing.assert_close(none.mean(), mean)
-    torch.testing.assert_close(none.sum(), total)
-    total.backward()
+    assert_reductions_agree(loss, data, "loss_denoising", rows=8, seed=1).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.network.parameters() if p.ndim == 2)
 
     loss.set_keys(observation="obs", action="act")

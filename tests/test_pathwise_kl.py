@@ -8,6 +8,8 @@ from torch.distributions import Independent, Normal, kl_divergence
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_schedule
 from torchrl_bdpo.objectives import PathwiseKLLoss
 
+from tests.helpers import assert_reductions_agree
+
 
 def make_actor(N=5, schedule="vp", sigma="beta", action_dim=2, obs_dim=3, seed=0):
     torch.manual_seed(seed)
@@ -122,16 +124,7 @@ def test_keys_reduction_samples_state_dict():
     loss = PathwiseKLLoss(policy, reference, num_samples=4)
     assert loss.in_keys == ["observation"] and loss.out_keys == ["loss_kl", "kl_per_step"]
     td = obs_td(6)
-    torch.manual_seed(2)
-    mean = loss(td)["loss_kl"]
-    loss.reduction = "none"
-    torch.manual_seed(2)
-    none = loss(td)["loss_kl"]
-    assert none.shape == (6,)
-    torch.testing.assert_close(none.mean(), mean)
-    loss.reduction = "sum"
-    torch.manual_seed(2)
-    torch.testing.assert_close(loss(td)["loss_kl"], none.sum())
+    assert_reductions_agree(loss, td, "loss_kl", rows=6, seed=2)
     kl, per_step, path = loss.path_kl(td["observation"])
     assert kl.shape == (6, 4) and per_step.shape == (5, 6, 4) and path.action.shape == (6, 4, 2)
 

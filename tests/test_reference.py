@@ -10,7 +10,9 @@ from torchrl_bdpo.data import sample_optimal_policy
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo.diffusion.reference import gaussian_posterior_eps, uniform_posterior_eps, uniform_posterior_mean
 from torchrl_bdpo.metrics import mmd_rbf
-from torchrl_bdpo.objectives import BDPOLoss, DenoisingLoss, PathwiseKLLoss, TargetSoftUpdate
+from torchrl_bdpo.objectives import BDPOLoss, DenoisingLoss, PathwiseKLLoss
+
+from tests.helpers import train_value_and_actor
 
 pytestmark = pytest.mark.filterwarnings("ignore:No target network updater")
 
@@ -104,23 +106,7 @@ def test_bandit_optimum_with_the_uniform_reference():
     reward = TensorDictModule(LinearReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
     loss = BDPOLoss(actor, reference, make_value_operator(1, 2, hidden=64), reward, eta=eta, rho=0.0,
                     num_qvalue_nets=1, num_samples=4, train_behavior=False)
-    value_up = TargetSoftUpdate(loss, ("value_network",), tau=0.05)
-    actor_up = TargetSoftUpdate(loss, ("actor_network",), tau=0.005)
-    v_optim = torch.optim.Adam(loss.value_network_params.parameters(), lr=1e-3)
-    a_optim = torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4)
-    for step in range(600):
-        data = TensorDict({"observation": obs, "action": torch.rand(batch, 2) * 2 - 1}, [batch])
-        v_loss, _ = loss.value_loss(data)
-        v_optim.zero_grad()
-        v_loss.backward()
-        v_optim.step()
-        value_up.step()
-        if step >= 120 and step % 2 == 0:
-            a_loss, _ = loss.actor_loss(data)
-            a_optim.zero_grad()
-            a_loss.backward()
-            a_optim.step()
-            actor_up.step()
+    train_value_and_actor(loss, obs, lambda n: torch.rand(n, 2) * 2 - 1, 600, warmup=120)
     with torch.no_grad():
         nu = reference.sample_path(torch.zeros(20000, 1)).action
         p_star = sample_optimal_policy(nu, nu[:, 0], eta, 3000, torch.Generator().manual_seed(0))

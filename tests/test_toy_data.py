@@ -3,14 +3,7 @@ import math
 import pytest
 import torch
 
-from torchrl_bdpo.data import (
-    TOY_DATASETS,
-    make_toy_buffer,
-    make_toy_data,
-    optimal_policy_weights,
-    optimal_value,
-    sample_optimal_policy,
-)
+from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, make_toy_data, optimal_policy_weights, optimal_value, sample_optimal_policy
 from torchrl_bdpo.data.toy import checkerboard_energy, ring_energy
 
 
