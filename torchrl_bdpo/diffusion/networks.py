@@ -311,7 +311,42 @@ class ChainCache(NamedTuple):
     observation: torch.Tensor | None
 
 
-class EpsilonNetwork(nn.Module):
+class _BodyInParts(nn.Module):
+    """A network whose ``body`` (an :func:`mlp`) reads ``concat[...]`` of its inputs, and whose
+    first layer can run in parts: the action's columns through :func:`narrow_linear` (this
+    network's ``fuse_narrow`` setting, which :func:`set_fuse_narrow_linear` sets), the other
+    inputs' products computed where they are cheapest (once per step, once per distinct
+    observation) and added. The same values as the plain forward up to float rounding."""
+
+    fuse_narrow: bool | str = "cuda"
+    body: nn.Sequential
+    observation_dim: int
+
+    def _expand_observation(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if observation.shape[:-1] != action.shape[:-1]:
+            observation = observation.expand(*action.shape[:-1], self.observation_dim)
+        return observation
+
+    def _observation_part(self, observation: torch.Tensor, columns: slice) -> torch.Tensor | None:
+        """The first layer's observation columns on each distinct observation (None without any)."""
+        if not self.observation_dim:
+            return None
+        return F.linear(_undo_expand(observation), self.body[0].weight[:, columns])
+
+    def _body_in_parts(self, action: torch.Tensor, columns: slice, *parts, bias: bool = False) -> torch.Tensor:
+        """The body with its first layer's action ``columns`` through narrow_linear (with the
+        layer's bias when ``bias``), plus the precomputed ``parts`` (None ones skipped)."""
+        first = self.body[0]
+        h = narrow_linear(action, first.weight[:, columns], first.bias if bias else None, fuse=self.fuse_narrow)
+        for part in parts:
+            if part is not None:
+                h = h + part
+        for layer in self.body[1:]:
+            h = layer(h)
+        return h
+
+
+class EpsilonNetwork(_BodyInParts):
     """The noise-prediction network ``eps(a^n, n, s)``.
 
     ``concat[a^n, time_embedding(n), s] -> depth x hidden Mish MLP -> action_dim``.
@@ -338,9 +373,6 @@ class EpsilonNetwork(nn.Module):
     The result equals the plain forward up to float rounding (the first layer's matmul is
     split in three). :class:`~torchrl_bdpo.diffusion.DiffusionActor` does this for every call.
     """
-
-    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
-    fuse_narrow: bool | str = "cuda"
 
     def __init__(
         self,
@@ -401,20 +433,12 @@ class EpsilonNetwork(nn.Module):
         steps = torch.arange(num_steps + 1, device=first.weight.device)
         time = F.linear(self.time_mlp(steps), first.weight[:, A : A + T], first.bias)
         self._check_observation(observation)
-        obs = None
-        if self.observation_dim:
-            obs = F.linear(_undo_expand(observation), first.weight[:, A + T :])
-        return ChainCache(time, obs)
+        return ChainCache(time, self._observation_part(observation, slice(A + T, None)))
 
     def _forward_cached(self, action: torch.Tensor, step, cache: ChainCache) -> torch.Tensor:
         time = _step_rows(cache.time, step, context=" with a chain cache")
         self._check_action(action)
-        h = narrow_linear(action, self.body[0].weight[:, : self.action_dim], fuse=self.fuse_narrow) + time
-        if cache.observation is not None:
-            h = h + cache.observation
-        for layer in self.body[1:]:
-            h = layer(h)
-        return h
+        return self._body_in_parts(action, slice(0, self.action_dim), time, cache.observation)
 
     def forward(
         self,
@@ -430,13 +454,11 @@ class EpsilonNetwork(nn.Module):
         step = _broadcast_step(step, action.shape[:-1], action.device)
         parts = [action, self.time_mlp(step)]
         if self.observation_dim:
-            if observation.shape[:-1] != action.shape[:-1]:
-                observation = observation.expand(*action.shape[:-1], self.observation_dim)
-            parts.append(observation)
+            parts.append(self._expand_observation(observation, action))
         return self.body(torch.cat(parts, -1))
 
 
-class DiffusionValueNetwork(nn.Module):
+class DiffusionValueNetwork(_BodyInParts):
     """The diffusion value ``V(s, a^n, n)`` for ``n >= 1`` (``V_0`` is ``Q``).
 
     Time branch ``emb(64) -> Linear(128)-Mish-Linear(64)-Mish``; body
@@ -456,9 +478,6 @@ class DiffusionValueNetwork(nn.Module):
             FLOPs at the D4RL sizes, the same values up to float rounding, the same parameters.
             Steps outside ``[0, N]`` then raise an error. Defaults to ``None`` (the plain forward).
     """
-
-    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
-    fuse_narrow: bool | str = "cuda"
 
     def __init__(
         self,
@@ -486,8 +505,7 @@ class DiffusionValueNetwork(nn.Module):
             "observation", observation, self.observation_dim,
             "Match the value network's observation_dim.",
         )
-        if observation.shape[:-1] != action.shape[:-1]:
-            observation = observation.expand(*action.shape[:-1], self.observation_dim)
+        observation = self._expand_observation(observation, action)
         if self.num_steps is not None:
             return self._forward_table(observation, action, step)
         step = _broadcast_step(step, action.shape[:-1], action.device)
@@ -500,19 +518,11 @@ class DiffusionValueNetwork(nn.Module):
         table = F.linear(self.time_mlp(steps), first.weight[:, O + A :], first.bias)  # [N + 1, hidden]
         # tensor steps expanded to the actions' batch shape, as the plain forward does
         time = _step_rows(table, step, hint=f" (num_steps={self.num_steps})", batch_shape=action.shape[:-1])
-        h = narrow_linear(action, first.weight[:, O : O + A], fuse=self.fuse_narrow) + time
-        if O:
-            h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
-        for layer in self.body[1:]:
-            h = layer(h)
-        return h
+        return self._body_in_parts(action, slice(O, O + A), time, self._observation_part(observation, slice(0, O)))
 
 
-class QValueNetwork(nn.Module):
+class QValueNetwork(_BodyInParts):
     """``Q(s, a)``: ``concat[s, a] -> depth x hidden Mish (LayerNorm on request) -> 1``."""
-
-    # the setting of its first layer's action part (narrow_linear); set_fuse_narrow_linear sets it
-    fuse_narrow: bool | str = "cuda"
 
     def __init__(
         self,
@@ -535,18 +545,11 @@ class QValueNetwork(nn.Module):
             "observation", observation, self.observation_dim,
             "Match the Q network's observation_dim.",
         )
-        if observation.shape[:-1] != action.shape[:-1]:
-            observation = observation.expand(*action.shape[:-1], self.observation_dim)
-        # the first layer in two parts, as DiffusionValueNetwork's: the observation's once per
-        # distinct observation (not per sample of an expanded one), the action's (6 features at
-        # the D4RL sizes) through narrow_linear
-        first, O = self.body[0], self.observation_dim
-        h = narrow_linear(action, first.weight[:, O:], first.bias, fuse=self.fuse_narrow)
-        if O:
-            h = h + F.linear(_undo_expand(observation), first.weight[:, :O])
-        for layer in self.body[1:]:
-            h = layer(h)
-        return h
+        # the first layer in two parts: the observation's once per distinct observation (not per
+        # sample of an expanded one), the action's (6 features at the D4RL sizes) through narrow_linear
+        O = self.observation_dim
+        observation = self._expand_observation(observation, action)
+        return self._body_in_parts(action, slice(O, None), self._observation_part(observation, slice(0, O)), bias=True)
 
 
 def make_qvalue_operator(
