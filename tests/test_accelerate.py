@@ -104,6 +104,10 @@ def test_accelerate_off_returns_the_function():
     assert accelerate(f) is f
     wrapped = accelerate(f, compile=True, backend="eager")
     assert isinstance(wrapped, AcceleratedFunction) and wrapped.__name__ == "f"
+    # a misspelt option is an error whether acceleration is on or off, never ignored
+    for on in ({}, {"compile": True}):
+        with pytest.raises(TypeError, match="compiled"):
+            accelerate(f, compiled=True, **on)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")

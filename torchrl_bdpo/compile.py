@@ -18,6 +18,7 @@ so validate the data before it reaches a graphed update (the offline buffers do)
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -77,7 +78,18 @@ def _devices(args, kwargs) -> set[str]:
 
 
 class AcceleratedFunction:
-    """A function run eagerly, compiled, CUDA-graphed, or compiled and graphed. See :func:`accelerate`."""
+    """A function run eagerly, compiled, CUDA-graphed, or compiled and graphed. See :func:`accelerate`.
+
+    Keyword Args:
+        compile (bool): ``torch.compile`` it (first call eager). Defaults to ``False``.
+        mode, backend, dynamic: passed to ``torch.compile`` (``dynamic=None``: torch's default;
+            always ``False`` with ``cudagraphs``).
+        cudagraphs (bool): capture it in a CUDA graph per input signature, after ``warmup``
+            eager calls each (every call, warm-up or replay, runs ``fn`` once). CUDA only.
+        warmup (int): eager calls before capture, per signature. Defaults to 2.
+        max_graphs (int): how many signatures may be captured. Defaults to 8.
+        name (str): used in error messages.
+    """
 
     def __init__(
         self,
@@ -173,32 +185,14 @@ class AcceleratedFunction:
         )
 
 
-def accelerate(
-    fn: Callable,
-    *,
-    compile: bool = False,
-    mode: str | None = None,
-    backend: str | Callable | None = None,
-    dynamic: bool | None = None,
-    cudagraphs: bool = False,
-    warmup: int = 2,
-    max_graphs: int = 8,
-    name: str | None = None,
-) -> Callable:
+def accelerate(fn: Callable, **options) -> Callable:
     """Wrap ``fn`` with ``torch.compile`` and/or CUDA graphs; return ``fn`` itself when both are off.
 
     Args:
         fn: a function of tensors and TensorDicts (other arguments must be hashable constants).
 
     Keyword Args:
-        compile (bool): ``torch.compile`` it (first call eager). Defaults to ``False``.
-        mode, backend, dynamic: passed to ``torch.compile`` (``dynamic=None``: torch's default;
-            always ``False`` with ``cudagraphs``).
-        cudagraphs (bool): capture it in a CUDA graph per input signature, after ``warmup``
-            eager calls each (every call, warm-up or replay, runs ``fn`` once). CUDA only.
-        warmup (int): eager calls before capture, per signature. Defaults to 2.
-        max_graphs (int): how many signatures may be captured. Defaults to 8.
-        name (str): used in error messages.
+        **options: those of :class:`AcceleratedFunction` (checked here, on or off).
 
     Examples:
         >>> import torch
@@ -208,16 +202,7 @@ def accelerate(
         >>> torch.equal(f(x), x.sin() * 2) and torch.equal(f(x), x.sin() * 2)
         True
     """
-    if not compile and not cudagraphs:
+    inspect.signature(AcceleratedFunction).bind(fn, **options)  # an unknown option: a TypeError naming it
+    if not options.get("compile", False) and not options.get("cudagraphs", False):
         return fn
-    return AcceleratedFunction(
-        fn,
-        compile=compile,
-        mode=mode,
-        backend=backend,
-        dynamic=dynamic,
-        cudagraphs=cudagraphs,
-        warmup=warmup,
-        max_graphs=max_graphs,
-        name=name,
-    )
+    return AcceleratedFunction(fn, **options)
