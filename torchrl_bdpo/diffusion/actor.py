@@ -177,6 +177,11 @@ class DiffusionSampler(nn.Module):
         return self.sample_path(observation, deterministic=deterministic).action
 
 
+def _sampler_attribute(name: str, doc: str) -> property:
+    """A read-only property of :class:`DiffusionActor` that reads its sampler's ``name``."""
+    return property(lambda self: getattr(self.module, name), doc=doc)
+
+
 class DiffusionActor(TensorDictModule):
     """A DDPM diffusion policy as a TensorDictModule: ``observation -> action``.
 
@@ -249,29 +254,12 @@ class DiffusionActor(TensorDictModule):
         super().__init__(sampler, in_keys=list(in_keys), out_keys=list(out_keys))
 
     # Delegates, so that users and losses can call the chain pieces on the actor itself.
-    @property
-    def sampler(self) -> DiffusionSampler:
-        return self.module
-
-    @property
-    def network(self) -> nn.Module:
-        return self.module.network
-
-    @property
-    def schedule(self) -> NoiseSchedule:
-        return self.module.schedule
-
-    @property
-    def num_steps(self) -> int:
-        return self.module.num_steps
-
-    @property
-    def action_dim(self) -> int:
-        return self.module.action_dim
-
-    @property
-    def clip_denoised(self) -> bool:
-        return self.module.clip_denoised
+    sampler = property(lambda self: self.module, doc="The :class:`DiffusionSampler` this actor runs.")
+    network = _sampler_attribute("network", "The eps-network.")
+    schedule = _sampler_attribute("schedule", "The :class:`NoiseSchedule`.")
+    num_steps = _sampler_attribute("num_steps", "``N``, the number of diffusion steps.")
+    action_dim = _sampler_attribute("action_dim", "The action dimension.")
+    clip_denoised = _sampler_attribute("clip_denoised", "Whether each step's ``a^0`` estimate is clipped to [-1, 1].")
 
     def predict_eps(self, action_n, n, observation):
         """See :meth:`DiffusionSampler.predict_eps`."""
