@@ -397,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+
+def write_result(path: Path, result: dict) -> dict:
+    """Write a benchmark's JSON (its folder made if needed) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"written to {path}")
+    return result
+
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)

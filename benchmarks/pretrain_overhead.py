@@ -123,10 +123,7 @@ def run(args, preset) -> dict:
     }
     result[f"batch_{B}"] = res = measure(B, args, device)
     print(f"batch {B}", json.dumps({k: round(v, 1) for k, v in res.items() if k != "rounds_us"}), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"written to {args.out}")
-    return result
+    return bench.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -195,10 +195,7 @@ def profile_steps(args) -> dict:
         print(name, json.dumps({k: v for k, v in result[name].items() if k != "top"}), flush=True)
         for row in result[name]["top"][:12]:
             print(f"  {row['us_per_step']:9.1f} us  x{row['calls_per_step']:5.1f}  {row['name']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"written to {args.out}")
-    return result
+    return bench.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,13 @@ def finetune_blackbox(
     actor_optim = torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4)
     ones = torch.ones(batch, 1, dtype=torch.bool)
     warmup = steps // 5
+
+    def descend(optimizer, objective, target_updater):
+        optimizer.zero_grad()
+        objective.backward()
+        optimizer.step()
+        target_updater.step()
+
     bar = trange(steps, desc="fine-tune (black-box)", disable=not progress)
     for step in bar:
         idx = torch.randint(0, dataset_size, (batch,))
@@ -143,16 +150,9 @@ def finetune_blackbox(
         )
         q_loss, _ = loss.qvalue_loss(data)
         v_loss, meta = loss.value_loss(data)
-        critic_optim.zero_grad()
-        (q_loss + v_loss).backward()
-        critic_optim.step()
-        critic_up.step()
+        descend(critic_optim, q_loss + v_loss, critic_up)
         if step >= warmup and step % 2 == 0:
-            a_loss, _ = loss.actor_loss(data)
-            actor_optim.zero_grad()
-            a_loss.backward()
-            actor_optim.step()
-            actor_up.step()
+            descend(actor_optim, loss.actor_loss(data)[0], actor_up)
         if step % 50 == 0:
             bar.set_postfix(v=f"{meta['value_pred'].item():.3f}")
     return policy

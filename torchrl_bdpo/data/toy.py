@@ -166,12 +166,11 @@ def toy_energy(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """
     if name not in _GENERATORS:
         raise ValueError(f"dataset={name!r}: expected one of {TOY_DATASETS}.")
-    if name not in _POINT_ENERGIES:
-        raise ValueError(
-            f"dataset={name!r} has no energy as a function of the point (it depends on the clean "
-            f"ring or a latent label): expected one of {tuple(_POINT_ENERGIES)}."
-        )
-    return _POINT_ENERGIES[name]
+    energy = _POINT_ENERGIES.get(name)
+    if energy is None:
+        why = "it depends on the clean ring or a latent label"
+        raise ValueError(f"dataset={name!r} has no energy as a function of the point ({why}): expected one of {tuple(_POINT_ENERGIES)}.")
+    return energy
 
 
 def make_toy_data(name: str, num_points: int = 1_000_000, seed: int = 0) -> TensorDict:

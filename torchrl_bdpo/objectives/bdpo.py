@@ -144,22 +144,10 @@ class BDPOLoss(DiffusionValueLoss):
         step_sampling: str = "uniform",
     ) -> None:
         super().__init__(
-            actor_network,
-            behavior_network,
-            value_network,
-            qvalue_network,
-            eta=eta,
-            rho=rho,
-            aggregation=aggregation,
-            num_qvalue_nets=num_qvalue_nets,
-            num_samples=num_samples,
-            network_init=network_init,
-            reduction=reduction,
-            deactivate_vmap=deactivate_vmap,
-            ensemble_chunk_rows=ensemble_chunk_rows,
-            ensemble_chunk_compile=ensemble_chunk_compile,
-            validate=validate,
-            step_sampling=step_sampling,
+            actor_network, behavior_network, value_network, qvalue_network, eta=eta, rho=rho, aggregation=aggregation,
+            num_qvalue_nets=num_qvalue_nets, num_samples=num_samples, network_init=network_init, reduction=reduction,
+            deactivate_vmap=deactivate_vmap, ensemble_chunk_rows=ensemble_chunk_rows,
+            ensemble_chunk_compile=ensemble_chunk_compile, validate=validate, step_sampling=step_sampling,
         )
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")

@@ -223,8 +223,7 @@ class BDPOUpdate:
     Examples:
         >>> import torch
         >>> from tensordict import TensorDict
-        >>> from torchrl_bdpo.diffusion import (DiffusionActor, EpsilonNetwork, make_schedule,
-        ...     make_qvalue_operator, make_value_operator)
+        >>> from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
         >>> from torchrl_bdpo.objectives import BDPOLoss
         >>> from torchrl_bdpo.training import BDPOUpdate
         >>> def model():
@@ -234,11 +233,9 @@ class BDPOUpdate:
         >>> optimizers = {g: torch.optim.Adam(p, lr=3e-4) for g, p in BDPOUpdate.param_groups(loss).items()}
         >>> update = BDPOUpdate(loss, optimizers, dict(zip(("critic", "actor", "behavior"),
         ...     loss.make_target_updaters())), grad_clip=1.0)
-        >>> data = TensorDict({
-        ...     "observation": torch.randn(8, 3), "action": torch.rand(8, 2) * 2 - 1,
-        ...     ("next", "observation"): torch.randn(8, 3), ("next", "reward"): torch.randn(8, 1),
-        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
-        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
+        >>> done = torch.zeros(8, 1, dtype=torch.bool)
+        >>> data = TensorDict({"observation": torch.randn(8, 3), "action": torch.rand(8, 2) * 2 - 1,
+        ...     "next": {"observation": torch.randn(8, 3), "reward": torch.randn(8, 1), "done": done, "terminated": done}}, [8])
         >>> sorted(update.critic(data).keys())[:3]
         ['grad_norm_qvalue', 'grad_norm_value', 'kl_per_step']
         >>> "loss_actor" in update.policy(data).keys()
