@@ -74,14 +74,15 @@ def test_smoke_outputs(tmp_path, dataset, monkeypatch):
     # Q diagnostic: finite Q on dataset pairs next to their (positive, Hopper) MC returns
     assert np.isfinite(final["q_dataset"]) and final["mc_return_dataset"] > 0
     # diagnostics that separate the causes of a drop, at every phase-B evaluation
-    for key in ("return_one_sample_mean", "return_behavior_mean", "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
+    for key in ("return_one_sample_mean", "return_behavior_mean", "return_behavior_best_of_k_mean",
+                "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
         assert np.isfinite(final[key]), key
     assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
-    # episode lengths and discounted returns of the three policies, each from its own episodes
-    # (the last evaluation's calls: best-of-K, one sample, behavior), recomputed here
+    # episode lengths and discounted returns of the four policies, each from its own episodes (the
+    # last evaluation's calls: best-of-K, one sample, behavior, behavior best-of-K), recomputed here
     gamma, episodes = written["config"]["loss"]["gamma"], written["config"]["eval"]["episodes"]
-    assert len(stats_of) == 2 * 3  # two phase-B evaluations, three policies each (phase A logs none)
-    for name, (rewards, used_gamma) in zip(("", "_one_sample", "_behavior"), stats_of[-3:]):
+    assert len(stats_of) == 2 * 4  # two phase-B evaluations, four policies each (phase A logs none)
+    for name, (rewards, used_gamma) in zip(("", "_one_sample", "_behavior", "_behavior_best_of_k"), stats_of[-4:]):
         assert used_gamma == gamma and len(rewards) == episodes, name
         assert final[f"length{name}_mean"] == np.mean([len(r) for r in rewards]), name
         discounted = np.mean([sum(x * gamma**t for t, x in enumerate(r)) for r in rewards])

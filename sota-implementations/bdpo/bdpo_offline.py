@@ -91,6 +91,10 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
         x = [r["global_step"] for r in extra]
         ax.plot(x, [r["return_one_sample_mean"] for r in extra], marker=".", color="C2", label="BDPO actor, one sample")
         ax.plot(x, [r["return_behavior_mean"] for r in extra], marker=".", ls=":", color="C0", label="behavior model, one sample")
+        ranked = [r for r in extra if "return_behavior_best_of_k_mean" in r]  # rows of older runs lack it
+        if ranked:
+            ax.plot([r["global_step"] for r in ranked], [r["return_behavior_best_of_k_mean"] for r in ranked], marker=".",
+                    ls="-.", color="C4", label="behavior model, best of K by Q")
     if rows[0].get("dataset_return") is not None:
         ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
     labels = [(ax, "gradient steps (phase A, then phase B)", "evaluation return")]
@@ -152,6 +156,7 @@ def train(cfg: DictConfig) -> dict:
     behavior_policy = QSelectActor(
         loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
         qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
+        num_candidates=e.num_candidates,  # RANDOM: one behavior sample; DETERMINISTIC: the best of K by Q
     )
     # on a GPU, with compile.cudagraphs, acting replays a CUDA graph per batch shape too
     acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
@@ -188,11 +193,16 @@ def train(cfg: DictConfig) -> dict:
                 beh, beh_eps = evaluate(
                     env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True
                 )
+                # the behavior's candidates ranked by the same Q: Q's ranking apart from the actor's moves
+                beh_k, beh_k_eps = evaluate(
+                    env, behavior_policy, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True
+                )
                 row.update(
                     return_one_sample_mean=float(one.mean()), return_one_sample_std=float(one.std()),
                     return_behavior_mean=float(beh.mean()), return_behavior_std=float(beh.std()),
+                    return_behavior_best_of_k_mean=float(beh_k.mean()), return_behavior_best_of_k_std=float(beh_k.std()),
                 )
-                for name, eps in (("one_sample", one_eps), ("behavior", beh_eps)):
+                for name, eps in (("one_sample", one_eps), ("behavior", beh_eps), ("behavior_best_of_k", beh_k_eps)):
                     row.update({f"{k}_{name}_mean": v for k, v in episode_stats(eps, cfg.loss.gamma).items()})
                 row.update(policy_value_probe(loss, episodes, info.reward_scale or 1.0, cfg.loss.gamma, device))
         if info.ref_min_score is not None and info.ref_max_score is not None:
