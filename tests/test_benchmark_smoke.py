@@ -302,3 +302,26 @@ def test_a_run_cut_short_keeps_the_rounds_it_timed(tmp_path, monkeypatch):
     assert update["setup_s"]["eager"] > 0
     assert len(update["rounds"]["eager"]) == 1 and update["rounds"]["eager"][0]["phase_b_steps_per_s"] > 0
     assert "eager" not in update  # no median of an unfinished run
+
+
+def test_compare_revisions_times_each_revision_from_its_own_files(tmp_path):
+    """Two revisions (here HEAD twice) in interleaved rounds, each importing its own copy of the
+    package (written by git archive), with medians and new / old per variant and metric."""
+    compare = load_benchmark("compare_revisions")
+    with pytest.raises(SystemExit, match=r"--old/--new 'no-such-rev': not a commit"):
+        compare.main(["--old", "no-such-rev", "--work-dir", str(tmp_path / "revs")])
+    out = tmp_path / "cmp.json"
+    result = compare.main(["--old", "HEAD", "--rounds", "2", "--work-dir", str(tmp_path / "revs"), "--out", str(out), "--",
+                           "--preset", "toy", "--only", "update", "--no-compile", "--steps", "1", "--batch-size", "8"])
+    assert json.loads(out.read_text()) == result
+    assert result["revisions"]["old"] == result["revisions"]["new"] and len(result["revisions"]["old"]) == 40
+    assert (tmp_path / "revs" / result["revisions"]["old"][:12] / "torchrl_bdpo" / "__init__.py").exists()
+    assert result["bench_args"][-2:] == ["--repeats", "1"]
+    for label in ("old", "new"):
+        assert len(result["rounds"][label]) == 2
+        eager = result["median"][label]["eager"]
+        assert eager["phase_b_steps_per_s"] > 0 and eager["pretrain_steps_per_s"] > 0
+        rounds = [r["eager"]["phase_b_steps_per_s"] for r in result["rounds"][label]]
+        assert eager["phase_b_steps_per_s"] == pytest.approx(sum(rounds) / 2)  # the median of two
+    old, new = result["median"]["old"]["eager"], result["median"]["new"]["eager"]
+    assert result["new_over_old"]["eager"]["phase_b_steps_per_s"] == pytest.approx(new["phase_b_steps_per_s"] / old["phase_b_steps_per_s"])
