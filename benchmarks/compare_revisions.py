@@ -7,7 +7,8 @@ runs ``bench_bdpo.py`` of each revision in turn, each in its own process with th
 package first on ``PYTHONPATH`` (the process records which ``torchrl_bdpo`` it imported), so both
 see the same machine state, round by round. Arguments after ``--`` go to ``bench_bdpo.py``
 (``--repeats 1`` unless given). The JSON (``--out``) holds every round's phase-B and pretraining
-steps/s of each variant that ``bench_bdpo`` timed, the medians over rounds and new / old.
+steps/s of each variant that ``bench_bdpo`` timed, the medians over rounds, new / old of the
+medians, and new / old within each round with its median (the figure to read on a drifting VM).
 """
 from __future__ import annotations
 
@@ -88,6 +89,10 @@ def main(argv=None) -> dict:
                for label, rs in rounds.items()}
     ratio = {name: {m: medians["new"][name][m] / medians["old"][name][m] for m in medians["old"][name]
                     if m in medians["new"].get(name, {})} for name in medians["old"]}
+    # the ratio within each round (both revisions timed minutes apart), then its median: a VM's
+    # speed drifts by tens of percent over a run, which the ratio of medians carries
+    per_round = {name: {m: [n[name][m] / o[name][m] for o, n in zip(rounds["old"], rounds["new"])] for m in ratio[name]}
+                 for name in ratio}
     result = {
         "date": date.today().isoformat(),
         "command": "python benchmarks/compare_revisions.py " + " ".join(argv),
@@ -96,10 +101,12 @@ def main(argv=None) -> dict:
         "rounds": rounds,
         "median": medians,
         "new_over_old": ratio,
+        "new_over_old_per_round": per_round,
+        "new_over_old_median_of_rounds": {name: {m: statistics.median(v) for m, v in ms.items()} for name, ms in per_round.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({"new_over_old": ratio}, indent=1))
+    print(json.dumps({"new_over_old_median_of_rounds": result["new_over_old_median_of_rounds"]}, indent=1))
     print(f"written to {args.out}")
     return result
 

@@ -325,3 +325,7 @@ def test_compare_revisions_times_each_revision_from_its_own_files(tmp_path):
         assert eager["phase_b_steps_per_s"] == pytest.approx(sum(rounds) / 2)  # the median of two
     old, new = result["median"]["old"]["eager"], result["median"]["new"]["eager"]
     assert result["new_over_old"]["eager"]["phase_b_steps_per_s"] == pytest.approx(new["phase_b_steps_per_s"] / old["phase_b_steps_per_s"])
+    per_round = [n["eager"]["phase_b_steps_per_s"] / o["eager"]["phase_b_steps_per_s"]
+                 for o, n in zip(result["rounds"]["old"], result["rounds"]["new"])]
+    assert result["new_over_old_per_round"]["eager"]["phase_b_steps_per_s"] == pytest.approx(per_round)
+    assert result["new_over_old_median_of_rounds"]["eager"]["phase_b_steps_per_s"] == pytest.approx(sum(per_round) / 2)
