@@ -113,7 +113,7 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
 
 
 def train(cfg: DictConfig) -> dict:
-    out_dir, resume_state, finished = start_run(cfg, lambda s: (s["phase"], s["step"]) == ("train", cfg.optim.steps))
+    out_dir, resume_state, finished = start_run(cfg)
     if finished is not None:
         return finished
     start = time.perf_counter()

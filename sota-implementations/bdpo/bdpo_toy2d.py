@@ -176,7 +176,7 @@ def true_reward_q(cfg: DictConfig):
 def train(cfg: DictConfig) -> dict:
     if cfg.env.dataset not in TOY_DATASETS:
         raise ValueError(f"env.dataset={cfg.env.dataset!r}: expected one of {TOY_DATASETS}.")
-    out_dir, resume_state, finished = start_run(cfg, lambda s: (s["phase"], s["step"]) == ("train", cfg.optim.steps))
+    out_dir, resume_state, finished = start_run(cfg)
     if finished is not None:
         return finished
     start = time.perf_counter()

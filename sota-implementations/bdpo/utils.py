@@ -668,11 +668,11 @@ def open_run(cfg: DictConfig, out_dir: Path) -> dict | None:
     return state
 
 
-def start_run(cfg: DictConfig, finished) -> tuple[Path, dict | None, dict | None]:
+def start_run(cfg: DictConfig, finished=None) -> tuple[Path, dict | None, dict | None]:
     """What every script does before its first step, in an order that writes nothing until the
     config is checked: validate it, set the matmul precision and the threads, open the run's
     folder (:func:`open_run`), and seed. ``finished(resume_state)`` says whether a resumed
-    checkpoint is at the run's last step. Returns ``(out_dir, resume_state, summary)``; the
+    checkpoint is at the run's last step (``None``: a two-phase run's, phase B's last step). Returns ``(out_dir, resume_state, summary)``; the
     summary of a finished run is not None, and the script returns it without training.
     """
     warnings.filterwarnings("ignore", message="No target network updater")
@@ -681,6 +681,9 @@ def start_run(cfg: DictConfig, finished) -> tuple[Path, dict | None, dict | None
     set_matmul_precision(cfg)
     set_threads(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
+    if finished is None:
+        def finished(state):
+            return (state["phase"], state["step"]) == ("train", cfg.optim.steps)
     summary = finished_summary(out_dir, resume_state, resume_state is not None and finished(resume_state))
     if summary is None:
         set_seed(cfg.seed)
