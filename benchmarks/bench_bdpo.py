@@ -114,8 +114,8 @@ def update_variants(args, device) -> dict:
     (``BDPOUpdate(overlap_losses=True)``); with ``--step-sampling both``, the fastest kind of step
     again with stratified steps (``<name>_stratified``: compiled on a CPU, compiled + graphs (+ two
     streams) on a GPU); on a GPU, the fastest compiled kind again with the networks' narrow maps as
-    GEMMs (``<name>_gemm``: its networks built with ``fuse_narrow=False``; the others with the
-    library's default, sums on CUDA), unless ``--no-narrow-ab``."""
+    fused sums (``<name>_sums``: its networks built with ``fuse_narrow="cuda"``, experimental; the
+    others with the library's default, GEMMs), unless ``--no-narrow-ab``."""
     sampling = "stratified" if args.step_sampling == "stratified" else "uniform"
     out = {name: (c, g, False, sampling, None) for name, (c, g) in variants(args, device).items()}
     if device.type == "cuda" and not args.no_overlap:
@@ -124,13 +124,13 @@ def update_variants(args, device) -> dict:
     if args.step_sampling == "both":
         out.update({f"{name}_stratified": (*out[name][:3], "stratified", None) for name in fastest})
     if device.type == "cuda" and not args.no_narrow_ab:
-        out.update({f"{name}_gemm": (*out[name][:4], False) for name in fastest})
+        out.update({f"{name}_sums": (*out[name][:4], "cuda") for name in fastest})
     return out
 
 
 def make_update(
     device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False,
-    step_sampling="uniform", fuse_narrow="cuda",
+    step_sampling="uniform", fuse_narrow=False,
 ):
     """The update of :func:`make_loss`, as the scripts build it; ``fuse_narrow``: its networks'
     narrow-map setting (``networks.set_fuse_narrow_linear``, set before anything is compiled).
@@ -220,7 +220,7 @@ def bench_update(args, device, progress=None):
         try:
             update = make_update(
                 device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling,
-                fuse_narrow="cuda" if fuse_narrow is None else fuse_narrow,
+                fuse_narrow=False if fuse_narrow is None else fuse_narrow,
             )
             for _ in range(3):  # first (eager) call, compilation, warm-up and capture
                 update.critic(batch), update.policy(batch), update.behavior(batch)
@@ -282,10 +282,10 @@ def bench_update(args, device, progress=None):
                 res[key] = statistics.median(
                     r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
                 )
-        base = name.removesuffix("_gemm")
-        if base != name and base in rounds:  # the library's default (narrow maps as sums) over this variant
-            res["sums_speedup_over_this"] = statistics.median(
-                o["phase_b_steps_per_s"] / r["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
+        base = name.removesuffix("_sums")
+        if base != name and base in rounds:  # this variant (narrow maps as sums) over the library's default (GEMMs)
+            res["speedup_over_gemms"] = statistics.median(
+                r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
             )
         res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
@@ -381,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-narrow-ab", action="store_true",
-        help="GPU: leave out the fastest compiled variant again with the networks' narrow maps as GEMMs (<name>_gemm)",
+        help="GPU: leave out the fastest compiled variant again with the networks' narrow maps as fused sums (<name>_sums)",
     )
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument(

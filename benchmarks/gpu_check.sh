@@ -2,7 +2,7 @@
 # The GPU part of issue 6 as one script (its time limits add up to 8 minutes, as the issue
 # asks: give the device tool's run timeout_s 540): the gpu-marked tests, the scripts' gpu tests,
 # and the benchmark with TF32 (with the two-stream update variants, and the fastest one again
-# with stratified steps and with the networks' narrow maps as GEMMs). On an H100 on 2026-11-28
+# with stratified steps and with the networks' narrow maps as fused sums, experimental). On an H100 on 2026-11-28
 # the first three took 108, 38 and ~190 s (without the stratified and GEMM variants and the two
 # stratified gpu tests added since: ~20-25 s of build each, expected). It writes 4
 # files (the device tool returns at most 8); the printed output of every step also goes to
@@ -66,8 +66,8 @@ echo "tests exit: $?"
 timeout 60 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
 echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default); the compiled +
-# graphed two-stream step again with stratified steps, and again with the narrow maps as GEMMs
-# (<name>_gemm: sums_speedup_over_this is the default's gain; each a compile of its own). The
+# graphed two-stream step again with stratified steps, and again with the narrow maps as fused
+# sums (<name>_sums, experimental: speedup_over_gemms is its gain; each a compile of its own). The
 # update part comes first and its JSON is rewritten after each build and round ("partial": true
 # until it ends), so a run stopped by the limit keeps what it timed (the acting part, measured
 # twice before, comes last)

@@ -7,8 +7,8 @@
 A variant is ``name:mode[:key=value,...]``: ``mode`` is ``torch.compile``'s (``default`` for
 none), the ``key=value`` pairs patch ``torch._inductor.config`` while the variant compiles, or,
 for the library's own settings (``fuse_narrow``: ``networks.set_fuse_narrow_linear`` on the
-update's networks), those: ``gemm:default:fuse_narrow=False`` builds the step with the networks'
-narrow maps as GEMMs.
+update's networks), those: ``sums:default:fuse_narrow=cuda`` builds the step with the networks'
+narrow maps as fused sums (experimental; the default is GEMMs).
 Every variant is built in one process, in the order given, and timed as soon as it is built;
 then further rounds time all of them in turn (A B C A B C ...). D4RL preset (N=5, K=10,
 M=10, batch 256), TF32 matmuls by default, and on a GPU each step's two losses on two CUDA
@@ -40,14 +40,14 @@ import bench_bdpo as bench  # noqa: E402
 # At the D4RL sizes many GEMMs had a dim that is not a multiple of 4 floats (16 bytes), which TF32
 # tensor-core kernels need: the input layers (K = 6 action, 17 observation, 23 both), the
 # eps-networks' outputs (N = 6) and the ensembles' heads (N = 1); an H100 profile (2026-11-28)
-# shows FFMA and gemv kernels taking ~125 us of a 1412 us critic step. Since then the networks
-# write the maps with at most 8 inputs or outputs as sums on CUDA (networks.narrow_linear), fused
-# into the kernels around them; gemm: those maps as GEMMs again (the A/B of that change); pad:
+# shows FFMA and gemv kernels taking ~125 us of a 1412 us critic step. sums: the networks write
+# the maps with at most 8 inputs or outputs as sums on CUDA (networks.narrow_linear, experimental,
+# off by default), fused into the kernels around them; pad:
 # forced padding of the GEMMs left with such dims (the observation parts, K = 17; inductor pads
 # only GEMMs it deems compute-bound unless forced)
 DEFAULT_VARIANTS = (
     "default:default",
-    "gemm:default:fuse_narrow=False",
+    "sums:default:fuse_narrow=cuda",
     "pad:default:force_shape_pad=True",
     "combo:default:combo_kernels=True",
     "coordesc:default:coordinate_descent_tuning=True",
@@ -132,7 +132,7 @@ def main(argv=None):
         with patched(config):
             update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
                                        overlap_losses=overlap, step_sampling=args.step_sampling,
-                                       fuse_narrow=config.get("fuse_narrow", "cuda"))
+                                       fuse_narrow=config.get("fuse_narrow", False))
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
                 last = update.critic(batch)
                 update.policy(batch), update.behavior(batch)

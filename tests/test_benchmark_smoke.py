@@ -66,13 +66,13 @@ def test_gpu_update_variants_add_the_two_stream_steps():
         "eager": (False, False, False, u, None), "cudagraphs": (False, True, False, u, None),
         "compiled": (True, False, False, u, None), "compiled_cudagraphs": (True, True, False, u, None),
         "cudagraphs_overlap": (False, True, True, u, None), "compiled_cudagraphs_overlap": (True, True, True, u, None),
-        "compiled_cudagraphs_overlap_gemm": (True, True, True, u, False),  # the narrow maps as GEMMs
+        "compiled_cudagraphs_overlap_sums": (True, True, True, u, "cuda"),  # the narrow maps as sums
     }
     no_overlap = bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda"))
     assert not any(v[2] for v in no_overlap.values())
-    assert no_overlap["compiled_cudagraphs_gemm"] == (True, True, False, u, False)
+    assert no_overlap["compiled_cudagraphs_sums"] == (True, True, False, u, "cuda")
     no_ab = bench.update_variants(bench.build_parser().parse_args(["--no-narrow-ab"]), torch.device("cuda"))
-    assert set(no_ab) == set(names) - {"compiled_cudagraphs_overlap_gemm"}
+    assert set(no_ab) == set(names) - {"compiled_cudagraphs_overlap_sums"}
     assert set(bench.update_variants(args, torch.device("cpu"))) == {"eager", "compiled"}
 
 
@@ -107,9 +107,9 @@ def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypa
     assert "speedup_over_uniform_steps" not in result["eager"]
 
 
-def test_gemm_variant_builds_with_the_narrow_maps_as_gemms_and_is_timed_against_its_twin(tmp_path, monkeypatch):
-    """``<name>_gemm`` builds its networks with ``fuse_narrow=False`` (the others with the default),
-    a failed build is reported, and the default's speed over it is reported per round."""
+def test_sums_variant_builds_with_the_narrow_maps_as_sums_and_is_timed_against_its_twin(tmp_path, monkeypatch):
+    """``<name>_sums`` builds its networks with ``fuse_narrow="cuda"`` (the others with the default,
+    ``False``), a failed build is reported, and its speed over the default's is reported per round."""
     from torchrl_bdpo.diffusion import networks
 
     seen = {}
@@ -124,13 +124,13 @@ def test_gemm_variant_builds_with_the_narrow_maps_as_gemms_and_is_timed_against_
 
     monkeypatch.setattr(bench, "make_update", recording_make_update)
     result = bench_update_of({"eager": (False, False, False, "uniform", None),
-                              "eager_gemm": (False, False, False, "uniform", False),
-                              "broken_gemm": (False, False, False, "uniform", False)},
+                              "eager_sums": (False, False, False, "uniform", "cuda"),
+                              "broken_sums": (False, False, False, "uniform", "cuda")},
                              tmp_path, monkeypatch, repeats=2)
-    assert seen == {0: {"cuda"}, 1: {False}, 2: {False}}
-    assert result["eager_gemm"]["sums_speedup_over_this"] > 0
-    assert "sums_speedup_over_this" not in result["eager"]
-    assert set(result["broken_gemm"]) == {"error"}
+    assert seen == {0: {False}, 1: {"cuda"}, 2: {"cuda"}}
+    assert result["eager_sums"]["speedup_over_gemms"] > 0
+    assert "speedup_over_gemms" not in result["eager"]
+    assert set(result["broken_sums"]) == {"error"}
 
 
 def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
@@ -251,8 +251,8 @@ def test_compile_ab_parses_variants():
         ab.parse_variant("x:default:combo_kernels")
     with pytest.raises(SystemExit, match="has no 'no_such_setting'"):
         ab.parse_variant("x:default:no_such_setting=1")
-    assert ab.parse_variant("gemm:default:fuse_narrow=False,combo_kernels=True") == (
-        "gemm", None, {"fuse_narrow": False, "combo_kernels": True}
+    assert ab.parse_variant("sums:default:fuse_narrow=cuda,combo_kernels=True") == (
+        "sums", None, {"fuse_narrow": "cuda", "combo_kernels": True}
     )
     import torch._inductor.config as inductor_config
 

@@ -143,7 +143,7 @@ def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(i
 
 
 def test_narrow_linear_where_it_applies():
-    """``"cuda"`` (the default) keeps CPU graphs on F.linear, False keeps every graph there, eager
+    """False (the default) keeps every graph on F.linear, ``"cuda"`` keeps CPU graphs there, eager
     calls never change, and another setting is a clear error, compiled or not."""
     from torchrl_bdpo.diffusion import networks
 
@@ -155,7 +155,7 @@ def test_narrow_linear_where_it_applies():
     assert "linear" not in graph and "sum" in graph
     torch.testing.assert_close(networks.narrow_linear(x, w, fuse=True), nn.functional.linear(x, w), rtol=0, atol=0)
     for fn in (networks.narrow_linear, torch.compile(networks.narrow_linear, backend="eager")):
-        with pytest.raises(ValueError, match="fuse_narrow='gpu': expected 'cuda'"):
+        with pytest.raises(ValueError, match="fuse_narrow='gpu': expected False"):
             fn(x, w, fuse="gpu")
 
 
@@ -169,15 +169,15 @@ def test_fuse_narrow_linear_is_each_networks_own_setting():
     q = networks.QValueNetwork(3, 2, hidden=16)
     fusing = [m for m in eps.modules() if hasattr(type(m), "fuse_narrow")]
     assert len(fusing) == 1 + 3  # the network (its first layer's action part) and its 3 Linear layers
-    assert {m.fuse_narrow for m in fusing} == {"cuda"}
+    assert {m.fuse_narrow for m in fusing} == {False}
     assert networks.set_fuse_narrow_linear(eps, True) is eps
     assert {m.fuse_narrow for m in eps.modules() if hasattr(type(m), "fuse_narrow")} == {True}
-    assert {m.fuse_narrow for m in q.modules() if hasattr(type(m), "fuse_narrow")} == {"cuda"}  # untouched
+    assert {m.fuse_narrow for m in q.modules() if hasattr(type(m), "fuse_narrow")} == {False}  # untouched
     eps.body[-1].fuse_narrow = False  # one layer's own value
     with networks.fuse_narrow_linear(eps, "cuda"):
         assert {m.fuse_narrow for m in fusing} == {"cuda"}
     assert [m.fuse_narrow for m in fusing] == [True, True, True, False]
-    with pytest.raises(ValueError, match="fuse_narrow='gpu': expected 'cuda'"):
+    with pytest.raises(ValueError, match="fuse_narrow='gpu': expected False"):
         networks.set_fuse_narrow_linear(eps, "gpu")
     assert [m.fuse_narrow for m in fusing] == [True, True, True, False]
     # traced: a Q network's action part (2 inputs) and 1-wide head are sums only when it says so

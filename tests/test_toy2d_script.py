@@ -90,7 +90,7 @@ def test_overlap_losses_default_follows_cudagraphs(tmp_path, monkeypatch):
 
 
 def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
-    """compile.fuse_narrow_linear is set on every network of the loss (cuda by default), before the
+    """compile.fuse_narrow_linear is set on every network of the loss (false by default), before the
     update is built; another value is refused and changes nothing."""
     import utils
     from torchrl_bdpo.diffusion import networks
@@ -104,16 +104,16 @@ def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
     assert sum(type(m) is networks.Linear for m in fusing) == 2 * (cfg.diffusion.depth + 1) + 2 * (cfg.critic.depth + 1)
     seen = []
     monkeypatch.setattr(utils, "BDPOUpdate", lambda loss, *a, **kw: seen.append({m.fuse_narrow for m in fusing}))
-    for overrides, expected in [((), "cuda"), (("compile.fuse_narrow_linear=true",), True),
-                                (("compile.fuse_narrow_linear=cuda",), "cuda"), (("compile.fuse_narrow_linear=false",), False)]:
+    for overrides, expected in [((), False), (("compile.fuse_narrow_linear=true",), True),
+                                (("compile.fuse_narrow_linear=false",), False), (("compile.fuse_narrow_linear=cuda",), "cuda")]:
         utils.make_update(config(tmp_path, *overrides), loss, {}, {})
         assert seen[-1] == {expected} and {type(m.fuse_narrow) for m in fusing} == {type(expected)}, overrides
-    with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear='gpu': expected cuda \(the default"):
+    with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear='gpu': expected false \(the default"):
         utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=gpu"), loss, {}, {})
     with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear=1: expected"):
         utils.make_update(config(tmp_path, "compile.fuse_narrow_linear=1"), loss, {}, {})
-    assert {m.fuse_narrow for m in fusing} == {False}  # a refused value changes nothing
-    assert networks.narrow_linear.__kwdefaults__ == {"fuse": "cuda"}  # no process-wide setting moved
+    assert {m.fuse_narrow for m in fusing} == {"cuda"}  # a refused value changes nothing
+    assert networks.narrow_linear.__kwdefaults__ == {"fuse": False}  # no process-wide setting moved
 
 
 def test_compiled_cpu_steps_give_the_loss_its_chunk_compile_options(tmp_path):

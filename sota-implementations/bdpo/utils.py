@@ -317,16 +317,16 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
     streams when the steps are CUDA graphs (an H100 measured 1.19-1.20x more phase-B steps/s
     that way: benchmarks/README.md) and on one stream otherwise; true or false forces it.
     ``compile.fuse_narrow_linear`` is set on the loss's networks before anything compiles
-    (``torchrl_bdpo.diffusion.networks.set_fuse_narrow_linear``): ``cuda`` (the default:
-    compiled GPU steps write the networks' maps with at most 8 inputs or outputs as fused
-    sums), true (on a CPU too) or false (GEMMs everywhere).
+    (``torchrl_bdpo.diffusion.networks.set_fuse_narrow_linear``): false (the default: GEMMs
+    everywhere), or, experimental (not yet timed on a GPU), cuda (compiled GPU steps write the
+    networks' maps with at most 8 inputs or outputs as fused sums) or true (on a CPU too).
     """
     c = cfg.get("compile", {})
-    fuse = c.get("fuse_narrow_linear", "cuda")
+    fuse = c.get("fuse_narrow_linear", False)
     if not (fuse is True or fuse is False or fuse == "cuda"):
         raise ValueError(
-            f"compile.fuse_narrow_linear={fuse!r}: expected cuda (the default: fused sums in compiled "
-            f"GPU steps), true (every device) or false (never)."
+            f"compile.fuse_narrow_linear={fuse!r}: expected false (the default: GEMMs), or, "
+            f"experimental, cuda (fused sums in compiled GPU steps) or true (every device)."
         )
     networks.set_fuse_narrow_linear(loss, fuse)
     cudagraphs = c.get("cudagraphs", False)

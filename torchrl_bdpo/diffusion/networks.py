@@ -68,19 +68,20 @@ class Mish(nn.Mish):
 
 
 # Where narrow_linear writes a map with few inputs or outputs as a sum under torch.compile:
-# "cuda" (on CUDA tensors, the default), True (every device) or False (nowhere: always
-# F.linear, a GEMM). Each network holds its own setting (`fuse_narrow`); set_fuse_narrow_linear
-# changes it for every layer of a module.
-FUSE_SETTINGS = ("cuda", True, False)
+# False (nowhere: always F.linear, a GEMM; the default), "cuda" (on CUDA tensors) or True (every
+# device). The sums are experimental: they take GEMM calls out of a compiled step, but no GPU has
+# timed them yet (benchmarks/gpu_check.sh does). Each network holds its own setting
+# (`fuse_narrow`); set_fuse_narrow_linear changes it for every layer of a module.
+FUSE_SETTINGS = (False, "cuda", True)
 NARROW_FEATURES = 8
 
 
 def check_fuse_narrow(setting) -> None:
-    """A ``ValueError`` naming ``setting`` unless it is ``"cuda"``, ``True`` or ``False``."""
+    """A ``ValueError`` naming ``setting`` unless it is ``False``, ``"cuda"`` or ``True``."""
     if not (setting is True or setting is False or setting == "cuda"):
         raise ValueError(
-            f"fuse_narrow={setting!r}: expected 'cuda' (the default: on CUDA tensors), True "
-            f"(every device) or False (never)."
+            f"fuse_narrow={setting!r}: expected False (the default: GEMMs), 'cuda' (sums on CUDA "
+            f"tensors) or True (sums on every device)."
         )
 
 
@@ -110,9 +111,10 @@ def set_fuse_narrow_linear(module: nn.Module, setting: bool | str) -> nn.Module:
 
     ``module``: a network, or a loss (the networks of a TorchRL ``LossModule`` included).
 
-    ``setting`` (checked first; a refused one changes nothing): ``"cuda"`` (the default of every
-    network), ``True`` or ``False``. It is read while ``torch.compile`` traces: set it before
-    compiling (a compiled function already traced keeps the graphs it has). Returns ``module``.
+    ``setting`` (checked first; a refused one changes nothing): ``False`` (the default of every
+    network), ``"cuda"`` or ``True`` (experimental: not yet timed on a GPU). It is read while
+    ``torch.compile`` traces: set it before compiling (a compiled function already traced keeps
+    the graphs it has). Returns ``module``.
     """
     check_fuse_narrow(setting)
     for m in _fusing_modules(module):
@@ -134,7 +136,7 @@ def fuse_narrow_linear(module: nn.Module, setting: bool | str):
 
 
 def narrow_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fuse: bool | str = "cuda"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fuse: bool | str = False
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; under ``torch.compile``, a map with few inputs or outputs as a sum.
 
@@ -145,9 +147,10 @@ def narrow_linear(
     layer's pointwise ops in. Either way the GEMM kernel of its own (on a GPU, a slow one: such
     dims keep cuBLAS off the TF32 tensor cores, FFMA and gemv kernels) and a pass over its output
     go. Wider maps stay one GEMM (``matmul`` and the bias, F.linear's terms). The same values up
-    to float rounding (another summation order). Where: ``fuse``, ``"cuda"`` by default (on a
-    CPU the step's GEMMs are its cost, not their number), ``True`` (every device) or ``False``;
-    eager calls always take ``F.linear``.
+    to float rounding (another summation order). Where: ``fuse``, ``False`` by default (never),
+    ``"cuda"`` (on CUDA tensors: the case it is meant for; on a CPU the step's GEMMs are its
+    cost, not their number) or ``True`` (every device); eager calls always take ``F.linear``.
+    Experimental: it takes GEMM calls out of a compiled step, but no GPU has timed it yet.
     """
     out_features, in_features = weight.shape[-2:]
     if not (_fuse_narrow(x, fuse) and torch.compiler.is_compiling()):  # the setting checked in eager calls too
@@ -166,9 +169,9 @@ def narrow_linear(
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) whose forward is :func:`narrow_linear`
-    with this layer's ``fuse_narrow`` setting (``"cuda"``; see :func:`set_fuse_narrow_linear`)."""
+    with this layer's ``fuse_narrow`` setting (``False``; see :func:`set_fuse_narrow_linear`)."""
 
-    fuse_narrow: bool | str = "cuda"
+    fuse_narrow: bool | str = False
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return narrow_linear(input, self.weight, self.bias, fuse=self.fuse_narrow)
@@ -318,7 +321,7 @@ class _BodyInParts(nn.Module):
     inputs' products computed where they are cheapest (once per step, once per distinct
     observation) and added. The same values as the plain forward up to float rounding."""
 
-    fuse_narrow: bool | str = "cuda"
+    fuse_narrow: bool | str = False
     body: nn.Sequential
     observation_dim: int
 
