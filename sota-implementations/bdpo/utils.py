@@ -323,11 +323,13 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
     """
     c = cfg.get("compile", {})
     fuse = c.get("fuse_narrow_linear", False)
-    if not (fuse is True or fuse is False or fuse == "cuda"):
+    try:
+        networks.check_fuse_narrow(fuse)
+    except ValueError:
         raise ValueError(
             f"compile.fuse_narrow_linear={fuse!r}: expected false (the default: GEMMs), or, "
             f"experimental, cuda (fused sums in compiled GPU steps) or true (every device)."
-        )
+        ) from None
     networks.set_fuse_narrow_linear(loss, fuse)
     cudagraphs = c.get("cudagraphs", False)
     overlap = c.get("overlap_losses", None)
