@@ -143,8 +143,9 @@ def main(argv=None):
         help="the loss's step_sampling (stratified: each row through one of the Q and V ensembles)",
     )
     p.add_argument(
-        "--fuse-narrow", choices=("default", "true", "false"), default="default",
-        help="the networks' narrow-map setting (set_fuse_narrow_linear): default (false: GEMMs), true (sums on every device), false",
+        "--fuse-narrow", choices=("false", "cuda", "true"), default="false",
+        help="the networks' narrow-map setting (set_fuse_narrow_linear): false (GEMMs, the library's default), "
+        "cuda (sums on CUDA tensors), true (sums on every device)",
     )
     p.add_argument(
         "--like-gpu", action="store_true",
@@ -156,7 +157,7 @@ def main(argv=None):
                 f"device (--device cuda), or leave --cudagraphs out to profile the compiled step.")
     if args.steps < 1:
         p.error(f"--steps={args.steps}: expected an integer >= 1.")
-    args.fuse_narrow = args.fuse_narrow == "true"  # default: the library's, False
+    args.fuse_narrow = {"false": False, "cuda": "cuda", "true": True}[args.fuse_narrow]
     return profile_steps(args)
 
 

@@ -153,10 +153,12 @@ def test_benchmark_rejects_zero_repeats(capsys):
 def test_profile_script_counts_the_step_ops(tmp_path, sampling):
     profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
+    fuse = [] if sampling == "uniform" else ["--fuse-narrow", "cuda"]  # "cuda" writes GEMMs on a CPU
     profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out),
-                       "--step-sampling", sampling])
+                       "--step-sampling", sampling, *fuse])
     result = json.loads(out.read_text())
     assert result["step_sampling"] == sampling
+    assert result["fuse_narrow_linear"] == (False if sampling == "uniform" else "cuda")
     for step in ("critic_step", "actor_behavior_step"):
         assert result[step]["kernels_per_step"] > 0 and result[step]["kernel_us_per_step"] > 0
         top = result[step]["top"]

@@ -72,7 +72,6 @@ class Mish(nn.Mish):
 # device). The sums are experimental: they take GEMM calls out of a compiled step, but no GPU has
 # timed them yet (benchmarks/gpu_check.sh does). Each network holds its own setting
 # (`fuse_narrow`); set_fuse_narrow_linear changes it for every layer of a module.
-FUSE_SETTINGS = (False, "cuda", True)
 NARROW_FEATURES = 8
 
 
