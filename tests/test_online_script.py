@@ -146,6 +146,32 @@ def test_offline_to_online_runs_the_offline_phases_first(tmp_path, offline_run):
     assert summary["frames"] == 200 and summary["evaluations"][0]["frames"] == 0
 
 
+def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offline_run):
+    """benchmarks/offline_to_online.py: the 50/50 arm and continued offline training (offline_fraction=1)
+    from the same offline checkpoint, evaluated at the same frames; a second call reads the finished runs."""
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("offline_to_online")
+    argv = ["--offline-run", str(offline_run), "--frames", "200", "--frames-per-batch", "100", "--eval-every", "100",
+            "--episodes", "1", "--dip-frames", "100", "--out-dir", str(tmp_path),
+            "--online", "optim.batch_size=32", "eval.max_steps=20", "eval.num_candidates=3"]
+    result = harness.main(argv)
+    online_run, offline_only = result["runs"]["online"]["0"], result["runs"]["offline"]["0"]
+    for run in (online_run, offline_only):
+        assert [e["frames"] for e in run["evals"]] == [0, 100, 200]
+        assert run["final_over_start"] == pytest.approx(run["final"] / run["start"])
+        assert run["min_over_start_first_frames"] == pytest.approx(run["evals"][1]["mean"] / run["start"])
+    assert online_run["start"] == offline_only["start"]  # the same checkpoint, the same evaluation states
+    assert online_run["evals"][-1]["updates"] == offline_only["evals"][-1]["updates"] == 200
+    for arm, fraction in (("online", 0.5), ("offline", 1.0)):
+        saved = json.loads((tmp_path / f"{arm}_seed0" / "summary.json").read_text())
+        assert saved["config"]["replay"]["offline_fraction"] == fraction
+    assert (tmp_path / "offline_to_online.png").exists()
+    assert harness.main(argv)["runs"] == result["runs"]  # finished runs are read, not run again
+    with pytest.raises(SystemExit):
+        harness.main(["--offline-run", "a", "b", "--seeds", "0", "1", "2"])
+
+
 def test_bad_inputs(tmp_path, offline_run):
     with pytest.raises(ValueError, match="mode=offline2online needs an offline start"):
         online.train(config(tmp_path / "a", "mode=offline2online", "reference=behavior"))
@@ -163,6 +189,8 @@ def test_bad_inputs(tmp_path, offline_run):
         online.train(config(tmp_path / "e", "collector.total_frames=450"))
     with pytest.raises(ValueError, match="optim.utd_ratio=0"):
         online.train(config(tmp_path / "f", "optim.utd_ratio=0"))
+    with pytest.raises(ValueError, match=r"replay.offline_fraction=1.5: expected a number in \(0, 1\]"):
+        online.train(config(tmp_path / "g", "replay.offline_fraction=1.5"))
 
 
 def test_uniform_reference_needs_a_unit_action_box():

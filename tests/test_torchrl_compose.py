@@ -109,6 +109,17 @@ def test_collector_data_joins_the_offline_buffer_in_its_keys_and_scale(tmp_path,
     offline_obs = offline[:]["observation"]
     from_offline = [(offline_obs == row).all(-1).any() for row in mixed["observation"]]
     assert all(from_offline[:16]) and not any(from_offline[16:])
+    # 1.0: continued offline training, the collector's data stored but never sampled
+    only = OfflineToOnlineBuffer(offline, online_capacity=1000, offline_fraction=1.0)
+    only.extend(batch)
+    assert len(only.online_buffer) == batch.numel() and only.offline_fraction == 1.0
+    for _ in range(3):
+        drawn = only.sample()
+        assert drawn.batch_size == (32,) and set(drawn.keys(True, True)) == keys
+        assert all((offline_obs == row).all(-1).any() for row in drawn["observation"])
+    for bad in (0, 0.0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match=r"offline_fraction=.*expected a number in \(0, 1\]"):
+            OfflineToOnlineBuffer(offline, online_capacity=10, offline_fraction=bad)
     # truncated is derived when the data lacks it, never zeroed
     no_trunc = batch.exclude(("next", "truncated"))
     out = to_offline_layout(no_trunc, scale)

@@ -15,7 +15,9 @@
 ``config.yaml`` and ``checkpoint.pt``; or ``offline.overrides`` runs bdpo_offline.py first into
 ``<output_dir>/offline``), with the offline run's networks and loss settings. Each batch takes
 ``replay.offline_fraction`` of the offline data and the rest from the online replay, whose
-rewards are scaled as the dataset's. The reference is the dataset behavior, frozen
+rewards are scaled as the dataset's (``replay.offline_fraction=1``: the offline data only, continued
+offline training with the same updates and rates: the baseline of
+``benchmarks/offline_to_online.py``). The reference is the dataset behavior, frozen
 (``reference=behavior``) or trained on the replay (``reference=behavior_train``); eta may move
 linearly to ``anneal_eta.final`` over ``anneal_eta.frames``.
 
@@ -86,8 +88,11 @@ def check_online_config(cfg: DictConfig) -> None:
     if not (isinstance(cfg.optim.utd_ratio, (int, float)) and cfg.optim.utd_ratio > 0):
         problems.append(f"optim.utd_ratio={cfg.optim.utd_ratio!r}: expected a number > 0 (updates per frame)")
     f = cfg.replay.offline_fraction
-    if not (isinstance(f, (int, float)) and 0 < f < 1):
-        problems.append(f"replay.offline_fraction={f!r}: expected a number in (0, 1)")
+    if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
+        problems.append(
+            f"replay.offline_fraction={f!r}: expected a number in (0, 1] (1: continued offline training, the "
+            f"collected frames stored but not trained on)"
+        )
     if cfg.auto_eta.enabled:
         if not (isinstance(cfg.auto_eta.target_kl_per_dim, (int, float)) and cfg.auto_eta.target_kl_per_dim > 0):
             problems.append(f"auto_eta.target_kl_per_dim={cfg.auto_eta.target_kl_per_dim!r}: expected a number > 0")

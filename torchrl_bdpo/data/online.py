@@ -68,7 +68,9 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
 
     Each :meth:`sample` draws exactly ``round(offline_fraction * batch_size)`` transitions from
     the offline data (RLPD-style 50/50 by default; ``anneal`` lowers it) and the rest from the
-    online data. :meth:`extend` takes collector batches as they come and stores them through
+    online data. ``offline_fraction=1.0`` (which torchrl's class refuses) samples the offline
+    data only while the online data is still stored: continued offline training, the baseline
+    an offline-to-online run is measured against. :meth:`extend` takes collector batches as they come and stores them through
     :func:`to_offline_layout`, with the offline data's reward scale, so that both halves share
     keys and units. The offline buffer is read, never changed.
 
@@ -95,12 +97,19 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
             transform=lambda td: td.select(*TRANSITION_KEYS),
         )
         view.dataset_info = info
+        if isinstance(offline_fraction, bool) or not (isinstance(offline_fraction, (int, float)) and 0 < offline_fraction <= 1):
+            raise ValueError(
+                f"offline_fraction={offline_fraction!r}: expected a number in (0, 1], the share of each batch "
+                f"from the offline data (1: the offline data only, continued offline training)."
+            )
         super().__init__(
             view,
             online_capacity=online_capacity,
-            offline_fraction=offline_fraction,
+            offline_fraction=min(float(offline_fraction), 0.5),  # torchrl's check: (0, 1)
             batch_size=batch_size if batch_size is not None else offline_buffer.batch_size,
         )
+        # torchrl's sample draws the offline data alone once round(fraction * batch) fills the batch
+        self._offline_fraction = self._base_offline_fraction = float(offline_fraction)
 
     def extend(self, data) -> torch.Tensor:
         return super().extend(to_offline_layout(data, self.reward_scale))

@@ -1,0 +1,167 @@
+"""Offline-to-online BDPO against continued offline training, from the same offline run.
+
+    python benchmarks/offline_to_online.py --offline-run <bdpo_offline.py run> --frames 30000 --seeds 0 1 --jobs 2
+    python benchmarks/offline_to_online.py --offline-overrides task=generated-hopper-medium budget=cpu --seeds 0 1
+
+Each seed runs ``sota-implementations/bdpo/bdpo_online.py mode=offline2online`` twice from the same
+offline checkpoint, with the same frames, updates per frame, rates, evaluations and seed:
+
+- ``online``: ``replay.offline_fraction=0.5``, each batch half offline data, half the collector's
+  (RLPD's 50/50);
+- ``offline``: ``replay.offline_fraction=1``, continued offline training: the collector still
+  runs (the same evaluation frames, the same acting cost) but its frames are never trained on.
+
+The offline start is a finished ``bdpo_offline.py`` run: ``--offline-run`` (one folder for every
+seed, or one per seed), or ``--offline-overrides`` (run here first, once per seed, into
+``<out>/offline_seed<s>``). Runs are subprocesses, ``--jobs`` at a time with
+``cpu_count // jobs`` torch threads each; a run already finished is read, not run again.
+
+Reported per run: the offline start (best-of-K return at frame 0), the lowest evaluation within
+the first ``--dip-frames`` frames over the start (the known offline-to-online dip; the goal is
+>= 0.9), and the final evaluation over the start (the goal is > 1). Out: ``offline_to_online.json``
+and ``offline_to_online.png`` in ``--out-dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+ARMS = {"online": 0.5, "offline": 1.0}  # replay.offline_fraction of each arm
+LABELS = {"online": "offline-to-online (50/50 replay)", "offline": "continued offline training"}
+
+
+def run_script(script: str, overrides: list[str], out: Path, threads: int) -> dict:
+    """``script`` with hydra ``overrides`` into ``out`` (resumed if it holds a checkpoint); its summary."""
+    summary = out / "summary.json"
+    if not summary.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(SCRIPTS / script), *overrides, f"output_dir={out}", f"hydra.run.dir={out}",
+               f"threads={threads}", f"checkpoint.resume={str((out / 'checkpoint.pt').exists()).lower()}"]
+        with open(out / "stdout.log", "a") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc != 0 or not summary.exists():
+            raise RuntimeError(f"{script} {' '.join(overrides)} failed (exit {rc}): see {out / 'stdout.log'}")
+    return json.loads(summary.read_text())
+
+
+def arm_stats(summary: dict, dip_frames: int) -> dict:
+    rows = summary["evaluations"]
+    if not rows or rows[0]["frames"] != 0:
+        raise ValueError("the run has no evaluation at frame 0 (the offline start): set eval.episodes > 0.")
+    start = rows[0]["return_mean"]
+    early = [r["return_mean"] for r in rows[1:] if r["frames"] <= dip_frames]
+    return {
+        "evals": [{"frames": r["frames"], "updates": r["updates"], "mean": r["return_mean"], "std": r["return_std"],
+                   "one_sample_mean": r["return_one_sample_mean"]} for r in rows],
+        "start": start,
+        "final": rows[-1]["return_mean"],
+        "final_over_start": rows[-1]["return_mean"] / start,
+        "min_over_start_first_frames": min(early) / start if early else None,
+        "wall_s": summary["wall_time_s"],
+        "frames_per_s": summary["frames"] / summary["wall_time_s"],
+    }
+
+
+def plot(result: dict, out: Path) -> Path:
+    from torchrl_bdpo.plotting import curve, finish, subplots
+
+    fig, (ax,) = subplots()
+    starts = []
+    for i, arm in enumerate(ARMS):
+        runs = list(result["runs"][arm].values())
+        starts += [r["start"] for r in runs]
+        x = [e["frames"] for e in runs[0]["evals"]]
+        seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        curve(ax, x, [[e["mean"] for e in r["evals"]] for r in runs], LABELS[arm] + seeds, f"C{i}")
+    start = float(np.mean(starts))
+    ax.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
+    ax.axhline(0.9 * start, color="k", ls=":", lw=1, label="90% of the start")
+    ax.axvline(result["settings"]["dip_frames"], color="gray", lw=0.8)
+    ylabel = f"return, best of K ({result['settings']['episodes']} episodes)"
+    return finish(fig, [(ax, "online environment frames", ylabel)], out / "offline_to_online.png",
+                  title=result["settings"].get("title"))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    start_from = p.add_mutually_exclusive_group(required=True)
+    start_from.add_argument("--offline-run", nargs="+", help="finished bdpo_offline.py run folder(s): one, or one per seed")
+    start_from.add_argument("--offline-overrides", nargs="+", help="bdpo_offline.py overrides, run here once per seed")
+    p.add_argument("--frames", type=int, default=30000)
+    p.add_argument("--frames-per-batch", type=int, default=1000)
+    p.add_argument("--utd-ratio", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=2000)
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--dip-frames", type=int, default=10000, help="the window of the dip check (frames)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side (cpu_count // jobs torch threads each)")
+    p.add_argument("--online", nargs="*", default=[], help="extra bdpo_online.py overrides (both arms)")
+    p.add_argument("--out-dir", default="outputs/offline_to_online")
+    args = p.parse_args(argv)
+    for name in ("frames", "eval_every"):
+        if getattr(args, name) % args.frames_per_batch:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a multiple of --frames-per-batch")
+    if args.offline_run and len(args.offline_run) not in (1, len(args.seeds)):
+        p.error(f"--offline-run: {len(args.offline_run)} folders for {len(args.seeds)} seeds: give one, or one per seed")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected an integer >= 1")
+    out = Path(args.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    result = {
+        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads_per_run": threads},
+        "runs": {arm: {} for arm in ARMS},
+        "offline_wall_s": {},
+    }
+    t0 = time.perf_counter()
+
+    def offline_start(i: int, seed: int) -> Path:
+        if args.offline_run:
+            return Path(args.offline_run[i if len(args.offline_run) > 1 else 0]).resolve()
+        folder = out / f"offline_seed{seed}"
+        summary = run_script("bdpo_offline.py", [*args.offline_overrides, f"seed={seed}"], folder, threads)
+        result["offline_wall_s"][str(seed)] = summary["wall_time_s"]
+        return folder
+
+    def arm_run(seed: int, start: Path, arm: str) -> tuple[str, int, dict]:
+        overrides = [
+            "mode=offline2online", f"offline.run={start}", f"seed={seed}", f"replay.offline_fraction={ARMS[arm]}",
+            f"collector.total_frames={args.frames}", f"collector.frames_per_batch={args.frames_per_batch}",
+            f"optim.utd_ratio={args.utd_ratio}", f"eval.interval={args.eval_every}", f"eval.episodes={args.episodes}",
+            f"checkpoint.interval={args.eval_every}", f"logger.log_interval={args.frames_per_batch}", *args.online,
+        ]
+        return arm, seed, arm_stats(run_script("bdpo_online.py", overrides, out / f"{arm}_seed{seed}", threads), args.dip_frames)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        starts = dict(zip(args.seeds, pool.map(offline_start, range(len(args.seeds)), args.seeds)))
+        jobs = [pool.submit(arm_run, seed, starts[seed], arm) for seed in args.seeds for arm in ARMS]
+        for job in jobs:
+            arm, seed, stats = job.result()
+            result["runs"][arm][str(seed)] = stats
+            (out / "offline_to_online.json").write_text(json.dumps(result, indent=1))
+    result["settings"]["title"] = f"offline start: {', '.join(str(s) for s in dict.fromkeys(starts.values()))}"[:120]
+    result["wall_s"] = time.perf_counter() - t0
+    result["plot"] = str(plot(result, out))
+    (out / "offline_to_online.json").write_text(json.dumps(result, indent=1))
+    for arm in ARMS:
+        runs = result["runs"][arm].values()
+        dips = [r["min_over_start_first_frames"] for r in runs]
+        print(f"{arm}: final / start {[round(r['final_over_start'], 3) for r in runs]}, lowest in the first "
+              f"{args.dip_frames} frames / start {[None if d is None else round(d, 3) for d in dips]}, "
+              f"{np.mean([r['frames_per_s'] for r in runs]):.1f} env frames/s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
