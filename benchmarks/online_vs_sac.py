@@ -2,6 +2,7 @@
 
     python benchmarks/online_vs_sac.py --env Pendulum-v1 --frames 20000 --seeds 0 1
     python benchmarks/online_vs_sac.py --env Hopper-v5 --frames 50000 --bdpo auto_eta.enabled=true
+    python benchmarks/online_vs_sac.py --seeds 1 --threads 1 --out-dir outputs/online_vs_sac/seed1  # two side by side
 
 BDPO runs through ``sota-implementations/bdpo/bdpo_online.py`` (its config plus ``--bdpo``
 overrides). SAC is TorchRL's ``SACLoss`` with its sota script's settings (2 x 256 ReLU MLPs,
@@ -124,12 +125,19 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for both algorithms (default: torch's); 1 when two harnesses share 2 cores")
     p.add_argument("--bdpo", nargs="*", default=[], help="extra bdpo_online.py overrides")
     p.add_argument("--out-dir", default="outputs/online_vs_sac")
     args = p.parse_args(argv)
     for name in ("frames", "init_random_frames", "eval_every"):
         if getattr(args, name) % args.frames_per_batch:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a multiple of --frames-per-batch")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads {args.threads}: expected an integer >= 1")
+        torch.set_num_threads(args.threads)
+        args.bdpo = [f"threads={args.threads}", *args.bdpo]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {

@@ -209,13 +209,18 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     from tests.loaders import load_benchmark
 
     harness = load_benchmark("online_vs_sac")
-    result = harness.main(["--frames", "400", "--frames-per-batch", "100", "--init-random-frames", "100",
-                           "--eval-every", "200", "--episodes", "2", "--utd-ratio", "0.25", "--out-dir", str(tmp_path),
-                           "--bdpo", "diffusion.hidden=16", "critic.hidden=16", "optim.warmup=10"])
+    before = torch.get_num_threads()
+    try:  # --threads sets the process's torch threads (both algorithms run here)
+        result = harness.main(["--frames", "400", "--frames-per-batch", "100", "--init-random-frames", "100",
+                               "--eval-every", "200", "--episodes", "2", "--utd-ratio", "0.25", "--out-dir", str(tmp_path),
+                               "--threads", "1", "--bdpo", "diffusion.hidden=16", "critic.hidden=16", "optim.warmup=10"])
+    finally:
+        torch.set_num_threads(before)
     bdpo, sac = result["runs"]["bdpo"]["0"], result["runs"]["sac"]["0"]
     assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
     assert (tmp_path / "online_vs_sac.png").exists()
+    assert result["machine"]["threads"] == 1 and "threads=1" in bdpo["overrides"]
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
 
 
