@@ -70,9 +70,9 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
     the offline data (RLPD-style 50/50 by default; ``anneal`` lowers it) and the rest from the
     online data. ``offline_fraction=1.0`` (which torchrl's class refuses) samples the offline
     data only while the online data is still stored: continued offline training, the baseline
-    an offline-to-online run is measured against. :meth:`extend` takes collector batches as they come and stores them through
-    :func:`to_offline_layout`, with the offline data's reward scale, so that both halves share
-    keys and units. The offline buffer is read, never changed.
+    an offline-to-online run is measured against. :meth:`extend` takes collector batches as
+    they come and stores them through :func:`to_offline_layout`, with the offline data's reward
+    scale, so that both halves share keys and units. The offline buffer is read, never changed.
 
     Examples:
         >>> # buffer = make_offline_buffer("generated/hopper/medium-v0", 256)
@@ -105,11 +105,11 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
         super().__init__(
             view,
             online_capacity=online_capacity,
-            offline_fraction=min(float(offline_fraction), 0.5),  # torchrl's check: (0, 1)
+            offline_fraction=offline_fraction if offline_fraction < 1 else 0.5,  # torchrl accepts (0, 1)
             batch_size=batch_size if batch_size is not None else offline_buffer.batch_size,
         )
-        # torchrl's sample draws the offline data alone once round(fraction * batch) fills the batch
-        self._offline_fraction = self._base_offline_fraction = float(offline_fraction)
+        if offline_fraction == 1:  # torchrl's sample draws the offline data alone once its share fills the batch
+            self._offline_fraction = self._base_offline_fraction = 1.0
 
     def extend(self, data) -> torch.Tensor:
         return super().extend(to_offline_layout(data, self.reward_scale))
