@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,20 +34,21 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustness_suite import run_job  # noqa: E402
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 ARMS = {"online": 0.5, "offline": 1.0}  # replay.offline_fraction of each arm
 LABELS = {"online": "offline-to-online (50/50 replay)", "offline": "continued offline training"}
 
 
 def run_script(script: str, overrides: list[str], out: Path, threads: int) -> dict:
-    """``script`` with hydra ``overrides`` into ``out`` (resumed if it holds a checkpoint); its summary."""
+    """``script`` with hydra ``overrides`` into ``out`` (resumed from its checkpoint if it has one); its summary."""
     summary = out / "summary.json"
     if not summary.exists():
-        out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, str(SCRIPTS / script), *overrides, f"output_dir={out}", f"hydra.run.dir={out}",
-               f"threads={threads}", f"checkpoint.resume={str((out / 'checkpoint.pt').exists()).lower()}"]
-        with open(out / "stdout.log", "a") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+               f"threads={threads}", "checkpoint.resume=true"]
+        rc = run_job(cmd, threads, out / "stdout.log")
         if rc != 0 or not summary.exists():
             raise RuntimeError(f"{script} {' '.join(overrides)} failed (exit {rc}): see {out / 'stdout.log'}")
     return json.loads(summary.read_text())

@@ -43,7 +43,9 @@ def datasets(args):
                 yield task, g, level, f"{prefix(g)}/{task}/{level}-v0"
 
 
-def _run(cmd: list[str], threads: int | None, log: Path) -> int:
+def run_job(cmd: list[str], threads: int | None, log: Path) -> int:
+    """``cmd`` in a subprocess from the repository root, its output appended to ``log``; with
+    ``threads``, its OpenMP / MKL threads and one inductor compile worker (jobs side by side)."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TORCHINDUCTOR_COMPILE_THREADS="1")
@@ -59,7 +61,7 @@ def generate(args) -> None:
             cmd = [sys.executable, str(SCRIPTS / "make_dataset.py"), f"env_id={ENV_IDS[task]}",
                    f"levels=[{','.join(args.levels)}]", "hidden=128", f"seed={g}", f"dataset_prefix={prefix(g)}",
                    f"out_dir={Path(args.out) / 'generator' / task / f'seed{g}'}", "progress=false"]
-            rc = _run(cmd, args.threads, Path(args.out) / "logs" / f"generate-{task}-seed{g}.log")
+            rc = run_job(cmd, args.threads, Path(args.out) / "logs" / f"generate-{task}-seed{g}.log")
             if rc:
                 print(f"generation of {task} seed {g} failed (exit {rc}); see its log")
 
@@ -74,12 +76,12 @@ def run(args) -> None:
                 cmd = [sys.executable, str(SCRIPTS / "bdpo_offline.py"), f"task=generated-{task}-{level}", "budget=cpu",
                        f"env.dataset={dataset}", f"seed={seed}", f"hydra.run.dir={run_dir}", "checkpoint.resume=true",
                        *([f"threads={args.threads}"] if args.threads else []), *args.bdpo]
-                _run(cmd, args.threads, out / "logs" / f"bdpo-{name}-seed{seed}.log")
+                run_job(cmd, args.threads, out / "logs" / f"bdpo-{name}-seed{seed}.log")
             peers_dir = out / "peers" / name / f"seed{seed}"
             if not args.skip_peers and not (peers_dir / "peers.png").exists():
                 cmd = [sys.executable, str(ROOT / "benchmarks" / "offline_peers.py"), "--dataset", dataset,
                        "--seeds", str(seed), "--steps", str(args.steps), "--out-dir", str(peers_dir), "--no-progress"]
-                _run(cmd, args.threads, out / "logs" / f"peers-{name}-seed{seed}.log")
+                run_job(cmd, args.threads, out / "logs" / f"peers-{name}-seed{seed}.log")
 
 
 def _pm(values) -> str:
