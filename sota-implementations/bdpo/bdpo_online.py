@@ -60,6 +60,7 @@ from utils import (  # noqa: E402
 
 from torchrl_bdpo import checkpoint as checkpoint_io  # noqa: E402
 from torchrl_bdpo.data import OfflineToOnlineBuffer, check_env_compatibility, make_offline_buffer, to_offline_layout  # noqa: E402
+from torchrl_bdpo.data.online import check_offline_fraction  # noqa: E402
 from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, eval_env_id, evaluate, make_env  # noqa: E402
 from torchrl_bdpo.training import EtaLagrangian  # noqa: E402
 
@@ -87,12 +88,10 @@ def check_online_config(cfg: DictConfig) -> None:
             problems.append(f"{key}={value!r}: expected an integer >= {low}")
     if not (isinstance(cfg.optim.utd_ratio, (int, float)) and cfg.optim.utd_ratio > 0):
         problems.append(f"optim.utd_ratio={cfg.optim.utd_ratio!r}: expected a number > 0 (updates per frame)")
-    f = cfg.replay.offline_fraction
-    if isinstance(f, bool) or not (isinstance(f, (int, float)) and 0 < f <= 1):
-        problems.append(
-            f"replay.offline_fraction={f!r}: expected a number in (0, 1] (1: continued offline training, the "
-            f"collected frames stored but not trained on)"
-        )
+    try:
+        check_offline_fraction(cfg.replay.offline_fraction, "replay.offline_fraction")
+    except ValueError as err:
+        problems.append(str(err))
     if cfg.auto_eta.enabled:
         if not (isinstance(cfg.auto_eta.target_kl_per_dim, (int, float)) and cfg.auto_eta.target_kl_per_dim > 0):
             problems.append(f"auto_eta.target_kl_per_dim={cfg.auto_eta.target_kl_per_dim!r}: expected a number > 0")

@@ -63,6 +63,15 @@ def to_offline_layout(data: TensorDictBase, reward_scale: float = 1.0) -> Tensor
     )
 
 
+def check_offline_fraction(value, name: str = "offline_fraction") -> None:
+    """A ``ValueError`` naming ``name`` unless ``value`` is a number in (0, 1]."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(
+            f"{name}={value!r}: expected a number in (0, 1], the share of each batch from the offline data "
+            f"(1: the offline data only, continued offline training; the collected frames are stored, not trained on)."
+        )
+
+
 class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
     """torchrl's ``OfflineToOnlineReplayBuffer`` over one of our offline buffers.
 
@@ -97,11 +106,7 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
             transform=lambda td: td.select(*TRANSITION_KEYS),
         )
         view.dataset_info = info
-        if isinstance(offline_fraction, bool) or not (isinstance(offline_fraction, (int, float)) and 0 < offline_fraction <= 1):
-            raise ValueError(
-                f"offline_fraction={offline_fraction!r}: expected a number in (0, 1], the share of each batch "
-                f"from the offline data (1: the offline data only, continued offline training)."
-            )
+        check_offline_fraction(offline_fraction)
         super().__init__(
             view,
             online_capacity=online_capacity,
