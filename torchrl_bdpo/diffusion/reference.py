@@ -128,8 +128,8 @@ def make_reference(kind: str, schedule: NoiseSchedule, action_dim: int, observat
         >>> from torchrl_bdpo.diffusion import make_reference, make_schedule
         >>> ref = make_reference("uniform", make_schedule("vp", 5), action_dim=2, observation_dim=3)
         >>> a = ref.sample_path(torch.zeros(1000, 3)).action
-        >>> bool(a.abs().max() <= 1), round(float(a.mean()), 1)
-        (True, 0.0)
+        >>> bool(a.abs().max() <= 1), abs(float(a.mean())) < 0.1
+        (True, True)
     """
     from torchrl_bdpo.diffusion.actor import DiffusionActor
 
