@@ -35,6 +35,7 @@ from torchrl_bdpo.diffusion import (
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.diffusion.networks import mlp
 from torchrl_bdpo.objectives import BDPOLoss
+from torchrl_bdpo.speed import SpeedOptions
 from torchrl_bdpo.training import BDPOUpdate
 
 warnings.filterwarnings("ignore", message="No target network updater")
@@ -52,7 +53,7 @@ def make_loss(N=5, K=10, M=10, hidden=256, device="cpu", step_sampling="uniform"
     loss = BDPOLoss(
         actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=hidden),
         eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M, step_sampling=step_sampling,
-        ensemble_chunk_compile=ensemble_chunk_compile,
+        speed=SpeedOptions(ensemble_chunk_compile=ensemble_chunk_compile),
     )
     return loss.to(device)
 

@@ -33,6 +33,7 @@ GEMM count of a GPU step, counted without one::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -54,7 +55,7 @@ GEMMS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_addmm_
 class _GpuLikeLoss(BDPOLoss):
     """BDPOLoss whose compiled CPU graphs are a GPU's: no Q-row capacity (a host read)."""
 
-    def _q_capacity_for(self, step_prev):
+    def _q_target_rows(self, step_prev):
         return None
 
 
@@ -171,7 +172,7 @@ def profile_steps(args) -> dict:
     )
     if args.like_gpu:  # before the first call: compilation is lazy, and the loss methods look the capacity up on it
         update.loss.__class__ = _GpuLikeLoss
-        update.loss.ensemble_chunk_rows = None
+        update.loss.speed = dataclasses.replace(update.loss.speed, ensemble_chunk_rows=None)
     batch = bench.make_batch(args.batch_size, device)
     for _ in range(5 if args.cudagraphs else 3):  # graphed: eager, compiling warm-ups, capture, a replay
         update.critic(batch), update.policy(batch)

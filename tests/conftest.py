@@ -11,16 +11,16 @@ def _seed():
 @pytest.fixture
 def chunk_calls(monkeypatch):
     """``(chunk lengths, compile_options)`` of every chunked ensemble call the losses make."""
-    import torchrl_bdpo.objectives.value as value_module
+    import torchrl_bdpo.speed.chunks as chunks_module
 
     calls = []
-    chunked_apply = value_module.ensemble_apply_chunked
+    chunked_apply = chunks_module.ensemble_apply_chunked
 
     def spy(*args, **kwargs):
         calls.append((list(args[4]), kwargs.get("compile_options")))
         return chunked_apply(*args, **kwargs)
 
-    monkeypatch.setattr(value_module, "ensemble_apply_chunked", spy)
+    monkeypatch.setattr(chunks_module, "ensemble_apply_chunked", spy)
     return calls
 
 

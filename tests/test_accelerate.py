@@ -8,7 +8,8 @@ import torch
 from tensordict import TensorDict
 
 from tests.test_bdpo import ACT, M, N, OBS, make_batch, make_loss
-from torchrl_bdpo.compile import AcceleratedFunction, accelerate, input_signature
+from torchrl_bdpo.speed import AcceleratedFunction, SpeedOptions, accelerate, input_signature
+from torchrl_bdpo.speed.rows import q_row_capacity
 from torchrl_bdpo.training import BDPOUpdate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -248,12 +249,13 @@ def test_compiled_update_matches_eager(fuse_narrow):
     """Compiled losses inside full optimizer steps: same outputs and parameters, step for step.
     ``fuse_narrow=True``: with the networks' narrow maps written as sums, as on a GPU."""
     from torchrl_bdpo.diffusion import networks
+    from torchrl_bdpo.speed import kernels
 
     batches = cpu_batches()
     ref = make_update()
     ref_outs = run_steps(ref, batches)
     loss = networks.set_fuse_narrow_linear(make_loss(seed=0), fuse_narrow)
-    assert len(fusing := networks._fusing_modules(loss)) == 4 + 2 * 3 + 2 * 4  # the networks and their Linear layers
+    assert len(fusing := kernels._fusing_modules(loss)) == 4 + 2 * 3 + 2 * 4  # the networks and their Linear layers
     assert {m.fuse_narrow for m in fusing} == {fuse_narrow}
     upd = update_for(loss, compile=True, compile_backend="aot_eager")
     outs = run_steps(upd, batches)
@@ -274,7 +276,7 @@ def test_compiled_update_matches_eager_past_the_q_row_capacity():
     """At 64 rows a compiled CPU step evaluates V_0 = Q on 36 selected rows, not all 64 x M."""
     batches = cpu_batches(B=64)
     ref = make_update()
-    assert ref.loss._q_row_capacity(64) == 36
+    assert q_row_capacity(64, N) == 36
     ref_outs = run_steps(ref, batches)
     upd = make_update(compile=True, compile_backend="aot_eager")
     outs = run_steps(upd, batches)
@@ -290,17 +292,17 @@ def test_compiled_update_with_ensemble_chunks_matches_eager(chunk_calls):
     """
     batches = cpu_batches(B=16)
     ref = make_update()
-    ref.loss.ensemble_chunk_rows = None
+    ref.loss.speed = SpeedOptions(ensemble_chunk_rows=None)
     ref_outs = run_steps(ref, batches)
     assert chunk_calls == []
-    loss = make_loss(seed=0, ensemble_chunk_rows=4 * M, ensemble_chunk_compile={"backend": "aot_eager"})
+    loss = make_loss(seed=0, speed=SpeedOptions(ensemble_chunk_rows=4 * M, ensemble_chunk_compile={"backend": "aot_eager"}))
     upd = update_for(loss, compile=True, compile_backend="aot_eager")  # 4 states x M samples a chunk
     outs = run_steps(upd, batches)
     assert_same_run(outs, ref_outs, upd, ref)
     # compiled steps (all but each method's first, eager call) split the Q target, V's and the actor's
     calls = [options for _, options in chunk_calls]
     assert calls.count({"backend": "aot_eager"}) >= 3 and set(map(str, calls)) <= {"None", "{'backend': 'aot_eager'}"}
-    other = make_loss(seed=1, num_qvalue_nets=2, ensemble_chunk_rows=None)
+    other = make_loss(seed=1, num_qvalue_nets=2, speed=SpeedOptions(ensemble_chunk_rows=None))
     upd2 = update_for(other, grad_clip=None, compile=True, compile_backend="aot_eager")
     for out in run_steps(upd2, cpu_batches(B=16)):
         assert all(torch.isfinite(v).all() for k, v in out.items() if k not in ("path_kl", "kl_per_step")), out
@@ -369,27 +371,32 @@ def test_behavior_program_leaves_masked_batches_and_overridden_losses_to_the_reg
     own = make_loss()
     own.__class__ = OwnBehaviorLoss
     assert update_for(own, compile=True, compile_backend="aot_eager")._behavior_program is None
+    # and a loss whose speed options turn the program off
+    off = make_loss(speed=SpeedOptions(behavior_program=False))
+    assert update_for(off, compile=True, compile_backend="aot_eager")._behavior_program is None
 
 
-def test_update_never_changes_the_losses_chunk_compile_setting(chunk_calls):
-    """The chunks' compile options are the loss's own (a constructor argument), never the update's:
-    without them a compiled step evaluates each ensemble in one call; a bad value is named."""
+def test_update_never_changes_the_losses_speed_options(chunk_calls):
+    """The speed options are the loss's own (a constructor argument), never the update's: without
+    chunk compile options a compiled step evaluates each ensemble in one call; a bad value is named."""
     for given in (None, {"mode": "max-autotune-no-cudagraphs"}):
-        loss = make_loss(ensemble_chunk_compile=given)
+        speed = SpeedOptions(ensemble_chunk_compile=given)
+        loss = make_loss(speed=speed)
         update_for(loss, grad_clip=None, compile=True, compile_backend="aot_eager")
-        assert loss.ensemble_chunk_compile == given
-    upd = update_for(make_loss(ensemble_chunk_rows=4 * M), compile=True, compile_backend="aot_eager")
+        assert loss.speed is speed and loss.speed.ensemble_chunk_compile == given
+    upd = update_for(make_loss(speed=SpeedOptions(ensemble_chunk_rows=4 * M)), compile=True, compile_backend="aot_eager")
     run_steps(upd, cpu_batches(B=16))
     assert chunk_calls and all(options is None for _, options in chunk_calls)  # eager first calls only
     with pytest.raises(TypeError, match=r"ensemble_chunk_compile='aot_eager': expected None or a dict"):
-        make_loss(ensemble_chunk_compile="aot_eager")
+        SpeedOptions(ensemble_chunk_compile="aot_eager")
 
 
-@pytest.mark.parametrize("zeros", ["some", "all", "small batch", "per sample"])
+@pytest.mark.parametrize("zeros", ["some", "all", "small batch", "per sample", "option off"])
 def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
     """``_next_value`` compiled on a CPU: Q on the capacity's rows while the ``n - 1 = 0`` rows fit,
-    on every row when they do not (or when the batch is no larger than the capacity); eager's values."""
-    loss = make_loss()
+    on every row when they do not (or when the batch is no larger than the capacity, or with
+    ``SpeedOptions(q_target_rows=False)``); eager's values."""
+    loss = make_loss(speed=SpeedOptions(q_target_rows=zeros != "option off"))
     B = 8 if zeros == "small batch" else 64
     g = torch.Generator().manual_seed(3)
     obs = torch.randn(B, M, OBS, generator=g)
@@ -416,8 +423,8 @@ def test_compiled_next_value_takes_q_on_capacity_rows_or_all(zeros):
         torch._dynamo.reset()
         out = torch.compile(loss._next_value, backend="aot_eager")(obs, act, step)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    capacity = loss._q_row_capacity(B)
-    expected = {"some": capacity, "all": B, "small batch": B, "per sample": capacity}[zeros] * M
+    capacity = q_row_capacity(B, N)
+    expected = {"some": capacity, "all": B, "small batch": B, "per sample": capacity, "option off": B}[zeros] * M
     assert capacity == (36 if B == 64 else B)
     assert set(q_rows) == {expected}, q_rows
 
@@ -454,9 +461,10 @@ def test_compiled_update_skips_the_paths_of_all_terminal_batches():
 @pytest.mark.parametrize("fuse_narrow", [False, True])
 def test_compiled_acting_and_q_target_match_eager(fuse_narrow):
     from torchrl_bdpo.diffusion import networks
+    from torchrl_bdpo.speed import kernels
 
     loss = networks.set_fuse_narrow_linear(make_loss(), fuse_narrow)
-    assert {m.fuse_narrow for m in networks._fusing_modules(loss)} == {fuse_narrow}
+    assert {m.fuse_narrow for m in kernels._fusing_modules(loss)} == {fuse_narrow}
     eager = loss.make_acting_module(num_candidates=4)
     compiled = loss.make_acting_module(num_candidates=4, compile=True, compile_backend="aot_eager")
     for B in (1, 5, 1):

@@ -14,7 +14,9 @@ from torchrl_bdpo.diffusion import (
     make_value_operator,
 )
 from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss, TargetSoftUpdate
-from torchrl_bdpo.ensemble import aggregate_ensemble, chunk_sizes
+from torchrl_bdpo.ensemble import aggregate_ensemble
+from torchrl_bdpo.speed import SpeedOptions
+from torchrl_bdpo.speed.chunks import chunk_sizes
 
 OBS, ACT, K, M, N = 3, 2, 3, 4, 5
 
@@ -163,8 +165,8 @@ def test_chunk_sizes():
 @pytest.mark.parametrize("vmap", [True, False])
 def test_ensemble_chunks_match_one_call(rows, vmap, chunk_calls):
     """Q and V ensembles in row chunks: one call's values and every gradient (actions, parameters)."""
-    whole = make_loss(ensemble_chunk_rows=None, deactivate_vmap=not vmap)
-    chunked = make_loss(ensemble_chunk_rows=rows, deactivate_vmap=not vmap)
+    whole = make_loss(speed=SpeedOptions(ensemble_chunk_rows=None), deactivate_vmap=not vmap)
+    chunked = make_loss(speed=SpeedOptions(ensemble_chunk_rows=rows), deactivate_vmap=not vmap)
     chunked.load_state_dict(whole.state_dict())
     g = torch.Generator().manual_seed(5)
     B = 6
@@ -195,7 +197,7 @@ def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
     graph, none falls back to eager, and dynamo's own limit is left as it was."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from torchrl_bdpo import ensemble as utils
+    from torchrl_bdpo.speed import chunks as utils
 
     loss = make_loss(num_qvalue_nets=2)
     code = utils._ensemble_members.__code__
@@ -215,8 +217,8 @@ def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
 
 def test_ensemble_chunks_keep_the_loss(chunk_calls):
     """A whole forward with chunked target ensembles: the same losses, diagnostics and gradients."""
-    whole = make_loss(ensemble_chunk_rows=None)
-    chunked = make_loss(ensemble_chunk_rows=2 * M)  # 2 states per chunk: 4 chunks of the 8 x M samples
+    whole = make_loss(speed=SpeedOptions(ensemble_chunk_rows=None))
+    chunked = make_loss(speed=SpeedOptions(ensemble_chunk_rows=2 * M))  # 2 states per chunk: 4 chunks of the 8 x M samples
     chunked.load_state_dict(whole.state_dict())
     data = make_batch(terminated=torch.tensor([[True], [False]] * 4))
     outs = {}
@@ -484,16 +486,39 @@ def test_acting_module():
         (dict(aggregation="median"), "aggregation='median'"),
         (dict(rho=-1.0), "rho=-1.0"),
         (dict(gamma=1.5), "gamma=1.5"),
-        (dict(ensemble_chunk_rows=0), "ensemble_chunk_rows=0"),
-        (dict(ensemble_chunk_rows=2.5), "ensemble_chunk_rows=2.5"),
-        (dict(ensemble_chunk_rows=True), "ensemble_chunk_rows=True"),
-        (dict(ensemble_chunk_rows="all"), "ensemble_chunk_rows='all'"),
         (dict(step_sampling="sobol"), r"step_sampling='sobol': expected one of \('uniform', 'stratified'\)"),
     ],
 )
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_loss(**kwargs)
+
+
+@pytest.mark.parametrize("rows", [0, 2.5, True, "all"])
+def test_bad_speed_options(rows):
+    with pytest.raises(ValueError, match=rf"ensemble_chunk_rows={rows!r}: expected an integer >= 1"):
+        SpeedOptions(ensemble_chunk_rows=rows)
+    with pytest.raises(TypeError, match=r"q_target_rows=1: expected True or False"):
+        SpeedOptions(q_target_rows=1)
+    with pytest.raises(TypeError, match=r"speed=\{'ensemble_chunk_rows': 8\}: expected a torchrl_bdpo.speed.SpeedOptions"):
+        make_loss(speed={"ensemble_chunk_rows": 8})
+
+
+def test_speed_options_of_the_loss_and_their_deprecated_keywords():
+    """``speed`` is the loss's, unchanged; the old ``ensemble_chunk_*`` keywords still build the same
+    options (``None`` still means never split) with a DeprecationWarning, and not next to ``speed``."""
+    speed = SpeedOptions(ensemble_chunk_rows=8, q_target_rows=False)
+    assert make_loss(speed=speed).speed is speed
+    assert make_loss().speed == SpeedOptions()
+    assert SpeedOptions().chunk_rows(K) == 6400 // K and SpeedOptions(ensemble_chunk_rows=None).chunk_rows(K) is None
+    with pytest.warns(DeprecationWarning, match="ensemble_chunk_rows= and ensemble_chunk_compile= are deprecated"):
+        old = make_loss(ensemble_chunk_rows=None, ensemble_chunk_compile={"mode": "default"})
+    assert old.speed == SpeedOptions(ensemble_chunk_rows=None, ensemble_chunk_compile={"mode": "default"})
+    assert old.speed.ensemble_chunk_compile == {"mode": "default"}
+    with pytest.warns(DeprecationWarning):
+        assert make_loss(ensemble_chunk_compile={}).speed.ensemble_chunk_rows == "auto"
+    with pytest.raises(ValueError, match="got both speed= and the deprecated ensemble_chunk_rows"):
+        make_loss(speed=speed, ensemble_chunk_rows=4)
 
 
 @pytest.mark.parametrize("batch_shape", [(13,), (3, 5)])

@@ -37,7 +37,7 @@ def test_benchmark_builds_the_update_as_the_scripts_do():
     for kwargs, expected in [({}, None), ({"compile": True}, {}),
                              ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
                               {"mode": "max-autotune-no-cudagraphs"})]:
-        assert bench.make_update("cpu", N=2, **kwargs).loss.ensemble_chunk_compile == expected, kwargs
+        assert bench.make_update("cpu", N=2, **kwargs).loss.speed.ensemble_chunk_compile == expected, kwargs
 
 
 def test_toy_preset_times_terminal_batches(tmp_path):
@@ -110,14 +110,14 @@ def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypa
 def test_sums_variant_builds_with_the_narrow_maps_as_sums_and_is_timed_against_its_twin(tmp_path, monkeypatch):
     """``<name>_sums`` builds its networks with ``fuse_narrow="cuda"`` (the others with the default,
     ``False``), a failed build is reported, and its speed over the default's is reported per round."""
-    from torchrl_bdpo.diffusion import networks
+    from torchrl_bdpo.speed import kernels
 
     seen = {}
     make_update = bench.make_update
 
     def recording_make_update(*args, **kwargs):
         update = make_update(*args, **kwargs)
-        seen[len(seen)] = {m.fuse_narrow for m in networks._fusing_modules(update.loss)}
+        seen[len(seen)] = {m.fuse_narrow for m in kernels._fusing_modules(update.loss)}
         if len(seen) == 3:
             raise RuntimeError("a build that fails")
         return update

@@ -63,7 +63,7 @@ def test_network_bad_dims():
 
 def test_mish_one_exp_matches_aten_mish():
     """The compiled-path formulation equals ATen's mish, values and gradients, tails included."""
-    from torchrl_bdpo.diffusion.networks import mish_one_exp
+    from torchrl_bdpo.speed.kernels import mish_one_exp
 
     x = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([-1e4, 19.99, 20.0, 20.01, 1e4])])
     x = x.double().requires_grad_()
@@ -80,7 +80,7 @@ def test_mish_one_exp_matches_aten_mish():
 
 
 def test_mish_module_compiled_equals_eager():
-    from torchrl_bdpo.diffusion.networks import Mish
+    from torchrl_bdpo.speed.kernels import Mish
 
     graphs = []
 
@@ -209,7 +209,7 @@ def test_narrow_linear_inductor_values_and_gradients():
 
 def test_mish_module_eager_paths():
     """No autograd: the in-place one-exp path; with autograd: ATen's kernel and its gradient."""
-    from torchrl_bdpo.diffusion.networks import Mish
+    from torchrl_bdpo.speed.kernels import Mish
 
     x = torch.cat([torch.randn(10_000) * 8, torch.linspace(-30, 30, 601), torch.tensor([-1e4, 20.0, 1e4])])
     ref = nn.functional.mish(x)

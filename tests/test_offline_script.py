@@ -51,7 +51,7 @@ def config(tmp_path, *overrides):
 def test_ensemble_chunk_rows_reach_the_loss(tmp_path, override, rows):
     """``loss.ensemble_chunk_rows`` (auto: 6400 // K rows, with K = 2 here) is the loss's."""
     cfg = config(tmp_path, *([override] if override else []))
-    assert off.make_bdpo_loss(cfg, 11, 3).ensemble_chunk_rows == rows
+    assert off.make_bdpo_loss(cfg, 11, 3).speed.chunk_rows(2) == rows
 
 
 def test_smoke_outputs(tmp_path, dataset, monkeypatch):

@@ -94,10 +94,11 @@ def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
     update is built; another value is refused and changes nothing."""
     import utils
     from torchrl_bdpo.diffusion import networks
+    from torchrl_bdpo.speed import kernels
 
     cfg = config(tmp_path)
     loss = utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2)
-    fusing = networks._fusing_modules(loss)
+    fusing = kernels._fusing_modules(loss)
     # the actor's and the behavior's eps networks, the V and Q networks, and each one's Linear layers
     assert sorted(type(m).__name__ for m in fusing if type(m) is not networks.Linear) == [
         "DiffusionValueNetwork", "EpsilonNetwork", "EpsilonNetwork", "QValueNetwork"]
@@ -128,7 +129,7 @@ def test_compiled_cpu_steps_give_the_loss_its_chunk_compile_options(tmp_path):
         cfg = config(tmp_path, *overrides)
         assert utils.chunk_compile_options(cfg) == expected, overrides
         if not cfg.compile.get("cudagraphs", False):  # a CPU run can build it
-            assert utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2).ensemble_chunk_compile == expected
+            assert utils.make_bdpo_loss(cfg, observation_dim=1, action_dim=2).speed.ensemble_chunk_compile == expected
 
 
 def test_matmul_precision_is_applied_and_part_of_the_checkpoint_config(tmp_path):

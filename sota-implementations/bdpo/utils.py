@@ -25,6 +25,7 @@ from torchrl_bdpo.diffusion import (
 from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
+from torchrl_bdpo.speed import SpeedOptions
 from torchrl_bdpo.training import BDPOUpdate
 
 
@@ -237,15 +238,16 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         gamma=lc.get("gamma", 0.99),
         max_q_backup=lc.get("max_q_backup", False),
         train_behavior=cfg.optim.train_behavior,
-        ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"),
-        ensemble_chunk_compile=chunk_compile_options(cfg),
+        speed=SpeedOptions(
+            ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"), ensemble_chunk_compile=chunk_compile_options(cfg)
+        ),
         step_sampling=lc.get("step_sampling", "uniform"),
     )
     return loss.to(cfg.device)
 
 
 def chunk_compile_options(cfg: DictConfig) -> dict | None:
-    """The loss's ``ensemble_chunk_compile``: compiled steps without CUDA graphs run the ensembles'
+    """The loss's ``speed.ensemble_chunk_compile``: compiled steps without CUDA graphs run the ensembles'
     row chunks (CPU) through one compiled graph each, with the steps' own compile mode."""
     c = cfg.get("compile", {})
     if not c.get("compile", False) or c.get("cudagraphs", False):

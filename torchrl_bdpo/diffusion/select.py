@@ -8,7 +8,7 @@ from tensordict.utils import NestedKey
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from torchrl_bdpo._validation import check_finite
-from torchrl_bdpo.compile import accelerate
+from torchrl_bdpo.speed.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.ensemble import ensemble_apply
 
@@ -40,7 +40,7 @@ class QSelectActor(TensorDictModuleBase):
         compile (bool): ``torch.compile`` the sampling and selection (first call eager).
             Defaults to ``False``.
         cudagraphs (bool): capture them in a CUDA graph per batch shape
-            (:func:`torchrl_bdpo.compile.accelerate`); CUDA only. Defaults to ``False``.
+            (:func:`torchrl_bdpo.speed.accelerate`); CUDA only. Defaults to ``False``.
         compile_mode, compile_backend: passed to ``torch.compile``.
         warmup (int): eager calls before a capture. Defaults to 2.
         validate (bool): check that observations are finite (one host sync per call).

@@ -17,7 +17,8 @@ from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
 from torchrl_bdpo.ensemble import aggregate_ensemble
 from torchrl_bdpo.objectives.utils import TargetSoftUpdate, unwrap_exploration_wrappers
-from torchrl_bdpo.objectives.value import DiffusionValueLoss
+from torchrl_bdpo.objectives.value import _UNSET, DiffusionValueLoss
+from torchrl_bdpo.speed import SpeedOptions
 
 
 @unwrap_exploration_wrappers
@@ -70,7 +71,7 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
         skip_terminal_next (bool): skip the path sampling for terminal next states in
             eager mode. Defaults to ``True``.
-        network_init, reduction, deactivate_vmap, ensemble_chunk_rows, ensemble_chunk_compile, validate, step_sampling:
+        network_init, reduction, deactivate_vmap, speed, validate, step_sampling:
             see :class:`DiffusionValueLoss` (``step_sampling`` draws the steps of the V and
             actor objectives).
 
@@ -138,16 +139,17 @@ class BDPOLoss(DiffusionValueLoss):
         network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
-        ensemble_chunk_rows: int | str | None = "auto",
-        ensemble_chunk_compile: dict | None = None,
+        speed: SpeedOptions | None = None,
         validate: bool = True,
         step_sampling: str = "uniform",
+        ensemble_chunk_rows=_UNSET,
+        ensemble_chunk_compile=_UNSET,
     ) -> None:
         super().__init__(
             actor_network, behavior_network, value_network, qvalue_network, eta=eta, rho=rho, aggregation=aggregation,
             num_qvalue_nets=num_qvalue_nets, num_samples=num_samples, network_init=network_init, reduction=reduction,
-            deactivate_vmap=deactivate_vmap, ensemble_chunk_rows=ensemble_chunk_rows,
-            ensemble_chunk_compile=ensemble_chunk_compile, validate=validate, step_sampling=step_sampling,
+            deactivate_vmap=deactivate_vmap, speed=speed, validate=validate, step_sampling=step_sampling,
+            ensemble_chunk_rows=ensemble_chunk_rows, ensemble_chunk_compile=ensemble_chunk_compile,
         )
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")

@@ -1,10 +1,11 @@
 """The lower-level (diffusion-step) TD loss of BDPO for the diffusion value V_n."""
 from __future__ import annotations
 
+import functools
 import math
-
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase, TensorDictParams
@@ -19,27 +20,43 @@ from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
-from torchrl_bdpo.ensemble import (
-    AGGREGATIONS,
-    aggregate_ensemble,
-    chunk_sizes,
-    ensemble_apply,
-    ensemble_apply_chunked,
-    make_ensemble_members,
-)
+from torchrl_bdpo.ensemble import AGGREGATIONS, aggregate_ensemble, make_ensemble_members
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
+from torchrl_bdpo.speed import SpeedOptions
+from torchrl_bdpo.speed.chunks import ensemble_call
+from torchrl_bdpo.speed.rows import next_value_q_rows, q_capacity_for
+
+
+_UNSET = object()  # a deprecated keyword not given (None is one of its values)
+
+
+def _speed_options(speed, chunk_rows, chunk_compile) -> SpeedOptions:
+    """``speed``, or one built from the deprecated ``ensemble_chunk_*`` keywords."""
+    if not (speed is None or isinstance(speed, SpeedOptions)):
+        raise TypeError(f"speed={speed!r}: expected a torchrl_bdpo.speed.SpeedOptions or None (the defaults).")
+    if chunk_rows is _UNSET and chunk_compile is _UNSET:
+        return SpeedOptions() if speed is None else speed
+    if speed is not None:
+        raise ValueError(
+            "got both speed= and the deprecated ensemble_chunk_rows / ensemble_chunk_compile: pass "
+            "speed=SpeedOptions(ensemble_chunk_rows=..., ensemble_chunk_compile=...) alone."
+        )
+    warnings.warn(
+        "ensemble_chunk_rows= and ensemble_chunk_compile= are deprecated: pass "
+        "speed=torchrl_bdpo.speed.SpeedOptions(ensemble_chunk_rows=..., ensemble_chunk_compile=...).",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return SpeedOptions(
+        ensemble_chunk_rows="auto" if chunk_rows is _UNSET else chunk_rows,
+        ensemble_chunk_compile=None if chunk_compile is _UNSET else chunk_compile,
+    )
 
 
 def _check_positive_int(name: str, value, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}={value!r}: expected an integer >= 1. {hint}")
     return value
-
-
-# "auto" ensemble chunks hold 6400 // K rows: one 256-wide layer of all K members is then
-# 6400 x 256 float32 = 6.5 MB, inside a CPU's L3 (32, 64 and 128 states x M = 10 samples were
-# tried at K = 10 on a 32 MiB L3: 64 was fastest)
-_AUTO_CHUNK_ELEMENTS = 6400
 
 
 @unwrap_exploration_wrappers
@@ -84,20 +101,10 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             resampling. Pass a list of ``K`` modules to keep your own members.
         reduction (str): ``"none"`` | ``"mean"`` | ``"sum"``. Defaults to ``"mean"``.
         deactivate_vmap (bool): loop over the ensemble instead of vmap. Defaults to ``False``.
-        ensemble_chunk_rows (int, "auto" or None): on a CPU, evaluate a Q or V ensemble call
-            over more rows than this (the ``B x M`` target samples) in chunks of at most this
-            many rows, so that each chunk's activations stay in the cache: the same values up
-            to float rounding (on a 2-core CPU: toy-preset phase-B steps ~1.3x compiled and
-            ~2x eager, D4RL preset ~1.07x; benchmarks/README.md). ``"auto"``: ``6400 // K`` rows.
-            ``None``: never split. GPU tensors are never split. Under ``torch.compile``, chunks
-            run only when ``ensemble_chunk_compile`` is given. Defaults to ``"auto"``.
-        ensemble_chunk_compile (dict or None): ``torch.compile`` keyword arguments (``{}`` for
-            its defaults, or e.g. ``{"mode": ...}``) with which a compiled CPU step runs the
-            ensemble chunks: the chunk loop is then a graph break, and each chunk runs one
-            compiled graph of the ensemble, outside the step's graph. ``None`` (the default):
-            compiled steps evaluate each ensemble in one call, inside the step's graph. Eager
-            steps chunk either way. Pass it when you compile the steps on a CPU
-            (the scripts pass their ``compile`` settings).
+        speed (SpeedOptions, optional): the CPU speed strategies (ensemble row chunks, the Q
+            target on ~``B / N`` rows under ``torch.compile``): the same values up to float
+            rounding. Defaults to ``SpeedOptions()``.
+        ensemble_chunk_rows, ensemble_chunk_compile: deprecated, the fields of ``speed``.
         validate (bool): raise a ``ValueError`` on NaN/inf inputs. Defaults to ``True``.
         step_sampling (str): how the V and actor objectives draw ``n`` for a batch:
             ``"uniform"``, i.i.d. ``U{1..N}`` per sample (the paper's); ``"stratified"``,
@@ -180,11 +187,13 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
         reduction: str | None = None,
         deactivate_vmap: bool = False,
-        ensemble_chunk_rows: int | str | None = "auto",
-        ensemble_chunk_compile: dict | None = None,
+        speed: SpeedOptions | None = None,
         validate: bool = True,
         step_sampling: str = "uniform",
+        ensemble_chunk_rows=_UNSET,
+        ensemble_chunk_compile=_UNSET,
     ) -> None:
+        speed = _speed_options(speed, ensemble_chunk_rows, ensemble_chunk_compile)
         _check_actor(actor_network, "actor_network")
         _check_actor(behavior_network, "behavior_network")
         check_same_schedule(actor_network, behavior_network)
@@ -204,22 +213,8 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             )
         _check_positive_int("num_qvalue_nets", num_qvalue_nets, "It is the ensemble size K of Q and V.")
         _check_positive_int("num_samples", num_samples, "It is M, the samples per state.")
-        if ensemble_chunk_rows == "auto":
-            ensemble_chunk_rows = max(1, _AUTO_CHUNK_ELEMENTS // num_qvalue_nets)
-        elif ensemble_chunk_rows is not None:
-            _check_positive_int(
-                "ensemble_chunk_rows", ensemble_chunk_rows,
-                "It is the most rows an ensemble call evaluates at once on a CPU; \"auto\" picks it, "
-                "None never splits.",
-            )
-        if not (ensemble_chunk_compile is None or isinstance(ensemble_chunk_compile, Mapping)):
-            raise TypeError(
-                f"ensemble_chunk_compile={ensemble_chunk_compile!r}: expected None or a dict of torch.compile "
-                f"keyword arguments ({{}} for its defaults)."
-            )
         super().__init__()
-        self.ensemble_chunk_rows = ensemble_chunk_rows
-        self.ensemble_chunk_compile = None if ensemble_chunk_compile is None else dict(ensemble_chunk_compile)
+        self.speed = speed
         # eta in a buffer, so that compiled and CUDA-graphed steps read its current value:
         # set_eta (EtaLagrangian, annealing) changes it in place. Not saved: the config sets it.
         self.register_buffer("_eta", torch.tensor(float(eta)), persistent=False)
@@ -314,17 +309,9 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             ) from err
 
     def _ensemble(self, module, params, inputs) -> torch.Tensor:
-        """``module`` under each member of ``params``, in row chunks where that pays (see ``ensemble_chunk_rows``)."""
-        K, use_vmap = self.num_qvalue_nets, not self.deactivate_vmap
-        compiling = torch.compiler.is_compiling()
-        sizes = None
-        if not compiling or self.ensemble_chunk_compile is not None:
-            sizes = chunk_sizes(inputs, self.ensemble_chunk_rows)
-        if sizes is None:
-            return ensemble_apply(module, params, inputs, K, use_vmap=use_vmap)
-        return ensemble_apply_chunked(
-            module, params, inputs, K, sizes, use_vmap=use_vmap,
-            compile_options=self.ensemble_chunk_compile if compiling else None,
+        """``module`` under each member of ``params``: ``[K, *out]`` (in row chunks as :attr:`speed` says)."""
+        return ensemble_call(
+            module, params, inputs, self.num_qvalue_nets, self.speed, use_vmap=not self.deactivate_vmap
         )
 
     def _qvalue(self, params, observation, action) -> torch.Tensor:
@@ -344,21 +331,20 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         in every mode (:meth:`_next_value_split`). Otherwise:
 
         Eager: rows with ``n - 1 = 0`` go to Q and the others to V (each row evaluated once).
-        Under CUDA-graph capture, and ``torch.compile`` on a GPU, both are evaluated on every row
-        and selected with ``torch.where``, which keeps shapes static. ``torch.compile`` on a CPU
-        counts the ``n - 1 = 0`` rows (a graph break, free there) and, when they fit in
-        :meth:`_q_row_capacity` (all but ~1e-9 of batches of uniform steps), evaluates Q on that
-        many rows only (:meth:`_next_value_capacity`): ~``B / N`` instead of ``B`` rows. A
-        ``fullgraph=True`` compile of ``value_loss`` / ``actor_loss`` on a CPU therefore fails on
-        batches above the capacity (256 rows at ``N = 5``: Q on 94 rows), at the graph break.
+        Static graphs (``torch.compile``, CUDA-graph capture) evaluate both on every row and select
+        with ``torch.where``; compiled CPU steps may instead run Q on ~``B / N`` rows
+        (``speed.q_target_rows``, :func:`torchrl_bdpo.speed.rows.next_value_q_rows`).
         """
         q_params, v_params = self.target_qvalue_network_params, self.target_value_network_params
         if split is not None:
             return self._next_value_split(observation, action_prev, step_prev, q_params, v_params, split)
         if static_graph():
-            capacity = self._q_capacity_for(step_prev)
+            capacity = self._q_target_rows(step_prev)
             if capacity is not None:
-                return self._next_value_capacity(observation, action_prev, step_prev, q_params, v_params, capacity)
+                return next_value_q_rows(
+                    functools.partial(self._qvalue, q_params), functools.partial(self._value, v_params),
+                    observation, action_prev, step_prev, capacity,
+                )
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
             return torch.where(step_prev == 0, q, v)
@@ -375,49 +361,11 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         )
         return out.reshape(self.num_qvalue_nets, *step_prev.shape)
 
-    def _q_row_capacity(self, num_rows: int) -> int:
-        """Rows of ``V_0 = Q`` that a compiled CPU step evaluates: the mean count for steps
-        ``n ~ U{1..N}`` plus 6 standard deviations (and 4), at most ``num_rows``."""
-        p = 1.0 / self.actor_network.num_steps
-        mean = num_rows * p
-        return min(num_rows, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 4.0))
-
-    def _q_capacity_for(self, step_prev: torch.Tensor) -> int | None:
-        """The rows a static graph evaluates Q on (see ``_next_value_capacity``), or ``None`` for all.
-
-        CPU graphs only, and only when the rows with ``n - 1 = 0`` fit: counting them is a
-        host read, which a CUDA graph cannot hold and which is free on a CPU. A compiled graph
-        breaks here and goes on in one of two graphs (the capacity's or the full one).
-        """
-        if step_prev.device.type != "cpu" or step_prev.ndim < 2:
+    def _q_target_rows(self, step_prev: torch.Tensor) -> int | None:
+        """The rows a static graph evaluates ``V_0 = Q`` on, ``None`` for all (:attr:`speed`)."""
+        if not self.speed.q_target_rows:
             return None
-        num_rows = step_prev[..., 0].numel()
-        capacity = self._q_row_capacity(num_rows)
-        if capacity >= num_rows or int((step_prev == 0).any(-1).sum()) > capacity:
-            return None
-        return capacity
-
-    def _next_value_capacity(
-        self, observation, action_prev, step_prev, q_params, v_params, capacity: int
-    ) -> torch.Tensor:
-        """``_next_value`` with static shapes and Q on ``capacity`` rows instead of all.
-
-        A row is one state's ``M`` samples (one step for all of them in BDPO's objective). A
-        stable sort puts the rows holding a sample with ``n - 1 = 0`` first; Q runs on the first
-        ``capacity`` rows (all of those, then padding) and its values replace V's on the
-        samples with ``n - 1 = 0``.
-        """
-        M = step_prev.shape[-1]
-        batch = step_prev.shape[:-1]
-        rows = batch.numel()
-        flat_obs = observation.reshape(rows, M, observation.shape[-1])
-        flat_act = action_prev.reshape(rows, M, action_prev.shape[-1])
-        is_q = step_prev.reshape(rows, M) == 0
-        v = self._value(v_params, observation, action_prev, step_prev).reshape(-1, rows, M)
-        idx = torch.argsort((~is_q.any(-1)).to(torch.int8), stable=True)[:capacity]
-        q = self._qvalue(q_params, flat_obs[idx], flat_act[idx])  # [K, capacity, M]
-        picked = torch.where(is_q[idx], q, v[:, idx])
-        return v.index_copy(1, idx, picked).reshape(-1, *batch, M)
+        return q_capacity_for(step_prev, self.actor_network.num_steps)
 
     def _next_value_split(self, observation, action_prev, step_prev, q_params, v_params, split) -> torch.Tensor:
         """``_next_value`` with Q on ``split.first_rows`` and V on ``split.later_rows``.

@@ -6,11 +6,11 @@ from typing import Mapping
 
 import torch
 from tensordict import TensorDict
-from torch import nn
 
-from torchrl_bdpo.compile import accelerate
 from torchrl_bdpo.objectives.bdpo import BDPOLoss
 from torchrl_bdpo.objectives.denoising import eps_error
+from torchrl_bdpo.speed import accelerate
+from torchrl_bdpo.speed.behavior import BehaviorProgram
 
 _GROUPS = ("critic", "actor", "behavior")
 _PARAMS = {
@@ -50,111 +50,6 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             if "step" in state and isinstance(state["step"], torch.Tensor):
                 state["step"] = state["step"].to(device)
     return optimizer
-
-
-class _EpsCall(nn.Module):
-    """``actor.predict_eps`` as a module's forward, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, actor) -> None:
-        super().__init__()
-        self.actor = actor
-
-    def forward(self, action_n, n, observation):
-        return self.actor.predict_eps(action_n, n, observation)
-
-
-class _BehaviorProgram:
-    """The behavior step's loss, gradients and gradient clip as one compiled function of tensors.
-
-    ``BDPOUpdate(compile=True)`` on a CPU runs :attr:`BDPOUpdate.behavior` (phase A, pretraining)
-    through this: :func:`torch.func.grad_and_value` of :meth:`BDPOLoss.behavior_loss`'s objective
-    over the parameters, then the global-norm clip, traced into one graph (forward, backward and
-    clip, the way an XLA program holds a JAX step), after which the optimizer and the target
-    EMA run as usual on the gradients it returns. Against the compiled loss method followed by
-    autograd's backward and ``clip_grad_norm_``, this removes most of a step's fixed cost (the
-    loss's TensorDict guards, the autograd engine's walk, the clip's per-tensor calls): 1.14-1.16x the
-    pretraining steps/s on a 2-core CPU (``benchmarks/README.md``). The random draws (``n``,
-    ``eps``) are made eagerly before the call, in the loss's order; the numbers are eager's to
-    float rounding. Batches carrying a loss mask, and losses that override ``behavior_loss``,
-    take the regular step.
-    """
-
-    def __init__(self, loss, params: list, grad_clip, compile_kwargs: dict) -> None:
-        self.loss = loss
-        self.params = params
-        self.grad_clip = grad_clip
-        self.call = _EpsCall(loss.behavior_network)
-        by_id = {id(p): i for i, p in enumerate(params)}
-        names, self.const_keys, self.const_names = [None] * len(params), [], []
-        for key, value in loss.behavior_network_params.items(include_nested=True, leaves_only=True):
-            name = "actor." + (".".join(key) if isinstance(key, tuple) else key)
-            if id(value) in by_id:
-                names[by_id[id(value)]] = name
-            else:  # buffers: inputs, not differentiated
-                self.const_keys.append(key)
-                self.const_names.append(name)
-        if None in names:
-            raise RuntimeError(
-                "BDPOUpdate: the behavior optimizer's parameters are not the loss's "
-                "behavior_network_params; build the optimizers from BDPOUpdate.param_groups(loss)."
-            )
-        self.names = names
-        self._consts = None  # (loss._params_version, tensors)
-        self.fn = accelerate(self._grads, compile=True, dynamic=False, name="behavior step (functional)", **compile_kwargs)
-
-    @staticmethod
-    def supports(loss, params: list) -> bool:
-        """Whether the program computes ``loss``'s behavior step: BDPOLoss's own
-        ``behavior_loss`` with a mean or sum reduction, parameters on the CPU."""
-        return (
-            getattr(type(loss), "behavior_loss", None) is BDPOLoss.behavior_loss
-            and loss.reduction in ("mean", "sum")
-            and bool(params)
-            and all(p.device.type == "cpu" for p in params)
-        )
-
-    def accepts(self, batch) -> bool:
-        """A batch with a loss-mask entry takes the regular step (``LossModule._reduce_loss`` reads it)."""
-        return all(batch.get(key, default=None) is None for key in self.loss._loss_mask_keys())
-
-    def _constants(self) -> list:
-        version = getattr(self.loss, "_params_version", None)
-        if self._consts is None or version is None or self._consts[0] != version:
-            td = self.loss.behavior_network_params
-            self._consts = (version, [td.get(key) for key in self.const_keys])
-        return self._consts[1]
-
-    def _grads(self, params, constants, action_n, n, noise, observation):
-        names, const_names, call, reduction = self.names, self.const_names, self.call, self.loss.reduction
-
-        def objective(trainable):
-            values = dict(zip(names, trainable))
-            values.update(zip(const_names, constants))
-            err = eps_error(torch.func.functional_call(call, values, (action_n, n, observation)), noise)
-            return err.mean() if reduction == "mean" else err.sum()
-
-        grads, value = torch.func.grad_and_value(objective)([p.detach() for p in params])
-        norm = None
-        if self.grad_clip:  # torch.nn.utils.clip_grad_norm_'s arithmetic
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            grads = [g * coef for g in grads]
-        return value, grads, norm
-
-    def set_grads(self, batch) -> dict:
-        """Draw, run the program, and leave the clipped gradients in the parameters' ``.grad``;
-        returns the step's outputs (``loss_behavior``, and ``grad_norm_behavior`` when clipping)."""
-        # no finiteness check (a host sync), as in the compiled loss methods: validate the data first
-        loss, keys = self.loss, self.loss.tensor_keys
-        observation, action = batch.get(keys.observation), batch.get(keys.action)
-        action_n, n, noise = loss.behavior_network.schedule.noise_action(action)
-        value, grads, norm = self.fn(self.params, self._constants(), action_n, n, noise, observation)
-        for p, g in zip(self.params, grads):
-            p.grad = g
-        out = {"loss_behavior": value.detach()}
-        if norm is not None:
-            out["grad_norm_behavior"] = norm
-        return out
 
 
 class BDPOUpdate:
@@ -210,15 +105,13 @@ class BDPOUpdate:
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
     Compiled steps do too, except on a CPU for batches whose next states are all terminal
-    (bandits such as the toy 2D tasks), which take a graph without the paths. Compiled CPU
-    steps also evaluate the target ``V_0 = Q`` of the V and actor objectives on about
-    ``B / N`` selected rows instead of all ``B`` (see ``DiffusionValueLoss._next_value``), and
-    split the Q and V ensembles over many rows into chunks (``ensemble_chunk_rows`` of the loss)
-    when the loss was built with ``ensemble_chunk_compile`` (each chunk then runs one compiled
-    graph, outside the step's graph); the update never changes the loss's settings. Compiled (not graphed) CPU
-    :attr:`behavior` steps compute the denoising loss, its gradients and the gradient clip as
-    one compiled function of the parameters (``torch.func.grad_and_value``), then step the
-    optimizer and the EMA on those gradients: the same numbers, less fixed cost per step.
+    (bandits such as the toy 2D tasks), which take a graph without the paths. The CPU speed
+    strategies are the loss's :class:`~torchrl_bdpo.speed.SpeedOptions` (``loss.speed``), which the
+    update reads and never changes: the Q target on ~``B / N`` rows and the ensemble row chunks
+    inside the losses, and here, for compiled (not graphed) CPU :attr:`behavior` steps,
+    :class:`~torchrl_bdpo.speed.behavior.BehaviorProgram` (``speed.behavior_program``): the
+    denoising loss, its gradients and the clip as one compiled function of the parameters, then
+    the optimizer and the EMA on those gradients: the same numbers, less fixed cost per step.
 
     Examples:
         >>> import torch
@@ -293,15 +186,30 @@ class BDPOUpdate:
             for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
         }
         self._behavior_program = None
-        if compile and not cudagraphs and _BehaviorProgram.supports(loss, self._params["behavior"]):
+        if compile and not cudagraphs and self._behavior_program_fits(loss, self._params["behavior"]):
             options = {"mode": compile_mode, "backend": compile_backend}
-            self._behavior_program = _BehaviorProgram(
-                loss, self._params["behavior"], grad_clip, {k: v for k, v in options.items() if v is not None}
+            self._behavior_program = BehaviorProgram(
+                loss, self._params["behavior"], grad_clip, {k: v for k, v in options.items() if v is not None},
+                error=eps_error,
             )
         kw = dict(cudagraphs=cudagraphs, warmup=warmup)
         self.critic = accelerate(self._critic_step, name="critic step", **kw)
         self.policy = accelerate(self._policy_step, name="policy step", **kw)
         self.behavior = accelerate(self._behavior_step, name="behavior step", **kw)
+
+    @staticmethod
+    def _behavior_program_fits(loss, params: list) -> bool:
+        """Whether :class:`~torchrl_bdpo.speed.behavior.BehaviorProgram` computes ``loss``'s behavior
+        step: asked for (``loss.speed.behavior_program``), BDPOLoss's own ``behavior_loss`` with a
+        mean or sum reduction, parameters on the CPU."""
+        speed = getattr(loss, "speed", None)
+        return (
+            (speed is None or speed.behavior_program)
+            and getattr(type(loss), "behavior_loss", None) is BDPOLoss.behavior_loss
+            and loss.reduction in ("mean", "sum")
+            and bool(params)
+            and all(p.device.type == "cpu" for p in params)
+        )
 
     @staticmethod
     def param_groups(loss) -> dict[str, list[torch.nn.Parameter]]:
