@@ -207,28 +207,14 @@ def test_narrow_linear_inductor_values_and_gradients():
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mish_module_eager_paths():
-    """No autograd: the in-place one-exp path; with autograd: ATen's kernel and its gradient."""
+def test_mish_module_eager_is_atens():
+    """Eager calls, with or without autograd, are ATen's kernel and its gradient, bit for bit."""
     from torchrl_bdpo.speed.kernels import Mish
 
     x = torch.cat([torch.randn(10_000) * 8, torch.linspace(-30, 30, 601), torch.tensor([-1e4, 20.0, 1e4])])
     ref = nn.functional.mish(x)
     with torch.no_grad():
-        fast = Mish()(x)
-    big = ref.abs() > 1e-30
-    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
-    assert ((fast - ref).abs()[big] / ref.abs()[big]).max() < 1e-6  # no cancellation near 0
-    torch.testing.assert_close(Mish()(x.double()), nn.functional.mish(x.double()), rtol=1e-13, atol=1e-13)
-    with torch.no_grad():  # the ensembles run under vmap
-        batched = torch.vmap(Mish())(x[:9000].reshape(3, -1))
-    torch.testing.assert_close(batched, ref[:9000].reshape(3, -1), rtol=0, atol=1e-6)
-    # autograd through vmap (the actor's gradient through the V ensemble): a batched tensor
-    # says requires_grad=False, yet the graph must stay intact
-    w = torch.randn(3, 1, requires_grad=True)
-    out = torch.vmap(lambda wi, xi: Mish()(xi * wi))(w, x[:9000].reshape(3, -1))
-    (gw,) = torch.autograd.grad(out.sum(), w)
-    (gw_ref,) = torch.autograd.grad(nn.functional.mish(x[:9000].reshape(3, -1) * w).sum(), w)
-    torch.testing.assert_close(gw, gw_ref)
+        assert torch.equal(Mish()(x), ref)
     xg = x.clone().requires_grad_()
     out = Mish()(xg)
     assert torch.equal(out, ref) and out.grad_fn is not None
