@@ -284,8 +284,8 @@ def test_chain_cache_with_tensor_steps_and_expanded_inputs():
 
 @pytest.mark.parametrize("idx_shape", [(7,), (4, 1, 3), (1, 5)])
 def test_lookup_rows_equals_indexing_values_and_gradients(idx_shape):
-    # the time tables' lookup (index_select forward, scatter_add backward) against plain
-    # indexing: values and table gradients, eager, compiled and under vmap (value ensembles)
+    # the time tables' lookup (index_select) against plain indexing: values and table
+    # gradients, eager, compiled and under vmap (value ensembles)
     torch.manual_seed(0)
     table = torch.randn(6, 4, requires_grad=True)
     idx = torch.randint(0, 6, idx_shape)

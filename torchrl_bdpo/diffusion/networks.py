@@ -100,40 +100,11 @@ def _broadcast_step(n, batch_shape: torch.Size, device) -> torch.Tensor:
     return n
 
 
-class _RowLookup(torch.autograd.Function):
-    """``table[idx]`` (rows of ``table`` along dim 0, ``idx`` of any shape) with a ``scatter_add`` backward.
-
-    Plain indexing's backward is an accumulating ``index_put``: ATen runs it serially and
-    inductor's CPU code with an atomic add per element, ~300 us for the 512 x 256 gradient rows
-    of one toy pretraining step into 51 time rows (~4% of the step), against ~70 us for the
-    ``scatter_add`` here (which inductor leaves to ATen). The forward is an ``index_select``.
-    Out-of-range rows raise an IndexError, negative ones included.
-    """
-
-    generate_vmap_rule = True  # the value ensembles look their tables up under vmap
-
-    @staticmethod
-    def forward(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        table, idx = inputs
-        ctx.save_for_backward(idx)
-        ctx.table_shape = table.shape
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (idx,) = ctx.saved_tensors
-        row_shape = ctx.table_shape[1:]
-        flat = grad.reshape(-1, *row_shape)
-        index = idx.reshape(-1, *(1,) * len(row_shape)).expand_as(flat)
-        zeros = flat.new_zeros(ctx.table_shape)  # out of place: the grads may be batched (vmap)
-        return zeros.scatter_add(0, index, flat), None
-
-
 def _lookup_rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return _RowLookup.apply(table, idx.long())
+    """``table[idx]``: rows of ``table`` along dim 0, ``idx`` of any shape; out-of-range rows,
+    negative ones included, raise an IndexError (plain indexing would wrap a negative step)."""
+    idx = idx.long()
+    return table.index_select(0, idx.reshape(-1)).view(*idx.shape, *table.shape[1:])
 
 
 def _step_rows(table: torch.Tensor, step, *, context: str = "", hint: str = "", batch_shape=None) -> torch.Tensor:
