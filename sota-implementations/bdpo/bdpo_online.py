@@ -184,14 +184,72 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
     return finish(fig, [(ax, "environment frames", "return")], out / "learning_curve.png", title=title)
 
 
+def offline_data(cfg: DictConfig, offline_cfg: DictConfig | None):
+    """``(offline buffer or None, env name, reward scale)``: offline2online reads the offline run's
+    dataset (its env and reward scale); online runs take ``env.name`` and ``env.reward_scale``."""
+    if offline_cfg is None:
+        return None, cfg.env.name, float(cfg.env.reward_scale)
+    oe = offline_cfg.env
+    buffer = make_offline_buffer(oe.dataset, cfg.optim.batch_size, reward_mode=oe.reward_mode, download=oe.download)
+    info = buffer.dataset_info
+    return buffer, cfg.env.name or eval_env_id(info, oe.get("eval_env")), float(info.reward_scale)
+
+
+class Replay:
+    """The run's replay: collector batches in, training batches out, its state in the checkpoint.
+
+    online: a replay of the collector's transitions, in the offline buffers' keys and with the
+    rewards scaled by ``reward_scale`` (``to_offline_layout``). offline2online: an
+    ``OfflineToOnlineBuffer`` over the offline data, ``offline_fraction`` of each batch from it.
+    """
+
+    def __init__(self, capacity: int, batch_size: int, reward_scale: float, offline_buffer=None, offline_fraction=None):
+        from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+        self.offline = offline_buffer
+        self.batch_size = batch_size
+        if offline_buffer is not None:
+            self.mixed = OfflineToOnlineBuffer(offline_buffer, online_capacity=capacity,
+                                               offline_fraction=offline_fraction, batch_size=batch_size)
+            self.online = self.mixed._online_buffer
+        else:
+            self.mixed, self.reward_scale = None, reward_scale
+            self.online = ReplayBuffer(storage=LazyTensorStorage(capacity), batch_size=batch_size)
+
+    def add(self, batch) -> None:
+        if self.mixed is not None:
+            self.mixed.extend(batch)
+        else:
+            self.online.extend(to_offline_layout(batch, self.reward_scale))
+
+    def sample(self):
+        return self.mixed.sample() if self.mixed is not None else self.online.sample()
+
+    def ready(self) -> bool:
+        """Whether a training batch can be drawn (the offline data always; online, a batch stored)."""
+        return self.offline is not None or len(self.online) >= self.batch_size
+
+    def state_dict(self) -> dict:
+        n = len(self.online)
+        return {
+            "data": self.online.storage._storage[:n].clone() if n else None,
+            "cursor": self.online._writer._cursor, "write_count": self.online._writer._write_count,
+        }
+
+    def load_state_dict(self, stored: dict) -> None:
+        if stored["data"] is not None:
+            self.online.extend(stored["data"])
+            self.online._writer._cursor = stored["cursor"]
+            self.online._writer._write_count = stored["write_count"]
+
+
 def train(cfg: DictConfig) -> dict:
     from torchrl.collectors import Collector
-    from torchrl.data import LazyTensorStorage, ReplayBuffer
     from torchrl.envs.utils import ExplorationType
 
     check_online_config(cfg)
     out_dir = Path(cfg.output_dir)
-    offline_cfg = offline_state = info = None
+    offline_cfg = offline_state = None
     if cfg.mode == "offline2online":
         offline_cfg, offline_state = offline_start(cfg, out_dir)
         # the offline run's networks and loss; its optimiser settings where this config says null
@@ -205,15 +263,8 @@ def train(cfg: DictConfig) -> dict:
     o, e, c = cfg.optim, cfg.eval, cfg.collector
     device = torch.device(cfg.device)
 
-    offline_buffer = None
-    if cfg.mode == "offline2online":
-        oe = offline_cfg.env
-        offline_buffer = make_offline_buffer(oe.dataset, o.batch_size, reward_mode=oe.reward_mode, download=oe.download)
-        info = offline_buffer.dataset_info
-        env_name = cfg.env.name or eval_env_id(info, oe.get("eval_env"))
-        reward_scale = float(info.reward_scale)
-    else:
-        env_name, reward_scale = cfg.env.name, float(cfg.env.reward_scale)
+    offline_buffer, env_name, reward_scale = offline_data(cfg, offline_cfg)
+    info = offline_buffer.dataset_info if offline_buffer is not None else None
     env = make_train_env(env_name, cfg.seed)
     eval_env = make_train_env(env_name, cfg.seed + 12345) if e.episodes > 0 else None
     observation_dim = env.observation_spec["observation"].shape[-1]
@@ -230,24 +281,7 @@ def train(cfg: DictConfig) -> dict:
         tuner = EtaLagrangian(loss, target_kl_per_dim=cfg.auto_eta.target_kl_per_dim, lr=cfg.auto_eta.lr)
     eta_start = float(loss.eta)
 
-    if offline_buffer is not None:
-        replay = OfflineToOnlineBuffer(offline_buffer, online_capacity=cfg.replay.capacity,
-                                       offline_fraction=cfg.replay.offline_fraction, batch_size=o.batch_size)
-        online_rb = replay._online_buffer
-
-        def add(batch):
-            replay.extend(batch)
-
-        def sample():
-            return replay.sample()
-    else:
-        online_rb = ReplayBuffer(storage=LazyTensorStorage(cfg.replay.capacity), batch_size=o.batch_size)
-
-        def add(batch):
-            online_rb.extend(to_offline_layout(batch, reward_scale))
-
-        def sample():
-            return online_rb.sample()
+    replay = Replay(cfg.replay.capacity, o.batch_size, reward_scale, offline_buffer, cfg.replay.offline_fraction)
 
     logger = make_logger(cfg, out_dir)
     ckpt = out_dir / "checkpoint.pt"
@@ -258,11 +292,7 @@ def train(cfg: DictConfig) -> dict:
         _, updates = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
         frames = resume_state["frames"]
         eval_rows, train_returns = resume_state["evals"], [tuple(x) for x in resume_state["train_returns"]]
-        stored = resume_state["replay"]
-        if stored["data"] is not None:
-            online_rb.extend(stored["data"])
-            online_rb._writer._cursor = stored["cursor"]
-            online_rb._writer._write_count = stored["write_count"]
+        replay.load_state_dict(resume_state["replay"])
         if tuner is not None:
             tuner.load_state_dict(resume_state["eta"])
         else:
@@ -273,16 +303,11 @@ def train(cfg: DictConfig) -> dict:
 
     def checkpoint():
         nonlocal written
-        if len(online_rb) >= o.batch_size or offline_buffer is not None:
-            check_state_before_saving(loss, lambda: sample().to(device), "train", updates, written)
+        if replay.ready():
+            check_state_before_saving(loss, lambda: replay.sample().to(device), "train", updates, written)
         state = training_state(loss, optimizers, schedulers, "online", updates, cfg)
-        n = len(online_rb)
         state.update(
-            frames=frames, evals=eval_rows, train_returns=[list(x) for x in train_returns],
-            replay={
-                "data": online_rb.storage._storage[:n].clone() if n else None,
-                "cursor": online_rb._writer._cursor, "write_count": online_rb._writer._write_count,
-            },
+            frames=frames, evals=eval_rows, train_returns=[list(x) for x in train_returns], replay=replay.state_dict(),
             eta=tuner.state_dict() if tuner is not None else None, eta_value=float(loss.eta),
         )
         save_checkpoint(ckpt, state)
@@ -329,14 +354,14 @@ def train(cfg: DictConfig) -> dict:
         for batch in collector:
             batch = batch.reshape(-1)
             frames += batch.numel()
-            add(batch)
+            replay.add(batch)
             done = batch.get(("next", "done")).reshape(-1)
             ends = batch.get(("next", "episode_reward")).reshape(-1)[done]
             train_returns += [(frames, float(r)) for r in ends]
             row = critic = None
-            if frames >= c.init_random_frames and (offline_buffer is not None or len(online_rb) >= o.batch_size):
+            if frames >= c.init_random_frames and replay.ready():
                 for _ in range(max(1, round(o.utd_ratio * batch.numel()))):
-                    row, critic = train_step(update, schedulers, sample().to(device), updates, o, written)
+                    row, critic = train_step(update, schedulers, replay.sample().to(device), updates, o, written)
                     if tuner is not None:
                         row.update(tuner.step(critic["path_kl"]))
                     elif cfg.anneal_eta.final is not None:
