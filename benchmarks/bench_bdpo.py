@@ -9,6 +9,7 @@ chains). Defaults are the D4RL ones: N=5, K=10 critics, M=10, batch 256, hidden 
 ``--preset toy`` takes the paper's toy 2D ones: N=50, batch 512, 1-D observation, 2-D action,
 and terminal transitions, as the toy bandits' are (``--terminal none`` times them live).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,15 @@ def make_loss(N=5, K=10, M=10, hidden=256, device="cpu", step_sampling="uniform"
         return DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=hidden, depth=4), make_schedule("vp", N), clip_denoised=True)
 
     loss = BDPOLoss(
-        actor(), actor(), make_value_operator(OBS, ACT, hidden=hidden, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=hidden),
-        eta=0.15, rho=1.0, num_qvalue_nets=K, num_samples=M, step_sampling=step_sampling,
+        actor(),
+        actor(),
+        make_value_operator(OBS, ACT, hidden=hidden, num_steps=N),
+        make_qvalue_operator(OBS, ACT, hidden=hidden),
+        eta=0.15,
+        rho=1.0,
+        num_qvalue_nets=K,
+        num_samples=M,
+        step_sampling=step_sampling,
         speed=SpeedOptions(ensemble_chunk_compile=ensemble_chunk_compile),
     )
     return loss.to(device)
@@ -130,8 +138,15 @@ def update_variants(args, device) -> dict:
 
 
 def make_update(
-    device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False,
-    step_sampling="uniform", fuse_narrow=False,
+    device,
+    compile=False,
+    cudagraphs=False,
+    N=5,
+    adam="fused",
+    compile_mode=None,
+    overlap_losses=False,
+    step_sampling="uniform",
+    fuse_narrow=False,
 ):
     """The update of :func:`make_loss`, as the scripts build it; ``fuse_narrow``: its networks'
     narrow-map setting (``networks.set_fuse_narrow_linear``, set before anything is compiled).
@@ -146,7 +161,13 @@ def make_update(
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(
-        loss, optimizers, updaters, grad_clip=1.0, compile=compile, compile_mode=compile_mode, cudagraphs=cudagraphs,
+        loss,
+        optimizers,
+        updaters,
+        grad_clip=1.0,
+        compile=compile,
+        compile_mode=compile_mode,
+        cudagraphs=cudagraphs,
         overlap_losses=overlap_losses,
     )
 
@@ -210,17 +231,27 @@ def bench_update(args, device, progress=None):
 
     def report(rounds: dict) -> None:
         if progress is not None:
-            progress({
-                **out, "partial": True, "setup_s": {name: b[2] for name, b in built.items()},
-                "rounds": {name: r for name, r in rounds.items() if r},
-            })
+            progress(
+                {
+                    **out,
+                    "partial": True,
+                    "setup_s": {name: b[2] for name, b in built.items()},
+                    "rounds": {name: r for name, r in rounds.items() if r},
+                }
+            )
 
     for name, (compile, cudagraphs, overlap, sampling, fuse_narrow) in update_variants(args, device).items():
         torch.manual_seed(0)
         t0 = time.perf_counter()
         try:
             update = make_update(
-                device, compile, cudagraphs, N=args.N, adam=args.adam, overlap_losses=overlap, step_sampling=sampling,
+                device,
+                compile,
+                cudagraphs,
+                N=args.N,
+                adam=args.adam,
+                overlap_losses=overlap,
+                step_sampling=sampling,
                 fuse_narrow=False if fuse_narrow is None else fuse_narrow,
             )
             for _ in range(3):  # first (eager) call, compilation, warm-up and capture
@@ -266,28 +297,20 @@ def bench_update(args, device, progress=None):
     out["matmul_peak_gflops_rounds"] = peak_rounds
     for name, (update, steps, setup_s) in built.items():
         res = median_round(rounds[name])
-        res["fraction_of_matmul_peak"] = statistics.median(
-            r["gflops_per_s"] / p for r, p in zip(rounds[name], peak_rounds)
-        )
+        res["fraction_of_matmul_peak"] = statistics.median(r["gflops_per_s"] / p for r, p in zip(rounds[name], peak_rounds))
         bare_ref = bare_rounds["compiled" if name.startswith("compiled") and "compiled" in bare_rounds else "eager"]
         res["pretrain_over_bare_mlp"] = statistics.median(  # compiled variants against the compiled bare MLP (CPU)
             r["pretrain_steps_per_s"] / b for r, b in zip(rounds[name], bare_ref)
         )
         if name != "eager":  # ratio per round (same minutes), then the median
-            res["speedup_over_eager"] = statistics.median(
-                r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"])
-            )
+            res["speedup_over_eager"] = statistics.median(r["phase_b_steps_per_s"] / e["phase_b_steps_per_s"] for r, e in zip(rounds[name], rounds["eager"]))
         for suffix, key in (("_overlap", "speedup_over_one_stream"), ("_stratified", "speedup_over_uniform_steps")):
             base = name.removesuffix(suffix)  # the same step with one change, timed in the same rounds
             if base != name and base in rounds:
-                res[key] = statistics.median(
-                    r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
-                )
+                res[key] = statistics.median(r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base]))
         base = name.removesuffix("_sums")
         if base != name and base in rounds:  # this variant (narrow maps as sums) over the library's default (GEMMs)
-            res["speedup_over_gemms"] = statistics.median(
-                r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base])
-            )
+            res["speedup_over_gemms"] = statistics.median(r["phase_b_steps_per_s"] / o["phase_b_steps_per_s"] for r, o in zip(rounds[name], rounds[base]))
         res.update(setup_s=setup_s, timed_steps=steps, rounds=rounds[name])
         out[name] = res
         print(name, json.dumps({k: v for k, v in res.items() if k != "rounds"}), flush=True)
@@ -319,10 +342,7 @@ def bench_acting(args, device):
     out = {}
     for name in built:
         med = median_round(rounds[name])
-        out[name] = {
-            f"batch_{B}": {"latency_ms": med[f"batch_{B}_latency_ms"], "actions_per_s": med[f"batch_{B}_actions_per_s"]}
-            for B in inputs
-        }
+        out[name] = {f"batch_{B}": {"latency_ms": med[f"batch_{B}_latency_ms"], "actions_per_s": med[f"batch_{B}_actions_per_s"]} for B in inputs}
         out[name]["rounds"] = rounds[name]
         print("acting", name, json.dumps({k: v for k, v in out[name].items() if k != "rounds"}), flush=True)
     return out
@@ -373,30 +393,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=("update", "acting", "actor_cost"), action="append")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument(
-        "--no-overlap", action="store_true",
+        "--no-overlap",
+        action="store_true",
         help="GPU: leave out the update variants with the losses on two CUDA streams (overlap_losses)",
     )
     p.add_argument(
-        "--matmul-precision", default="highest", choices=("highest", "high", "medium"),
+        "--matmul-precision",
+        default="highest",
+        choices=("highest", "high", "medium"),
         help="torch.set_float32_matmul_precision: 'high' allows TF32 on GPUs (JAX's GPU default)",
     )
     p.add_argument(
-        "--no-narrow-ab", action="store_true",
+        "--no-narrow-ab",
+        action="store_true",
         help="GPU: leave out the fastest compiled variant again with the networks' narrow maps as fused sums (<name>_sums)",
     )
     p.add_argument("--adam", choices=("fused", "foreach"), default="fused", help="Adam implementation (the scripts use fused)")
     p.add_argument(
-        "--step-sampling", choices=("uniform", "stratified", "both"), default="uniform",
-        help="the loss's step_sampling for the update variants; both: uniform, and the fastest variant "
-        "again with stratified steps (<name>_stratified)",
+        "--step-sampling",
+        choices=("uniform", "stratified", "both"),
+        default="uniform",
+        help="the loss's step_sampling for the update variants; both: uniform, and the fastest variant again with stratified steps (<name>_stratified)",
     )
     p.add_argument("--graph-factor", type=int, default=20, help="timed steps x this for CUDA-graph variants")
     p.add_argument(
-        "--terminal", choices=("preset", "all", "none"), default="preset",
+        "--terminal",
+        choices=("preset", "all", "none"),
+        default="preset",
         help="next states of the batch: terminal for all or none of the rows (preset: toy all, d4rl none)",
     )
     return p
-
 
 
 def write_result(path: Path, result: dict) -> dict:
@@ -405,6 +431,7 @@ def write_result(path: Path, result: dict) -> dict:
     path.write_text(json.dumps(result, indent=2))
     print(f"written to {path}")
     return result
+
 
 def main(argv=None):
     p = build_parser()
@@ -423,13 +450,24 @@ def main(argv=None):
     parts = args.only or ["acting", "update", "actor_cost"]
     result = {
         "date": str(date.today()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "settings": {
-            "preset": args.preset, "N": args.N, "K": 10, "M": 10, "batch": args.batch_size, "hidden": 256,
-            "obs_dim": OBS, "act_dim": ACT, "steps": args.steps, "repeats": args.repeats,
-            "matmul_precision": args.matmul_precision, "adam": args.adam, "terminal_next_states": args.terminal,
+            "preset": args.preset,
+            "N": args.N,
+            "K": 10,
+            "M": 10,
+            "batch": args.batch_size,
+            "hidden": 256,
+            "obs_dim": OBS,
+            "act_dim": ACT,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "matmul_precision": args.matmul_precision,
+            "adam": args.adam,
+            "terminal_next_states": args.terminal,
             "step_sampling": args.step_sampling,
         },
         "matmul_peak_gflops": matmul_peak(device),
@@ -445,9 +483,7 @@ def main(argv=None):
     for part in parts:
         if part == "update":
             measured = bench_update(args, device, progress=lambda partial: save("update", partial))
-            measured["best_fraction_of_matmul_peak"] = max(
-                v["fraction_of_matmul_peak"] for v in measured.values() if isinstance(v, dict) and "rounds" in v
-            )
+            measured["best_fraction_of_matmul_peak"] = max(v["fraction_of_matmul_peak"] for v in measured.values() if isinstance(v, dict) and "rounds" in v)
         else:
             measured = {"acting": bench_acting, "actor_cost": bench_actor_cost}[part](args, device)
         save(part, measured)

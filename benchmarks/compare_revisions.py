@@ -10,6 +10,7 @@ see the same machine state, round by round. Arguments after ``--`` go to ``bench
 steps/s of each variant that ``bench_bdpo`` timed, the medians over rounds, new / old of the
 medians, and new / old within each round with its median (the figure to read on a drifting VM).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,11 @@ def checkout(rev: str, work_dir: Path) -> tuple[str, Path]:
 def bench_once(tree: Path, bench_args: list[str], out: Path) -> dict:
     """One ``bench_bdpo.py`` run of the revision in ``tree``; its JSON, with the package it imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    code = ("import runpy, sys, torchrl_bdpo; print('PACKAGE', torchrl_bdpo.__file__, flush=True); "
-            f"sys.argv = ['bench_bdpo.py', *{bench_args!r}, '--out', {str(out)!r}]; "
-            f"runpy.run_path({str(tree / 'benchmarks' / 'bench_bdpo.py')!r}, run_name='__main__')")
+    code = (
+        "import runpy, sys, torchrl_bdpo; print('PACKAGE', torchrl_bdpo.__file__, flush=True); "
+        f"sys.argv = ['bench_bdpo.py', *{bench_args!r}, '--out', {str(out)!r}]; "
+        f"runpy.run_path({str(tree / 'benchmarks' / 'bench_bdpo.py')!r}, run_name='__main__')"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
     if proc.returncode:
         raise SystemExit(f"bench_bdpo.py of {tree} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -58,13 +61,12 @@ def bench_once(tree: Path, bench_args: list[str], out: Path) -> dict:
 def rates(result: dict) -> dict:
     """``{variant: {metric: steps/s}}`` of a bench_bdpo JSON's update part."""
     update = result.get("update", {})
-    return {name: {m: v[m] for m in METRICS if m in v} for name, v in update.items()
-            if isinstance(v, dict) and any(m in v for m in METRICS)}
+    return {name: {m: v[m] for m in METRICS if m in v} for name, v in update.items() if isinstance(v, dict) and any(m in v for m in METRICS)}
 
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    bench_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    bench_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", required=True, help="the baseline revision (e.g. a commit of main)")
@@ -81,18 +83,18 @@ def main(argv=None) -> dict:
     revs = {"old": checkout(args.old, args.work_dir), "new": checkout(args.new, args.work_dir)}
     rounds: dict[str, list[dict]] = {"old": [], "new": []}
     for r in range(args.rounds):
-        for label in (("old", "new") if r % 2 == 0 else ("new", "old")):  # alternate which goes first
+        for label in ("old", "new") if r % 2 == 0 else ("new", "old"):  # alternate which goes first
             measured = rates(bench_once(revs[label][1], bench_args, args.work_dir / f"{label}.json"))
             rounds[label].append(measured)
             print(f"round {r + 1} {label}: {json.dumps(measured)}", flush=True)
-    medians = {label: {name: {m: statistics.median(x[name][m] for x in rs) for m in rs[0][name]} for name in rs[0]}
-               for label, rs in rounds.items()}
-    ratio = {name: {m: medians["new"][name][m] / medians["old"][name][m] for m in medians["old"][name]
-                    if m in medians["new"].get(name, {})} for name in medians["old"]}
+    medians = {label: {name: {m: statistics.median(x[name][m] for x in rs) for m in rs[0][name]} for name in rs[0]} for label, rs in rounds.items()}
+    ratio = {
+        name: {m: medians["new"][name][m] / medians["old"][name][m] for m in medians["old"][name] if m in medians["new"].get(name, {})}
+        for name in medians["old"]
+    }
     # the ratio within each round (both revisions timed minutes apart), then its median: a VM's
     # speed drifts by tens of percent over a run, which the ratio of medians carries
-    per_round = {name: {m: [n[name][m] / o[name][m] for o, n in zip(rounds["old"], rounds["new"])] for m in ratio[name]}
-                 for name in ratio}
+    per_round = {name: {m: [n[name][m] / o[name][m] for o, n in zip(rounds["old"], rounds["new"])] for m in ratio[name]} for name in ratio}
     result = {
         "date": date.today().isoformat(),
         "command": "python benchmarks/compare_revisions.py " + " ".join(argv),

@@ -20,6 +20,7 @@ minutes on an H200, so it is not in the default list; give it a run of its own.
 On a CPU (a smoke run only) the steps are compiled but not captured, and each variant's
 reset of dynamo's cache makes the ones built before it compile again, untimed, on their next call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,7 +97,9 @@ def main(argv=None):
     p.add_argument("--matmul-precision", default="high", choices=("highest", "high", "medium"))
     p.add_argument("--one-stream", action="store_true", help="GPU: the losses on one CUDA stream (default: two)")
     p.add_argument(
-        "--step-sampling", choices=("uniform", "stratified"), default="uniform",
+        "--step-sampling",
+        choices=("uniform", "stratified"),
+        default="uniform",
         help="the loss's step_sampling in every variant (stratified: Q and V each on their own rows)",
     )
     args = p.parse_args(argv)
@@ -108,8 +111,14 @@ def main(argv=None):
     out = {
         "device": torch.cuda.get_device_name(device) if graphs else "cpu",
         "torch": torch.__version__,
-        "settings": {"preset": "d4rl", "matmul_precision": args.matmul_precision, "steps": args.steps, "cudagraphs": graphs,
-                     "overlap_losses": overlap, "step_sampling": args.step_sampling},
+        "settings": {
+            "preset": "d4rl",
+            "matmul_precision": args.matmul_precision,
+            "steps": args.steps,
+            "cudagraphs": graphs,
+            "overlap_losses": overlap,
+            "step_sampling": args.step_sampling,
+        },
         "built": {},
         "rounds": [],
     }
@@ -130,15 +139,21 @@ def main(argv=None):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         with patched(config):
-            update = bench.make_update(device, compile=True, cudagraphs=graphs, N=5, compile_mode=mode,
-                                       overlap_losses=overlap, step_sampling=args.step_sampling,
-                                       fuse_narrow=config.get("fuse_narrow", False))
+            update = bench.make_update(
+                device,
+                compile=True,
+                cudagraphs=graphs,
+                N=5,
+                compile_mode=mode,
+                overlap_losses=overlap,
+                step_sampling=args.step_sampling,
+                fuse_narrow=config.get("fuse_narrow", False),
+            )
             for _ in range(3):  # compilation, warm-up and capture happen here, under the patch
                 last = update.critic(batch)
                 update.policy(batch), update.behavior(batch)
             bench.sync(device)
-        out["built"][name] = {"mode": mode, "config": config, "setup_s": time.perf_counter() - t0,
-                              "loss_qvalue_third_step": float(last["loss_qvalue"])}
+        out["built"][name] = {"mode": mode, "config": config, "setup_s": time.perf_counter() - t0, "loss_qvalue_third_step": float(last["loss_qvalue"])}
         print(name, "built", json.dumps(out["built"][name]), flush=True)
         built[name] = update
         time_one(name, update)

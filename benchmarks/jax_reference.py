@@ -37,6 +37,7 @@ and ``jax_xla``. Torch and JAX run in two worker processes, each built once, whi
 pipe while the other is timed (neither spins a thread pool during the other's turn). Each ratio
 is taken within a round, then the median. Random batches, as the issue's figures were.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -263,9 +264,7 @@ def make_jax_step(preset: str, seed: int = 0):
 
     def step_fn(params, opt_state, target, key, observation, action):
         key, sub = jax.random.split(key)
-        params, opt_state, target, loss = behavior_step(
-            params, opt_state, target, sub, observation, action, abar, optimizer
-        )
+        params, opt_state, target, loss = behavior_step(params, opt_state, target, sub, observation, action, abar, optimizer)
         return params, opt_state, target, key, loss
 
     jitted = jax.jit(step_fn, donate_argnums=(0, 1, 2, 3))
@@ -302,8 +301,7 @@ def init_phase_b(key, obs_dim: int, act_dim: int, hidden: int = HIDDEN) -> dict:
 
     def v_member(k):
         k1, k2 = jax.random.split(k)
-        return {"time": init_mlp(k1, [(TIME_DIM, 2 * TIME_DIM), (2 * TIME_DIM, TIME_DIM)]),
-                "body": init_mlp(k2, v_sizes, layer_norm=True)}
+        return {"time": init_mlp(k1, [(TIME_DIM, 2 * TIME_DIM), (2 * TIME_DIM, TIME_DIM)]), "body": init_mlp(k2, v_sizes, layer_norm=True)}
 
     return {
         "actor": init_params(k_actor, obs_dim, act_dim),
@@ -440,8 +438,14 @@ def make_jax_phase_b(preset: str, seed: int = 0):
         a_updates, a_state = actor_tx.update(a_grads, opt_state["actor"], online["actor"])
         actor = optax.apply_updates(online["actor"], a_updates)
         behavior, b_state, behavior_tgt, b_loss = behavior_step(
-            online["behavior"], opt_state["behavior"], target["behavior"], k_b, batch["obs"], batch["act"],
-            abar, behavior_tx,
+            online["behavior"],
+            opt_state["behavior"],
+            target["behavior"],
+            k_b,
+            batch["obs"],
+            batch["act"],
+            abar,
+            behavior_tx,
         )
         online = {**online, "actor": actor, "behavior": behavior}
         target = {**target, "actor": optax.incremental_update(actor, target["actor"], TAU), "behavior": behavior_tgt}
@@ -536,7 +540,7 @@ class Worker:
     def _read(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(PREFIX):
-                return json.loads(line[len(PREFIX):])
+                return json.loads(line[len(PREFIX) :])
             sys.stdout.write(line)
         code = self.proc.wait()
         raise RuntimeError(f"the {self.kind} worker exited with code {code} before answering (see its output above).")
@@ -573,7 +577,7 @@ def run(args) -> dict:
         names = list(owner)
         rounds = []
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]  # rotated: no variant always first
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotated: no variant always first
             res = {name: 1.0 / owner[name].time(name, args.steps, warmup) for name in order}
             if args.phase == "phase_b":  # a critic step every step, actor + behavior every 5th
                 for fw in ("ours", "jax"):
@@ -589,8 +593,15 @@ def run(args) -> dict:
         "date": str(date.today()),
         "device": f"cpu: {cpu_name()} ({os.cpu_count()} logical cores)",
         "command": "python benchmarks/jax_reference.py " + " ".join(sys.argv[1:]),
-        "settings": {"phase": args.phase, "preset": args.preset, **PRESETS[args.preset], "hidden": HIDDEN,
-                     "depth": DEPTH, "steps_per_timing": args.steps, "rounds": args.rounds},
+        "settings": {
+            "phase": args.phase,
+            "preset": args.preset,
+            **PRESETS[args.preset],
+            "hidden": HIDDEN,
+            "depth": DEPTH,
+            "steps_per_timing": args.steps,
+            "rounds": args.rounds,
+        },
         "versions": {k: w.hello.get("versions") for k, w in workers.items()},
         "setup_s": {k: w.hello["setup_s"] for k, w in workers.items()},
         "steps_per_s": {name: statistics.median(r[name] for r in rounds) for name in names},
@@ -618,13 +629,17 @@ def _versions() -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), default="toy")
-    p.add_argument("--phase", choices=("pretrain", "phase_b"), default="pretrain",
-                   help="pretrain: the behavior step (default); phase_b: critic and actor + behavior steps")
+    p.add_argument(
+        "--phase", choices=("pretrain", "phase_b"), default="pretrain", help="pretrain: the behavior step (default); phase_b: critic and actor + behavior steps"
+    )
     p.add_argument("--steps", type=int, default=None, help="steps per timing (default: 100 pretrain, 3 phase B)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="JSON out (default: benchmarks/results/jax_reference_<phase>_<preset>.json)")
     p.add_argument(
-        "--workers", nargs="+", choices=tuple(WORKERS), default=list(WORKERS),
+        "--workers",
+        nargs="+",
+        choices=tuple(WORKERS),
+        default=list(WORKERS),
         help="which processes to run (default: both; `--workers torch` runs without JAX)",
     )
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)

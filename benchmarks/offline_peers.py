@@ -19,6 +19,7 @@ actions) every ``--eval-every`` gradient steps:
 Out: ``peers.json`` (every evaluation of every run, the dataset's own mean return, wall time),
 torchrl CSV logs per run under ``logs/`` and ``peers.png`` (return against steps).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,7 @@ def _tanh_normal_actor(obs_dim: int, action_dim: int, hidden: int):
     from torchrl.modules import ProbabilisticActor, TanhNormal
 
     spec = _action_spec(action_dim)
-    net = nn.Sequential(
-        _mlp(obs_dim, 2 * action_dim, hidden), NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=0.1)
-    )
+    net = nn.Sequential(_mlp(obs_dim, 2 * action_dim, hidden), NormalParamExtractor(scale_mapping="biased_softplus_1.0", scale_lb=0.1))
     return ProbabilisticActor(
         TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
@@ -120,14 +119,17 @@ class IQL(Peer):
         self.policy = _tanh_normal_actor(obs_dim, action_dim, hidden)
         value = ValueOperator(_mlp(obs_dim, 1, hidden), in_keys=["observation"])
         self.loss = IQLLoss(
-            self.policy, _qvalue(obs_dim, action_dim, hidden), value_network=value,
-            loss_function="l2", temperature=3.0, expectile=0.7,
+            self.policy,
+            _qvalue(obs_dim, action_dim, hidden),
+            value_network=value,
+            loss_function="l2",
+            temperature=3.0,
+            expectile=0.7,
         )
         self.loss.make_value_estimator(gamma=gamma)
         self.updater = SoftUpdate(self.loss, tau=tau)
         self.optims = [
-            torch.optim.Adam(_params(p), lr=lr)
-            for p in (self.loss.actor_network_params, self.loss.qvalue_network_params, self.loss.value_network_params)
+            torch.optim.Adam(_params(p), lr=lr) for p in (self.loss.actor_network_params, self.loss.qvalue_network_params, self.loss.value_network_params)
         ]
 
     def update(self, batch, step):
@@ -142,9 +144,16 @@ class CQL(Peer):
 
         self.policy = _tanh_normal_actor(obs_dim, action_dim, hidden)
         self.loss = CQLLoss(
-            self.policy, _qvalue(obs_dim, action_dim, hidden), loss_function="l2", temperature=1.0,
-            min_q_weight=1.0, max_q_backup=False, deterministic_backup=False, num_random=10,
-            with_lagrange=True, lagrange_thresh=5.0,
+            self.policy,
+            _qvalue(obs_dim, action_dim, hidden),
+            loss_function="l2",
+            temperature=1.0,
+            min_q_weight=1.0,
+            max_q_backup=False,
+            deterministic_backup=False,
+            num_random=10,
+            with_lagrange=True,
+            lagrange_thresh=5.0,
         )
         self.loss.make_value_estimator(gamma=gamma)
         self.updater = SoftUpdate(self.loss, tau=tau)
@@ -169,9 +178,16 @@ class TD3BC(Peer):
 
         self.policy = _tanh_actor(obs_dim, action_dim, hidden)
         self.loss = TD3BCLoss(
-            actor_network=self.policy, qvalue_network=_qvalue(obs_dim, action_dim, hidden), num_qvalue_nets=2,
-            loss_function="l2", delay_actor=True, delay_qvalue=True, action_spec=_action_spec(action_dim),
-            policy_noise=0.2, noise_clip=0.5, alpha=2.5,
+            actor_network=self.policy,
+            qvalue_network=_qvalue(obs_dim, action_dim, hidden),
+            num_qvalue_nets=2,
+            loss_function="l2",
+            delay_actor=True,
+            delay_qvalue=True,
+            action_spec=_action_spec(action_dim),
+            policy_noise=0.2,
+            noise_clip=0.5,
+            alpha=2.5,
         )
         self.loss.make_value_estimator(gamma=gamma)
         self.updater = SoftUpdate(self.loss, tau=tau)
@@ -241,9 +257,7 @@ def run(args) -> dict:
         if a not in ALGOS:
             raise ValueError(f"--algos {a}: expected some of {', '.join(ALGOS)}.")
     if args.steps < 1 or args.eval_every < 1 or args.episodes < 1:
-        raise ValueError(
-            f"--steps {args.steps}, --eval-every {args.eval_every}, --episodes {args.episodes}: each must be >= 1."
-        )
+        raise ValueError(f"--steps {args.steps}, --eval-every {args.eval_every}, --episodes {args.episodes}: each must be >= 1.")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buffer = make_offline_buffer(args.dataset, batch_size=args.batch_size, download=False)

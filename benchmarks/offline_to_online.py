@@ -21,6 +21,7 @@ the first ``--dip-frames`` frames over the start (the known offline-to-online di
 >= 0.9), and the final evaluation over the start (the goal is > 1). Out: ``offline_to_online.json``
 and ``offline_to_online.png`` in ``--out-dir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,7 @@ def run_script(script: str, overrides: list[str], out: Path, threads: int) -> di
     """``script`` with hydra ``overrides`` into ``out`` (resumed from its checkpoint if it has one); its summary."""
     summary = out / "summary.json"
     if not summary.exists():
-        cmd = [sys.executable, str(SCRIPTS / script), *overrides, f"output_dir={out}", f"hydra.run.dir={out}",
-               f"threads={threads}", "checkpoint.resume=true"]
+        cmd = [sys.executable, str(SCRIPTS / script), *overrides, f"output_dir={out}", f"hydra.run.dir={out}", f"threads={threads}", "checkpoint.resume=true"]
         rc = run_job(cmd, threads, out / "stdout.log")
         if rc != 0 or not summary.exists():
             raise RuntimeError(f"{script} {' '.join(overrides)} failed (exit {rc}): see {out / 'stdout.log'}")
@@ -61,8 +61,10 @@ def arm_stats(summary: dict, dip_frames: int) -> dict:
     start = rows[0]["return_mean"]
     early = [r["return_mean"] for r in rows[1:] if r["frames"] <= dip_frames]
     return {
-        "evals": [{"frames": r["frames"], "updates": r["updates"], "mean": r["return_mean"], "std": r["return_std"],
-                   "one_sample_mean": r["return_one_sample_mean"]} for r in rows],
+        "evals": [
+            {"frames": r["frames"], "updates": r["updates"], "mean": r["return_mean"], "std": r["return_std"], "one_sample_mean": r["return_one_sample_mean"]}
+            for r in rows
+        ],
         "start": start,
         "final": rows[-1]["return_mean"],
         "final_over_start": rows[-1]["return_mean"] / start,
@@ -88,8 +90,7 @@ def plot(result: dict, out: Path) -> Path:
     ax.axhline(0.9 * start, color="k", ls=":", lw=1, label="90% of the start")
     ax.axvline(result["settings"]["dip_frames"], color="gray", lw=0.8)
     ylabel = f"return, best of K ({result['settings']['episodes']} episodes)"
-    return finish(fig, [(ax, "online environment frames", ylabel)], out / "offline_to_online.png",
-                  title=result["settings"].get("title"))
+    return finish(fig, [(ax, "online environment frames", ylabel)], out / "offline_to_online.png", title=result["settings"].get("title"))
 
 
 def main(argv=None) -> dict:
@@ -136,10 +137,18 @@ def main(argv=None) -> dict:
 
     def arm_run(seed: int, start: Path, arm: str) -> tuple[str, int, dict]:
         overrides = [
-            "mode=offline2online", f"offline.run={start}", f"seed={seed}", f"replay.offline_fraction={ARMS[arm]}",
-            f"collector.total_frames={args.frames}", f"collector.frames_per_batch={args.frames_per_batch}",
-            f"optim.utd_ratio={args.utd_ratio}", f"eval.interval={args.eval_every}", f"eval.episodes={args.episodes}",
-            f"checkpoint.interval={args.eval_every}", f"logger.log_interval={args.frames_per_batch}", *args.online,
+            "mode=offline2online",
+            f"offline.run={start}",
+            f"seed={seed}",
+            f"replay.offline_fraction={ARMS[arm]}",
+            f"collector.total_frames={args.frames}",
+            f"collector.frames_per_batch={args.frames_per_batch}",
+            f"optim.utd_ratio={args.utd_ratio}",
+            f"eval.interval={args.eval_every}",
+            f"eval.episodes={args.episodes}",
+            f"checkpoint.interval={args.eval_every}",
+            f"logger.log_interval={args.frames_per_batch}",
+            *args.online,
         ]
         return arm, seed, arm_stats(run_script("bdpo_online.py", overrides, out / f"{arm}_seed{seed}", threads), args.dip_frames)
 
@@ -157,9 +166,11 @@ def main(argv=None) -> dict:
     for arm in ARMS:
         runs = result["runs"][arm].values()
         dips = [r["min_over_start_first_frames"] for r in runs]
-        print(f"{arm}: final / start {[round(r['final_over_start'], 3) for r in runs]}, lowest in the first "
-              f"{args.dip_frames} frames / start {[None if d is None else round(d, 3) for d in dips]}, "
-              f"{np.mean([r['frames_per_s'] for r in runs]):.1f} env frames/s")
+        print(
+            f"{arm}: final / start {[round(r['final_over_start'], 3) for r in runs]}, lowest in the first "
+            f"{args.dip_frames} frames / start {[None if d is None else round(d, 3) for d in dips]}, "
+            f"{np.mean([r['frames_per_s'] for r in runs]):.1f} env frames/s"
+        )
     return result
 
 

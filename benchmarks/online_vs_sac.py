@@ -12,6 +12,7 @@ Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the
 states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
 evaluation, env frames/s of each run) and ``online_vs_sac.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,18 +38,27 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
     import bdpo_online
 
     overrides = [
-        f"env.name={args.env}", f"seed={seed}", f"collector.total_frames={args.frames}",
-        f"collector.frames_per_batch={args.frames_per_batch}", f"collector.init_random_frames={args.init_random_frames}",
-        f"optim.utd_ratio={args.utd_ratio}", f"eval.interval={args.eval_every}", f"eval.episodes={args.episodes}",
-        f"checkpoint.interval={args.eval_every}", f"logger.log_interval={args.frames_per_batch}",
-        f"output_dir={out}", *args.bdpo,
+        f"env.name={args.env}",
+        f"seed={seed}",
+        f"collector.total_frames={args.frames}",
+        f"collector.frames_per_batch={args.frames_per_batch}",
+        f"collector.init_random_frames={args.init_random_frames}",
+        f"optim.utd_ratio={args.utd_ratio}",
+        f"eval.interval={args.eval_every}",
+        f"eval.episodes={args.episodes}",
+        f"checkpoint.interval={args.eval_every}",
+        f"logger.log_interval={args.frames_per_batch}",
+        f"output_dir={out}",
+        *args.bdpo,
     ]
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         cfg = compose("online", overrides=overrides)
     summary = bdpo_online.train(cfg)
     return {
-        "evals": [{"frames": r["frames"], "mean": r["return_mean"], "std": r["return_std"],
-                   "one_sample_mean": r["return_one_sample_mean"], "eta": r["eta"]} for r in summary["evaluations"]],
+        "evals": [
+            {"frames": r["frames"], "mean": r["return_mean"], "std": r["return_std"], "one_sample_mean": r["return_one_sample_mean"], "eta": r["eta"]}
+            for r in summary["evaluations"]
+        ],
         "wall_s": summary["wall_time_s"],
         "frames_per_s": summary["frames"] / summary["wall_time_s"],
         "overrides": overrides,
@@ -75,8 +85,7 @@ def run_sac(args, seed: int) -> dict:
         torch.optim.Adam([loss.log_alpha], lr=3e-4),
     ]
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
-    collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames,
-                          init_random_frames=args.init_random_frames)
+    collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames, init_random_frames=args.init_random_frames)
     frames, evals, t0 = 0, [], time.perf_counter()
     for batch in tqdm(collector, total=args.frames // args.frames_per_batch, desc=f"SAC {args.env} seed {seed}"):
         rb.extend(batch.reshape(-1))
@@ -105,8 +114,11 @@ def plot(result: dict, out: Path) -> Path:
     from torchrl_bdpo.plotting import curve, finish, subplots
 
     fig, (ax,) = subplots()
-    for name, key, field, style in (("BDPO, best of K", "bdpo", "mean", "-"), ("BDPO, one sample", "bdpo", "one_sample_mean", ":"),
-                                    ("SAC", "sac", "mean", "-")):
+    for name, key, field, style in (
+        ("BDPO, best of K", "bdpo", "mean", "-"),
+        ("BDPO, one sample", "bdpo", "one_sample_mean", ":"),
+        ("SAC", "sac", "mean", "-"),
+    ):
         runs = list(result["runs"][key].values())
         x = [e["frames"] for e in runs[0]["evals"]]
         seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
@@ -125,8 +137,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for both algorithms (default: torch's); 1 when two harnesses share 2 cores")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for both algorithms (default: torch's); 1 when two harnesses share 2 cores")
     p.add_argument("--bdpo", nargs="*", default=[], help="extra bdpo_online.py overrides")
     p.add_argument("--out-dir", default="outputs/online_vs_sac")
     args = p.parse_args(argv)

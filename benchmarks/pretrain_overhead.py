@@ -15,6 +15,7 @@ and every round go to the JSON.
 
     python benchmarks/pretrain_overhead.py --preset toy --batch-size 8 --out benchmarks/results/pretrain_overhead_b8.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -118,8 +119,7 @@ def run(args, preset) -> dict:
         "date": str(date.today()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
-        "settings": {"preset": args.preset, "N": args.N, "steps": args.steps, "repeats": args.repeats,
-                     "compiled": not args.no_compile},
+        "settings": {"preset": args.preset, "N": args.N, "steps": args.steps, "repeats": args.repeats, "compiled": not args.no_compile},
     }
     result[f"batch_{B}"] = res = measure(B, args, device)
     print(f"batch {B}", json.dumps({k: round(v, 1) for k, v in res.items() if k != "rounds_us"}), flush=True)

@@ -30,6 +30,7 @@ GEMM count of a GPU step, counted without one::
 
     python benchmarks/profile_step.py --like-gpu --fuse-narrow true --steps 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -102,10 +103,7 @@ def kernel_table(prof, steps: int, device_type: DeviceType, top: int = 25, count
         "overlap_us_per_step": (kernel_us - busy) / steps,
         "span_us_per_step": span / steps,
         "idle_us_per_step": (span - busy) / steps,
-        "top": [
-            {"name": n[:120], "calls_per_step": count[n] / steps, "us_per_step": total_us[n] / steps}
-            for n in names[:top]
-        ],
+        "top": [{"name": n[:120], "calls_per_step": count[n] / steps, "us_per_step": total_us[n] / steps} for n in names[:top]],
     }
 
 
@@ -136,26 +134,35 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--overlap", action="store_true", help="BDPOUpdate(overlap_losses=True): kernel time per stream (GPU)")
     p.add_argument(
-        "--cudagraphs", action=argparse.BooleanOptionalAction, default=False,
+        "--cudagraphs",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="CUDA: profile the captured steps' replays (gpu_check.sh's profile mode turns it on)",
     )
     p.add_argument(
-        "--step-sampling", choices=("uniform", "stratified"), default="uniform",
+        "--step-sampling",
+        choices=("uniform", "stratified"),
+        default="uniform",
         help="the loss's step_sampling (stratified: each row through one of the Q and V ensembles)",
     )
     p.add_argument(
-        "--fuse-narrow", choices=("false", "cuda", "true"), default="false",
+        "--fuse-narrow",
+        choices=("false", "cuda", "true"),
+        default="false",
         help="the networks' narrow-map setting (set_fuse_narrow_linear): false (GEMMs, the library's default), "
         "cuda (sums on CUDA tensors), true (sums on every device)",
     )
     p.add_argument(
-        "--like-gpu", action="store_true",
+        "--like-gpu",
+        action="store_true",
         help="CPU: compile the graphs a GPU compiles (no ensemble row chunks, no Q-row capacity)",
     )
     args = p.parse_args(argv)
     if args.cudagraphs and not str(args.device).startswith("cuda"):
-        p.error(f"--cudagraphs profiles CUDA-graph replays, but --device is {args.device!r}: run it on a CUDA "
-                f"device (--device cuda), or leave --cudagraphs out to profile the compiled step.")
+        p.error(
+            f"--cudagraphs profiles CUDA-graph replays, but --device is {args.device!r}: run it on a CUDA "
+            f"device (--device cuda), or leave --cudagraphs out to profile the compiled step."
+        )
     if args.steps < 1:
         p.error(f"--steps={args.steps}: expected an integer >= 1.")
     args.fuse_narrow = {"false": False, "cuda": "cuda", "true": True}[args.fuse_narrow]
@@ -167,8 +174,12 @@ def profile_steps(args) -> dict:
     torch.set_float32_matmul_precision(args.matmul_precision)
     torch.manual_seed(0)
     update = bench.make_update(
-        device, compile=not args.no_compile, cudagraphs=args.cudagraphs, overlap_losses=args.overlap,
-        step_sampling=args.step_sampling, fuse_narrow=args.fuse_narrow,
+        device,
+        compile=not args.no_compile,
+        cudagraphs=args.cudagraphs,
+        overlap_losses=args.overlap,
+        step_sampling=args.step_sampling,
+        fuse_narrow=args.fuse_narrow,
     )
     if args.like_gpu:  # before the first call: compilation is lazy, and the loss methods look the capacity up on it
         update.loss.__class__ = _GpuLikeLoss
@@ -179,10 +190,17 @@ def profile_steps(args) -> dict:
     bench.sync(device)
     kind = DeviceType.CUDA if device.type == "cuda" else DeviceType.CPU
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "matmul_precision": args.matmul_precision,
-              "compiled": not args.no_compile, "cudagraphs": args.cudagraphs, "overlap_losses": args.overlap, "step_sampling": args.step_sampling,
-              "fuse_narrow_linear": args.fuse_narrow, "like_gpu": args.like_gpu}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "matmul_precision": args.matmul_precision,
+        "compiled": not args.no_compile,
+        "cudagraphs": args.cudagraphs,
+        "overlap_losses": args.overlap,
+        "step_sampling": args.step_sampling,
+        "fuse_narrow_linear": args.fuse_narrow,
+        "like_gpu": args.like_gpu,
+    }
     for name, fn in (("critic_step", update.critic), ("actor_behavior_step", update.policy)):
         with profile(activities=activities) as prof:
             for _ in range(args.steps):
@@ -191,9 +209,11 @@ def profile_steps(args) -> dict:
         result[name] = kernel_table(prof, args.steps, kind, count_gemms=not args.cudagraphs)
         result[name].update(wall_and_host(fn, batch, args.steps, device))
         if not result[name]["kernels_per_step"]:
-            print(f"{name}: the profiler recorded no {kind.name} kernels (CUDA-graph replays need a CUPTI that "
-                  f"traces graph kernels): the kernel figures are missing, not zero; run with --no-cudagraphs",
-                  flush=True)
+            print(
+                f"{name}: the profiler recorded no {kind.name} kernels (CUDA-graph replays need a CUPTI that "
+                f"traces graph kernels): the kernel figures are missing, not zero; run with --no-cudagraphs",
+                flush=True,
+            )
         print(name, json.dumps({k: v for k, v in result[name].items() if k != "top"}), flush=True)
         for row in result[name]["top"][:12]:
             print(f"  {row['us_per_step']:9.1f} us  x{row['calls_per_step']:5.1f}  {row['name']}")

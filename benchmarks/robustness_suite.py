@@ -15,6 +15,7 @@ the data's mean return, BDPO's final and best evaluations (mean +- std over seed
 BDPO ended above the behavior and within 90% of its best in every seed, each peer's final
 return, and the wall time of everything.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,17 @@ def run_job(cmd: list[str], threads: int | None, log: Path) -> int:
 def generate(args) -> None:
     for task in args.envs:
         for g in args.gen_seeds:
-            cmd = [sys.executable, str(SCRIPTS / "make_dataset.py"), f"env_id={ENV_IDS[task]}",
-                   f"levels=[{','.join(args.levels)}]", "hidden=128", f"seed={g}", f"dataset_prefix={prefix(g)}",
-                   f"out_dir={Path(args.out) / 'generator' / task / f'seed{g}'}", "progress=false"]
+            cmd = [
+                sys.executable,
+                str(SCRIPTS / "make_dataset.py"),
+                f"env_id={ENV_IDS[task]}",
+                f"levels=[{','.join(args.levels)}]",
+                "hidden=128",
+                f"seed={g}",
+                f"dataset_prefix={prefix(g)}",
+                f"out_dir={Path(args.out) / 'generator' / task / f'seed{g}'}",
+                "progress=false",
+            ]
             rc = run_job(cmd, args.threads, Path(args.out) / "logs" / f"generate-{task}-seed{g}.log")
             if rc:
                 print(f"generation of {task} seed {g} failed (exit {rc}); see its log")
@@ -73,14 +82,34 @@ def run(args) -> None:
             name = f"{task}-{level}-gen{g}"
             run_dir = out / "bdpo" / name / f"seed{seed}"
             if not (run_dir / "summary.json").exists():
-                cmd = [sys.executable, str(SCRIPTS / "bdpo_offline.py"), f"task=generated-{task}-{level}", "budget=cpu",
-                       f"env.dataset={dataset}", f"seed={seed}", f"hydra.run.dir={run_dir}", "checkpoint.resume=true",
-                       *([f"threads={args.threads}"] if args.threads else []), *args.bdpo]
+                cmd = [
+                    sys.executable,
+                    str(SCRIPTS / "bdpo_offline.py"),
+                    f"task=generated-{task}-{level}",
+                    "budget=cpu",
+                    f"env.dataset={dataset}",
+                    f"seed={seed}",
+                    f"hydra.run.dir={run_dir}",
+                    "checkpoint.resume=true",
+                    *([f"threads={args.threads}"] if args.threads else []),
+                    *args.bdpo,
+                ]
                 run_job(cmd, args.threads, out / "logs" / f"bdpo-{name}-seed{seed}.log")
             peers_dir = out / "peers" / name / f"seed{seed}"
             if not args.skip_peers and not (peers_dir / "peers.png").exists():
-                cmd = [sys.executable, str(ROOT / "benchmarks" / "offline_peers.py"), "--dataset", dataset,
-                       "--seeds", str(seed), "--steps", str(args.steps), "--out-dir", str(peers_dir), "--no-progress"]
+                cmd = [
+                    sys.executable,
+                    str(ROOT / "benchmarks" / "offline_peers.py"),
+                    "--dataset",
+                    dataset,
+                    "--seeds",
+                    str(seed),
+                    "--steps",
+                    str(args.steps),
+                    "--out-dir",
+                    str(peers_dir),
+                    "--no-progress",
+                ]
                 run_job(cmd, args.threads, out / "logs" / f"peers-{name}-seed{seed}.log")
 
 
@@ -114,12 +143,19 @@ def report(args) -> str:
             wall += sum(r["wall_s"] for runs in p["runs"].values() for r in runs.values())
             for algo, runs in p["runs"].items():
                 peers.setdefault(algo, []).extend(r["evals"][-1]["mean"] for r in runs.values())
-        cells = [bdpo_dir.name, "—" if data is None else f"{data:.0f}", _pm(finals), _pm(bests),
-                 f"{sum(ok)}/{len(ok)}" + (f" ({len(unfinished)} unfinished)" if unfinished else "")]
+        cells = [
+            bdpo_dir.name,
+            "—" if data is None else f"{data:.0f}",
+            _pm(finals),
+            _pm(bests),
+            f"{sum(ok)}/{len(ok)}" + (f" ({len(unfinished)} unfinished)" if unfinished else ""),
+        ]
         cells += [_pm(peers.get(a, [])) for a in ("iql", "cql", "td3bc", "bc")]
         rows.append("| " + " | ".join(cells) + " |")
-    head = ("| dataset | data mean return | BDPO final | BDPO best | above data and >= 0.9 best | IQL | CQL | TD3+BC | BC |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (
+        "| dataset | data mean return | BDPO final | BDPO best | above data and >= 0.9 best | IQL | CQL | TD3+BC | BC |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     text = "\n".join([head, *rows]) + f"\n\nWall time of every run above: {wall / 3600:.1f} h.\n"
     print(text)
     return text

@@ -8,6 +8,7 @@ It writes a PNG with the data, the model's samples and one reverse path per
 colour, and prints the MMD^2 of the samples to fresh data next to that of a
 moment-matched Gaussian.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,7 @@ def main(argv=None) -> dict:
         p.error(f"--steps={args.steps} and --batch-size={args.batch_size} must both be >= 1")
 
     torch.manual_seed(args.seed)
-    actor = DiffusionActor(
-        EpsilonNetwork(2, 1, hidden=args.hidden, depth=3), make_schedule("vp", args.num_steps)
-    )
+    actor = DiffusionActor(EpsilonNetwork(2, 1, hidden=args.hidden, depth=3), make_schedule("vp", args.num_steps))
     loss_module = DenoisingLoss(actor)
     optim = torch.optim.Adam(loss_module.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, args.steps)
@@ -82,8 +81,7 @@ def main(argv=None) -> dict:
     axes[0].scatter(*data.T, s=2, alpha=0.5)
     axes[0].set_title("data (8 gaussians)")
     axes[1].scatter(*path.action.T, s=2, alpha=0.5, color="C1")
-    axes[1].set_title(f"DDPM samples, N={args.num_steps}\nMMD$^2$={result['mmd2_model']:.4f} "
-                      f"(gaussian {result['mmd2_gaussian']:.4f})")
+    axes[1].set_title(f"DDPM samples, N={args.num_steps}\nMMD$^2$={result['mmd2_model']:.4f} (gaussian {result['mmd2_gaussian']:.4f})")
     for i in range(12):
         axes[2].plot(*path.actions[:, i].T, "-", lw=0.6, alpha=0.8)
         axes[2].plot(*path.actions[0, i], "o", ms=4, color="k")
@@ -95,8 +93,7 @@ def main(argv=None) -> dict:
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
-    print(f"MMD^2 samples-to-data {result['mmd2_model']:.4f}; moment-matched gaussian "
-          f"{result['mmd2_gaussian']:.4f}; data-to-data {result['mmd2_data']:.4f}")
+    print(f"MMD^2 samples-to-data {result['mmd2_model']:.4f}; moment-matched gaussian {result['mmd2_gaussian']:.4f}; data-to-data {result['mmd2_data']:.4f}")
     print(f"figure written to {args.out}")
     return result
 

@@ -23,6 +23,7 @@ sampling processes (see the README). Plugging in your own model: wrap any
 ``network(a_n, n, observation) -> eps`` as ``DiffusionActor(network, schedule)``; both models
 must share the schedule (``PathwiseKLLoss`` raises otherwise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,7 @@ def pretrain(dataset="8gaussians", num_steps=10, steps=2000, batch=256, hidden=1
     """Fit a DDPM (vp schedule, ``final_noise=True``) to a toy dataset; returns the model."""
     torch.manual_seed(seed)
     data = make_toy_data(dataset, 200_000, seed=seed)["action"]
-    model = DiffusionActor(
-        EpsilonNetwork(2, 1, hidden=hidden, depth=3), make_schedule("vp", num_steps, final_noise=True)
-    )
+    model = DiffusionActor(EpsilonNetwork(2, 1, hidden=hidden, depth=3), make_schedule("vp", num_steps, final_noise=True))
     loss = DenoisingLoss(model)
     optim = torch.optim.Adam(loss.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, steps)
@@ -121,9 +120,7 @@ def finetune_blackbox(
     )
     critic_up = TargetSoftUpdate(loss, ("qvalue_network", "value_network"), tau=0.05)
     actor_up = TargetSoftUpdate(loss, ("actor_network",), tau=0.005)
-    critic_optim = torch.optim.Adam(
-        [*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()], lr=1e-3
-    )
+    critic_optim = torch.optim.Adam([*loss.qvalue_network_params.parameters(), *loss.value_network_params.parameters()], lr=1e-3)
     actor_optim = torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4)
     ones = torch.ones(batch, 1, dtype=torch.bool)
     warmup = steps // 5

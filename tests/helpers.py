@@ -1,4 +1,5 @@
 """Training loops shared by the tests that check a loss against a known optimum."""
+
 import torch
 from tensordict import TensorDict
 

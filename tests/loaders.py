@@ -1,4 +1,5 @@
 """Import the scripts and benchmarks, which are files, not modules of the package."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -27,8 +28,7 @@ def load_benchmark(name: str):
 
 
 # the networks and phases of the tiny script runs (a few seconds each on a CPU)
-TINY_MODEL = ["diffusion.hidden=16", "diffusion.depth=2", "critic.hidden=16", "critic.num_qvalue_nets=2",
-              "loss.num_samples=2", "optim.batch_size=32"]
+TINY_MODEL = ["diffusion.hidden=16", "diffusion.depth=2", "critic.hidden=16", "critic.num_qvalue_nets=2", "loss.num_samples=2", "optim.batch_size=32"]
 TINY_PHASES = ["optim.pretrain_steps=20", "optim.steps=30", "optim.warmup=5", "optim.actor_every=2"]
 
 

@@ -3,6 +3,7 @@
 CPU tests run in CI (aot_eager: dynamo + AOTAutograd, no code generation). The
 ``gpu`` tests need CUDA (``pytest -m gpu``): CUDA graphs, and inductor on the GPU.
 """
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -197,9 +198,7 @@ def test_critic_step_clips_q_and_v_apart():
         clipped = _grad_norm(getattr(update.loss, name + "_network_params").parameters())
         torch.testing.assert_close(clipped, torch.tensor(clip), rtol=1e-4, atol=0, msg=name)
     # one norm over both would leave the two clipped norms' root sum of squares at the clip, not sqrt(2) x it
-    both = torch.linalg.vector_norm(
-        torch.stack([_grad_norm(getattr(update.loss, n + "_network_params").parameters()) for n in ("qvalue", "value")])
-    )
+    both = torch.linalg.vector_norm(torch.stack([_grad_norm(getattr(update.loss, n + "_network_params").parameters()) for n in ("qvalue", "value")]))
     torch.testing.assert_close(both, torch.tensor(clip * 2**0.5), rtol=1e-4, atol=0)
 
 
@@ -237,10 +236,7 @@ def test_update_with_a_known_reward_as_q_trains_the_value_only(compile):
     # the Q loss is that of the known reward against the KL-penalised target
     assert outs[0]["loss_qvalue"] > 0
     for name in ("value_network_params", "actor_network_params"):
-        moved = [
-            not torch.allclose(p, q)
-            for p, q in zip(getattr(upd.loss, name).parameters(), getattr(fresh, name).parameters())
-        ]
+        moved = [not torch.allclose(p, q) for p, q in zip(getattr(upd.loss, name).parameters(), getattr(fresh, name).parameters())]
         assert any(moved), name
 
 
@@ -343,8 +339,7 @@ def test_compiled_cpu_behavior_step_is_one_functional_program(monkeypatch, reduc
     for p, q in zip(upd._params["behavior"], ref._params["behavior"]):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
     # the target EMA followed, as eager's
-    for (name, p), (_, q) in zip(upd.loss.target_behavior_network_params.items(True, True),
-                                 ref.loss.target_behavior_network_params.items(True, True)):
+    for (name, p), (_, q) in zip(upd.loss.target_behavior_network_params.items(True, True), ref.loss.target_behavior_network_params.items(True, True)):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=str(name))
 
 
@@ -528,11 +523,32 @@ def test_overlapped_steps_fork_and_join_around_the_second_loss(monkeypatch):
     batches = cpu_batches(2)
     outs, ref_outs = run_steps(upd, batches), run_steps(ref, batches)
     assert_same_run(outs, ref_outs, upd, ref, rtol=0, atol=0)
-    critic = ["side waits main", "qvalue_loss on main", "enter side", "value_loss on side", "exit side", "main waits side",
-              "main waits side",  # after the backward pass
-              "side waits main", "enter side", "exit side", "main waits side"]  # Q's and V's gradient clips
-    policy = ["side waits main", "actor_loss on main", "enter side", "behavior_loss on side", "exit side", "main waits side",
-              "main waits side", "side waits main", "enter side", "exit side", "main waits side"]  # backward, optimizer steps
+    critic = [
+        "side waits main",
+        "qvalue_loss on main",
+        "enter side",
+        "value_loss on side",
+        "exit side",
+        "main waits side",
+        "main waits side",  # after the backward pass
+        "side waits main",
+        "enter side",
+        "exit side",
+        "main waits side",
+    ]  # Q's and V's gradient clips
+    policy = [
+        "side waits main",
+        "actor_loss on main",
+        "enter side",
+        "behavior_loss on side",
+        "exit side",
+        "main waits side",
+        "main waits side",
+        "side waits main",
+        "enter side",
+        "exit side",
+        "main waits side",
+    ]  # backward, optimizer steps
     behavior = ["behavior_loss on main"]
     assert log == (critic + policy + behavior) * 2
 
@@ -642,7 +658,10 @@ def test_cudagraph_update_with_stratified_steps_matches_eager(compile):
     batches = gpu_batches(3, B=12) + [b.to("cuda") for b in cpu_batches(1, B=8)]
     ref = update_for(make_loss(step_sampling="stratified").to("cuda"), fused=True)
     upd = update_for(
-        make_loss(step_sampling="stratified").to("cuda"), fused=True, compile=compile, cudagraphs=True,
+        make_loss(step_sampling="stratified").to("cuda"),
+        fused=True,
+        compile=compile,
+        cudagraphs=True,
         overlap_losses=True,
     )
     assert_same_run(run_steps(upd, batches), run_steps(ref, batches), upd, ref, rtol=1e-3, atol=1e-4)

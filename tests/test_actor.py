@@ -31,9 +31,7 @@ def test_path_is_the_chain_of_reverse_steps():
         nxt, eps = actor.reverse_step(obs, path.actions[n], n, noise[n - 1])
         torch.testing.assert_close(eps, path.eps[n - 1])
         torch.testing.assert_close(nxt, path.actions[n - 1])
-        expected = actor.schedule.reverse_mean(path.actions[n], n, eps) + (
-            actor.schedule.sigmas[n] * noise[n - 1] if n > 1 else 0
-        )
+        expected = actor.schedule.reverse_mean(path.actions[n], n, eps) + (actor.schedule.sigmas[n] * noise[n - 1] if n > 1 else 0)
         torch.testing.assert_close(nxt, expected)
     # the same noise gives the same path
     torch.testing.assert_close(actor.sample_path(obs, noise=noise).actions, path.actions)

@@ -11,6 +11,7 @@ processes. With DDPM's noiseless last step (BDPO's default), l_1 charges a Gauss
 KL for a deterministic map and the optimum moves (measured at N=5, eta=0.5: the
 actor reached E r = 0.67 where pi* of the noiseless nu has 0.33).
 """
+
 import copy
 
 import pytest
@@ -55,8 +56,15 @@ def run_bandit(bc_steps, rl_steps, batch, num_samples):
     reward = TensorDictModule(LinearReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
     actor = copy.deepcopy(behavior)  # hand-over: the actor starts as the behavior
     loss = BDPOLoss(
-        actor, behavior, make_value_operator(1, 2, hidden=64), reward,
-        eta=ETA, rho=0.0, num_qvalue_nets=1, num_samples=num_samples, train_behavior=False,
+        actor,
+        behavior,
+        make_value_operator(1, 2, hidden=64),
+        reward,
+        eta=ETA,
+        rho=0.0,
+        num_qvalue_nets=1,
+        num_samples=num_samples,
+        train_behavior=False,
     )
     train_value_and_actor(loss, obs, mixture, rl_steps, warmup=rl_steps // 5)
 

@@ -1,4 +1,3 @@
-
 import re
 
 import pytest
@@ -207,7 +206,11 @@ def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
     act = torch.randn(97, ACT)
     for rows in range(83, 93):  # one chunk of `rows` rows (and one of 97 - rows): two new shapes at most
         out = utils.ensemble_apply_chunked(
-            loss.qvalue_network, loss.qvalue_network_params, [obs, act], 2, [rows, 97 - rows],
+            loss.qvalue_network,
+            loss.qvalue_network_params,
+            [obs, act],
+            2,
+            [rows, 97 - rows],
             compile_options={"backend": "eager"},
         )
         assert out.shape == (2, 97, 1)
@@ -366,9 +369,7 @@ def test_target_updaters_move_only_their_group():
     loss = make_loss()
     critics, actor_up, behavior_up = loss.make_target_updaters(tau=0.5)
     params = dict(loss.named_parameters())
-    before = {
-        n: b.clone() for n, b in loss.named_buffers() if n.startswith("target_") and n[len("target_"):] in params
-    }
+    before = {n: b.clone() for n, b in loss.named_buffers() if n.startswith("target_") and n[len("target_") :] in params}
     assert len(before) == len(params)
     with torch.no_grad():
         for p in loss.parameters():
@@ -380,13 +381,13 @@ def test_target_updaters_move_only_their_group():
         should = name.startswith(("target_qvalue", "target_value"))
         assert moved == should, name
         if should:  # every entry, paired by name: 0.5 old + 0.5 online
-            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_"):]].data, msg=name)
+            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_") :]].data, msg=name)
     actor_up.step()
     behavior_up.step()
     after = dict(loss.named_buffers())
     for name, old in before.items():
         if name.startswith(("target_actor", "target_behavior")):
-            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_"):]].data, msg=name)
+            torch.testing.assert_close(after[name], 0.5 * old + 0.5 * params[name[len("target_") :]].data, msg=name)
     # the updaters follow parameters that a dtype (or device) change replaced
     loss = loss.double()
     online = {n: p.detach().clone() for n, p in [*loss.named_parameters(), *loss.named_buffers()]}
@@ -395,7 +396,7 @@ def test_target_updaters_move_only_their_group():
     for name, b in loss.named_buffers():
         if name in old:
             assert b.dtype == torch.float64
-            torch.testing.assert_close(b, 0.5 * old[name] + 0.5 * online[name[len("target_"):]], msg=name)
+            torch.testing.assert_close(b, 0.5 * old[name] + 0.5 * online[name[len("target_") :]], msg=name)
 
 
 def test_target_updater_cache_follows_replaced_parameters():
@@ -464,9 +465,7 @@ def test_acting_module():
     with loss.target_actor_network_params.to_module(loss.actor_network):
         cands = loss.actor_network.sample_path(obs, num_samples=6).action
     obs_m = obs.unsqueeze(1).expand(5, 6, OBS)
-    q = torch.stack(
-        [loss.qvalue_network.module(obs_m, cands) for _ in [0]]
-    )  # shape check only; the ensemble mean is computed below
+    q = torch.stack([loss.qvalue_network.module(obs_m, cands) for _ in [0]])  # shape check only; the ensemble mean is computed below
     qs = []
     for k in range(K):
         with loss.target_qvalue_network_params[k].to_module(loss.qvalue_network):
@@ -642,11 +641,20 @@ def test_n_step_target_equals_torchrls_td0_on_a_multistep_batch():
     obs = torch.randn(1, T + 1, OBS, generator=g)
     term = torch.zeros(1, T, 1, dtype=torch.bool)
     term[0, -1] = True  # the last steps of the trajectory see fewer than n_steps rewards
-    traj = TensorDict({
-        "observation": obs[:, :-1], "action": torch.rand(1, T, ACT, generator=g) * 2 - 1,
-        "next": {"observation": obs[:, 1:], "reward": torch.randn(1, T, 1, generator=g),
-                 "terminated": term, "truncated": torch.zeros_like(term), "done": term.clone()},
-    }, [1, T])
+    traj = TensorDict(
+        {
+            "observation": obs[:, :-1],
+            "action": torch.rand(1, T, ACT, generator=g) * 2 - 1,
+            "next": {
+                "observation": obs[:, 1:],
+                "reward": torch.randn(1, T, 1, generator=g),
+                "terminated": term,
+                "truncated": torch.zeros_like(term),
+                "done": term.clone(),
+            },
+        },
+        [1, T],
+    )
     batch = MultiStep(gamma=gamma, n_steps=n_steps)(traj).reshape(-1)
     steps = batch["steps_to_next_obs"]
     assert set(steps.reshape(-1).tolist()) == {1, 2, 3}
@@ -659,7 +667,7 @@ def test_n_step_target_equals_torchrls_td0_on_a_multistep_batch():
     live = ~batch["next", "terminated"].squeeze(-1)
     by_hand = batch["next", "reward"].squeeze(-1) + live * gamma ** steps.squeeze(-1).float() * next_value
     torch.testing.assert_close(target, by_hand)
-    assert (steps < n_steps).any() and (gamma ** steps != gamma).any()  # it would differ with gamma alone
+    assert (steps < n_steps).any() and (gamma**steps != gamma).any()  # it would differ with gamma alone
 
 
 def test_bad_batches_get_clear_errors():
@@ -669,8 +677,9 @@ def test_bad_batches_get_clear_errors():
     actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8), make_schedule("vp", N))
     kl = PathwiseKLLoss(actor, DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=8), make_schedule("vp", N)))
     den = DenoisingLoss(actor)
-    value = DiffusionValueLoss(actor, actor, make_value_operator(OBS, ACT, hidden=8, num_steps=N),
-                               make_qvalue_operator(OBS, ACT, hidden=8), eta=0.2, num_qvalue_nets=2, num_samples=2)
+    value = DiffusionValueLoss(
+        actor, actor, make_value_operator(OBS, ACT, hidden=8, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=8), eta=0.2, num_qvalue_nets=2, num_samples=2
+    )
     calls = [loss, loss.qvalue_loss, loss.value_loss, loss.actor_loss, loss.behavior_loss, kl, den, value]
     for call in calls:
         with pytest.raises(ValueError, match=r"empty batch \(batch size \(0,\)\)"):
@@ -709,8 +718,16 @@ def test_init_actor_from_behavior_is_the_hand_over():
     assert float(same.abs().max()) < 1e-10  # the actor is the KL reference: no path KL
     actor = DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=32, depth=2), make_schedule("vp", N))
     ref = make_reference("uniform", make_schedule("vp", N), ACT, OBS)
-    analytic = BDPOLoss(actor, ref, make_value_operator(OBS, ACT, hidden=32, num_steps=N), make_qvalue_operator(OBS, ACT, hidden=32),
-                        eta=0.2, num_qvalue_nets=K, num_samples=M, train_behavior=False)
+    analytic = BDPOLoss(
+        actor,
+        ref,
+        make_value_operator(OBS, ACT, hidden=32, num_steps=N),
+        make_qvalue_operator(OBS, ACT, hidden=32),
+        eta=0.2,
+        num_qvalue_nets=K,
+        num_samples=M,
+        train_behavior=False,
+    )
     with pytest.raises(ValueError, match=r"init_actor_from_behavior: the behavior network's parameters do not match.*DenoisingLoss"):
         analytic.init_actor_from_behavior()
     out = analytic(data)  # the analytic reference trains the rest as a behavior would

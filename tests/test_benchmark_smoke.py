@@ -1,4 +1,5 @@
 """The benchmark script runs and writes its JSON (timings themselves are never asserted)."""
+
 import json
 
 import pytest
@@ -11,8 +12,7 @@ bench = load_benchmark("bench_bdpo")
 
 def test_benchmark_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--only", "acting", "--only", "update", "--no-compile", "--steps", "1", "--repeats", "2",
-                "--batch-size", "32", "--out", str(out)])
+    bench.main(["--only", "acting", "--only", "update", "--no-compile", "--steps", "1", "--repeats", "2", "--batch-size", "32", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["settings"]["repeats"] == 2
     assert result["settings"]["N"] == 5 and result["matmul_peak_gflops"] > 0
@@ -34,9 +34,11 @@ def test_benchmark_writes_json(tmp_path):
 def test_benchmark_builds_the_update_as_the_scripts_do():
     """Compiled CPU steps get the ensemble chunks' compile options (the steps' mode), eager and
     graphed ones none, as utils.chunk_compile_options gives the scripts' losses."""
-    for kwargs, expected in [({}, None), ({"compile": True}, {}),
-                             ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
-                              {"mode": "max-autotune-no-cudagraphs"})]:
+    for kwargs, expected in [
+        ({}, None),
+        ({"compile": True}, {}),
+        ({"compile": True, "compile_mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs"}),
+    ]:
         assert bench.make_update("cpu", N=2, **kwargs).loss.speed.ensemble_chunk_compile == expected, kwargs
 
 
@@ -46,8 +48,25 @@ def test_toy_preset_times_terminal_batches(tmp_path):
     flops = {}
     for terminal in ("preset", "none"):
         out = tmp_path / f"{terminal}.json"
-        bench.main(["--preset", "toy", "--only", "update", "--no-compile", "--steps", "1", "--repeats", "1",
-                    "--batch-size", "8", "--terminal", terminal, "--out", str(out)])
+        bench.main(
+            [
+                "--preset",
+                "toy",
+                "--only",
+                "update",
+                "--no-compile",
+                "--steps",
+                "1",
+                "--repeats",
+                "1",
+                "--batch-size",
+                "8",
+                "--terminal",
+                terminal,
+                "--out",
+                str(out),
+            ]
+        )
         result = json.loads(out.read_text())
         assert result["settings"]["N"] == 50
         assert result["settings"]["terminal_next_states"] is (terminal == "preset")
@@ -63,9 +82,12 @@ def test_gpu_update_variants_add_the_two_stream_steps():
     names = bench.update_variants(args, torch.device("cuda"))
     u = "uniform"
     assert names == {
-        "eager": (False, False, False, u, None), "cudagraphs": (False, True, False, u, None),
-        "compiled": (True, False, False, u, None), "compiled_cudagraphs": (True, True, False, u, None),
-        "cudagraphs_overlap": (False, True, True, u, None), "compiled_cudagraphs_overlap": (True, True, True, u, None),
+        "eager": (False, False, False, u, None),
+        "cudagraphs": (False, True, False, u, None),
+        "compiled": (True, False, False, u, None),
+        "compiled_cudagraphs": (True, True, False, u, None),
+        "cudagraphs_overlap": (False, True, True, u, None),
+        "compiled_cudagraphs_overlap": (True, True, True, u, None),
         "compiled_cudagraphs_overlap_sums": (True, True, True, u, "cuda"),  # the narrow maps as sums
     }
     no_overlap = bench.update_variants(bench.build_parser().parse_args(["--no-overlap"]), torch.device("cuda"))
@@ -85,8 +107,11 @@ def test_step_sampling_variants():
     assert gpu["compiled_cudagraphs_overlap_stratified"] == (True, True, True, "stratified", None)
     assert [n for n, v in gpu.items() if v[3] == "stratified"] == ["compiled_cudagraphs_overlap_stratified"]
     cpu = bench.update_variants(both, torch.device("cpu"))
-    assert cpu == {"eager": (False, False, False, "uniform", None), "compiled": (True, False, False, "uniform", None),
-                   "compiled_stratified": (True, False, False, "stratified", None)}
+    assert cpu == {
+        "eager": (False, False, False, "uniform", None),
+        "compiled": (True, False, False, "uniform", None),
+        "compiled_stratified": (True, False, False, "stratified", None),
+    }
     only = bench.update_variants(bench.build_parser().parse_args(["--step-sampling", "stratified"]), torch.device("cpu"))
     assert only == {"eager": (False, False, False, "stratified", None), "compiled": (True, False, False, "stratified", None)}
 
@@ -100,9 +125,9 @@ def bench_update_of(variants, tmp_path, monkeypatch, repeats=1):
 
 
 def test_stratified_variant_is_timed_against_its_uniform_twin(tmp_path, monkeypatch):
-    result = bench_update_of({"eager": (False, False, False, "uniform", None),
-                              "eager_stratified": (False, False, False, "stratified", None)},
-                             tmp_path, monkeypatch, repeats=2)
+    result = bench_update_of(
+        {"eager": (False, False, False, "uniform", None), "eager_stratified": (False, False, False, "stratified", None)}, tmp_path, monkeypatch, repeats=2
+    )
     assert result["eager_stratified"]["speedup_over_uniform_steps"] > 0
     assert "speedup_over_uniform_steps" not in result["eager"]
 
@@ -123,10 +148,16 @@ def test_sums_variant_builds_with_the_narrow_maps_as_sums_and_is_timed_against_i
         return update
 
     monkeypatch.setattr(bench, "make_update", recording_make_update)
-    result = bench_update_of({"eager": (False, False, False, "uniform", None),
-                              "eager_sums": (False, False, False, "uniform", "cuda"),
-                              "broken_sums": (False, False, False, "uniform", "cuda")},
-                             tmp_path, monkeypatch, repeats=2)
+    result = bench_update_of(
+        {
+            "eager": (False, False, False, "uniform", None),
+            "eager_sums": (False, False, False, "uniform", "cuda"),
+            "broken_sums": (False, False, False, "uniform", "cuda"),
+        },
+        tmp_path,
+        monkeypatch,
+        repeats=2,
+    )
     assert seen == {0: {False}, 1: {"cuda"}, 2: {"cuda"}}
     assert result["eager_sums"]["speedup_over_gemms"] > 0
     assert "speedup_over_gemms" not in result["eager"]
@@ -135,9 +166,7 @@ def test_sums_variant_builds_with_the_narrow_maps_as_sums_and_is_timed_against_i
 
 def test_a_variant_that_fails_to_build_is_reported_and_the_others_run(tmp_path, monkeypatch):
     """A variant that raises while built (here two streams on a CPU) gets its error in the JSON."""
-    result = bench_update_of({"eager": (False, False, False, "uniform", None),
-                              "eager_overlap": (False, False, True, "uniform", None)},
-                             tmp_path, monkeypatch)
+    result = bench_update_of({"eager": (False, False, False, "uniform", None), "eager_overlap": (False, False, True, "uniform", None)}, tmp_path, monkeypatch)
     assert result["eager"]["phase_b_steps_per_s"] > 0
     assert set(result["eager_overlap"]) == {"error"}  # not timed
     assert result["eager_overlap"]["error"].startswith("ValueError: overlap_losses=True runs the losses on two CUDA streams")
@@ -154,8 +183,7 @@ def test_profile_script_counts_the_step_ops(tmp_path, sampling):
     profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
     fuse = [] if sampling == "uniform" else ["--fuse-narrow", "cuda"]  # "cuda" writes GEMMs on a CPU
-    profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out),
-                       "--step-sampling", sampling, *fuse])
+    profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out), "--step-sampling", sampling, *fuse])
     result = json.loads(out.read_text())
     assert result["step_sampling"] == sampling
     assert result["fuse_narrow_linear"] == (False if sampling == "uniform" else "cuda")
@@ -197,8 +225,9 @@ def test_profile_script_refuses_cudagraphs_without_cuda(capsys):
 def test_profile_script_like_gpu_counts_gemms(tmp_path):
     profile_step = load_benchmark("profile_step")
     out = tmp_path / "profile.json"
-    result = profile_step.main(["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out",
-                                str(out), "--like-gpu", "--fuse-narrow", "true"])
+    result = profile_step.main(
+        ["--no-compile", "--steps", "1", "--batch-size", "16", "--device", "cpu", "--out", str(out), "--like-gpu", "--fuse-narrow", "true"]
+    )
     assert json.loads(out.read_text()) == result
     assert result["like_gpu"] is True and result["fuse_narrow_linear"] is True
     for step in ("critic_step", "actor_behavior_step"):
@@ -212,8 +241,9 @@ def test_profile_script_counts_fewer_gemms_with_the_narrow_maps_as_sums(tmp_path
     profile_step = load_benchmark("profile_step")
     gemms = {}
     for fuse in ("false", "true"):
-        result = profile_step.main(["--steps", "1", "--batch-size", "16", "--device", "cpu", "--like-gpu",
-                                    "--fuse-narrow", fuse, "--out", str(tmp_path / f"{fuse}.json")])
+        result = profile_step.main(
+            ["--steps", "1", "--batch-size", "16", "--device", "cpu", "--like-gpu", "--fuse-narrow", fuse, "--out", str(tmp_path / f"{fuse}.json")]
+        )
         gemms[fuse] = {k: result[k]["gemm_calls_per_step"] for k in ("critic_step", "actor_behavior_step")}
     for step in ("critic_step", "actor_behavior_step"):
         assert gemms["true"][step] < 0.85 * gemms["false"][step], gemms
@@ -224,9 +254,8 @@ def test_gpu_check_fits_the_issue_s_eight_minutes():
     import re
 
     text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
-    check = text[text.index("# the gpu-marked tests"):]
-    limits = [int(m) for line in check.splitlines() if not line.lstrip().startswith("#")
-              for m in re.findall(r"\btimeout (\d+)", line)]
+    check = text[text.index("# the gpu-marked tests") :]
+    limits = [int(m) for line in check.splitlines() if not line.lstrip().startswith("#") for m in re.findall(r"\btimeout (\d+)", line)]
     assert len(limits) == 3 and sum(limits) <= 480, limits
 
 
@@ -246,16 +275,12 @@ def test_compile_ab_parses_variants():
     ab = load_benchmark("gpu_compile_ab")
     assert ab.parse_variant("default") == ("default", None, {})
     assert ab.parse_variant("auto:max-autotune-no-cudagraphs") == ("auto", "max-autotune-no-cudagraphs", {})
-    assert ab.parse_variant("combo:default:combo_kernels=True,max_fusion_size=32") == (
-        "combo", None, {"combo_kernels": True, "max_fusion_size": 32}
-    )
+    assert ab.parse_variant("combo:default:combo_kernels=True,max_fusion_size=32") == ("combo", None, {"combo_kernels": True, "max_fusion_size": 32})
     with pytest.raises(SystemExit, match="expected key=value pairs"):
         ab.parse_variant("x:default:combo_kernels")
     with pytest.raises(SystemExit, match="has no 'no_such_setting'"):
         ab.parse_variant("x:default:no_such_setting=1")
-    assert ab.parse_variant("sums:default:fuse_narrow=cuda,combo_kernels=True") == (
-        "sums", None, {"fuse_narrow": "cuda", "combo_kernels": True}
-    )
+    assert ab.parse_variant("sums:default:fuse_narrow=cuda,combo_kernels=True") == ("sums", None, {"fuse_narrow": "cuda", "combo_kernels": True})
     import torch._inductor.config as inductor_config
 
     combo = inductor_config.combo_kernels
@@ -270,8 +295,24 @@ def test_compile_ab_runs_on_cpu(tmp_path):
     """Two variants compiled one after the other (dynamo reset between them) give the same losses."""
     ab = load_benchmark("gpu_compile_ab")
     out = tmp_path / "ab.json"
-    ab.main(["--device", "cpu", "--steps", "1", "--rounds", "2", "--variant", "a:default",
-             "--variant", "b:default:combo_kernels=True", "--step-sampling", "stratified", "--out", str(out)])
+    ab.main(
+        [
+            "--device",
+            "cpu",
+            "--steps",
+            "1",
+            "--rounds",
+            "2",
+            "--variant",
+            "a:default",
+            "--variant",
+            "b:default:combo_kernels=True",
+            "--step-sampling",
+            "stratified",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
     assert [r["variant"] for r in result["rounds"]] == ["a", "b", "a", "b"]
     assert all(r["phase_b_steps_per_s"] > 0 and r["pretrain_steps_per_s"] > 0 for r in result["rounds"])
@@ -313,8 +354,28 @@ def test_compare_revisions_times_each_revision_from_its_own_files(tmp_path):
     with pytest.raises(SystemExit, match=r"--old/--new 'no-such-rev': not a commit"):
         compare.main(["--old", "no-such-rev", "--work-dir", str(tmp_path / "revs")])
     out = tmp_path / "cmp.json"
-    result = compare.main(["--old", "HEAD", "--rounds", "2", "--work-dir", str(tmp_path / "revs"), "--out", str(out), "--",
-                           "--preset", "toy", "--only", "update", "--no-compile", "--steps", "1", "--batch-size", "8"])
+    result = compare.main(
+        [
+            "--old",
+            "HEAD",
+            "--rounds",
+            "2",
+            "--work-dir",
+            str(tmp_path / "revs"),
+            "--out",
+            str(out),
+            "--",
+            "--preset",
+            "toy",
+            "--only",
+            "update",
+            "--no-compile",
+            "--steps",
+            "1",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert json.loads(out.read_text()) == result
     assert result["revisions"]["old"] == result["revisions"]["new"] and len(result["revisions"]["old"]) == 40
     assert (tmp_path / "revs" / result["revisions"]["old"][:12] / "torchrl_bdpo" / "__init__.py").exists()
@@ -327,7 +388,6 @@ def test_compare_revisions_times_each_revision_from_its_own_files(tmp_path):
         assert eager["phase_b_steps_per_s"] == pytest.approx(sum(rounds) / 2)  # the median of two
     old, new = result["median"]["old"]["eager"], result["median"]["new"]["eager"]
     assert result["new_over_old"]["eager"]["phase_b_steps_per_s"] == pytest.approx(new["phase_b_steps_per_s"] / old["phase_b_steps_per_s"])
-    per_round = [n["eager"]["phase_b_steps_per_s"] / o["eager"]["phase_b_steps_per_s"]
-                 for o, n in zip(result["rounds"]["old"], result["rounds"]["new"])]
+    per_round = [n["eager"]["phase_b_steps_per_s"] / o["eager"]["phase_b_steps_per_s"] for o, n in zip(result["rounds"]["old"], result["rounds"]["new"])]
     assert result["new_over_old_per_round"]["eager"]["phase_b_steps_per_s"] == pytest.approx(per_round)
     assert result["new_over_old_median_of_rounds"]["eager"]["phase_b_steps_per_s"] == pytest.approx(sum(per_round) / 2)

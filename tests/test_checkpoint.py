@@ -1,4 +1,5 @@
 """Checkpoint files: weights_only loading, clear errors for crafted or broken files, durable writes."""
+
 import random
 
 import numpy as np

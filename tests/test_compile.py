@@ -4,6 +4,7 @@ Each loss method is compiled on its own: a single graph over the whole update le
 AOTAutograd reorder the random draws of different losses, which keeps the update
 statistically the same but not draw-for-draw comparable with eager.
 """
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """eta as a live buffer (set_eta) and the automatic eta of EtaLagrangian."""
+
 import math
 
 import pytest
@@ -17,8 +18,14 @@ def make_loss(eta=0.2, obs_dim=3, action_dim=2):
         return DiffusionActor(EpsilonNetwork(action_dim, obs_dim, hidden=16, depth=2), schedule)
 
     return BDPOLoss(
-        model(), model(), make_value_operator(obs_dim, action_dim, hidden=16, depth=2, num_steps=5),
-        make_qvalue_operator(obs_dim, action_dim, hidden=16), eta=eta, rho=1.0, num_qvalue_nets=2, num_samples=3,
+        model(),
+        model(),
+        make_value_operator(obs_dim, action_dim, hidden=16, depth=2, num_steps=5),
+        make_qvalue_operator(obs_dim, action_dim, hidden=16),
+        eta=eta,
+        rho=1.0,
+        num_qvalue_nets=2,
+        num_samples=3,
     )
 
 

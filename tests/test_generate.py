@@ -1,4 +1,5 @@
 """D4RL-style generation with TorchRL's SAC: a tiny run on Hopper-v5, round-tripped through the buffer."""
+
 import dataclasses
 import json
 
@@ -16,10 +17,22 @@ ALL = ("random", "medium", "medium-replay", "expert", "medium-expert")
 
 def tiny(tmp_path, **kwargs):
     kw = dict(
-        env_id="Hopper-v5", levels=ALL, num_transitions=200, out_dir=str(tmp_path / "out"),
-        frames_per_batch=50, init_random_frames=100, eval_every=100, eval_episodes=1,
-        max_medium_frames=1000, expert_frames=400, expert_return=1.0, random_return_episodes=3,
-        hidden=32, batch_size=32, checkpoint_every=100, progress=False,
+        env_id="Hopper-v5",
+        levels=ALL,
+        num_transitions=200,
+        out_dir=str(tmp_path / "out"),
+        frames_per_batch=50,
+        init_random_frames=100,
+        eval_every=100,
+        eval_episodes=1,
+        max_medium_frames=1000,
+        expert_frames=400,
+        expert_return=1.0,
+        random_return_episodes=3,
+        hidden=32,
+        batch_size=32,
+        checkpoint_every=100,
+        progress=False,
     )
     kw.update(kwargs)
     return GenerateConfig(**kw)
@@ -110,8 +123,11 @@ def test_raising_the_medium_frame_cap_resumes(tmp_path, minari_root, monkeypatch
 
     monkeypatch.setattr(DatasetGenerator, "_evaluate", evaluate)
     cfg = tiny(tmp_path, levels=("medium",), expert_return=3.0, max_medium_frames=200, checkpoint_every=1000)
-    with pytest.raises(RuntimeError, match=r"in 200 frames \(max_medium_frames=200; best evaluation 0\)\. Rerun with "
-                       r"a higher max_medium_frames to continue from the checkpoint at frame 200"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"in 200 frames \(max_medium_frames=200; best evaluation 0\)\. Rerun with "
+        r"a higher max_medium_frames to continue from the checkpoint at frame 200",
+    ):
         generate(cfg)
     assert load_checkpoint(tmp_path / "out" / "checkpoint.pt")["frames"] == 200
     # a higher cap (and another checkpoint interval) resumes the same run
@@ -223,8 +239,13 @@ def test_weak_medium_is_a_rollout_of_the_same_sac_run(tmp_path, minari_root):
 def test_every_bad_setting_is_named(tmp_path):
     with pytest.raises(ValueError) as err:
         tiny(tmp_path, num_transitions=0, checkpoint_every=0, batch_size=-1, lr=0.0, gamma=1.5, tau=0.0, hidden=2.5).validate()
-    for line in ("num_transitions=0: expected an integer >= 1", "checkpoint_every=0: expected an integer >= 1",
-                 "batch_size=-1: expected an integer >= 1", "lr=0.0: expected a number > 0",
-                 "gamma=1.5: expected a number >= 0 and <= 1", "tau=0.0: expected a number > 0 and <= 1",
-                 "hidden=2.5: expected an integer >= 1"):
+    for line in (
+        "num_transitions=0: expected an integer >= 1",
+        "checkpoint_every=0: expected an integer >= 1",
+        "batch_size=-1: expected an integer >= 1",
+        "lr=0.0: expected a number > 0",
+        "gamma=1.5: expected a number >= 0 and <= 1",
+        "tau=0.0: expected a number > 0 and <= 1",
+        "hidden=2.5: expected an integer >= 1",
+    ):
         assert line in str(err.value), line

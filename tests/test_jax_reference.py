@@ -4,6 +4,7 @@ The JAX checks need ``pip install jax optax`` (not a dependency of the package: 
 benchmark uses them) and are skipped without; the schedule check and the torch-only run of
 the driver need neither.
 """
+
 import json
 
 import numpy as np
@@ -61,9 +62,7 @@ def test_jax_step_computes_our_behavior_step():
     for _ in range(3):
         loss, norm = _torch_step(net, obs, act, n, noise, abar, opt, target)
         assert norm > ref.CLIP
-        params, opt_state, jtarget, jloss = ref.update(
-            params, opt_state, jtarget, j["obs"], j["act"], j["n"], j["noise"], abar_j, optimizer
-        )
+        params, opt_state, jtarget, jloss = ref.update(params, opt_state, jtarget, j["obs"], j["act"], j["n"], j["noise"], abar_j, optimizer)
         assert float(jloss) == pytest.approx(loss.item(), rel=1e-4)
     moved = ref.params_from_torch(net)
     for mine, theirs in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(moved)):
@@ -116,8 +115,12 @@ def test_jax_phase_b_targets_are_ours():
     }
     tables = {k: jnp.asarray(v) for k, v in ref.vp_tables(N).items()}
     schedule = loss.actor_network.schedule
-    for name, mine in (("kl_w", schedule.kl_weights), ("coef_x0", schedule.posterior_mean_coef_x0),
-                       ("coef_xt", schedule.posterior_mean_coef_xt), ("scales", schedule.noise_scales)):
+    for name, mine in (
+        ("kl_w", schedule.kl_weights),
+        ("coef_x0", schedule.posterior_mean_coef_x0),
+        ("coef_xt", schedule.posterior_mean_coef_xt),
+        ("scales", schedule.noise_scales),
+    ):
         np.testing.assert_allclose(np.asarray(tables[name]), mine.numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
     A, O = bench.ACT, bench.OBS
     next_obs, noise = torch.randn(B, O), torch.randn(N + 1, B, ref.M, A)

@@ -1,4 +1,5 @@
 """The examples/kl_finetune_2d.py fine-tuning styles reach p* ∝ p_ref exp(r / eta)."""
+
 import pytest
 import torch
 
@@ -21,9 +22,7 @@ def check(result, name, mmd_factor, reward_gap):
     assert result[name]["mmd2_to_p_star"] < result["pretrained"]["mmd2_to_p_star"] / mmd_factor
     assert abs(result[name]["reward"] - result["p_star"]["reward"]) < reward_gap
     # and well away from where it started
-    assert result[name]["reward"] - result["pretrained"]["reward"] > 0.5 * (
-        result["p_star"]["reward"] - result["pretrained"]["reward"]
-    )
+    assert result[name]["reward"] - result["pretrained"]["reward"] > 0.5 * (result["p_star"]["reward"] - result["pretrained"]["reward"])
 
 
 def test_differentiable_reward_fast(pretrained):

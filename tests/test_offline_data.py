@@ -1,4 +1,5 @@
 """Offline buffers keep every transition: checked against minari's own episodes."""
+
 import warnings
 
 import gymnasium as gym
@@ -371,9 +372,7 @@ def test_episode_helpers_share_one_rule_for_interleaved_episode_ids():
     expected = torch.tensor([1 + 0.5 * 2 + 0.25 * 4, 10 + 0.5 * 20, 2 + 0.5 * 4, 20.0, 4.0], dtype=torch.float64)
     torch.testing.assert_close(discounted_returns(td, 0.5), expected)
     # without ids, done flags delimit contiguous episodes
-    td_done = TensorDict(
-        {("next", "reward"): torch.ones(4, 1), ("next", "done"): torch.tensor([[False], [True], [False], [True]])}, [4]
-    )
+    td_done = TensorDict({("next", "reward"): torch.ones(4, 1), ("next", "done"): torch.tensor([[False], [True], [False], [True]])}, [4])
     assert episode_index(td_done).tolist() == [0, 0, 1, 1]
 
 
@@ -383,9 +382,12 @@ def _create_box(dataset_id, episodes, low, high, obs_dim=3):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return minari.create_dataset_from_buffers(
-            dataset_id, episodes, env="Pendulum-v1",
+            dataset_id,
+            episodes,
+            env="Pendulum-v1",
             action_space=gym.spaces.Box(low, high, (episodes[0].actions.shape[-1],)),
-            observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,)), algorithm_name="random",
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,)),
+            algorithm_name="random",
         )
 
 

@@ -1,4 +1,5 @@
 """benchmarks/offline_peers.py: TorchRL's IQL, CQL, TD3+BC and BC on our offline buffers."""
+
 import json
 
 import numpy as np
@@ -23,8 +24,7 @@ def dataset(tmp_path_factory):
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     try:
-        generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
-                                random_return_episodes=3, progress=False))
+        generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"), random_return_episodes=3, progress=False))
     finally:
         if old is None:
             os.environ.pop("MINARI_DATASETS_PATH")
@@ -36,9 +36,32 @@ def dataset(tmp_path_factory):
 def test_every_peer_trains_and_is_evaluated_at_the_same_steps(tmp_path, dataset):
     import minari
 
-    result = peers.main(["--dataset", str(dataset), "--steps", "30", "--eval-every", "20", "--episodes", "2",
-                         "--max-steps", "15", "--batch-size", "32", "--hidden", "32", "--seeds", "0", "1",
-                         "--log-interval", "10", "--out-dir", str(tmp_path), "--no-progress"])
+    result = peers.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--steps",
+            "30",
+            "--eval-every",
+            "20",
+            "--episodes",
+            "2",
+            "--max-steps",
+            "15",
+            "--batch-size",
+            "32",
+            "--hidden",
+            "32",
+            "--seeds",
+            "0",
+            "1",
+            "--log-interval",
+            "10",
+            "--out-dir",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert json.loads((tmp_path / "peers.json").read_text()) == result
     assert (tmp_path / "peers.png").stat().st_size > 0
     assert set(result["runs"]) == set(peers.ALGOS)

@@ -1,4 +1,5 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_offline.py on a tiny generated dataset."""
+
 import json
 
 import numpy as np
@@ -15,9 +16,20 @@ off = load_script("bdpo_offline")
 import utils  # noqa: E402  (the scripts' shared helpers and loop, importable once load_script ran)
 
 # compile.compile=false: the cpu budget compiles; tests/test_accelerate.py covers that path
-TINY = ["task=generated-hopper-random", "budget=cpu", *TINY_MODEL, *TINY_PHASES, "eval.interval=15",
-        "eval.pretrain_interval=10", "eval.episodes=2", "eval.max_steps=20", "eval.num_candidates=3",
-        "logger.log_interval=5", "checkpoint.interval=10", "compile.compile=false"]
+TINY = [
+    "task=generated-hopper-random",
+    "budget=cpu",
+    *TINY_MODEL,
+    *TINY_PHASES,
+    "eval.interval=15",
+    "eval.pretrain_interval=10",
+    "eval.episodes=2",
+    "eval.max_steps=20",
+    "eval.num_candidates=3",
+    "logger.log_interval=5",
+    "checkpoint.interval=10",
+    "compile.compile=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +42,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
-    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
-                            random_return_episodes=3, progress=False))
+    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"), random_return_episodes=3, progress=False))
     yield root
     if old is None:
         os.environ.pop("MINARI_DATASETS_PATH")
@@ -74,8 +85,15 @@ def test_smoke_outputs(tmp_path, dataset, monkeypatch):
     # Q diagnostic: finite Q on dataset pairs next to their (positive, Hopper) MC returns
     assert np.isfinite(final["q_dataset"]) and final["mc_return_dataset"] > 0
     # diagnostics that separate the causes of a drop, at every phase-B evaluation
-    for key in ("return_one_sample_mean", "return_behavior_mean", "return_behavior_best_of_k_mean",
-                "q_policy", "mc_return_policy", "path_kl_mean", "path_kl_p90"):
+    for key in (
+        "return_one_sample_mean",
+        "return_behavior_mean",
+        "return_behavior_best_of_k_mean",
+        "q_policy",
+        "mc_return_policy",
+        "path_kl_mean",
+        "path_kl_p90",
+    ):
         assert np.isfinite(final[key]), key
     assert final["path_kl_mean"] >= 0 and final["path_kl_p90"] >= 0
     # episode lengths and discounted returns of the four policies, each from its own episodes (the
@@ -89,8 +107,18 @@ def test_smoke_outputs(tmp_path, dataset, monkeypatch):
         assert final[f"discounted_return{name}_mean"] == pytest.approx(discounted, rel=1e-6), name
     assert written["dataset"]["num_transitions"] == 300 and written["dataset"]["env_id"] == "Hopper-v5"
     csvs = {p.name for p in (tmp_path / "logs").rglob("*.csv")}
-    assert {"loss_qvalue.csv", "loss_actor.csv", "path_kl.csv", "kl_step_1.csv", "return_mean.csv", "q_dataset.csv",
-            "return_one_sample_mean.csv", "return_behavior_mean.csv", "q_policy.csv", "path_kl_mean.csv"} <= csvs
+    assert {
+        "loss_qvalue.csv",
+        "loss_actor.csv",
+        "path_kl.csv",
+        "kl_step_1.csv",
+        "return_mean.csv",
+        "q_dataset.csv",
+        "return_one_sample_mean.csv",
+        "return_behavior_mean.csv",
+        "q_policy.csv",
+        "path_kl_mean.csv",
+    } <= csvs
     assert len(summary["history"]) == 30
 
 
@@ -203,18 +231,20 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
 
     torch.manual_seed(0)
     net = lambda: DiffusionActor(EpsilonNetwork(2, 3, hidden=8), make_schedule("vp", 3))  # noqa: E731
-    loss = BDPOLoss(net(), net(), make_value_operator(3, 2, hidden=8, num_steps=3), make_qvalue_operator(3, 2, hidden=8),
-                    eta=0.2, rho=1.0, num_qvalue_nets=2, num_samples=2)
+    loss = BDPOLoss(
+        net(), net(), make_value_operator(3, 2, hidden=8, num_steps=3), make_qvalue_operator(3, 2, hidden=8), eta=0.2, rho=1.0, num_qvalue_nets=2, num_samples=2
+    )
 
     def episode(T, terminated):
         term = torch.zeros(T, 1, dtype=torch.bool)
         term[-1] = terminated
-        return TensorDict({"observation": torch.randn(T, 3), "action": torch.rand(T, 2) * 2 - 1,
-                           ("next", "reward"): torch.ones(T, 1), ("next", "terminated"): term}, [T])
+        return TensorDict(
+            {"observation": torch.randn(T, 3), "action": torch.rand(T, 2) * 2 - 1, ("next", "reward"): torch.ones(T, 1), ("next", "terminated"): term}, [T]
+        )
 
     gamma, scale = 0.5, 2.0  # horizon: ceil(log 0.01 / log 0.5) = 7 steps
-    short = episode(4, terminated=True)      # all 4 steps kept: returns-to-go 2 * (1 - 0.5^(4-t)) / 0.5
-    cut = episode(10, terminated=False)      # 10 - 7 = 3 steps kept
+    short = episode(4, terminated=True)  # all 4 steps kept: returns-to-go 2 * (1 - 0.5^(4-t)) / 0.5
+    cut = episode(10, terminated=False)  # 10 - 7 = 3 steps kept
     out = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
     mc_short = [scale * (1 - gamma ** (4 - t)) / (1 - gamma) for t in range(4)]
     mc_cut = [scale * (1 - gamma ** (10 - t)) / (1 - gamma) for t in range(3)]
@@ -307,18 +337,35 @@ def test_truncate_csv_logs(tmp_path):
 
 
 def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset):
-    bad = ("optim.steps=-5", "optim.pretrain_steps=-1", "checkpoint.interval=0", "logger.log_interval=0",
-           "optim.actor_every=0", "optim.batch_size=0", "loss.eta=0", "loss.gamma=1.5", "optim.critic_tau=2",
-           "logger.backend=foo", "eval.num_candidates=0")
+    bad = (
+        "optim.steps=-5",
+        "optim.pretrain_steps=-1",
+        "checkpoint.interval=0",
+        "logger.log_interval=0",
+        "optim.actor_every=0",
+        "optim.batch_size=0",
+        "loss.eta=0",
+        "loss.gamma=1.5",
+        "optim.critic_tau=2",
+        "logger.backend=foo",
+        "eval.num_candidates=0",
+    )
     with pytest.raises(ValueError) as err:
         off.train(config(tmp_path / "a", *bad))
     message = str(err.value)
-    for line in ("optim.steps=-5: expected >= 0", "optim.pretrain_steps=-1: expected >= 0",
-                 "checkpoint.interval=0: expected >= 1", "logger.log_interval=0: expected >= 1",
-                 "optim.actor_every=0: expected >= 1", "optim.batch_size=0: expected >= 1", "loss.eta=0: expected > 0",
-                 "loss.gamma=1.5: expected >= 0 and <= 1", "optim.critic_tau=2: expected > 0 and <= 1",
-                 "logger.backend='foo': expected one of ('csv', 'tensorboard', 'wandb', 'mlflow', 'trackio', '')",
-                 "eval.num_candidates=0: expected >= 1"):
+    for line in (
+        "optim.steps=-5: expected >= 0",
+        "optim.pretrain_steps=-1: expected >= 0",
+        "checkpoint.interval=0: expected >= 1",
+        "logger.log_interval=0: expected >= 1",
+        "optim.actor_every=0: expected >= 1",
+        "optim.batch_size=0: expected >= 1",
+        "loss.eta=0: expected > 0",
+        "loss.gamma=1.5: expected >= 0 and <= 1",
+        "optim.critic_tau=2: expected > 0 and <= 1",
+        "logger.backend='foo': expected one of ('csv', 'tensorboard', 'wandb', 'mlflow', 'trackio', '')",
+        "eval.num_candidates=0: expected >= 1",
+    ):
         assert line in message, line
     assert not (tmp_path / "a").exists()  # nothing written
     with pytest.raises(ValueError, match=r"optim.warmup=30: expected < optim.steps=30, or the actor never trains"):

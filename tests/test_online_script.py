@@ -1,4 +1,5 @@
 """sota-implementations/bdpo/bdpo_online.py: online (uniform reference) and offline-to-online runs, tiny."""
+
 import json
 
 import pytest
@@ -13,10 +14,24 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 online = load_script("bdpo_online")
 
-TINY = ["collector.total_frames=400", "collector.frames_per_batch=100", "collector.init_random_frames=100",
-        "optim.warmup=20", "optim.actor_every=2", "optim.batch_size=32", "optim.utd_ratio=0.5",
-        "diffusion.hidden=16", "diffusion.depth=2", "critic.hidden=16", "eval.interval=200", "eval.episodes=2",
-        "eval.max_steps=20", "eval.num_candidates=3", "logger.log_interval=100", "checkpoint.interval=200"]
+TINY = [
+    "collector.total_frames=400",
+    "collector.frames_per_batch=100",
+    "collector.init_random_frames=100",
+    "optim.warmup=20",
+    "optim.actor_every=2",
+    "optim.batch_size=32",
+    "optim.utd_ratio=0.5",
+    "diffusion.hidden=16",
+    "diffusion.depth=2",
+    "critic.hidden=16",
+    "eval.interval=200",
+    "eval.episodes=2",
+    "eval.max_steps=20",
+    "eval.num_candidates=3",
+    "logger.log_interval=100",
+    "checkpoint.interval=200",
+]
 
 
 def config(tmp_path, *overrides, name="online"):
@@ -88,8 +103,7 @@ def offline_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("o2o")
     old = os.environ.get("MINARI_DATASETS_PATH")
     os.environ["MINARI_DATASETS_PATH"] = str(root / "minari")
-    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"),
-                            random_return_episodes=3, progress=False))
+    generate(GenerateConfig(levels=("random",), num_transitions=300, out_dir=str(root / "gen"), random_return_episodes=3, progress=False))
     off = load_script("bdpo_offline")
     from tests.test_offline_script import TINY as OFFLINE_TINY
 
@@ -152,9 +166,26 @@ def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offli
     from tests.loaders import load_benchmark
 
     harness = load_benchmark("offline_to_online")
-    argv = ["--offline-run", str(offline_run), "--frames", "200", "--frames-per-batch", "100", "--eval-every", "100",
-            "--episodes", "1", "--dip-frames", "100", "--out-dir", str(tmp_path),
-            "--online", "optim.batch_size=32", "eval.max_steps=20", "eval.num_candidates=3"]
+    argv = [
+        "--offline-run",
+        str(offline_run),
+        "--frames",
+        "200",
+        "--frames-per-batch",
+        "100",
+        "--eval-every",
+        "100",
+        "--episodes",
+        "1",
+        "--dip-frames",
+        "100",
+        "--out-dir",
+        str(tmp_path),
+        "--online",
+        "optim.batch_size=32",
+        "eval.max_steps=20",
+        "eval.num_candidates=3",
+    ]
     result = harness.main(argv)
     online_run, offline_only = result["runs"]["online"]["0"], result["runs"]["offline"]["0"]
     for run in (online_run, offline_only):
@@ -183,8 +214,9 @@ def test_bad_inputs(tmp_path, offline_run):
         (empty / "config.yaml").write_text((offline_run / "config.yaml").read_text())
         online.train(config(tmp_path / "c", *O2O, f"offline.run={empty}"))
     with pytest.raises(ValueError, match="observation dim"):
-        online.train(config(tmp_path / "d", *O2O[:1], "env.name=Pendulum-v1", "collector.init_random_frames=0",
-                            "reference=behavior", f"offline.run={offline_run}"))
+        online.train(
+            config(tmp_path / "d", *O2O[:1], "env.name=Pendulum-v1", "collector.init_random_frames=0", "reference=behavior", f"offline.run={offline_run}")
+        )
     with pytest.raises(ValueError, match="collector.total_frames=450: expected a multiple"):
         online.train(config(tmp_path / "e", "collector.total_frames=450"))
     with pytest.raises(ValueError, match="optim.utd_ratio=0"):
@@ -211,9 +243,30 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     harness = load_benchmark("online_vs_sac")
     before = torch.get_num_threads()
     try:  # --threads sets the process's torch threads (both algorithms run here)
-        result = harness.main(["--frames", "400", "--frames-per-batch", "100", "--init-random-frames", "100",
-                               "--eval-every", "200", "--episodes", "2", "--utd-ratio", "0.25", "--out-dir", str(tmp_path),
-                               "--threads", "1", "--bdpo", "diffusion.hidden=16", "critic.hidden=16", "optim.warmup=10"])
+        result = harness.main(
+            [
+                "--frames",
+                "400",
+                "--frames-per-batch",
+                "100",
+                "--init-random-frames",
+                "100",
+                "--eval-every",
+                "200",
+                "--episodes",
+                "2",
+                "--utd-ratio",
+                "0.25",
+                "--out-dir",
+                str(tmp_path),
+                "--threads",
+                "1",
+                "--bdpo",
+                "diffusion.hidden=16",
+                "critic.hidden=16",
+                "optim.warmup=10",
+            ]
+        )
     finally:
         torch.set_num_threads(before)
     bdpo, sac = result["runs"]["bdpo"]["0"], result["runs"]["sac"]["0"]

@@ -13,9 +13,7 @@ from tests.helpers import assert_reductions_agree
 
 def make_actor(N=5, schedule="vp", sigma="beta", action_dim=2, obs_dim=3, seed=0):
     torch.manual_seed(seed)
-    return DiffusionActor(
-        EpsilonNetwork(action_dim, obs_dim, hidden=32, depth=2), make_schedule(schedule, N, sigma=sigma)
-    )
+    return DiffusionActor(EpsilonNetwork(action_dim, obs_dim, hidden=32, depth=2), make_schedule(schedule, N, sigma=sigma))
 
 
 def pair(**kwargs):

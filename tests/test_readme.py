@@ -1,4 +1,5 @@
 """The README's API example runs as written (on a tiny generated dataset, with fewer steps)."""
+
 import re
 from pathlib import Path
 
@@ -15,13 +16,16 @@ def test_readme_api_example_runs(tmp_path, monkeypatch):
     from torchrl_bdpo.data.generate import GenerateConfig, generate
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    generate(GenerateConfig(levels=("random",), num_transitions=600, out_dir=str(tmp_path / "gen"),
-                            random_return_episodes=2, progress=False))
+    generate(GenerateConfig(levels=("random",), num_transitions=600, out_dir=str(tmp_path / "gen"), random_return_episodes=2, progress=False))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## API\n\n```python\n(.*?)```", readme, re.S).group(1)
-    for old, new in (("generated/hopper/medium-v0", "generated/hopper/random-v0"), ("range(2_000)", "range(3)"),
-                     ("range(10_000)", "range(12)"), ("step >= 1_000", "step >= 2"),
-                     ("EpsilonNetwork(A, S)", "EpsilonNetwork(A, S, hidden=16)")):
+    for old, new in (
+        ("generated/hopper/medium-v0", "generated/hopper/random-v0"),
+        ("range(2_000)", "range(3)"),
+        ("range(10_000)", "range(12)"),
+        ("step >= 1_000", "step >= 2"),
+        ("EpsilonNetwork(A, S)", "EpsilonNetwork(A, S, hidden=16)"),
+    ):
         assert old in block, old
         block = block.replace(old, new)
     scope = {}

@@ -1,4 +1,5 @@
 """The analytic references: the uniform (maximum-entropy) and the standard-Gaussian eps."""
+
 import math
 
 import pytest
@@ -104,8 +105,7 @@ def test_bandit_optimum_with_the_uniform_reference():
         loss.backward()
         optim.step()
     reward = TensorDictModule(LinearReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
-    loss = BDPOLoss(actor, reference, make_value_operator(1, 2, hidden=64), reward, eta=eta, rho=0.0,
-                    num_qvalue_nets=1, num_samples=4, train_behavior=False)
+    loss = BDPOLoss(actor, reference, make_value_operator(1, 2, hidden=64), reward, eta=eta, rho=0.0, num_qvalue_nets=1, num_samples=4, train_behavior=False)
     train_value_and_actor(loss, obs, lambda n: torch.rand(n, 2) * 2 - 1, 600, warmup=120)
     with torch.no_grad():
         nu = reference.sample_path(torch.zeros(20000, 1)).action

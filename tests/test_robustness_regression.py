@@ -8,6 +8,7 @@ Slow (``-m slow``): on a machine without the suite's datasets it first makes the
 The whole schedule runs: the learning rates' cosines span phase B, so a shorter run would test
 another schedule (one with ``optim.steps=15000`` passed, 1167 against 750, on 2026-12-02).
 """
+
 import math
 import os
 from pathlib import Path
@@ -46,10 +47,18 @@ def weak_medium_hopper(tmp_path_factory):
 def test_cpu_budget_keeps_the_behaviors_return_once_the_actor_trains(tmp_path, weak_medium_hopper):
     off = load_script("bdpo_offline")
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
-        cfg = compose("offline", overrides=[
-            "task=generated-hopper-weak-medium", "budget=cpu", "seed=0", f"env.dataset={weak_medium_hopper}",
-            "eval.interval=5000", "checkpoint.interval=5000", f"output_dir={tmp_path}",
-        ])
+        cfg = compose(
+            "offline",
+            overrides=[
+                "task=generated-hopper-weak-medium",
+                "budget=cpu",
+                "seed=0",
+                f"env.dataset={weak_medium_hopper}",
+                "eval.interval=5000",
+                "checkpoint.interval=5000",
+                f"output_dir={tmp_path}",
+            ],
+        )
     assert (cfg.optim.warmup, cfg.optim.steps) == (10000, 30000)  # the budget's: the actor trains from 10k
     summary = off.train(cfg)
     rows = {r["step"]: r for r in summary["evaluations"] if r["phase"] == "train"}

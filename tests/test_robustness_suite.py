@@ -1,4 +1,5 @@
 """benchmarks/robustness_suite.py: dataset names per generation seed and the report's table."""
+
 import json
 
 from tests.loaders import load_benchmark
@@ -7,8 +8,7 @@ suite = load_benchmark("robustness_suite")
 
 
 def summary(final, best, data=100.0, wall=60.0):
-    return {"final": {"return_mean": final}, "best": {"return_mean": best}, "wall_time_s": wall,
-            "dataset": {"mean_episode_return": data}}
+    return {"final": {"return_mean": final}, "best": {"return_mean": best}, "wall_time_s": wall, "dataset": {"mean_episode_return": data}}
 
 
 def test_report_table(tmp_path, capsys):

@@ -8,12 +8,8 @@ from torchrl_bdpo.diffusion import NoiseSchedule, make_schedule
 
 def test_vp_n5_matches_design_values():
     s = make_schedule("vp", 5)
-    torch.testing.assert_close(
-        s.betas[1:], torch.tensor([0.1959, 0.4588, 0.6358, 0.7549, 0.8350]), atol=1e-3, rtol=0
-    )
-    torch.testing.assert_close(
-        s.kl_weights[1:], torch.tensor([0.622, 0.751, 1.037, 1.602, 2.547]), atol=1e-3, rtol=0
-    )
+    torch.testing.assert_close(s.betas[1:], torch.tensor([0.1959, 0.4588, 0.6358, 0.7549, 0.8350]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(s.kl_weights[1:], torch.tensor([0.622, 0.751, 1.037, 1.602, 2.547]), atol=1e-3, rtol=0)
     assert s.num_steps == 5
     assert s.betas[0] == 0 and s.alphas_cumprod[0] == 1 and s.kl_weights[0] == 0
 

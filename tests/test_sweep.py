@@ -1,4 +1,5 @@
 """Sweeps through hydra's launchers (joblib, submitit's local executor) and report.py over them."""
+
 import json
 import os
 import subprocess
@@ -16,10 +17,23 @@ pytest.importorskip("rliable", reason="pip install 'torchrl_bdpo[sweep]'")
 report = load_script("report")
 import utils  # noqa: E402
 
-TINY = ["env.num_points=2000", "diffusion.num_steps=5", "diffusion.hidden=16", "diffusion.depth=2", "critic.hidden=16",
-        "critic.num_qvalue_nets=2", "loss.num_samples=2", "optim.batch_size=32", "optim.pretrain_steps=20",
-        "optim.steps=30", "optim.warmup=5", "optim.actor_every=2", "eval.num_samples=200", "logger.log_interval=5",
-        "checkpoint.interval=10"]
+TINY = [
+    "env.num_points=2000",
+    "diffusion.num_steps=5",
+    "diffusion.hidden=16",
+    "diffusion.depth=2",
+    "critic.hidden=16",
+    "critic.num_qvalue_nets=2",
+    "loss.num_samples=2",
+    "optim.batch_size=32",
+    "optim.pretrain_steps=20",
+    "optim.steps=30",
+    "optim.warmup=5",
+    "optim.actor_every=2",
+    "eval.num_samples=200",
+    "logger.log_interval=5",
+    "checkpoint.interval=10",
+]
 
 
 def toy_multirun(sweep_dir, *overrides):
@@ -74,8 +88,7 @@ def test_report_refuses_empty_sweeps_and_mixed_cells(tmp_path):
     for k, eta in enumerate((0.06, 0.5)):
         job = tmp_path / str(k)
         job.mkdir()
-        OmegaConf.save(OmegaConf.create({"env": {"dataset": "moons", "num_points": 10}, "seed": k, "loss": {"eta": eta}}),
-                       job / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"env": {"dataset": "moons", "num_points": 10}, "seed": k, "loss": {"eta": eta}}), job / "config.yaml")
     with pytest.raises(ValueError, match=r"task 'moons' mixes runs of different configs: .*0 and .*1 differ in \['loss.eta"):
         report.main([str(tmp_path)])
 

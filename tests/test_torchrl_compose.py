@@ -1,4 +1,5 @@
 """BDPO's loss among TorchRL's own parts: target updaters, collectors, transforms."""
+
 import pytest
 import torch
 from torchrl.envs import GymEnv, StepCounter, TransformedEnv
@@ -19,8 +20,16 @@ def make_loss():
     # clip_denoised: actions stay in the box [-1, 1] (as in locomotion); unclipped, an untrained
     # actor proposes actions far outside it
     net = lambda: DiffusionActor(EpsilonNetwork(ACT, OBS, hidden=16, depth=2), make_schedule("vp", 3), clip_denoised=True)  # noqa: E731
-    return BDPOLoss(net(), net(), make_value_operator(OBS, ACT, hidden=16, num_steps=3), make_qvalue_operator(OBS, ACT, hidden=16),
-                    eta=0.2, rho=1.0, num_qvalue_nets=2, num_samples=2)
+    return BDPOLoss(
+        net(),
+        net(),
+        make_value_operator(OBS, ACT, hidden=16, num_steps=3),
+        make_qvalue_operator(OBS, ACT, hidden=16),
+        eta=0.2,
+        rho=1.0,
+        num_qvalue_nets=2,
+        num_samples=2,
+    )
 
 
 def pendulum():
@@ -67,8 +76,9 @@ def test_torchrl_target_updaters_work_after_loss_acting_and_collector_calls(upda
 
 
 def test_check_env_compatibility_counts_only_the_observation_on_a_step_counter_env():
-    info = DatasetInfo(name="d", source="minari-local", num_transitions=1, num_episodes=1, observation_dim=3,
-                       action_dim=1, reward_mode="none", reward_scale=1.0)
+    info = DatasetInfo(
+        name="d", source="minari-local", num_transitions=1, num_episodes=1, observation_dim=3, action_dim=1, reward_mode="none", reward_scale=1.0
+    )
     env = TransformedEnv(GymEnv("Pendulum-v1"), StepCounter())
     assert "step_count" in env.observation_spec.keys()
     check_env_compatibility(info, env)  # 3 = 3: step_count does not count
@@ -85,8 +95,7 @@ def test_collector_data_joins_the_offline_buffer_in_its_keys_and_scale(tmp_path,
     from torchrl_bdpo.data.generate import GenerateConfig, generate
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
-    generate(GenerateConfig(levels=("random",), num_transitions=400, out_dir=str(tmp_path / "gen"),
-                            random_return_episodes=2, progress=False))
+    generate(GenerateConfig(levels=("random",), num_transitions=400, out_dir=str(tmp_path / "gen"), random_return_episodes=2, progress=False))
     offline = make_offline_buffer("generated/hopper/random-v0", batch_size=32)
     scale = offline.dataset_info.reward_scale
     assert scale != 1.0
@@ -144,8 +153,16 @@ def test_bdpo_runs_under_torchrls_trainer_with_its_cadence():
     env = pendulum()
     collector = Collector(env, loss.make_acting_module(num_candidates=2), frames_per_batch=10, total_frames=40)
     actor_before = loss.actor_network_params.clone()
-    trainer = Trainer(collector=collector, total_frames=40, frame_skip=1, optim_steps_per_batch=3, loss_module=loss,
-                      optimizer=None, optimization_stepper=stepper, progress_bar=False)
+    trainer = Trainer(
+        collector=collector,
+        total_frames=40,
+        frame_skip=1,
+        optim_steps_per_batch=3,
+        loss_module=loss,
+        optimizer=None,
+        optimization_stepper=stepper,
+        progress_bar=False,
+    )
     trainer.train()
     # 4 batches x 3 steps = 12 steps; actor steps at 2, 5, 8, 11
     assert stepper.steps == 12 and stepper.actor_steps == 4

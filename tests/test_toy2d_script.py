@@ -1,4 +1,5 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_toy2d.py at tiny budgets."""
+
 import json
 import sys
 
@@ -15,8 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 toy = load_script("bdpo_toy2d")
 
-TINY = ["env.num_points=2000", "diffusion.num_steps=5", *TINY_MODEL, *TINY_PHASES, "eval.num_samples=200",
-        "logger.log_interval=5", "checkpoint.interval=10"]
+TINY = ["env.num_points=2000", "diffusion.num_steps=5", *TINY_MODEL, *TINY_PHASES, "eval.num_samples=200", "logger.log_interval=5", "checkpoint.interval=10"]
 
 
 def config(tmp_path, *overrides):
@@ -29,9 +29,7 @@ def test_smoke_outputs(tmp_path):
     for name in ("summary.json", "targets.png", "actor_samples.png", "values.png", "checkpoint.pt", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0, name
     written = json.loads((tmp_path / "summary.json").read_text())
-    assert set(written["metrics"]) >= {
-        "sw_actor_pstar", "sw_behavior_pstar", "reward_actor", "reward_pstar", "mmd2_behavior_data", "mmd2_data_data"
-    }
+    assert set(written["metrics"]) >= {"sw_actor_pstar", "sw_behavior_pstar", "reward_actor", "reward_pstar", "mmd2_behavior_data", "mmd2_data_data"}
     assert all(torch.isfinite(torch.tensor(v)) for v in written["metrics"].values())
     # a behavior model trained for a few steps is far from the data, two data draws are not
     m = written["metrics"]
@@ -101,12 +99,20 @@ def test_fuse_narrow_linear_setting_reaches_the_networks(tmp_path, monkeypatch):
     fusing = kernels._fusing_modules(loss)
     # the actor's and the behavior's eps networks, the V and Q networks, and each one's Linear layers
     assert sorted(type(m).__name__ for m in fusing if type(m) is not networks.Linear) == [
-        "DiffusionValueNetwork", "EpsilonNetwork", "EpsilonNetwork", "QValueNetwork"]
+        "DiffusionValueNetwork",
+        "EpsilonNetwork",
+        "EpsilonNetwork",
+        "QValueNetwork",
+    ]
     assert sum(type(m) is networks.Linear for m in fusing) == 2 * (cfg.diffusion.depth + 1) + 2 * (cfg.critic.depth + 1)
     seen = []
     monkeypatch.setattr(utils, "BDPOUpdate", lambda loss, *a, **kw: seen.append({m.fuse_narrow for m in fusing}))
-    for overrides, expected in [((), False), (("compile.fuse_narrow_linear=true",), True),
-                                (("compile.fuse_narrow_linear=false",), False), (("compile.fuse_narrow_linear=cuda",), "cuda")]:
+    for overrides, expected in [
+        ((), False),
+        (("compile.fuse_narrow_linear=true",), True),
+        (("compile.fuse_narrow_linear=false",), False),
+        (("compile.fuse_narrow_linear=cuda",), "cuda"),
+    ]:
         utils.make_update(config(tmp_path, *overrides), loss, {}, {})
         assert seen[-1] == {expected} and {type(m.fuse_narrow) for m in fusing} == {type(expected)}, overrides
     with pytest.raises(ValueError, match=r"compile.fuse_narrow_linear='gpu': expected false \(the default"):
@@ -122,10 +128,12 @@ def test_compiled_cpu_steps_give_the_loss_its_chunk_compile_options(tmp_path):
     compiled without CUDA graphs, none otherwise (eager chunks, or no chunks inside graphs)."""
     import utils
 
-    for overrides, expected in [((), None), (("compile.compile=true",), {}),
-                                (("compile.compile=true", "compile.mode=max-autotune-no-cudagraphs"),
-                                 {"mode": "max-autotune-no-cudagraphs"}),
-                                (("compile.compile=true", "compile.cudagraphs=true"), None)]:
+    for overrides, expected in [
+        ((), None),
+        (("compile.compile=true",), {}),
+        (("compile.compile=true", "compile.mode=max-autotune-no-cudagraphs"), {"mode": "max-autotune-no-cudagraphs"}),
+        (("compile.compile=true", "compile.cudagraphs=true"), None),
+    ]:
         cfg = config(tmp_path, *overrides)
         assert utils.chunk_compile_options(cfg) == expected, overrides
         if not cfg.compile.get("cudagraphs", False):  # a CPU run can build it
@@ -183,8 +191,7 @@ def test_true_reward_q_is_the_energy_and_trains_the_rest(tmp_path):
 def test_true_reward_q_on_cuda_with_graphed_steps(tmp_path):
     """The energy as Q inside captured steps on a GPU: 8gaussians' centres are on the device
     before the capture (compiled, they are a constant of the graph: tests/test_toy_data.py)."""
-    cfg = config(tmp_path, "env.dataset=8gaussians", "critic.true_reward=true", "device=cuda",
-                 "compile.cudagraphs=true")
+    cfg = config(tmp_path, "env.dataset=8gaussians", "critic.true_reward=true", "device=cuda", "compile.cudagraphs=true")
     summary = toy.train(cfg)
     assert len(summary["history"]) == 30
     assert all(torch.isfinite(torch.tensor(h["loss_value"])) for h in summary["history"])
@@ -225,16 +232,31 @@ def test_train_scalars_entries():
     from tensordict import TensorDict
 
     critic = TensorDict(
-        {"qvalue_pred": torch.tensor(1.5), "qvalue_target": torch.tensor(2.0), "path_kl": torch.tensor(0.25),
-         "value_pred": torch.tensor(3.0), "grad_norm_qvalue": torch.tensor(4.0), "grad_norm_value": torch.tensor(5.0),
-         "kl_per_step": torch.tensor([0.5, 0.75]), "loss_qvalue": torch.tensor(9.0)}
+        {
+            "qvalue_pred": torch.tensor(1.5),
+            "qvalue_target": torch.tensor(2.0),
+            "path_kl": torch.tensor(0.25),
+            "value_pred": torch.tensor(3.0),
+            "grad_norm_qvalue": torch.tensor(4.0),
+            "grad_norm_value": torch.tensor(5.0),
+            "kl_per_step": torch.tensor([0.5, 0.75]),
+            "loss_qvalue": torch.tensor(9.0),
+        }
     )
     row = {"loss_qvalue": 9.0, "loss_value": 8.0}
     offline = utils.train_scalars(row, critic, 12.5)
     assert offline == {
-        "train/loss_qvalue": 9.0, "train/loss_value": 8.0, "train/qvalue_pred": 1.5, "train/qvalue_target": 2.0,
-        "train/path_kl": 0.25, "train/value_pred": 3.0, "train/grad_norm_qvalue": 4.0, "train/grad_norm_value": 5.0,
-        "train/kl_step_1": 0.5, "train/kl_step_2": 0.75, "train/steps_per_s": 12.5,
+        "train/loss_qvalue": 9.0,
+        "train/loss_value": 8.0,
+        "train/qvalue_pred": 1.5,
+        "train/qvalue_target": 2.0,
+        "train/path_kl": 0.25,
+        "train/value_pred": 3.0,
+        "train/grad_norm_qvalue": 4.0,
+        "train/grad_norm_value": 5.0,
+        "train/kl_step_1": 0.5,
+        "train/kl_step_2": 0.75,
+        "train/steps_per_s": 12.5,
     }
     toy_row = utils.train_scalars(row, critic, 12.5, next_state_paths=False)
     assert toy_row == {k: v for k, v in offline.items() if k not in ("train/qvalue_target", "train/path_kl", "train/kl_step_1", "train/kl_step_2")}
@@ -247,14 +269,12 @@ def test_a_refused_resume_leaves_the_runs_records_as_they_were(tmp_path):
     import subprocess
 
     script = str(SCRIPT_DIR / "bdpo_toy2d.py")
-    tiny = ["optim.pretrain_steps=5", "optim.steps=5", "optim.warmup=1", "env.num_points=2000",
-            "eval.num_samples=100", f"hydra.run.dir={tmp_path}"]
+    tiny = ["optim.pretrain_steps=5", "optim.steps=5", "optim.warmup=1", "env.num_points=2000", "eval.num_samples=100", f"hydra.run.dir={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, script, *tiny], check=True, capture_output=True, env=env)
     first = {p: p.read_text() for p in tmp_path.rglob("*.yaml")}
     assert len([p for p in first if ".hydra" in p.parts]) == 3 and (tmp_path / "config.yaml") in first
-    out = subprocess.run([sys.executable, script, *tiny, "loss.eta=0.5", "checkpoint.resume=true"],
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, script, *tiny, "loss.eta=0.5", "checkpoint.resume=true"], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "differing keys: ['loss.eta (0.06 in the checkpoint, 0.5 now)']" in out.stderr
     for path, text in first.items():
         assert path.read_text() == text, path

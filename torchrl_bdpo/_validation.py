@@ -5,6 +5,7 @@ they are skipped while ``torch.compile`` traces or a CUDA graph is captured,
 and can be switched off with the ``validate`` flag of each module once a
 pipeline is known to be clean.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,10 +40,7 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
 def check_last_dim(name: str, tensor: torch.Tensor, expected: int, fix: str) -> None:
     """Raise a ``ValueError`` when the feature dimension of ``tensor`` is not ``expected``."""
     if tensor.ndim == 0 or tensor.shape[-1] != expected:
-        raise ValueError(
-            f"{name} has shape {tuple(tensor.shape)}: expected a last dimension of "
-            f"{expected}. {fix}"
-        )
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}: expected a last dimension of {expected}. {fix}")
 
 
 def check_num_steps(num_steps, *, what: str = "the number of diffusion steps", hint: str = "") -> int:
@@ -106,8 +104,5 @@ def read_flag(tensordict, key, *, owner: str) -> torch.Tensor:
         return value
     if not static_graph() and not bool(((value == 0) | (value == 1)).all()):
         bad = value[(value != 0) & (value != 1)].reshape(-1)[:3].tolist()
-        raise ValueError(
-            f"{owner}: tensordict[{key!r}] ({value.dtype}) holds {bad}: a flag must be bool or 0/1. "
-            f"Store it as a bool tensor."
-        )
+        raise ValueError(f"{owner}: tensordict[{key!r}] ({value.dtype}) holds {bad}: a flag must be bool or 0/1. Store it as a bool tensor.")
     return value != 0

@@ -6,6 +6,7 @@ and numpy arrays (the RNG states) are stored as tagged plain dicts and rebuilt o
 Writes go to ``<file>.tmp``, are flushed to disk (``fsync``), then renamed over the old
 file: a crash leaves either the old checkpoint or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,7 @@ _NDARRAY = "__ndarray__"
 def to_plain(obj):
     """``obj`` with every TensorDict and numpy array replaced by a tagged dict of tensors."""
     if isinstance(obj, TensorDictBase):
-        return {_TENSORDICT: True, "batch_size": list(obj.batch_size),
-                "data": {k: to_plain(v) for k, v in obj.items()}}
+        return {_TENSORDICT: True, "batch_size": list(obj.batch_size), "data": {k: to_plain(v) for k, v in obj.items()}}
     if isinstance(obj, np.ndarray):
         return {_NDARRAY: str(obj.dtype), "data": torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())}
     if isinstance(obj, np.generic):

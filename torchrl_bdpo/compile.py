@@ -1,4 +1,5 @@
 """Deprecated location: :mod:`torchrl_bdpo.speed` (``from torchrl_bdpo.speed import accelerate``)."""
+
 from torchrl_bdpo.speed.compile import AcceleratedFunction, accelerate, input_signature
 
 __all__ = ["AcceleratedFunction", "accelerate", "input_signature"]

@@ -4,6 +4,7 @@ Row chunks for a CPU's cache are speed work: :mod:`torchrl_bdpo.speed.chunks`.
 
 A lower layer: the losses (``objectives``) and best-of-K acting (``diffusion.select``) both use it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,9 +35,7 @@ def has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def make_ensemble_members(
-    module: nn.Module | Sequence[nn.Module], size: int, init: Callable[[nn.Module], object] | None
-) -> nn.Module | list[nn.Module]:
+def make_ensemble_members(module: nn.Module | Sequence[nn.Module], size: int, init: Callable[[nn.Module], object] | None) -> nn.Module | list[nn.Module]:
     """``size`` independently initialised copies of ``module`` (or the given list, unchanged).
 
     TorchRL's ``convert_to_functional(expand_dim=K)`` resamples each parameter uniformly

@@ -3,6 +3,7 @@
 Shared by the offline script, the dataset generator and the offline peers' harness
 (``benchmarks/offline_peers.py``), so that every method is evaluated the same way.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -11,8 +12,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "episode_stats", "eval_env_id", "evaluate",
-    "make_env", "make_eval_env",
+    "D4RL_EVAL_ENVS",
+    "action_scaling_for",
+    "check_unit_action_box",
+    "episode_stats",
+    "eval_env_id",
+    "evaluate",
+    "make_env",
+    "make_eval_env",
 ]
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
@@ -38,8 +45,7 @@ def _action_box(env):
     low, high = space.low.float(), space.high.float()
     if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
         raise ValueError(
-            f"the env's action box [{low.tolist()}, {high.tolist()}] is unbounded: diffusion policies here act in "
-            f"[-1, 1]; give the env a bounded action space."
+            f"the env's action box [{low.tolist()}, {high.tolist()}] is unbounded: diffusion policies here act in [-1, 1]; give the env a bounded action space."
         )
     return low, high
 
@@ -87,8 +93,7 @@ def eval_env_id(info, override: str | None = None) -> str:
     if info.env_id:
         return info.env_id
     raise ValueError(
-        f"dataset {info.name!r} names no environment to evaluate in; set env.eval_env=<Gymnasium id> "
-        f"or eval.episodes=0 to train without evaluation."
+        f"dataset {info.name!r} names no environment to evaluate in; set env.eval_env=<Gymnasium id> or eval.episodes=0 to train without evaluation."
     )
 
 
@@ -138,10 +143,7 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episo
             before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
             returns += (reward * before_first_done).sum(-1).tolist()
             if keep_episodes:
-                kept += [
-                    td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu()
-                    for i in range(n_envs)
-                ]
+                kept += [td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu() for i in range(n_envs)]
     returns = np.asarray(returns[:episodes])
     return (returns, kept[:episodes]) if keep_episodes else returns
 

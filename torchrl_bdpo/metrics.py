@@ -1,4 +1,5 @@
 """Distances between sample sets, used to check learned distributions against exact ones."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,17 +9,12 @@ import torch
 
 def _check_samples(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"samples of shapes {tuple(x.shape)} and {tuple(y.shape)}: expected two "
-            f"[num_samples, dim] tensors with the same dim."
-        )
+        raise ValueError(f"samples of shapes {tuple(x.shape)} and {tuple(y.shape)}: expected two [num_samples, dim] tensors with the same dim.")
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise ValueError(f"need at least 2 samples on each side, got {x.shape[0]} and {y.shape[0]}.")
 
 
-def mmd_rbf(
-    x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0)
-) -> torch.Tensor:
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0)) -> torch.Tensor:
     """Unbiased squared maximum mean discrepancy with a sum of RBF kernels.
 
     ``k(u, v) = sum_h exp(-||u - v||^2 / (2 h^2))``. Zero in expectation iff the two

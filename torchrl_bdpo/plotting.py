@@ -1,4 +1,5 @@
 """The small matplotlib helpers every script and harness uses for its curves (Agg backend)."""
+
 from __future__ import annotations
 
 from pathlib import Path

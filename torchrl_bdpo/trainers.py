@@ -1,4 +1,5 @@
 """Deprecated: :class:`BDPOOptimizationStepper` lives in :mod:`torchrl_bdpo.training`."""
+
 import warnings
 
 from torchrl_bdpo.training.trainer import BDPOOptimizationStepper

@@ -12,6 +12,7 @@ std return and the normalised score. Under the output directory: CSV logs (or an
 torchrl logger), ``checkpoint.pt`` (atomic; ``checkpoint.resume=true`` continues from it),
 ``summary.json`` and ``eval_returns.png``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,6 +30,7 @@ from utils import resume_phases, run_phases, start_run, write_summary  # noqa: E
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env  # noqa: E402
+
 
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
     """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
@@ -93,8 +95,14 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
         ax.plot(x, [r["return_behavior_mean"] for r in extra], marker=".", ls=":", color="C0", label="behavior model, one sample")
         ranked = [r for r in extra if "return_behavior_best_of_k_mean" in r]  # rows of older runs lack it
         if ranked:
-            ax.plot([r["global_step"] for r in ranked], [r["return_behavior_best_of_k_mean"] for r in ranked], marker=".",
-                    ls="-.", color="C4", label="behavior model, best of K by Q")
+            ax.plot(
+                [r["global_step"] for r in ranked],
+                [r["return_behavior_best_of_k_mean"] for r in ranked],
+                marker=".",
+                ls="-.",
+                color="C4",
+                label="behavior model, best of K by Q",
+            )
     if rows[0].get("dataset_return") is not None:
         ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
     labels = [(ax, "gradient steps (phase A, then phase B)", "evaluation return")]
@@ -122,7 +130,10 @@ def train(cfg: DictConfig) -> dict:
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
     buffer = make_offline_buffer(
-        cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download,
+        cfg.env.dataset,
+        o.batch_size,
+        reward_mode=cfg.env.reward_mode,
+        download=cfg.env.download,
         device=device,
     )
     info = buffer.dataset_info
@@ -154,8 +165,11 @@ def train(cfg: DictConfig) -> dict:
     phase, step = resume_phases(resume_state, cfg, loss, optimizers, schedulers, out_dir)
     eval_rows: list[dict] = [] if resume_state is None else resume_state.get("evals", [])
     behavior_policy = QSelectActor(
-        loss.behavior_network, loss.qvalue_network, actor_params=loss.target_behavior_network_params,
-        qvalue_params=loss.target_qvalue_network_params, num_qvalue_nets=loss.num_qvalue_nets,
+        loss.behavior_network,
+        loss.qvalue_network,
+        actor_params=loss.target_behavior_network_params,
+        qvalue_params=loss.target_qvalue_network_params,
+        num_qvalue_nets=loss.num_qvalue_nets,
         num_candidates=e.num_candidates,  # RANDOM: one behavior sample; DETERMINISTIC: the best of K by Q
     )
     # on a GPU, with compile.cudagraphs, acting replays a CUDA graph per batch shape too
@@ -172,8 +186,11 @@ def train(cfg: DictConfig) -> dict:
             # best-of-K by the target Q (DETERMINISTIC), the policy whose return is reported
             returns, episodes = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True)
         row = {
-            "phase": phase_name, "step": step_, "global_step": global_step,
-            "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+            "phase": phase_name,
+            "step": step_,
+            "global_step": global_step,
+            "return_mean": float(returns.mean()),
+            "return_std": float(returns.std()),
             "dataset_return": None if dataset_returns is None else float(dataset_returns.mean()),
         }
         if phase_name == "train":  # episode length and discounted return: a policy that falls sooner
@@ -190,17 +207,16 @@ def train(cfg: DictConfig) -> dict:
                 # what separates the causes of a drop: the actor alone (one sample), the
                 # behavior alone, and Q on the actions the policy took against their return
                 one, one_eps = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True)
-                beh, beh_eps = evaluate(
-                    env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True
-                )
+                beh, beh_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True)
                 # the behavior's candidates ranked by the same Q: Q's ranking apart from the actor's moves
-                beh_k, beh_k_eps = evaluate(
-                    env, behavior_policy, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True
-                )
+                beh_k, beh_k_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True)
                 row.update(
-                    return_one_sample_mean=float(one.mean()), return_one_sample_std=float(one.std()),
-                    return_behavior_mean=float(beh.mean()), return_behavior_std=float(beh.std()),
-                    return_behavior_best_of_k_mean=float(beh_k.mean()), return_behavior_best_of_k_std=float(beh_k.std()),
+                    return_one_sample_mean=float(one.mean()),
+                    return_one_sample_std=float(one.std()),
+                    return_behavior_mean=float(beh.mean()),
+                    return_behavior_std=float(beh.std()),
+                    return_behavior_best_of_k_mean=float(beh_k.mean()),
+                    return_behavior_best_of_k_std=float(beh_k.std()),
                 )
                 for name, eps in (("one_sample", one_eps), ("behavior", beh_eps), ("behavior_best_of_k", beh_k_eps)):
                     row.update({f"{k}_{name}_mean": v for k, v in episode_stats(eps, cfg.loss.gamma).items()})
@@ -213,9 +229,18 @@ def train(cfg: DictConfig) -> dict:
         return row
 
     history = run_phases(
-        cfg, loss=loss, update=update, optimizers=optimizers, schedulers=schedulers,
-        sample=lambda: buffer.sample().to(device), logger=logger, out_dir=out_dir, phase=phase, step=step,
-        evaluate=run_eval, extra_state=lambda: {"evals": eval_rows},
+        cfg,
+        loss=loss,
+        update=update,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        sample=lambda: buffer.sample().to(device),
+        logger=logger,
+        out_dir=out_dir,
+        phase=phase,
+        step=step,
+        evaluate=run_eval,
+        extra_state=lambda: {"evals": eval_rows},
     )
     if env is not None:
         env.close()
@@ -225,7 +250,13 @@ def train(cfg: DictConfig) -> dict:
     best = max(trained, key=lambda r: r["return_mean"]) if trained else None
     figure = plot_evals(eval_rows, out_dir)
     summary = write_summary(
-        out_dir, cfg, start, final=final, best=best, evaluations=eval_rows, figure=None if figure is None else str(figure),
+        out_dir,
+        cfg,
+        start,
+        final=final,
+        best=best,
+        evaluations=eval_rows,
+        figure=None if figure is None else str(figure),
         dataset={**info.as_dict(), "mean_episode_return": None if dataset_returns is None else float(dataset_returns.mean())},
     )
     data_ret = summary["dataset"]["mean_episode_return"]

@@ -30,6 +30,7 @@ actor every ``optim.actor_every``-th after ``optim.warmup``), evaluations every
 (replay buffer, eta and RNG included; a resume restarts the env's episode), ``summary.json``
 and ``learning_curve.png`` in the output folder.
 """
+
 from __future__ import annotations
 
 import sys
@@ -81,8 +82,10 @@ def check_online_config(cfg: DictConfig) -> None:
         problems.append(f"reference={cfg.reference!r}: mode={cfg.mode} takes one of {REFERENCES[cfg.mode]}")
     c = cfg.collector
     for key, value, low in (
-        ("collector.total_frames", c.total_frames, 1), ("collector.frames_per_batch", c.frames_per_batch, 1),
-        ("collector.init_random_frames", c.init_random_frames, 0), ("replay.capacity", cfg.replay.capacity, 1),
+        ("collector.total_frames", c.total_frames, 1),
+        ("collector.frames_per_batch", c.frames_per_batch, 1),
+        ("collector.init_random_frames", c.init_random_frames, 0),
+        ("replay.capacity", cfg.replay.capacity, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             problems.append(f"{key}={value!r}: expected an integer >= {low}")
@@ -98,17 +101,13 @@ def check_online_config(cfg: DictConfig) -> None:
         if cfg.anneal_eta.final is not None:
             problems.append("auto_eta.enabled and anneal_eta.final both set eta: choose one")
     a = cfg.anneal_eta
-    if a.final is not None and not (
-        isinstance(a.final, (int, float)) and a.final > 0 and isinstance(a.frames, int) and a.frames > 0
-    ):
+    if a.final is not None and not (isinstance(a.final, (int, float)) and a.final > 0 and isinstance(a.frames, int) and a.frames > 0):
         problems.append(f"anneal_eta.final={a.final!r}, anneal_eta.frames={a.frames!r}: expected a number > 0 and an integer > 0")
-    for key in ("collector.total_frames", "collector.init_random_frames", "eval.interval", "logger.log_interval",
-                "checkpoint.interval"):
+    for key in ("collector.total_frames", "collector.init_random_frames", "eval.interval", "logger.log_interval", "checkpoint.interval"):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0 and value % c.frames_per_batch:
             problems.append(
-                f"{key}={value}: expected a multiple of collector.frames_per_batch={c.frames_per_batch} "
-                f"(it is counted in frames, checked after each batch)"
+                f"{key}={value}: expected a multiple of collector.frames_per_batch={c.frames_per_batch} (it is counted in frames, checked after each batch)"
             )
     if cfg.mode == "offline2online" and not cfg.offline.run and not cfg.offline.overrides:
         problems.append(
@@ -209,8 +208,7 @@ class Replay:
         self.offline = offline_buffer
         self.batch_size = batch_size
         if offline_buffer is not None:
-            self.mixed = OfflineToOnlineBuffer(offline_buffer, online_capacity=capacity,
-                                               offline_fraction=offline_fraction, batch_size=batch_size)
+            self.mixed = OfflineToOnlineBuffer(offline_buffer, online_capacity=capacity, offline_fraction=offline_fraction, batch_size=batch_size)
             self.online = self.mixed._online_buffer
         else:
             self.mixed, self.reward_scale = None, reward_scale
@@ -233,7 +231,8 @@ class Replay:
         n = len(self.online)
         return {
             "data": self.online.storage._storage[:n].clone() if n else None,
-            "cursor": self.online._writer._cursor, "write_count": self.online._writer._write_count,
+            "cursor": self.online._writer._cursor,
+            "write_count": self.online._writer._write_count,
         }
 
     def load_state_dict(self, stored: dict) -> None:
@@ -307,8 +306,12 @@ def train(cfg: DictConfig) -> dict:
             check_state_before_saving(loss, lambda: replay.sample().to(device), "train", updates, written)
         state = training_state(loss, optimizers, schedulers, "online", updates, cfg)
         state.update(
-            frames=frames, evals=eval_rows, train_returns=[list(x) for x in train_returns], replay=replay.state_dict(),
-            eta=tuner.state_dict() if tuner is not None else None, eta_value=float(loss.eta),
+            frames=frames,
+            evals=eval_rows,
+            train_returns=[list(x) for x in train_returns],
+            replay=replay.state_dict(),
+            eta=tuner.state_dict() if tuner is not None else None,
+            eta_value=float(loss.eta),
         )
         save_checkpoint(ckpt, state)
         written = ckpt
@@ -322,9 +325,13 @@ def train(cfg: DictConfig) -> dict:
         best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC)
         one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
         row = {
-            "frames": frames, "updates": updates, "eta": float(loss.eta),
-            "return_mean": float(best.mean()), "return_std": float(best.std()),
-            "return_one_sample_mean": float(one.mean()), "return_one_sample_std": float(one.std()),
+            "frames": frames,
+            "updates": updates,
+            "eta": float(loss.eta),
+            "return_mean": float(best.mean()),
+            "return_std": float(best.std()),
+            "return_one_sample_mean": float(one.mean()),
+            "return_one_sample_std": float(one.std()),
         }
         if info is not None and info.ref_min_score is not None and info.ref_max_score is not None:
             row["score_mean"] = float(info.normalized_score(best.mean()))
@@ -348,7 +355,10 @@ def train(cfg: DictConfig) -> dict:
         segment = min(cfg.checkpoint.interval - frames % cfg.checkpoint.interval, c.total_frames - frames)
         env.set_seed(cfg.seed + frames)
         collector = Collector(
-            env, acting, frames_per_batch=c.frames_per_batch, total_frames=segment,
+            env,
+            acting,
+            frames_per_batch=c.frames_per_batch,
+            total_frames=segment,
             init_random_frames=max(0, c.init_random_frames - frames),
         )
         for batch in collector:
@@ -397,14 +407,24 @@ def train(cfg: DictConfig) -> dict:
     final = eval_rows[-1] if eval_rows else None
     figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}")
     summary = write_summary(
-        out_dir, cfg, start, env=env_name, frames=frames, updates=updates, final=final,
-        best=max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None, evaluations=eval_rows,
-        train_episode_returns=train_returns, figure=None if figure is None else str(figure),
+        out_dir,
+        cfg,
+        start,
+        env=env_name,
+        frames=frames,
+        updates=updates,
+        final=final,
+        best=max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None,
+        evaluations=eval_rows,
+        train_episode_returns=train_returns,
+        figure=None if figure is None else str(figure),
     )
-    result = f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), " \
-             f"{final['return_one_sample_mean']:.1f} (one sample)" if final else "no evaluation (eval.episodes=0)"
-    print(f"[{cfg.mode} {env_name}] {result}; {frames} frames, {updates} updates, "
-          f"{summary['wall_time_s']:.0f} s; outputs in {out_dir}")
+    result = (
+        f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), {final['return_one_sample_mean']:.1f} (one sample)"
+        if final
+        else "no evaluation (eval.episodes=0)"
+    )
+    print(f"[{cfg.mode} {env_name}] {result}; {frames} frames, {updates} updates, {summary['wall_time_s']:.0f} s; outputs in {out_dir}")
     return summary
 
 

@@ -10,6 +10,7 @@ sampled. The run writes, under its output directory: CSV logs, checkpoints, summ
 and three PNG figures (targets at a few eta, actor samples with their paths, V_n
 landscapes at n = N, 3N/4, N/2, N/4 and 0 where V_0 = Q).
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,9 +29,7 @@ from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, samp
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
 
 
-def knn_reward(
-    points: torch.Tensor, data_actions: torch.Tensor, data_rewards: torch.Tensor, k: int = 10, max_data: int = 100_000
-) -> torch.Tensor:
+def knn_reward(points: torch.Tensor, data_actions: torch.Tensor, data_rewards: torch.Tensor, k: int = 10, max_data: int = 100_000) -> torch.Tensor:
     """Energy at arbitrary points: mean energy of the k nearest dataset points (of the first ``max_data``).
 
     Some toy energies depend on a latent label (the moon, the spiral's t), not on the
@@ -194,16 +193,29 @@ def train(cfg: DictConfig) -> dict:
     device = torch.device(cfg.device)
     # every transition is terminal: no Q-target paths to log; each phase logs on its own step axis
     history = run_phases(
-        cfg, loss=loss, update=update, optimizers=optimizers, schedulers=schedulers,
-        sample=lambda: buffer.sample().to(device), logger=logger, out_dir=out_dir, phase=phase, step=step,
-        global_steps=False, next_state_paths=False,
+        cfg,
+        loss=loss,
+        update=update,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        sample=lambda: buffer.sample().to(device),
+        logger=logger,
+        out_dir=out_dir,
+        phase=phase,
+        step=step,
+        global_steps=False,
+        next_state_paths=False,
     )
 
     metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)
     figures = plot_figures(loss, data_actions, data_rewards, behavior, cfg.loss.eta, out_dir, cfg.seed)
     summary = write_summary(
-        out_dir, cfg, start, metrics=metrics, figures=[str(p) for p in figures],
+        out_dir,
+        cfg,
+        start,
+        metrics=metrics,
+        figures=[str(p) for p in figures],
         distance_ratio_behavior_over_actor=metrics["sw_behavior_pstar"] / max(metrics["sw_actor_pstar"], 1e-12),
     )
     print(

@@ -6,6 +6,7 @@ Rerun the same command to resume after an interruption (checkpoint in out_dir). 
 datasets are read back with ``make_offline_buffer("generated/hopper/medium-v0")`` or by
 ``bdpo_offline.py env.dataset=generated/hopper/medium-v0``.
 """
+
 from __future__ import annotations
 
 import json

@@ -19,6 +19,7 @@ mean +- std over seeds, the number of seeds, flagged runs; toys also the sliced 
 confidence intervals, by rliable), ``performance_profile.png`` and ``curves.png`` (per task,
 the evaluation curve's mean and its 95% bootstrap band over seeds).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,15 @@ def task_of(cfg, kind: str) -> str:
 def read_run(folder: Path) -> dict:
     cfg = OmegaConf.load(_config_path(folder))
     kind = kind_of(cfg)
-    run = {"folder": str(folder), "kind": kind, "task": task_of(cfg, kind), "seed": int(cfg.seed),
-           "config": OmegaConf.to_container(cfg, resolve=False), "status": "finished", "score": None}
+    run = {
+        "folder": str(folder),
+        "kind": kind,
+        "task": task_of(cfg, kind),
+        "seed": int(cfg.seed),
+        "config": OmegaConf.to_container(cfg, resolve=False),
+        "status": "finished",
+        "score": None,
+    }
     path = folder / "summary.json"
     if not path.exists():
         run["status"] = "unfinished" if (folder / "checkpoint.pt").exists() else "failed"
@@ -93,8 +101,7 @@ def read_run(folder: Path) -> dict:
         m = s["metrics"]
         gap = m["reward_pstar"] - m["reward_behavior"]
         run["score"] = 100.0 * (m["reward_actor"] - m["reward_behavior"]) / gap if abs(gap) > 1e-12 else float("nan")
-        run.update(sw_actor=m["sw_actor_pstar"], sw_behavior=m["sw_behavior_pstar"], reward_actor=m["reward_actor"],
-                   reward_pstar=m["reward_pstar"])
+        run.update(sw_actor=m["sw_actor_pstar"], sw_behavior=m["sw_behavior_pstar"], reward_actor=m["reward_actor"], reward_pstar=m["reward_pstar"])
         return run
     final = s.get("final")
     if final is None:
@@ -123,8 +130,9 @@ def group(runs: list[dict]) -> dict[str, list[dict]]:
                 )
         seeds = [r["seed"] for r in members]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"task {task!r} holds seed {max(set(seeds), key=seeds.count)} more than once: "
-                             f"{[r['folder'] for r in members]}. Remove the duplicate run.")
+            raise ValueError(
+                f"task {task!r} holds seed {max(set(seeds), key=seeds.count)} more than once: {[r['folder'] for r in members]}. Remove the duplicate run."
+            )
     return cells
 
 
@@ -145,14 +153,22 @@ def table(cells: dict[str, list[dict]]) -> tuple[str, list[dict]]:
         done = [r for r in members if r["score"] is not None]
         flagged = [f"seed {r['seed']} {r['status']}" for r in members if r["score"] is None]
         scores = [r["score"] for r in done]
-        row = {"task": task, "mean": float(np.mean(scores)) if scores else None,
-               "std": float(np.std(scores)) if scores else None, "seeds": len(done), "flagged": "; ".join(flagged)}
+        row = {
+            "task": task,
+            "mean": float(np.mean(scores)) if scores else None,
+            "std": float(np.std(scores)) if scores else None,
+            "seeds": len(done),
+            "flagged": "; ".join(flagged),
+        }
         cellv = [task, _pm(scores), str(len(done)), row["flagged"] or "—"]
         if toy:
             sw_a, sw_b = [r["sw_actor"] for r in done], [r["sw_behavior"] for r in done]
             ra, rp = [r["reward_actor"] for r in done], [r["reward_pstar"] for r in done]
-            cellv += [f"{np.mean(sw_a):.3f}" if done else "—", f"{np.mean(sw_b):.3f}" if done else "—",
-                      f"{np.mean(ra):.3f} / {np.mean(rp):.3f}" if done else "—"]
+            cellv += [
+                f"{np.mean(sw_a):.3f}" if done else "—",
+                f"{np.mean(sw_b):.3f}" if done else "—",
+                f"{np.mean(ra):.3f} / {np.mean(rp):.3f}" if done else "—",
+            ]
             row.update(sw_actor=float(np.mean(sw_a)) if done else None, sw_behavior=float(np.mean(sw_b)) if done else None)
         lines.append("| " + " | ".join(cellv) + " |")
         rows.append(row)
@@ -165,7 +181,7 @@ def aggregate(cells: dict[str, list[dict]], reps: int, seed: int = 0) -> dict:
         from rliable import library as rly
         from rliable import metrics
     except ImportError as err:
-        raise ImportError(f"{err}: the aggregate statistics need rliable: pip install \"torchrl_bdpo[sweep]\"") from err
+        raise ImportError(f'{err}: the aggregate statistics need rliable: pip install "torchrl_bdpo[sweep]"') from err
     per_task = {t: [r["score"] for r in sorted(rs, key=lambda r: r["seed"]) if r["score"] is not None] for t, rs in cells.items()}
     per_task = {t: s for t, s in per_task.items() if s}
     if not per_task:
@@ -200,8 +216,7 @@ def figures(cells: dict[str, list[dict]], aggregate_out: dict, out: Path, reps: 
         thresholds = np.linspace(min(0.0, scores.min()), scores.max() * 1.05 + 1e-9, 81)
         profiles, cis = rly.create_performance_profile({"BDPO": scores}, thresholds, reps=reps)
         fig, ax = plt.subplots(figsize=(6, 4))
-        plot_utils.plot_performance_profiles(profiles, thresholds, performance_profile_cis=cis, colors={"BDPO": "C1"},
-                                             xlabel="score threshold", ax=ax)
+        plot_utils.plot_performance_profiles(profiles, thresholds, performance_profile_cis=cis, colors={"BDPO": "C1"}, xlabel="score threshold", ax=ax)
         fig.tight_layout()
         paths.append(out / "performance_profile.png")
         fig.savefig(paths[-1], dpi=120)
@@ -223,7 +238,7 @@ def figures(cells: dict[str, list[dict]], aggregate_out: dict, out: Path, reps: 
             ax.fill_between(x, np.percentile(boot, 2.5, 0), np.percentile(boot, 97.5, 0), color="C1", alpha=0.25)
             ax.set_title(task, fontsize=8)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(curved):]:
+        for ax in list(axes.flat)[len(curved) :]:
             ax.axis("off")
         fig.tight_layout()
         paths.append(out / "curves.png")
@@ -253,8 +268,10 @@ def main(argv=None) -> dict:
     (out / "aggregate.json").write_text(json.dumps(agg, indent=1))
     print(text)
     if "iqm" in agg:
-        print(", ".join(f"{k} {agg[k]['point']:.1f} [{agg[k]['ci95'][0]:.1f}, {agg[k]['ci95'][1]:.1f}]" for k in ("iqm", "mean", "median"))
-              + f" (95% stratified bootstrap CIs, {agg['seeds_per_task_used']} seeds per task)")
+        print(
+            ", ".join(f"{k} {agg[k]['point']:.1f} [{agg[k]['ci95'][0]:.1f}, {agg[k]['ci95'][1]:.1f}]" for k in ("iqm", "mean", "median"))
+            + f" (95% stratified bootstrap CIs, {agg['seeds_per_task_used']} seeds per task)"
+        )
     return {"rows": rows, "aggregate": agg, "figures": [str(x) for x in paths], "runs": runs}
 
 

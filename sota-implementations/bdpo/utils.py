@@ -1,4 +1,5 @@
 """Builders and helpers shared by the BDPO scripts (models, loss, optimizers, checkpoints, plots)."""
+
 from __future__ import annotations
 
 import json
@@ -39,19 +40,38 @@ LOGGER_BACKENDS = ("csv", "tensorboard", "wandb", "mlflow", "trackio", "")
 # (dotted key, kind, lower bound, upper bound): int / float / rate, inclusive bounds (None: open)
 _CHECKS = (
     ("seed", "int", 0, None),
-    ("diffusion.num_steps", "int", 1, None), ("diffusion.hidden", "int", 1, None), ("diffusion.depth", "int", 1, None),
-    ("critic.num_qvalue_nets", "int", 1, None), ("critic.hidden", "int", 1, None), ("critic.depth", "int", 1, None),
-    ("loss.eta", "float", "open0", None), ("loss.rho", "float", 0, None), ("loss.num_samples", "int", 1, None),
+    ("diffusion.num_steps", "int", 1, None),
+    ("diffusion.hidden", "int", 1, None),
+    ("diffusion.depth", "int", 1, None),
+    ("critic.num_qvalue_nets", "int", 1, None),
+    ("critic.hidden", "int", 1, None),
+    ("critic.depth", "int", 1, None),
+    ("loss.eta", "float", "open0", None),
+    ("loss.rho", "float", 0, None),
+    ("loss.num_samples", "int", 1, None),
     ("loss.gamma", "float", 0, 1),
-    ("optim.batch_size", "int", 1, None), ("optim.pretrain_steps", "int", 0, None), ("optim.steps", "int", 0, None),
-    ("optim.warmup", "int", 0, None), ("optim.actor_every", "int", 1, None),
-    ("optim.behavior_lr", "float", "open0", None), ("optim.critic_lr", "float", "open0", None),
-    ("optim.actor_lr", "float", "open0", None), ("optim.tau", "float", "open0", 1), ("optim.critic_tau", "float", "open0", 1),
+    ("optim.batch_size", "int", 1, None),
+    ("optim.pretrain_steps", "int", 0, None),
+    ("optim.steps", "int", 0, None),
+    ("optim.warmup", "int", 0, None),
+    ("optim.actor_every", "int", 1, None),
+    ("optim.behavior_lr", "float", "open0", None),
+    ("optim.critic_lr", "float", "open0", None),
+    ("optim.actor_lr", "float", "open0", None),
+    ("optim.tau", "float", "open0", 1),
+    ("optim.critic_tau", "float", "open0", 1),
     ("optim.grad_clip", "float_or_null", 0, None),
-    ("eval.interval", "int", 0, None), ("eval.pretrain_interval", "int", 0, None), ("eval.episodes", "int", 0, None),
-    ("eval.num_envs", "int", 1, None), ("eval.num_candidates", "int", 1, None), ("eval.max_steps", "int", 1, None),
-    ("eval.num_samples", "int", 1, None), ("env.num_points", "int", 1, None),
-    ("checkpoint.interval", "int", 1, None), ("logger.log_interval", "int", 1, None), ("compile.warmup", "int", 0, None),
+    ("eval.interval", "int", 0, None),
+    ("eval.pretrain_interval", "int", 0, None),
+    ("eval.episodes", "int", 0, None),
+    ("eval.num_envs", "int", 1, None),
+    ("eval.num_candidates", "int", 1, None),
+    ("eval.max_steps", "int", 1, None),
+    ("eval.num_samples", "int", 1, None),
+    ("env.num_points", "int", 1, None),
+    ("checkpoint.interval", "int", 1, None),
+    ("logger.log_interval", "int", 1, None),
+    ("compile.warmup", "int", 0, None),
 )
 
 
@@ -86,8 +106,7 @@ def validate_config(cfg: DictConfig) -> None:
     o = cfg.get("optim", {})
     if isinstance(o.get("warmup"), int) and isinstance(o.get("steps"), int) and o.steps > 0 and o.warmup >= o.steps:
         problems.append(
-            f"optim.warmup={o.warmup}: expected < optim.steps={o.steps}, or the actor never trains "
-            f"(the actor starts after warmup critic-only steps)"
+            f"optim.warmup={o.warmup}: expected < optim.steps={o.steps}, or the actor never trains (the actor starts after warmup critic-only steps)"
         )
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")
     if backend is None:
@@ -104,8 +123,7 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"device={device!r}: this torch build or machine has no CUDA; use device=cpu")
     if OmegaConf.select(cfg, "compile.cudagraphs", default=False) and (dev is None or dev.type != "cuda"):
         problems.append(
-            f"compile.cudagraphs=true: CUDA graphs need a CUDA device, and device={device!r}; set "
-            f"device=cuda on a GPU machine or compile.cudagraphs=false"
+            f"compile.cudagraphs=true: CUDA graphs need a CUDA device, and device={device!r}; set device=cuda on a GPU machine or compile.cudagraphs=false"
         )
     if problems:
         raise ValueError("invalid config values:\n  " + "\n  ".join(problems))
@@ -132,8 +150,7 @@ def check_launcher_plugin(argv: list[str]) -> None:
             module, package = LAUNCHER_PLUGINS.get(name, (None, None))
             if module is not None and importlib.util.find_spec(module) is None:
                 raise SystemExit(
-                    f"hydra/launcher={name} needs the {package} plugin, which is not installed: "
-                    f"pip install {package} (or pip install \"torchrl_bdpo[sweep]\")."
+                    f'hydra/launcher={name} needs the {package} plugin, which is not installed: pip install {package} (or pip install "torchrl_bdpo[sweep]").'
                 )
 
 
@@ -227,9 +244,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         make_value_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth, num_steps=d.num_steps),
         qvalue_network
         if qvalue_network is not None
-        else make_qvalue_operator(
-            observation_dim, action_dim, hidden=c.hidden, depth=c.depth, layer_norm=c.get("layer_norm", False)
-        ),
+        else make_qvalue_operator(observation_dim, action_dim, hidden=c.hidden, depth=c.depth, layer_norm=c.get("layer_norm", False)),
         eta=lc.eta,
         rho=lc.rho,
         aggregation=lc.aggregation,
@@ -238,9 +253,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         gamma=lc.get("gamma", 0.99),
         max_q_backup=lc.get("max_q_backup", False),
         train_behavior=cfg.optim.train_behavior,
-        speed=SpeedOptions(
-            ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"), ensemble_chunk_compile=chunk_compile_options(cfg)
-        ),
+        speed=SpeedOptions(ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"), ensemble_chunk_compile=chunk_compile_options(cfg)),
         step_sampling=lc.get("step_sampling", "uniform"),
     )
     return loss.to(cfg.device)
@@ -338,10 +351,7 @@ def make_update(cfg: DictConfig, loss: BDPOLoss, optimizers: dict, updaters: dic
     if overlap is None:
         overlap = bool(cudagraphs)
     elif not isinstance(overlap, bool):
-        raise ValueError(
-            f"compile.overlap_losses={overlap!r}: expected true, false or null (null: on with "
-            f"compile.cudagraphs=true)."
-        )
+        raise ValueError(f"compile.overlap_losses={overlap!r}: expected true, false or null (null: on with compile.cudagraphs=true).")
     return BDPOUpdate(
         loss,
         optimizers,
@@ -405,9 +415,23 @@ def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool 
     return scalars
 
 
-def run_phases(cfg: DictConfig, *, loss, update, optimizers: dict, schedulers: dict, sample, logger, out_dir: Path,
-               phase: str, step: int, evaluate=None, extra_state=None, global_steps: bool = True,
-               next_state_paths: bool = True) -> list[dict]:
+def run_phases(
+    cfg: DictConfig,
+    *,
+    loss,
+    update,
+    optimizers: dict,
+    schedulers: dict,
+    sample,
+    logger,
+    out_dir: Path,
+    phase: str,
+    step: int,
+    evaluate=None,
+    extra_state=None,
+    global_steps: bool = True,
+    next_state_paths: bool = True,
+) -> list[dict]:
     """The training loop of the offline and toy scripts: phase A, the hand-over, phase B.
 
     Phase A trains the behavior model for ``optim.pretrain_steps``; the actor then starts as its
@@ -478,8 +502,7 @@ def check_finite_loss(name: str, value: torch.Tensor, step: int, checkpoint: Pat
     if not torch.isfinite(value).all():
         where = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
         raise FloatingPointError(
-            f"{name} became {value.item()} at step {step}; training stopped and nothing was "
-            f"overwritten ({where}). Lower the learning rates or check the data."
+            f"{name} became {value.item()} at step {step}; training stopped and nothing was overwritten ({where}). Lower the learning rates or check the data."
         )
 
 
@@ -618,8 +641,9 @@ def load_checkpoint(path: Path | dict, cfg, loss, optimizers, schedulers) -> tup
     return state["phase"], state["step"]
 
 
-def resume_phases(resume_state: dict | None, cfg: DictConfig, loss, optimizers: dict, schedulers: dict, out_dir: Path,
-                  *, global_steps: bool = True) -> tuple[str, int]:
+def resume_phases(
+    resume_state: dict | None, cfg: DictConfig, loss, optimizers: dict, schedulers: dict, out_dir: Path, *, global_steps: bool = True
+) -> tuple[str, int]:
     """Where a two-phase run (:func:`run_phases`) starts: ``("pretrain", 0)``, or, resuming, the
     checkpoint's phase and step, with its state loaded and the CSV log rows after that step
     dropped (logged on one global step axis, or on each phase's own with ``global_steps=False``)."""
@@ -686,8 +710,10 @@ def start_run(cfg: DictConfig, finished=None) -> tuple[Path, dict | None, dict |
     set_threads(cfg)
     resume_state = open_run(cfg, out_dir)  # refuses a checkpoint of another config before writing
     if finished is None:
+
         def finished(state):
             return (state["phase"], state["step"]) == ("train", cfg.optim.steps)
+
     summary = finished_summary(out_dir, resume_state, resume_state is not None and finished(resume_state))
     if summary is None:
         set_seed(cfg.seed)
@@ -760,9 +786,7 @@ def make_logger(cfg: DictConfig, output_dir: Path):
         return None
     from torchrl.record.loggers import get_logger
 
-    return get_logger(
-        cfg.logger.backend, logger_name=str(output_dir / "logs"), experiment_name=cfg.logger.exp_name
-    )
+    return get_logger(cfg.logger.backend, logger_name=str(output_dir / "logs"), experiment_name=cfg.logger.exp_name)
 
 
 def log_scalars(logger, values: dict, step: int) -> None:

@@ -1,4 +1,5 @@
 """Offline data: the toy 2D bandits, the offline replay buffers (Minari, D4RL, local) and generated datasets."""
+
 from torchrl_bdpo.data.offline import (
     D4RL_ANTMAZE,
     D4RL_LOCOMOTION,

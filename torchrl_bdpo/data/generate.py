@@ -22,6 +22,7 @@ RNG) is written every ``checkpoint_every`` frames, after each level and before t
 ``max_medium_frames`` error; a rerun with the same settings continues from it (only
 ``max_medium_frames`` and ``checkpoint_every`` may differ). See ``sota-implementations/bdpo/make_dataset.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -95,10 +96,20 @@ class GenerateConfig:
         if bad or not self.levels:
             raise ValueError(f"levels={list(self.levels)}: expected a non-empty subset of {list(LEVELS)}.")
         problems = []
-        for name, low in (("num_transitions", 1), ("seed", 0), ("max_medium_frames", 1), ("expert_frames", 1),
-                          ("eval_every", 1), ("eval_episodes", 1), ("random_return_episodes", 1),
-                          ("frames_per_batch", 1), ("init_random_frames", 0), ("batch_size", 1), ("hidden", 1),
-                          ("checkpoint_every", 1)):
+        for name, low in (
+            ("num_transitions", 1),
+            ("seed", 0),
+            ("max_medium_frames", 1),
+            ("expert_frames", 1),
+            ("eval_every", 1),
+            ("eval_episodes", 1),
+            ("random_return_episodes", 1),
+            ("frames_per_batch", 1),
+            ("init_random_frames", 0),
+            ("batch_size", 1),
+            ("hidden", 1),
+            ("checkpoint_every", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{name}={value!r}: expected an integer >= {low}")
@@ -114,13 +125,11 @@ class GenerateConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: expected 0 < low <= high (fractions of the expert return).")
         if self.frames_per_batch < 1 or self.eval_every < self.frames_per_batch:
             raise ValueError(
-                f"eval_every={self.eval_every}, frames_per_batch={self.frames_per_batch}: expected "
-                f"frames_per_batch >= 1 and eval_every >= frames_per_batch."
+                f"eval_every={self.eval_every}, frames_per_batch={self.frames_per_batch}: expected frames_per_batch >= 1 and eval_every >= frames_per_batch."
             )
         if self.expert_return is None and self.task not in EXPERT_RETURNS:
             raise ValueError(
-                f"env_id={self.env_id!r}: no reference expert return is known for {self.task!r} "
-                f"(known: {sorted(EXPERT_RETURNS)}); pass expert_return=... ."
+                f"env_id={self.env_id!r}: no reference expert return is known for {self.task!r} (known: {sorted(EXPERT_RETURNS)}); pass expert_return=... ."
             )
 
     @property
@@ -232,8 +241,12 @@ def _as_dataset(td: TensorDict, episode: torch.Tensor | None = None) -> TensorDi
     from torchrl_bdpo.data.offline import make_transitions
 
     return make_transitions(
-        td["observation"], td["action"], td["next", "observation"], td["next", "reward"],
-        td["next", "terminated"], td["next", "truncated"] & ~td["next", "terminated"],
+        td["observation"],
+        td["action"],
+        td["next", "observation"],
+        td["next", "reward"],
+        td["next", "terminated"],
+        td["next", "truncated"] & ~td["next", "terminated"],
         td["episode"] if episode is None else episode,
     )
 
@@ -326,7 +339,10 @@ class DatasetGenerator:
         episodes: list[TensorDict] = []
         fpb = min(self.cfg.frames_per_batch, frames)
         collector = Collector(
-            env, policy, frames_per_batch=fpb, total_frames=-1,
+            env,
+            policy,
+            frames_per_batch=fpb,
+            total_frames=-1,
             exploration_type=exploration or ExplorationType.RANDOM,
         )
         got = 0
@@ -383,8 +399,7 @@ class DatasetGenerator:
     # --------------------------------------------------------------------- stages
     def _need(self, what: str) -> bool:
         """Whether the requested levels need the ``weak``, ``medium`` or ``expert`` SAC policy."""
-        wanted = {"weak": ("weak-medium",), "medium": ("medium", "medium-replay", "medium-expert"),
-                  "expert": ("expert", "medium-expert")}[what]
+        wanted = {"weak": ("weak-medium",), "medium": ("medium", "medium-replay", "medium-expert"), "expert": ("expert", "medium-expert")}[what]
         return any(level in self.cfg.levels for level in wanted)
 
     def _sac_needed(self, state: dict) -> bool:
@@ -473,8 +488,7 @@ class DatasetGenerator:
                 rb.extend(stored)
             splitter.next_id = state["sac"]["next_episode"]
             torch.set_rng_state(state["sac"]["rng"])
-        return SimpleNamespace(env=env, eval_env=eval_env, actor=actor, loss=loss, optim=optim,
-                               updater=SoftUpdate(loss, tau=cfg.tau), rb=rb, splitter=splitter)
+        return SimpleNamespace(env=env, eval_env=eval_env, actor=actor, loss=loss, optim=optim, updater=SoftUpdate(loss, tau=cfg.tau), rb=rb, splitter=splitter)
 
     def _sac_update(self, sac: SimpleNamespace) -> dict:
         out = sac.loss(sac.rb.sample())
@@ -499,7 +513,10 @@ class DatasetGenerator:
         weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
         frames = state["frames"]
         collector = Collector(
-            sac.env, sac.actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1,
+            sac.env,
+            sac.actor,
+            frames_per_batch=cfg.frames_per_batch,
+            total_frames=-1,
             init_random_frames=max(0, cfg.init_random_frames - frames),
         )
         updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
@@ -545,9 +562,7 @@ class DatasetGenerator:
                     checkpoint()
                     if not need_expert and not (need_weak and "weak_policy" not in state):
                         break
-            at_cap = (
-                (need_medium and "medium_policy" not in state) or (need_weak and "weak_policy" not in state)
-            ) and frames >= cfg.max_medium_frames
+            at_cap = ((need_medium and "medium_policy" not in state) or (need_weak and "weak_policy" not in state)) and frames >= cfg.max_medium_frames
             if not at_cap and need_expert and frames >= cfg.expert_frames:
                 break
             # at the cap too: a rerun with a higher cap continues from here
@@ -568,7 +583,8 @@ class DatasetGenerator:
         self.timings["sac_total_s"] = self._lap()
         if need_expert and "expert_policy" not in state:
             state["expert_policy"] = {
-                "params": TensorDict.from_module(sac.actor).clone(), "frames": frames,
+                "params": TensorDict.from_module(sac.actor).clone(),
+                "frames": frames,
                 "eval_return": self._evaluate(sac.eval_env, sac.actor),
             }
         state["frames"] = frames
@@ -624,9 +640,7 @@ class DatasetGenerator:
             path = Path(get_dataset_path(dataset_id))
             if path.exists():
                 if not cfg.overwrite and not state.get("written", {}).get(level):
-                    raise FileExistsError(
-                        f"Minari dataset {dataset_id!r} exists already ({path}); pass overwrite=true."
-                    )
+                    raise FileExistsError(f"Minari dataset {dataset_id!r} exists already ({path}); pass overwrite=true.")
                 minari.delete_dataset(dataset_id)
             desc = (
                 f"D4RL-style '{level}' data for {cfg.env_id}, made by torchrl_bdpo with TorchRL's SAC "

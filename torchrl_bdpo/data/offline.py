@@ -9,6 +9,7 @@ dropped, counted in ``dataset_info.dropped_transitions`` and warned about, as
 TorchRL 0.14's ``MinariExperienceReplay`` is never used: its cache is written with
 ``memmap_like`` and comes back all zeros (docs/design.md section 6).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,18 +36,12 @@ D4RL_REF_SCORES = {
     "antmaze": (0.0, 1.0),
 }
 D4RL_LOCOMOTION = tuple(
-    f"{env}-{level}-v2"
-    for env in ("halfcheetah", "hopper", "walker2d")
-    for level in ("random", "medium", "medium-replay", "medium-expert", "expert")
+    f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d") for level in ("random", "medium", "medium-replay", "medium-expert", "expert")
 )
-D4RL_ANTMAZE = tuple(
-    f"antmaze-{maze}-v2"
-    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
-)
+D4RL_ANTMAZE = tuple(f"antmaze-{maze}-v2" for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"))
 _D4RL_PATTERN = re.compile(r"^(halfcheetah|hopper|walker2d|antmaze)-[a-z-]+-v\d+$")
 GENERATE_HINT = (
-    "To make a D4RL-style dataset here instead, generate one for a Gymnasium MuJoCo task "
-    "(see the README, section 'Generated datasets') and pass its path."
+    "To make a D4RL-style dataset here instead, generate one for a Gymnasium MuJoCo task (see the README, section 'Generated datasets') and pass its path."
 )
 
 
@@ -590,8 +585,8 @@ def check_env_compatibility(info: DatasetInfo, env, observation_keys=("observati
         obs_spec = env.observation_spec
         present = [k for k in observation_keys if k in obs_spec.keys(True, True)]
         specs = [obs_spec[k] for k in present] if present else list(obs_spec.values(True, True))
-        obs_dim = sum(int(np.prod(spec.shape[len(env.batch_size):])) for spec in specs)
-        act_dim = int(np.prod(env.action_spec.shape[len(env.batch_size):]))
+        obs_dim = sum(int(np.prod(spec.shape[len(env.batch_size) :])) for spec in specs)
+        act_dim = int(np.prod(env.action_spec.shape[len(env.batch_size) :]))
     else:
         obs_dim = int(np.prod(env.observation_space.shape)) if env.observation_space.shape else 0
         act_dim = int(np.prod(env.action_space.shape))

@@ -5,6 +5,7 @@ Offline buffers (:func:`~torchrl_bdpo.data.make_offline_buffer`) hold float32 tr
 ``Collector`` yields raw rewards and more keys (``collector``, ``step_count``, ...). Mixing the
 two without care gives Q targets on two reward scales.
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,8 +94,7 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
         info = getattr(offline_buffer, "dataset_info", None)
         if info is None:
             raise ValueError(
-                "offline_buffer has no dataset_info: pass a buffer from make_offline_buffer (its reward "
-                "scale is what the online rewards are multiplied by)."
+                "offline_buffer has no dataset_info: pass a buffer from make_offline_buffer (its reward scale is what the online rewards are multiplied by)."
             )
         self.reward_scale = float(info.reward_scale)
         # a view that reads the offline storage and keeps the transition keys (no 'episode',

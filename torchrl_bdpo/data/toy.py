@@ -6,6 +6,7 @@ bandit the regularized optimum is known exactly: ``pi*(a) ∝ nu(a) exp(r(a) / e
 with value ``eta * log E_nu[exp(r / eta)]``. :func:`sample_optimal_policy` draws from it
 by weighted resampling of the data.
 """
+
 from __future__ import annotations
 
 import math
@@ -204,17 +205,13 @@ def make_toy_data(name: str, num_points: int = 1_000_000, seed: int = 0) -> Tens
     )
 
 
-def make_toy_buffer(
-    name: str, batch_size: int, num_points: int = 1_000_000, seed: int = 0, *, device: str | torch.device = "cpu"
-) -> TensorDictReplayBuffer:
+def make_toy_buffer(name: str, batch_size: int, num_points: int = 1_000_000, seed: int = 0, *, device: str | torch.device = "cpu") -> TensorDictReplayBuffer:
     """A ``TensorDictReplayBuffer`` over :func:`make_toy_data`, sampling ``batch_size`` transitions.
 
     ``device``: the storage's (the data are drawn on the CPU, the same for every device).
     """
     data = make_toy_data(name, num_points, seed)
-    buffer = TensorDictReplayBuffer(
-        storage=LazyTensorStorage(num_points, device=device), sampler=RandomSampler(), batch_size=batch_size
-    )
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(num_points, device=device), sampler=RandomSampler(), batch_size=batch_size)
     buffer.extend(data)
     return buffer
 
@@ -241,9 +238,7 @@ def sample_optimal_policy(
 ) -> torch.Tensor:
     """Draw ``num_samples`` actions of ``pi* ∝ nu exp(r / eta)`` by weighted resampling of the data."""
     if actions.shape[0] != rewards.reshape(-1).shape[0]:
-        raise ValueError(
-            f"{actions.shape[0]} actions but {rewards.reshape(-1).shape[0]} rewards: expected one reward per action."
-        )
+        raise ValueError(f"{actions.shape[0]} actions but {rewards.reshape(-1).shape[0]} rewards: expected one reward per action.")
     w = optimal_policy_weights(rewards, eta)
     idx = torch.multinomial(w, num_samples, replacement=True, generator=generator)
     return actions[idx]

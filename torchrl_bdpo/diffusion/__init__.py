@@ -1,4 +1,5 @@
 """Diffusion core: noise schedules, networks and the reverse-chain actor."""
+
 from torchrl_bdpo.diffusion.actor import DiffusionActor, DiffusionPath, DiffusionSampler
 from torchrl_bdpo.diffusion.networks import (
     ChainCache,

@@ -1,4 +1,5 @@
 """The DDPM reverse chain as a TorchRL actor."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -63,16 +64,13 @@ class DiffusionSampler(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(
-                f"schedule={schedule!r}: expected a NoiseSchedule, e.g. make_schedule('vp', 5)."
-            )
+            raise ValueError(f"schedule={schedule!r}: expected a NoiseSchedule, e.g. make_schedule('vp', 5).")
         if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
             raise ValueError(f"num_samples={num_samples!r}: expected None or an integer >= 1.")
         net_action_dim = getattr(network, "action_dim", action_dim)
         if net_action_dim != action_dim:
             raise ValueError(
-                f"action_dim={action_dim} but the network predicts eps of dimension "
-                f"{net_action_dim}; build both with the action dimension of the data."
+                f"action_dim={action_dim} but the network predicts eps of dimension {net_action_dim}; build both with the action dimension of the data."
             )
         self.network = network
         self.schedule = schedule
@@ -150,10 +148,7 @@ class DiffusionSampler(nn.Module):
             else:
                 noise = torch.randn(shape, dtype=obs.dtype, device=obs.device)
         elif tuple(noise.shape) != shape:
-            raise ValueError(
-                f"noise has shape {tuple(noise.shape)}: expected {shape} "
-                f"(N + 1, batch, [num_samples,] action_dim)."
-            )
+            raise ValueError(f"noise has shape {tuple(noise.shape)}: expected {shape} (N + 1, batch, [num_samples,] action_dim).")
         action = noise[self.num_steps]
         actions = [action]
         eps_all = []
@@ -239,10 +234,7 @@ class DiffusionActor(TensorDictModule):
         if action_dim is None:
             action_dim = getattr(network, "action_dim", None)
             if action_dim is None:
-                raise ValueError(
-                    "action_dim=None and the network has no `action_dim` attribute: "
-                    "pass action_dim explicitly."
-                )
+                raise ValueError("action_dim=None and the network has no `action_dim` attribute: pass action_dim explicitly.")
         sampler = DiffusionSampler(
             network,
             schedule,

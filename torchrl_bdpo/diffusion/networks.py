@@ -3,6 +3,7 @@
 They take tensors, not TensorDicts; :class:`~torchrl_bdpo.diffusion.DiffusionActor`
 and TorchRL's ``ValueOperator`` are their TensorDict faces.
 """
+
 from __future__ import annotations
 
 import math
@@ -123,9 +124,7 @@ def _step_rows(table: torch.Tensor, step, *, context: str = "", hint: str = "", 
         return _lookup_rows(table, _undo_expand(step))
     last = table.shape[0] - 1
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= last:
-        raise ValueError(
-            f"step={step!r}{context}: expected an integer in [0, {last}]{hint} or a long tensor of such steps."
-        )
+        raise ValueError(f"step={step!r}{context}: expected an integer in [0, {last}]{hint} or a long tensor of such steps.")
     return table[step]
 
 
@@ -233,7 +232,9 @@ class EpsilonNetwork(_BodyInParts):
 
     def _check_action(self, action: torch.Tensor) -> None:
         check_last_dim(
-            "action", action, self.action_dim,
+            "action",
+            action,
+            self.action_dim,
             "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
         )
 
@@ -241,14 +242,12 @@ class EpsilonNetwork(_BodyInParts):
         if not self.observation_dim:
             return
         if observation is None:
-            raise ValueError(
-                f"observation is None: this EpsilonNetwork was built with "
-                f"observation_dim={self.observation_dim}; pass an observation."
-            )
+            raise ValueError(f"observation is None: this EpsilonNetwork was built with observation_dim={self.observation_dim}; pass an observation.")
         check_last_dim(
-            "observation", observation, self.observation_dim,
-            "Build the EpsilonNetwork with the observation dimension of the data "
-            "(observation_dim).",
+            "observation",
+            observation,
+            self.observation_dim,
+            "Build the EpsilonNetwork with the observation dimension of the data (observation_dim).",
         )
 
     def chain_cache(self, observation: torch.Tensor | None, num_steps: int) -> ChainCache:
@@ -334,7 +333,9 @@ class DiffusionValueNetwork(_BodyInParts):
     def forward(self, observation: torch.Tensor, action: torch.Tensor, step) -> torch.Tensor:
         check_last_dim("action", action, self.action_dim, "Match the value network's action_dim.")
         check_last_dim(
-            "observation", observation, self.observation_dim,
+            "observation",
+            observation,
+            self.observation_dim,
             "Match the value network's observation_dim.",
         )
         observation = self._expand_observation(observation, action)
@@ -374,7 +375,9 @@ class QValueNetwork(_BodyInParts):
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         check_last_dim("action", action, self.action_dim, "Match the Q network's action_dim.")
         check_last_dim(
-            "observation", observation, self.observation_dim,
+            "observation",
+            observation,
+            self.observation_dim,
             "Match the Q network's observation_dim.",
         )
         # the first layer in two parts: the observation's once per distinct observation (not per

@@ -12,6 +12,7 @@ Both are plain modules with the eps-network signature ``network(a^n, n, s) -> ep
 parameters; :func:`make_reference` wraps one in a :class:`DiffusionActor` that goes wherever
 a behavior model goes (``PathwiseKLLoss``, ``BDPOLoss`` with ``train_behavior=False``).
 """
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ KL weights ``w_n``. Tensors are indexed by the step ``n`` itself: index 0 holds
 the values of ``n = 0`` (``beta_0 = 0``, ``alphabar_0 = 1``), so ``buf[n]``
 needs no offset anywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,9 +67,7 @@ def stratified_steps(batch_shape, num_steps: int, device=None) -> StratifiedStep
 
 def _vp_betas(num_steps: int, b_min: float = 0.1, b_max: float = 10.0) -> torch.Tensor:
     n = torch.arange(1, num_steps + 1, dtype=torch.float64)
-    alphas = torch.exp(
-        -b_min / num_steps - 0.5 * (b_max - b_min) * (2 * n - 1) / num_steps**2
-    )
+    alphas = torch.exp(-b_min / num_steps - 0.5 * (b_max - b_min) * (2 * n - 1) / num_steps**2)
     return 1 - alphas
 
 
@@ -125,16 +124,12 @@ class NoiseSchedule(nn.Module):
         tensor([0.6218, 0.7505, 1.0372, 1.6020, 2.5472])
     """
 
-    def __init__(
-        self, betas: torch.Tensor, *, sigma: str = "beta", name: str = "custom", final_noise: bool = False
-    ) -> None:
+    def __init__(self, betas: torch.Tensor, *, sigma: str = "beta", name: str = "custom", final_noise: bool = False) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         _check_num_steps(betas.numel())
         if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError(
-                f"betas={betas.tolist()}: expected every beta_n in the open interval (0, 1)."
-            )
+            raise ValueError(f"betas={betas.tolist()}: expected every beta_n in the open interval (0, 1).")
         if sigma not in SIGMAS:
             raise ValueError(f"sigma={sigma!r}: expected one of {SIGMAS}.")
         self.name = name
@@ -187,10 +182,7 @@ class NoiseSchedule(nn.Module):
         return self.betas.numel() - 1
 
     def extra_repr(self) -> str:
-        return (
-            f"name={self.name!r}, num_steps={self.num_steps}, sigma={self.sigma_type!r}, "
-            f"final_noise={self.final_noise}"
-        )
+        return f"name={self.name!r}, num_steps={self.num_steps}, sigma={self.sigma_type!r}, final_noise={self.final_noise}"
 
     def is_compatible(self, other: "NoiseSchedule") -> bool:
         """Whether ``other`` has the same N, betas and sigma choice (so per-step KLs are defined)."""
@@ -216,14 +208,9 @@ class NoiseSchedule(nn.Module):
 
     def q_sample(self, action: torch.Tensor, n, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising ``a^n = sqrt(abar_n) a + sqrt(1 - abar_n) eps``."""
-        return (
-            self._gather(self.sqrt_alphas_cumprod, n, action) * action
-            + self._gather(self.sqrt_one_minus_alphas_cumprod, n, action) * noise
-        )
+        return self._gather(self.sqrt_alphas_cumprod, n, action) * action + self._gather(self.sqrt_one_minus_alphas_cumprod, n, action) * noise
 
-    def noise_action(
-        self, action: torch.Tensor, steps: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def noise_action(self, action: torch.Tensor, steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw ``n ~ U{1..N}`` per sample (or take ``steps``, e.g. from :func:`stratified_steps`)
         and ``eps ~ N(0, I)``; return ``(a^n, n, eps)``."""
         if steps is not None and steps.shape != action.shape[:-1]:
@@ -238,9 +225,7 @@ class NoiseSchedule(nn.Module):
 
     def predict_x0(self, action_n: torch.Tensor, n, eps: torch.Tensor, clip_denoised: bool = False) -> torch.Tensor:
         """``x0_hat = (a^n - sqrt(1 - abar_n) eps) / sqrt(abar_n)``, clipped to [-1, 1] on request."""
-        x0 = (
-            action_n - self._gather(self.sqrt_one_minus_alphas_cumprod, n, action_n) * eps
-        ) / self._gather(self.sqrt_alphas_cumprod, n, action_n)
+        x0 = (action_n - self._gather(self.sqrt_one_minus_alphas_cumprod, n, action_n) * eps) / self._gather(self.sqrt_alphas_cumprod, n, action_n)
         if clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
         return x0
@@ -248,10 +233,7 @@ class NoiseSchedule(nn.Module):
     def reverse_mean(self, action_n: torch.Tensor, n, eps: torch.Tensor, clip_denoised: bool = False) -> torch.Tensor:
         """The reverse-kernel mean ``mu_n(a^n, eps)`` (equal to ``x0_hat`` at ``n = 1``)."""
         x0 = self.predict_x0(action_n, n, eps, clip_denoised)
-        return (
-            self._gather(self.posterior_mean_coef_x0, n, action_n) * x0
-            + self._gather(self.posterior_mean_coef_xt, n, action_n) * action_n
-        )
+        return self._gather(self.posterior_mean_coef_x0, n, action_n) * x0 + self._gather(self.posterior_mean_coef_xt, n, action_n) * action_n
 
     def reverse_step(
         self,
@@ -262,9 +244,7 @@ class NoiseSchedule(nn.Module):
         clip_denoised: bool = False,
     ) -> torch.Tensor:
         """``a^{n-1} = mu_n + [n > 1 or final_noise] sigma_n z`` for the standard normal draw ``noise``."""
-        return self.reverse_mean(action_n, n, eps, clip_denoised) + self._gather(
-            self.noise_scales, n, action_n
-        ) * noise
+        return self.reverse_mean(action_n, n, eps, clip_denoised) + self._gather(self.noise_scales, n, action_n) * noise
 
     def step_kl(self, eps_policy: torch.Tensor, eps_reference: torch.Tensor, n) -> torch.Tensor:
         """``l_n = w_n ||eps_pi - eps_nu||^2``, summed over the last (action) dimension."""
@@ -272,9 +252,7 @@ class NoiseSchedule(nn.Module):
         return w * (eps_policy - eps_reference).pow(2).sum(-1)
 
 
-def make_schedule(
-    name: str, num_steps: int, *, sigma: str = "beta", final_noise: bool = False, **kwargs
-) -> NoiseSchedule:
+def make_schedule(name: str, num_steps: int, *, sigma: str = "beta", final_noise: bool = False, **kwargs) -> NoiseSchedule:
     """Build a :class:`NoiseSchedule` by name.
 
     Args:
@@ -292,9 +270,6 @@ def make_schedule(
     """
     builders = {"vp": _vp_betas, "linear": _linear_betas, "cosine": _cosine_betas}
     if name not in builders:
-        raise ValueError(
-            f"schedule name={name!r}: expected one of {SCHEDULES}. 'vp' is the one "
-            f"BDPO's reference implementation uses."
-        )
+        raise ValueError(f"schedule name={name!r}: expected one of {SCHEDULES}. 'vp' is the one BDPO's reference implementation uses.")
     _check_num_steps(num_steps)
     return NoiseSchedule(builders[name](num_steps, **kwargs), sigma=sigma, name=name, final_noise=final_noise)

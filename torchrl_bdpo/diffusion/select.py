@@ -1,4 +1,5 @@
 """Best-of-K acting: draw candidates from a diffusion actor, keep the one the Q ensemble likes best."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """TorchRL loss modules of BDPO."""
+
 import warnings
 
 from torchrl_bdpo.objectives.bdpo import BDPOLoss

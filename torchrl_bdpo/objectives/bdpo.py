@@ -1,4 +1,5 @@
 """BDPO: the Q TD with a KL-penalised target, the diffusion value, the one-step actor and the behavior."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -146,10 +147,23 @@ class BDPOLoss(DiffusionValueLoss):
         ensemble_chunk_compile=_UNSET,
     ) -> None:
         super().__init__(
-            actor_network, behavior_network, value_network, qvalue_network, eta=eta, rho=rho, aggregation=aggregation,
-            num_qvalue_nets=num_qvalue_nets, num_samples=num_samples, network_init=network_init, reduction=reduction,
-            deactivate_vmap=deactivate_vmap, speed=speed, validate=validate, step_sampling=step_sampling,
-            ensemble_chunk_rows=ensemble_chunk_rows, ensemble_chunk_compile=ensemble_chunk_compile,
+            actor_network,
+            behavior_network,
+            value_network,
+            qvalue_network,
+            eta=eta,
+            rho=rho,
+            aggregation=aggregation,
+            num_qvalue_nets=num_qvalue_nets,
+            num_samples=num_samples,
+            network_init=network_init,
+            reduction=reduction,
+            deactivate_vmap=deactivate_vmap,
+            speed=speed,
+            validate=validate,
+            step_sampling=step_sampling,
+            ensemble_chunk_rows=ensemble_chunk_rows,
+            ensemble_chunk_compile=ensemble_chunk_compile,
         )
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
@@ -219,9 +233,7 @@ class BDPOLoss(DiffusionValueLoss):
         """
         src = self.target_behavior_network_params
         mine = self.actor_network_params
-        if set(src.keys(True, True)) != set(mine.keys(True, True)) or any(
-            src.get(k).shape != mine.get(k).shape for k in mine.keys(True, True)
-        ):
+        if set(src.keys(True, True)) != set(mine.keys(True, True)) or any(src.get(k).shape != mine.get(k).shape for k in mine.keys(True, True)):
             raise ValueError(
                 "init_actor_from_behavior: the behavior network's parameters do not match the actor's "
                 f"({len(list(src.keys(True, True)))} vs {len(list(mine.keys(True, True)))} entries, or other "
@@ -358,9 +370,7 @@ class BDPOLoss(DiffusionValueLoss):
         ``all_terminal``: see :meth:`next_state_value`.
         """
         k = self.tensor_keys
-        self._validate(
-            tensordict, (k.observation, k.action, ("next", k.observation), ("next", k.reward))
-        )
+        self._validate(tensordict, (k.observation, k.action, ("next", k.observation), ("next", k.reward)))
         target, path_kl, kl_per_step = self.qvalue_target(tensordict, all_terminal=all_terminal)
         pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         loss = (pred - target).pow(2).mean(0)
@@ -381,9 +391,7 @@ class BDPOLoss(DiffusionValueLoss):
         self._validate(tensordict, (k.observation, k.action))
         observation, action = tensordict.get(k.observation), tensordict.get(k.action)
         action_n, n, _, split = self.draw_steps(action)
-        objective, next_value, step_kl = self.one_step_objective(
-            observation, action_n, n, self.actor_network_params, split=split
-        )
+        objective, next_value, step_kl = self.one_step_objective(observation, action_n, n, self.actor_network_params, split=split)
         metadata = {
             "actor_objective": objective.detach().mean(),
             "actor_next_value": next_value.detach().mean(),

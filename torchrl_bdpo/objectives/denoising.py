@@ -1,4 +1,5 @@
 """Behavior cloning of a diffusion model: the eps-prediction denoising loss."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,7 @@ from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wra
 def _check_actor(actor, name: str) -> None:
     if not isinstance(actor, DiffusionActor):
         raise ValueError(
-            f"{name} is a {type(actor).__name__}: expected a DiffusionActor. Wrap your "
-            f"eps-prediction network: DiffusionActor(network, make_schedule('vp', N))."
+            f"{name} is a {type(actor).__name__}: expected a DiffusionActor. Wrap your eps-prediction network: DiffusionActor(network, make_schedule('vp', N))."
         )
 
 

@@ -1,4 +1,5 @@
 """The KL between the reverse-diffusion paths of two diffusion models."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,16 +27,12 @@ def check_same_schedule(policy: DiffusionActor, reference: DiffusionActor) -> No
         )
     if policy.action_dim != reference.action_dim:
         raise ValueError(
-            f"policy action_dim={policy.action_dim} but reference action_dim="
-            f"{reference.action_dim}: both models must act in the same action space."
+            f"policy action_dim={policy.action_dim} but reference action_dim={reference.action_dim}: both models must act in the same action space."
         )
     p_obs = getattr(policy.network, "observation_dim", None)
     r_obs = getattr(reference.network, "observation_dim", None)
     if p_obs is not None and r_obs is not None and p_obs != r_obs:
-        raise ValueError(
-            f"policy observation_dim={p_obs} but reference observation_dim={r_obs}: "
-            f"both models must condition on the same observation."
-        )
+        raise ValueError(f"policy observation_dim={p_obs} but reference observation_dim={r_obs}: both models must condition on the same observation.")
 
 
 def path_step_inputs(observation: torch.Tensor, path: DiffusionPath):
@@ -210,9 +207,7 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
             num_samples = self.num_samples
         if num_samples is None:
             num_samples = actor.sampler.num_samples
-        obs = observation if num_samples is None else observation.unsqueeze(-2).expand(
-            *observation.shape[:-1], num_samples, observation.shape[-1]
-        )
+        obs = observation if num_samples is None else observation.unsqueeze(-2).expand(*observation.shape[:-1], num_samples, observation.shape[-1])
         if self.detach_path:
             with torch.no_grad(), self.actor_network_params.to_module(actor, preserve_module_state=False):
                 path = actor.sample_path(observation, num_samples=num_samples, noise=noise)
@@ -226,9 +221,7 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         dtype = params_dtype(self.actor_network_params)
-        (observation,) = read_inputs(
-            tensordict, (self.tensor_keys.observation,), dtype, owner=type(self).__name__, finite=self.validate
-        )
+        (observation,) = read_inputs(tensordict, (self.tensor_keys.observation,), dtype, owner=type(self).__name__, finite=self.validate)
         kl, per_step, _ = self.path_kl(observation)
         if kl.ndim > observation.ndim - 1:  # average the M paths of each observation
             kl, per_step = kl.mean(-1), per_step.mean(-1)

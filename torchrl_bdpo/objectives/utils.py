@@ -1,4 +1,5 @@
 """Small helpers shared by the BDPO losses: target updates, exploration wrappers, schedules that follow the loss."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,8 +34,7 @@ class TargetSoftUpdate:
         for name in self.networks:
             if not hasattr(loss_module, f"target_{name}_params"):
                 raise ValueError(
-                    f"{type(loss_module).__name__} has no target parameters for {name!r}; "
-                    f"networks with targets: {sorted(loss_module._has_update_associated)}."
+                    f"{type(loss_module).__name__} has no target parameters for {name!r}; networks with targets: {sorted(loss_module._has_update_associated)}."
                 )
             online, target = self._pair(name)
             online_keys = list(online.keys(include_nested=True, leaves_only=True))
@@ -146,4 +146,3 @@ class MovesSchedules:
                 seen.add(id(value.schedule))
                 value.schedule._apply(fn)
         return out
-

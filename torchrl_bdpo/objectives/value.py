@@ -1,4 +1,5 @@
 """The lower-level (diffusion-step) TD loss of BDPO for the diffusion value V_n."""
+
 from __future__ import annotations
 
 import functools
@@ -198,18 +199,15 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         _check_actor(behavior_network, "behavior_network")
         check_same_schedule(actor_network, behavior_network)
         if not (isinstance(eta, (int, float)) and eta > 0):
-            raise ValueError(
-                f"eta={eta!r}: expected a positive KL weight (the paper uses 0.05-1.0; "
-                f"0.06 for the toy tasks)."
-            )
+            raise ValueError(f"eta={eta!r}: expected a positive KL weight (the paper uses 0.05-1.0; 0.06 for the toy tasks).")
         if not (isinstance(rho, (int, float)) and rho >= 0):
             raise ValueError(f"rho={rho!r}: expected a number >= 0 (0 turns the LCB into the mean).")
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
         if step_sampling not in STEP_SAMPLINGS:
             raise ValueError(
-                f"step_sampling={step_sampling!r}: expected one of {STEP_SAMPLINGS} (\"uniform\": i.i.d. "
-                f"steps, the paper's; \"stratified\": balanced counts per step, see stratified_steps)."
+                f'step_sampling={step_sampling!r}: expected one of {STEP_SAMPLINGS} ("uniform": i.i.d. '
+                f'steps, the paper\'s; "stratified": balanced counts per step, see stratified_steps).'
             )
         _check_positive_int("num_qvalue_nets", num_qvalue_nets, "It is the ensemble size K of Q and V.")
         _check_positive_int("num_samples", num_samples, "It is M, the samples per state.")
@@ -254,10 +252,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             mine = getattr(inner, attr, None)
             theirs = actor.action_dim if attr == "action_dim" else getattr(actor.network, attr, None)
             if mine is not None and theirs is not None and mine != theirs:
-                raise ValueError(
-                    f"{name} has {attr}={mine} but the actor has {attr}={theirs}: build the "
-                    f"critics with the dimensions of the data."
-                )
+                raise ValueError(f"{name} has {attr}={mine} but the actor has {attr}={theirs}: build the critics with the dimensions of the data.")
         num_steps = getattr(inner, "num_steps", None) if name == "value_network" else None
         if num_steps is not None and num_steps != actor.num_steps:
             raise ValueError(
@@ -310,9 +305,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
 
     def _ensemble(self, module, params, inputs) -> torch.Tensor:
         """``module`` under each member of ``params``: ``[K, *out]`` (in row chunks as :attr:`speed` says)."""
-        return ensemble_call(
-            module, params, inputs, self.num_qvalue_nets, self.speed, use_vmap=not self.deactivate_vmap
-        )
+        return ensemble_call(module, params, inputs, self.num_qvalue_nets, self.speed, use_vmap=not self.deactivate_vmap)
 
     def _qvalue(self, params, observation, action) -> torch.Tensor:
         """Q ensemble at ``(s, a)``: ``[K, *B]``."""
@@ -342,8 +335,12 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             capacity = self._q_target_rows(step_prev)
             if capacity is not None:
                 return next_value_q_rows(
-                    functools.partial(self._qvalue, q_params), functools.partial(self._value, v_params),
-                    observation, action_prev, step_prev, capacity,
+                    functools.partial(self._qvalue, q_params),
+                    functools.partial(self._value, v_params),
+                    observation,
+                    action_prev,
+                    step_prev,
+                    capacity,
                 )
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
@@ -356,9 +353,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         rows_v = (~last).nonzero().squeeze(-1)
         out = flat_act.new_zeros(self.num_qvalue_nets, flat_step.numel())
         out = out.index_copy(1, rows_q, self._qvalue(q_params, flat_obs[rows_q], flat_act[rows_q]))
-        out = out.index_copy(
-            1, rows_v, self._value(v_params, flat_obs[rows_v], flat_act[rows_v], flat_step[rows_v])
-        )
+        out = out.index_copy(1, rows_v, self._value(v_params, flat_obs[rows_v], flat_act[rows_v], flat_step[rows_v]))
         return out.reshape(self.num_qvalue_nets, *step_prev.shape)
 
     def _q_target_rows(self, step_prev: torch.Tensor) -> int | None:
@@ -455,9 +450,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         next_value = self._next_value(obs_m, action_prev, step_prev, split).mean(-1)
         next_value = aggregate_ensemble(next_value, self.aggregation, self.rho)
         with torch.no_grad():
-            eps_nu = predict_eps_with(
-                self.behavior_network, self.target_behavior_network_params, action_n, n, observation
-            )
+            eps_nu = predict_eps_with(self.behavior_network, self.target_behavior_network_params, action_n, n, observation)
         step_kl = schedule.step_kl(eps_pi, eps_nu, n)
         return next_value - self.eta * step_kl, next_value, step_kl
 

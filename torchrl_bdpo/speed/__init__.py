@@ -10,6 +10,7 @@ Every path gives the numbers of the plain one up to float rounding; docs/perform
 what each buys, on which device. The losses in :mod:`torchrl_bdpo.objectives` hold the math,
 with one eager and one static (compiled or captured) path each.
 """
+
 from torchrl_bdpo.speed.compile import AcceleratedFunction, accelerate, input_signature
 from torchrl_bdpo.speed.options import SpeedOptions
 

@@ -1,4 +1,5 @@
 """Phase A's compiled behavior step as one function of tensors: loss, gradients and clip."""
+
 from __future__ import annotations
 
 from typing import Callable

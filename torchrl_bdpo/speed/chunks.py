@@ -1,4 +1,5 @@
 """Ensemble calls in row chunks that stay in a CPU's cache: the same values as one call."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,7 +34,12 @@ def ensemble_call(
     if sizes is None:
         return ensemble_apply(module, params, inputs, size, use_vmap=use_vmap)
     return ensemble_apply_chunked(
-        module, params, inputs, size, sizes, use_vmap=use_vmap,
+        module,
+        params,
+        inputs,
+        size,
+        sizes,
+        use_vmap=use_vmap,
         compile_options=options.ensemble_chunk_compile if compiling else None,
     )
 

@@ -15,6 +15,7 @@ Captured code must not synchronise with the host: the losses switch to their sta
 paths (no terminal-row skipping, no finiteness checks) while a graph is being captured,
 so validate the data before it reaches a graphed update (the offline buffers do).
 """
+
 from __future__ import annotations
 
 import functools
@@ -179,10 +180,7 @@ class AcceleratedFunction:
         return graph(*args, **kwargs)
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}({self.name}, compile={self.compile}, cudagraphs={self.cudagraphs}, "
-            f"graphs={self.num_graphs})"
-        )
+        return f"{type(self).__name__}({self.name}, compile={self.compile}, cudagraphs={self.cudagraphs}, graphs={self.num_graphs})"
 
 
 def accelerate(fn: Callable, **options) -> Callable:

@@ -3,6 +3,7 @@
 :class:`Mish` and :class:`Linear` are the layers of :mod:`torchrl_bdpo.diffusion.networks`;
 :func:`set_fuse_narrow_linear` is the (experimental) narrow-map setting of a network or a loss.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,7 @@ NARROW_FEATURES = 8
 def check_fuse_narrow(setting) -> None:
     """A ``ValueError`` naming ``setting`` unless it is ``False``, ``"cuda"`` or ``True``."""
     if not (setting is True or setting is False or setting == "cuda"):
-        raise ValueError(
-            f"fuse_narrow={setting!r}: expected False (the default: GEMMs), 'cuda' (sums on CUDA "
-            f"tensors) or True (sums on every device)."
-        )
+        raise ValueError(f"fuse_narrow={setting!r}: expected False (the default: GEMMs), 'cuda' (sums on CUDA tensors) or True (sums on every device).")
 
 
 def _fuse_narrow(x: torch.Tensor, setting) -> bool:
@@ -103,9 +101,7 @@ def fuse_narrow_linear(module: nn.Module, setting: bool | str):
             m.fuse_narrow = value
 
 
-def narrow_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fuse: bool | str = False
-) -> torch.Tensor:
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fuse: bool | str = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; under ``torch.compile``, a map with few inputs or outputs as a sum.
 
     With at most :data:`NARROW_FEATURES` input features (the action part of a first layer) the

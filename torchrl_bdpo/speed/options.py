@@ -1,4 +1,5 @@
 """The CPU speed strategies of the losses and the update, as one explicit options object."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,14 +51,11 @@ class SpeedOptions:
         if not (rows is None or rows == "auto" or (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1)):
             raise ValueError(
                 f"ensemble_chunk_rows={rows!r}: expected an integer >= 1 (the most rows an ensemble call "
-                f"evaluates at once on a CPU), \"auto\" (6400 // K rows) or None (never split)."
+                f'evaluates at once on a CPU), "auto" (6400 // K rows) or None (never split).'
             )
         compile_options = self.ensemble_chunk_compile
         if not (compile_options is None or isinstance(compile_options, Mapping)):
-            raise TypeError(
-                f"ensemble_chunk_compile={compile_options!r}: expected None or a dict of torch.compile "
-                f"keyword arguments ({{}} for its defaults)."
-            )
+            raise TypeError(f"ensemble_chunk_compile={compile_options!r}: expected None or a dict of torch.compile keyword arguments ({{}} for its defaults).")
         if compile_options is not None:
             object.__setattr__(self, "ensemble_chunk_compile", dict(compile_options))
         for name in ("q_target_rows", "behavior_program"):

@@ -9,6 +9,7 @@ number of rows, :func:`q_row_capacity`, that holds them in all but ~1e-9 of batc
 above the capacity (256 rows at ``N = 5``: Q on 94 rows), at the graph break; turn it off with
 ``SpeedOptions(q_target_rows=False)``.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Optimisation around the losses: BDPO's optimizer steps, automatic eta, and a torchrl Trainer stepper."""
+
 from torchrl_bdpo.training.eta import EtaLagrangian
 from torchrl_bdpo.training.update import BDPOUpdate, make_capturable
 

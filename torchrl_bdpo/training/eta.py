@@ -7,6 +7,7 @@ action dimension, ``kappa`` a target KL per action dimension) has the Lagrangian
 falls while it is below. With the uniform reference the path KL is a negative entropy plus a
 constant, so this is SAC's target-entropy rule in BDPO's terms.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,10 +41,7 @@ class EtaLagrangian(nn.Module):
     def __init__(self, loss, *, target_kl_per_dim: float, lr: float = 3e-4, min_eta: float = 1e-4) -> None:
         super().__init__()
         if not (isinstance(target_kl_per_dim, (int, float)) and target_kl_per_dim > 0):
-            raise ValueError(
-                f"target_kl_per_dim={target_kl_per_dim!r}: expected a positive KL per action dimension "
-                f"(nats), e.g. 0.5."
-            )
+            raise ValueError(f"target_kl_per_dim={target_kl_per_dim!r}: expected a positive KL per action dimension (nats), e.g. 0.5.")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr={lr!r}: expected a positive learning rate.")
         self.loss_module = [loss]  # not a submodule: its parameters are not this module's

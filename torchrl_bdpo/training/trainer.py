@@ -7,6 +7,7 @@ warm-up, each group with its own optimizer, gradient clip and target EMA: what
 :class:`~torchrl_bdpo.training.BDPOUpdate` does. :class:`BDPOOptimizationStepper` hands each
 of the trainer's sub-batches to it and reports the same keys on every step.
 """
+
 from __future__ import annotations
 
 import math

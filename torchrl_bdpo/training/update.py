@@ -1,4 +1,5 @@
 """BDPO's optimizer steps as three callables, eager, compiled or CUDA-graphed with the same results."""
+
 from __future__ import annotations
 
 import functools
@@ -175,21 +176,21 @@ class BDPOUpdate:
         # each network of a group is clipped apart, as the authors' code clips its q0, vt, actor
         # and behavior models (each has its own clip_by_global_norm + adam): (name, parameters)
         self._clipped = {
-            g: [(attr.removesuffix("_network_params"), ps) for attr in attrs if (ps := _trainable(getattr(loss, attr)))]
-            for g, attrs in _PARAMS.items()
+            g: [(attr.removesuffix("_network_params"), ps) for attr in attrs if (ps := _trainable(getattr(loss, attr)))] for g, attrs in _PARAMS.items()
         }
         self._compiled, self._cudagraphs = compile, cudagraphs
         self._fns = {
-            m: accelerate(
-                getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, dynamic=False, name=m
-            )
+            m: accelerate(getattr(loss, m), compile=compile, mode=compile_mode, backend=compile_backend, dynamic=False, name=m)
             for m in ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
         }
         self._behavior_program = None
         if compile and not cudagraphs and self._behavior_program_fits(loss, self._params["behavior"]):
             options = {"mode": compile_mode, "backend": compile_backend}
             self._behavior_program = BehaviorProgram(
-                loss, self._params["behavior"], grad_clip, {k: v for k, v in options.items() if v is not None},
+                loss,
+                self._params["behavior"],
+                grad_clip,
+                {k: v for k, v in options.items() if v is not None},
                 error=eps_error,
             )
         kw = dict(cudagraphs=cudagraphs, warmup=warmup)
@@ -292,9 +293,7 @@ class BDPOUpdate:
         self.optimizers["critic"].zero_grad(set_to_none=True)
         # the flag only when set: a loss subclass with its own qvalue_loss(tensordict) still works
         q_kwargs = {"all_terminal": True} if self._all_terminal(batch) else {}
-        (q_loss, q_meta), (v_loss, v_meta) = self._pair(
-            lambda: self._fns["qvalue_loss"](batch, **q_kwargs), lambda: self._fns["value_loss"](batch)
-        )
+        (q_loss, q_meta), (v_loss, v_meta) = self._pair(lambda: self._fns["qvalue_loss"](batch, **q_kwargs), lambda: self._fns["value_loss"](batch))
         (q_loss + v_loss).backward()
         self._join_side()
         out = {"loss_qvalue": q_loss.detach(), "loss_value": v_loss.detach(), **q_meta, **v_meta}
@@ -312,9 +311,7 @@ class BDPOUpdate:
             out = {"loss_actor": a_loss.detach(), **a_meta}
             self._apply("actor", out)
             return TensorDict(out)
-        (a_loss, a_meta), (b_loss, _) = self._pair(
-            lambda: self._fns["actor_loss"](batch), lambda: self._fns["behavior_loss"](batch)
-        )
+        (a_loss, a_meta), (b_loss, _) = self._pair(lambda: self._fns["actor_loss"](batch), lambda: self._fns["behavior_loss"](batch))
         out = {"loss_actor": a_loss.detach(), **a_meta, "loss_behavior": b_loss.detach()}
         (a_loss + b_loss).backward()  # disjoint parameters: the same gradients as two backwards
         self._join_side()
@@ -324,8 +321,7 @@ class BDPOUpdate:
     def _behavior_step(self, batch):
         if "behavior" not in self.optimizers:
             raise ValueError(
-                "behavior step: the behavior (reference) model has no parameters (an analytic reference) "
-                "and no optimizer; there is nothing to pretrain."
+                "behavior step: the behavior (reference) model has no parameters (an analytic reference) and no optimizer; there is nothing to pretrain."
             )
         program = self._behavior_program
         if program is not None and program.accepts(batch):
