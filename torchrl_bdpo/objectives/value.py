@@ -113,9 +113,8 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             ``U{1..N}`` (the same expected loss), the batch's counts per step balanced, so that
             the rows valued by ``V_0 = Q`` (``n = 1``) and by ``V`` (``n >= 2``) are index sets of
             known sizes. Each row then goes to one ensemble in every mode (eager, compiled, CUDA
-            graphs), where ``"uniform"`` under CUDA graphs evaluates both on every row: at the
-            D4RL sizes 31.4 instead of 41.2 GFLOP per graphed phase-B step (``benchmarks/README.md``),
-            and no host read in eager GPU steps. Defaults to ``"uniform"``.
+            graphs), where ``"uniform"`` under CUDA graphs evaluates both on every row
+            (docs/performance.md), and no host read in eager GPU steps. Defaults to ``"uniform"``.
 
     Examples:
         >>> import torch

@@ -100,8 +100,7 @@ class BDPOUpdate:
             ``cudagraphs`` the captured graph holds the two branches. The same operations are
             issued in the same host order, so the random draws and the results are those of
             the one-stream step. The loss must live on a CUDA device (a ``ValueError``
-            otherwise). On an H100 with ``compile`` and ``cudagraphs`` (TF32, D4RL sizes) it
-            gave 1.20x the phase-B steps/s (benchmarks/README.md). Defaults to ``False``.
+            otherwise). What it buys, per device: docs/performance.md. Defaults to ``False``.
 
     Captured steps skip the losses' finiteness checks and always evaluate the Q-target
     paths of terminal next states (their value is masked): shapes must stay static.
