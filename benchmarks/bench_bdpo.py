@@ -26,13 +26,7 @@ import torch
 from tensordict import TensorDict
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchrl_bdpo.diffusion import (
-    DiffusionActor,
-    EpsilonNetwork,
-    make_qvalue_operator,
-    make_schedule,
-    make_value_operator,
-)
+from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.diffusion.networks import mlp
 from torchrl_bdpo.objectives import BDPOLoss
@@ -138,15 +132,7 @@ def update_variants(args, device) -> dict:
 
 
 def make_update(
-    device,
-    compile=False,
-    cudagraphs=False,
-    N=5,
-    adam="fused",
-    compile_mode=None,
-    overlap_losses=False,
-    step_sampling="uniform",
-    fuse_narrow=False,
+    device, compile=False, cudagraphs=False, N=5, adam="fused", compile_mode=None, overlap_losses=False, step_sampling="uniform", fuse_narrow=False
 ):
     """The update of :func:`make_loss`, as the scripts build it; ``fuse_narrow``: its networks'
     narrow-map setting (``networks.set_fuse_narrow_linear``, set before anything is compiled).
@@ -161,14 +147,7 @@ def make_update(
     optimizers = {g: torch.optim.Adam(p, lr=3e-4, fused=fused) for g, p in BDPOUpdate.param_groups(loss).items()}
     updaters = dict(zip(("critic", "actor", "behavior"), loss.make_target_updaters(tau=0.005)))
     return BDPOUpdate(
-        loss,
-        optimizers,
-        updaters,
-        grad_clip=1.0,
-        compile=compile,
-        compile_mode=compile_mode,
-        cudagraphs=cudagraphs,
-        overlap_losses=overlap_losses,
+        loss, optimizers, updaters, grad_clip=1.0, compile=compile, compile_mode=compile_mode, cudagraphs=cudagraphs, overlap_losses=overlap_losses
     )
 
 
@@ -200,12 +179,7 @@ def time_steps(update, batch, steps: int, device) -> dict:
     t_c = timed(lambda: update.critic(batch), steps, device)
     t_p = timed(lambda: update.policy(batch), steps, device)
     t_b = timed(lambda: update.behavior(batch), steps * 10, device)
-    return {
-        "critic_step_s": t_c,
-        "actor_behavior_step_s": t_p,
-        "phase_b_steps_per_s": 1 / (t_c + t_p / 5),
-        "pretrain_steps_per_s": 1 / t_b,
-    }
+    return {"critic_step_s": t_c, "actor_behavior_step_s": t_p, "phase_b_steps_per_s": 1 / (t_c + t_p / 5), "pretrain_steps_per_s": 1 / t_b}
 
 
 def median_round(rounds: list[dict]) -> dict:
@@ -231,14 +205,7 @@ def bench_update(args, device, progress=None):
 
     def report(rounds: dict) -> None:
         if progress is not None:
-            progress(
-                {
-                    **out,
-                    "partial": True,
-                    "setup_s": {name: b[2] for name, b in built.items()},
-                    "rounds": {name: r for name, r in rounds.items() if r},
-                }
-            )
+            progress({**out, "partial": True, "setup_s": {name: b[2] for name, b in built.items()}, "rounds": {name: r for name, r in rounds.items() if r}})
 
     for name, (compile, cudagraphs, overlap, sampling, fuse_narrow) in update_variants(args, device).items():
         torch.manual_seed(0)
@@ -392,11 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", choices=("update", "acting", "actor_cost"), action="append")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument(
-        "--no-overlap",
-        action="store_true",
-        help="GPU: leave out the update variants with the losses on two CUDA streams (overlap_losses)",
-    )
+    p.add_argument("--no-overlap", action="store_true", help="GPU: leave out the update variants with the losses on two CUDA streams (overlap_losses)")
     p.add_argument(
         "--matmul-precision",
         default="highest",

@@ -438,14 +438,7 @@ def make_jax_phase_b(preset: str, seed: int = 0):
         a_updates, a_state = actor_tx.update(a_grads, opt_state["actor"], online["actor"])
         actor = optax.apply_updates(online["actor"], a_updates)
         behavior, b_state, behavior_tgt, b_loss = behavior_step(
-            online["behavior"],
-            opt_state["behavior"],
-            target["behavior"],
-            k_b,
-            batch["obs"],
-            batch["act"],
-            abar,
-            behavior_tx,
+            online["behavior"], opt_state["behavior"], target["behavior"], k_b, batch["obs"], batch["act"], abar, behavior_tx
         )
         online = {**online, "actor": actor, "behavior": behavior}
         target = {**target, "actor": optax.incremental_update(actor, target["actor"], TAU), "behavior": behavior_tgt}
@@ -483,11 +476,7 @@ def _torch_variants(preset: str, phase: str) -> dict:
     regular = bench.make_update(device, compile=True, N=cfg["N"])
     regular._behavior_program = None  # the compiled loss method, autograd's backward, clip_grad_norm_
     bare = bench.bare_mlp_step(device, cfg["batch"], compile=True)
-    return {
-        "ours": (lambda: update.behavior(batch), done),
-        "ours_regular_step": (lambda: regular.behavior(batch), done),
-        "bare_mlp": (bare, done),
-    }
+    return {"ours": (lambda: update.behavior(batch), done), "ours_regular_step": (lambda: regular.behavior(batch), done), "bare_mlp": (bare, done)}
 
 
 def _jax_variants(preset: str, phase: str) -> dict:
@@ -636,11 +625,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", type=Path, default=None, help="JSON out (default: benchmarks/results/jax_reference_<phase>_<preset>.json)")
     p.add_argument(
-        "--workers",
-        nargs="+",
-        choices=tuple(WORKERS),
-        default=list(WORKERS),
-        help="which processes to run (default: both; `--workers torch` runs without JAX)",
+        "--workers", nargs="+", choices=tuple(WORKERS), default=list(WORKERS), help="which processes to run (default: both; `--workers torch` runs without JAX)"
     )
     p.add_argument("--worker", choices=tuple(WORKERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

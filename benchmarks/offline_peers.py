@@ -118,14 +118,7 @@ class IQL(Peer):
 
         self.policy = _tanh_normal_actor(obs_dim, action_dim, hidden)
         value = ValueOperator(_mlp(obs_dim, 1, hidden), in_keys=["observation"])
-        self.loss = IQLLoss(
-            self.policy,
-            _qvalue(obs_dim, action_dim, hidden),
-            value_network=value,
-            loss_function="l2",
-            temperature=3.0,
-            expectile=0.7,
-        )
+        self.loss = IQLLoss(self.policy, _qvalue(obs_dim, action_dim, hidden), value_network=value, loss_function="l2", temperature=3.0, expectile=0.7)
         self.loss.make_value_estimator(gamma=gamma)
         self.updater = SoftUpdate(self.loss, tau=tau)
         self.optims = [
@@ -267,10 +260,7 @@ def run(args) -> dict:
     env = make_eval_env(eval_env_id(info, args.eval_env), 1, 0, torch.device("cpu"), info.action_scaling())
     eval_steps = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     result = {
-        "dataset": {
-            **info.as_dict(),
-            "mean_return": float(dataset_returns.mean()) if dataset_returns is not None else None,
-        },
+        "dataset": {**info.as_dict(), "mean_return": float(dataset_returns.mean()) if dataset_returns is not None else None},
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "runs": {},

@@ -152,11 +152,7 @@ def main(argv=None):
         help="the networks' narrow-map setting (set_fuse_narrow_linear): false (GEMMs, the library's default), "
         "cuda (sums on CUDA tensors), true (sums on every device)",
     )
-    p.add_argument(
-        "--like-gpu",
-        action="store_true",
-        help="CPU: compile the graphs a GPU compiles (no ensemble row chunks, no Q-row capacity)",
-    )
+    p.add_argument("--like-gpu", action="store_true", help="CPU: compile the graphs a GPU compiles (no ensemble row chunks, no Q-row capacity)")
     args = p.parse_args(argv)
     if args.cudagraphs and not str(args.device).startswith("cuda"):
         p.error(

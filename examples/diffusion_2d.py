@@ -71,11 +71,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         path = actor.sample_path(torch.zeros(2000, 1))
     gauss = data2.mean(0) + torch.randn(2000, 2, generator=g) @ torch.linalg.cholesky(torch.cov(data2.T)).T
-    result = {
-        "mmd2_model": mmd_rbf(path.action, data).item(),
-        "mmd2_gaussian": mmd_rbf(gauss, data).item(),
-        "mmd2_data": mmd_rbf(data2, data).item(),
-    }
+    result = {"mmd2_model": mmd_rbf(path.action, data).item(), "mmd2_gaussian": mmd_rbf(gauss, data).item(), "mmd2_data": mmd_rbf(data2, data).item()}
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
     axes[0].scatter(*data.T, s=2, alpha=0.5)

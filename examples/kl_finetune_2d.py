@@ -37,13 +37,7 @@ from tensordict import TensorDict
 from tqdm import trange
 
 from torchrl_bdpo.data import make_toy_data, optimal_value, sample_optimal_policy
-from torchrl_bdpo.diffusion import (
-    DiffusionActor,
-    EpsilonNetwork,
-    make_qvalue_operator,
-    make_schedule,
-    make_value_operator,
-)
+from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
 from torchrl_bdpo.metrics import mmd_rbf
 from torchrl_bdpo.objectives import BDPOLoss, DenoisingLoss, PathwiseKLLoss, TargetSoftUpdate
 
@@ -91,16 +85,7 @@ def finetune_differentiable(pretrained, reward=tilt_reward, eta=0.5, steps=300, 
 
 
 def finetune_blackbox(
-    pretrained,
-    reward=tilt_reward,
-    eta=0.5,
-    steps=600,
-    batch=256,
-    num_samples=4,
-    num_qvalue_nets=2,
-    hidden=64,
-    dataset_size=20_000,
-    progress=True,
+    pretrained, reward=tilt_reward, eta=0.5, steps=600, batch=256, num_samples=4, num_qvalue_nets=2, hidden=64, dataset_size=20_000, progress=True
 ):
     """BDPO on the bandit whose data are the pretrained model's samples and their queried rewards."""
     with torch.no_grad():

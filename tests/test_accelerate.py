@@ -17,11 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 LOSSES = ("qvalue_loss", "value_loss", "actor_loss", "behavior_loss")
 # the networks each optimizer group clips apart
-CLIPPED = {
-    "critic": ("qvalue_network_params", "value_network_params"),
-    "actor": ("actor_network_params",),
-    "behavior": ("behavior_network_params",),
-}
+CLIPPED = {"critic": ("qvalue_network_params", "value_network_params"), "actor": ("actor_network_params",), "behavior": ("behavior_network_params",)}
 
 
 def update_for(loss, fused=None, grad_clip=1.0, **kwargs):
@@ -625,10 +621,7 @@ def test_compiled_cudagraph_update_matches_eager(fuse_narrow):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "compile,cudagraphs,train_behavior",
-    [(False, False, True), (False, True, True), (False, True, False), (True, True, True)],
-)
+@pytest.mark.parametrize("compile,cudagraphs,train_behavior", [(False, False, True), (False, True, True), (False, True, False), (True, True, True)])
 def test_overlapped_losses_match_the_one_stream_step(compile, cudagraphs, train_behavior):
     """Two streams: the same operations in the same host order, so the same draws and numbers."""
     import torch._inductor.config as inductor_config
@@ -657,13 +650,7 @@ def test_cudagraph_update_with_stratified_steps_matches_eager(compile):
     inductor_config.fallback_random = True
     batches = gpu_batches(3, B=12) + [b.to("cuda") for b in cpu_batches(1, B=8)]
     ref = update_for(make_loss(step_sampling="stratified").to("cuda"), fused=True)
-    upd = update_for(
-        make_loss(step_sampling="stratified").to("cuda"),
-        fused=True,
-        compile=compile,
-        cudagraphs=True,
-        overlap_losses=True,
-    )
+    upd = update_for(make_loss(step_sampling="stratified").to("cuda"), fused=True, compile=compile, cudagraphs=True, overlap_losses=True)
     assert_same_run(run_steps(upd, batches), run_steps(ref, batches), upd, ref, rtol=1e-3, atol=1e-4)
     assert upd.critic.num_graphs == 2
 

@@ -56,15 +56,7 @@ def run_bandit(bc_steps, rl_steps, batch, num_samples):
     reward = TensorDictModule(LinearReward(), in_keys=["observation", "action"], out_keys=["state_action_value"])
     actor = copy.deepcopy(behavior)  # hand-over: the actor starts as the behavior
     loss = BDPOLoss(
-        actor,
-        behavior,
-        make_value_operator(1, 2, hidden=64),
-        reward,
-        eta=ETA,
-        rho=0.0,
-        num_qvalue_nets=1,
-        num_samples=num_samples,
-        train_behavior=False,
+        actor, behavior, make_value_operator(1, 2, hidden=64), reward, eta=ETA, rho=0.0, num_qvalue_nets=1, num_samples=num_samples, train_behavior=False
     )
     train_value_and_actor(loss, obs, mixture, rl_steps, warmup=rl_steps // 5)
 

@@ -5,13 +5,7 @@ import torch
 from tensordict import TensorDict, TensorDictParams
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_bdpo.diffusion import (
-    DiffusionActor,
-    EpsilonNetwork,
-    make_qvalue_operator,
-    make_schedule,
-    make_value_operator,
-)
+from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
 from torchrl_bdpo.objectives import BDPOLoss, PathwiseKLLoss, TargetSoftUpdate
 from torchrl_bdpo.ensemble import aggregate_ensemble
 from torchrl_bdpo.speed import SpeedOptions
@@ -206,12 +200,7 @@ def test_compiled_chunks_keep_a_graph_per_shape_past_dynamos_default_limit():
     act = torch.randn(97, ACT)
     for rows in range(83, 93):  # one chunk of `rows` rows (and one of 97 - rows): two new shapes at most
         out = utils.ensemble_apply_chunked(
-            loss.qvalue_network,
-            loss.qvalue_network_params,
-            [obs, act],
-            2,
-            [rows, 97 - rows],
-            compile_options={"backend": "eager"},
+            loss.qvalue_network, loss.qvalue_network_params, [obs, act], 2, [rows, 97 - rows], compile_options={"backend": "eager"}
         )
         assert out.shape == (2, 97, 1)
     assert len(_debug_get_cache_entry_list(code)) - before >= 10

@@ -48,25 +48,8 @@ def test_toy_preset_times_terminal_batches(tmp_path):
     flops = {}
     for terminal in ("preset", "none"):
         out = tmp_path / f"{terminal}.json"
-        bench.main(
-            [
-                "--preset",
-                "toy",
-                "--only",
-                "update",
-                "--no-compile",
-                "--steps",
-                "1",
-                "--repeats",
-                "1",
-                "--batch-size",
-                "8",
-                "--terminal",
-                terminal,
-                "--out",
-                str(out),
-            ]
-        )
+        args = "--preset toy --only update --no-compile --steps 1 --repeats 1 --batch-size 8".split()
+        bench.main(args + ["--terminal", terminal, "--out", str(out)])
         result = json.loads(out.read_text())
         assert result["settings"]["N"] == 50
         assert result["settings"]["terminal_next_states"] is (terminal == "preset")
@@ -354,28 +337,8 @@ def test_compare_revisions_times_each_revision_from_its_own_files(tmp_path):
     with pytest.raises(SystemExit, match=r"--old/--new 'no-such-rev': not a commit"):
         compare.main(["--old", "no-such-rev", "--work-dir", str(tmp_path / "revs")])
     out = tmp_path / "cmp.json"
-    result = compare.main(
-        [
-            "--old",
-            "HEAD",
-            "--rounds",
-            "2",
-            "--work-dir",
-            str(tmp_path / "revs"),
-            "--out",
-            str(out),
-            "--",
-            "--preset",
-            "toy",
-            "--only",
-            "update",
-            "--no-compile",
-            "--steps",
-            "1",
-            "--batch-size",
-            "8",
-        ]
-    )
+    args = ["--old", "HEAD", "--rounds", "2", "--work-dir", str(tmp_path / "revs"), "--out", str(out), "--"]
+    result = compare.main(args + "--preset toy --only update --no-compile --steps 1 --batch-size 8".split())
     assert json.loads(out.read_text()) == result
     assert result["revisions"]["old"] == result["revisions"]["new"] and len(result["revisions"]["old"]) == 40
     assert (tmp_path / "revs" / result["revisions"]["old"][:12] / "torchrl_bdpo" / "__init__.py").exists()

@@ -7,15 +7,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from torchrl_bdpo.checkpoint import (
-    from_plain,
-    load_checkpoint,
-    remove_stale_tmp,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-    to_plain,
-)
+from torchrl_bdpo.checkpoint import from_plain, load_checkpoint, remove_stale_tmp, rng_states, save_checkpoint, set_rng_states, to_plain
 
 
 class _Evil:

@@ -4,12 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchrl_bdpo.diffusion import (
-    DiffusionValueNetwork,
-    EpsilonNetwork,
-    QValueNetwork,
-    SinusoidalTimestepEmbedding,
-)
+from torchrl_bdpo.diffusion import DiffusionValueNetwork, EpsilonNetwork, QValueNetwork, SinusoidalTimestepEmbedding
 from torchrl_bdpo.diffusion.networks import _lookup_rows
 
 
@@ -109,10 +104,7 @@ def _traced_graphs(fn, *args):
     return out, "\n".join(graphs)
 
 
-@pytest.mark.parametrize(
-    "in_f,out_f,fused",
-    [(6, 32, True), (8, 8, True), (32, 6, True), (32, 1, True), (9, 32, False), (32, 9, False)],
-)
+@pytest.mark.parametrize("in_f,out_f,fused", [(6, 32, True), (8, 8, True), (32, 6, True), (32, 1, True), (9, 32, False), (32, 9, False)])
 def test_narrow_linear_is_a_sum_under_compile_with_linear_values_and_gradients(in_f, out_f, fused):
     """Few inputs (an action part) or few outputs (an eps or critic head): under compile a
     multiply-and-sum, not a GEMM; the values and gradients are F.linear's, member by member under

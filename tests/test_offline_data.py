@@ -8,13 +8,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from torchrl_bdpo.data import (
-    DatasetInfo,
-    check_env_compatibility,
-    episode_returns,
-    make_offline_buffer,
-    transitions_from_episodes,
-)
+from torchrl_bdpo.data import DatasetInfo, check_env_compatibility, episode_returns, make_offline_buffer, transitions_from_episodes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -48,22 +42,19 @@ def minari_root(tmp_path, monkeypatch):
     return tmp_path / "minari"
 
 
-def create(dataset_id, episodes, **kwargs):
+def _dataset(dataset_id, episodes, action_space, obs_dim=3, **kwargs):
     import minari
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,))
         return minari.create_dataset_from_buffers(
-            dataset_id,
-            episodes,
-            env="Pendulum-v1",
-            action_space=gym.spaces.Box(-1, 1, (1,)),
-            observation_space=gym.spaces.Box(-np.inf, np.inf, (3,)),
-            ref_min_score=-5.0,
-            ref_max_score=10.0,
-            algorithm_name="random",
-            **kwargs,
+            dataset_id, episodes, env="Pendulum-v1", action_space=action_space, observation_space=observation_space, algorithm_name="random", **kwargs
         )
+
+
+def create(dataset_id, episodes, **kwargs):
+    return _dataset(dataset_id, episodes, gym.spaces.Box(-1, 1, (1,)), ref_min_score=-5.0, ref_max_score=10.0, **kwargs)
 
 
 def test_round_trip_every_transition(minari_root):
@@ -327,10 +318,7 @@ def test_discounted_returns_by_hand_and_across_blocks():
 
     # two episodes [1, 2] and [3, 4, 5], gamma 0.5
     td = TensorDict(
-        {
-            ("next", "reward"): torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]),
-            ("next", "done"): torch.tensor([[False], [True], [False], [False], [True]]),
-        },
+        {("next", "reward"): torch.tensor([[1.0], [2.0], [3.0], [4.0], [5.0]]), ("next", "done"): torch.tensor([[False], [True], [False], [False], [True]])},
         [5],
     )
     expected = torch.tensor([2.0, 2.0, 3 + 0.5 * 4 + 0.25 * 5, 4 + 0.5 * 5, 5.0], dtype=torch.float64)
@@ -377,18 +365,7 @@ def test_episode_helpers_share_one_rule_for_interleaved_episode_ids():
 
 
 def _create_box(dataset_id, episodes, low, high, obs_dim=3):
-    import minari
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return minari.create_dataset_from_buffers(
-            dataset_id,
-            episodes,
-            env="Pendulum-v1",
-            action_space=gym.spaces.Box(low, high, (episodes[0].actions.shape[-1],)),
-            observation_space=gym.spaces.Box(-np.inf, np.inf, (obs_dim,)),
-            algorithm_name="random",
-        )
+    return _dataset(dataset_id, episodes, gym.spaces.Box(low, high, (episodes[0].actions.shape[-1],)), obs_dim)
 
 
 def test_a_non_unit_action_box_is_rescaled_and_acted_back(minari_root):

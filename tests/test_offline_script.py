@@ -21,14 +21,10 @@ TINY = [
     "budget=cpu",
     *TINY_MODEL,
     *TINY_PHASES,
-    "eval.interval=15",
-    "eval.pretrain_interval=10",
-    "eval.episodes=2",
-    "eval.max_steps=20",
-    "eval.num_candidates=3",
-    "logger.log_interval=5",
-    "checkpoint.interval=10",
-    "compile.compile=false",
+    *"""
+    eval.interval=15 eval.pretrain_interval=10 eval.episodes=2 eval.max_steps=20 eval.num_candidates=3
+    logger.log_interval=5 checkpoint.interval=10 compile.compile=false
+    """.split(),
 ]
 
 
@@ -55,10 +51,7 @@ def config(tmp_path, *overrides):
         return compose("offline", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
 
 
-@pytest.mark.parametrize(
-    "override, rows",
-    [(None, 6400 // 2), ("loss.ensemble_chunk_rows=8", 8), ("loss.ensemble_chunk_rows=null", None)],
-)
+@pytest.mark.parametrize("override, rows", [(None, 6400 // 2), ("loss.ensemble_chunk_rows=8", 8), ("loss.ensemble_chunk_rows=null", None)])
 def test_ensemble_chunk_rows_reach_the_loss(tmp_path, override, rows):
     """``loss.ensemble_chunk_rows`` (auto: 6400 // K rows, with K = 2 here) is the loss's."""
     cfg = config(tmp_path, *([override] if override else []))

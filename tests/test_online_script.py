@@ -14,24 +14,12 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 online = load_script("bdpo_online")
 
-TINY = [
-    "collector.total_frames=400",
-    "collector.frames_per_batch=100",
-    "collector.init_random_frames=100",
-    "optim.warmup=20",
-    "optim.actor_every=2",
-    "optim.batch_size=32",
-    "optim.utd_ratio=0.5",
-    "diffusion.hidden=16",
-    "diffusion.depth=2",
-    "critic.hidden=16",
-    "eval.interval=200",
-    "eval.episodes=2",
-    "eval.max_steps=20",
-    "eval.num_candidates=3",
-    "logger.log_interval=100",
-    "checkpoint.interval=200",
-]
+TINY = """
+collector.total_frames=400 collector.frames_per_batch=100 collector.init_random_frames=100 optim.warmup=20
+optim.actor_every=2 optim.batch_size=32 optim.utd_ratio=0.5 diffusion.hidden=16
+diffusion.depth=2 critic.hidden=16 eval.interval=200 eval.episodes=2
+eval.max_steps=20 eval.num_candidates=3 logger.log_interval=100 checkpoint.interval=200
+""".split()
 
 
 def config(tmp_path, *overrides, name="online"):

@@ -6,8 +6,4 @@ __all__ = ["AcceleratedFunction", "accelerate", "input_signature"]
 
 import warnings as _warnings
 
-_warnings.warn(
-    "torchrl_bdpo.compile moved to torchrl_bdpo.speed: import accelerate from torchrl_bdpo.speed.",
-    DeprecationWarning,
-    stacklevel=2,
-)
+_warnings.warn("torchrl_bdpo.compile moved to torchrl_bdpo.speed: import accelerate from torchrl_bdpo.speed.", DeprecationWarning, stacklevel=2)

@@ -56,14 +56,7 @@ def make_ensemble_members(module: nn.Module | Sequence[nn.Module], size: int, in
     return members
 
 
-def ensemble_apply(
-    module: nn.Module,
-    params: TensorDictBase,
-    inputs: Sequence[torch.Tensor],
-    size: int,
-    *,
-    use_vmap: bool = True,
-) -> torch.Tensor:
+def ensemble_apply(module: nn.Module, params: TensorDictBase, inputs: Sequence[torch.Tensor], size: int, *, use_vmap: bool = True) -> torch.Tensor:
     """``module.module(*inputs)`` under each member of ``params`` (leading dim ``size``): ``[size, *out]``.
 
     The inputs are shared by all members. A parameter-free module is called once and

@@ -11,16 +11,7 @@ from functools import partial
 import numpy as np
 import torch
 
-__all__ = [
-    "D4RL_EVAL_ENVS",
-    "action_scaling_for",
-    "check_unit_action_box",
-    "episode_stats",
-    "eval_env_id",
-    "evaluate",
-    "make_env",
-    "make_eval_env",
-]
+__all__ = ["D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "episode_stats", "eval_env_id", "evaluate", "make_env", "make_eval_env"]
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
 # same observation and action spaces and are what evaluates them here.

@@ -30,12 +30,7 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (0.1
     return (kxx + kyy - 2 * k(xy).mean()).float()
 
 
-def sliced_wasserstein(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_projections: int = 256,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sliced 2-Wasserstein distance over random unit directions.
 
     Both sets are projected onto ``num_projections`` directions; the 1D W2 on each

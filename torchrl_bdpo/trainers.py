@@ -4,10 +4,6 @@ import warnings
 
 from torchrl_bdpo.training.trainer import BDPOOptimizationStepper
 
-warnings.warn(
-    "torchrl_bdpo.trainers is deprecated: import BDPOOptimizationStepper from torchrl_bdpo.training.",
-    DeprecationWarning,
-    stacklevel=2,
-)
+warnings.warn("torchrl_bdpo.trainers is deprecated: import BDPOOptimizationStepper from torchrl_bdpo.training.", DeprecationWarning, stacklevel=2)
 
 __all__ = ["BDPOOptimizationStepper"]

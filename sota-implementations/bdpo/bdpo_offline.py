@@ -129,13 +129,7 @@ def train(cfg: DictConfig) -> dict:
     device = torch.device(cfg.device)
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
-    buffer = make_offline_buffer(
-        cfg.env.dataset,
-        o.batch_size,
-        reward_mode=cfg.env.reward_mode,
-        download=cfg.env.download,
-        device=device,
-    )
+    buffer = make_offline_buffer(cfg.env.dataset, o.batch_size, reward_mode=cfg.env.reward_mode, download=cfg.env.download, device=device)
     info = buffer.dataset_info
     if o.batch_size > len(buffer):
         raise ValueError(
@@ -197,11 +191,7 @@ def train(cfg: DictConfig) -> dict:
             row.update({f"{k}_mean": v for k, v in episode_stats(episodes, cfg.loss.gamma).items()})
         if phase_name == "train":
             with torch.no_grad():
-                q = loss._qvalue(
-                    loss.target_qvalue_network_params,
-                    probe.get("observation").to(device),
-                    probe.get("action").to(device),
-                )
+                q = loss._qvalue(loss.target_qvalue_network_params, probe.get("observation").to(device), probe.get("action").to(device))
             row.update(q_dataset=float(q.mean()), mc_return_dataset=probe_mc)
             if e.get("diagnostics", True):
                 # what separates the causes of a drop: the actor alone (one sample), the
@@ -229,18 +219,7 @@ def train(cfg: DictConfig) -> dict:
         return row
 
     history = run_phases(
-        cfg,
-        loss=loss,
-        update=update,
-        optimizers=optimizers,
-        schedulers=schedulers,
-        sample=lambda: buffer.sample().to(device),
-        logger=logger,
-        out_dir=out_dir,
-        phase=phase,
-        step=step,
-        evaluate=run_eval,
-        extra_state=lambda: {"evals": eval_rows},
+        cfg, loss, update, optimizers, schedulers, buffer, logger, out_dir, phase, step, evaluate=run_eval, extra_state=lambda: {"evals": eval_rows}
     )
     if env is not None:
         env.close()

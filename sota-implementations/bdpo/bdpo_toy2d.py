@@ -188,24 +188,9 @@ def train(cfg: DictConfig) -> dict:
     optimizers, schedulers, update = make_training(cfg, loss)
     logger = make_logger(cfg, out_dir)
     o = cfg.optim
-    # each phase logs on its own step axis
+    # each phase logs on its own step axis; every transition is terminal: no Q-target paths to log
     phase, step = resume_phases(resume_state, cfg, loss, optimizers, schedulers, out_dir, global_steps=False)
-    device = torch.device(cfg.device)
-    # every transition is terminal: no Q-target paths to log; each phase logs on its own step axis
-    history = run_phases(
-        cfg,
-        loss=loss,
-        update=update,
-        optimizers=optimizers,
-        schedulers=schedulers,
-        sample=lambda: buffer.sample().to(device),
-        logger=logger,
-        out_dir=out_dir,
-        phase=phase,
-        step=step,
-        global_steps=False,
-        next_state_paths=False,
-    )
+    history = run_phases(cfg, loss, update, optimizers, schedulers, buffer, logger, out_dir, phase, step, global_steps=False, next_state_paths=False)
 
     metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)

@@ -15,14 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from torchrl_bdpo.diffusion import (
-    DiffusionActor,
-    EpsilonNetwork,
-    make_qvalue_operator,
-    make_reference,
-    make_schedule,
-    make_value_operator,
-)
+from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
@@ -417,16 +410,16 @@ def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool 
 
 def run_phases(
     cfg: DictConfig,
-    *,
     loss,
     update,
     optimizers: dict,
     schedulers: dict,
-    sample,
+    buffer,
     logger,
     out_dir: Path,
     phase: str,
     step: int,
+    *,
     evaluate=None,
     extra_state=None,
     global_steps: bool = True,
@@ -439,7 +432,7 @@ def run_phases(
     section 4). Starts at ``(phase, step)`` (a resumed checkpoint's). Logs every
     ``logger.log_interval`` steps, checkpoints every ``checkpoint.interval`` steps (after the
     finiteness check; ``extra_state()`` adds entries, e.g. the evaluations), at the hand-over and
-    at the end. ``sample()`` returns the next batch on the run's device. ``evaluate(phase, step,
+    at the end. Batches come from ``buffer.sample()``, moved to ``cfg.device``. ``evaluate(phase, step,
     global_step)`` returns an evaluation row (or None) and runs every ``eval.pretrain_interval``
     phase-A and ``eval.interval`` phase-B steps, and on the final policy. Phase-B rows log at
     ``pretrain_steps + step`` with ``global_steps``, else on their own axis. Returns the phase-B
@@ -448,6 +441,10 @@ def run_phases(
     o, e = cfg.optim, cfg.get("eval", {})
     ckpt = out_dir / "checkpoint.pt"
     written = [ckpt if ckpt.exists() else None]
+    device = torch.device(cfg.device)
+
+    def sample():
+        return buffer.sample().to(device)
 
     def checkpoint(phase_name: str, next_step: int) -> None:
         check_state_before_saving(loss, sample, phase_name, next_step, written[0])
@@ -801,12 +798,7 @@ def log_scalars(logger, values: dict, step: int) -> None:
 def write_summary(out_dir: Path, cfg: DictConfig, start: float, **fields) -> dict:
     """``summary.json``: the resolved config, ``fields``, the wall time since ``start``
     (``time.perf_counter()``) and the torch threads. Returns it."""
-    summary = {
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        **fields,
-        "wall_time_s": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
-    }
+    summary = {"config": OmegaConf.to_container(cfg, resolve=True), **fields, "wall_time_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
     write_json(out_dir / "summary.json", summary)
     return summary
 

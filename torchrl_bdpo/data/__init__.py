@@ -14,15 +14,7 @@ from torchrl_bdpo.data.offline import (
 )
 from torchrl_bdpo.data.generate import GenerateConfig, generate
 from torchrl_bdpo.data.online import TRANSITION_KEYS, OfflineToOnlineBuffer, to_offline_layout
-from torchrl_bdpo.data.toy import (
-    TOY_DATASETS,
-    make_toy_buffer,
-    make_toy_data,
-    optimal_policy_weights,
-    optimal_value,
-    sample_optimal_policy,
-    toy_energy,
-)
+from torchrl_bdpo.data.toy import TOY_DATASETS, make_toy_buffer, make_toy_data, optimal_policy_weights, optimal_value, sample_optimal_policy, toy_energy
 
 __all__ = [
     "D4RL_ANTMAZE",

@@ -45,12 +45,7 @@ from torchrl_bdpo.envs import make_env
 LEVELS = ("random", "weak-medium", "medium", "medium-replay", "expert", "medium-expert")
 
 # reference expert returns (D4RL's ref_max_score for the v2 tasks; Ant from D4RL's ant tasks)
-EXPERT_RETURNS = {
-    "Hopper": 3234.3,
-    "HalfCheetah": 12135.0,
-    "Walker2d": 4592.3,
-    "Ant": 3879.7,
-}
+EXPERT_RETURNS = {"Hopper": 3234.3, "HalfCheetah": 12135.0, "Walker2d": 4592.3, "Ant": 3879.7}
 
 
 # settings a resumed run may change: budgets and bookkeeping, not what the data is made of
@@ -338,13 +333,7 @@ class DatasetGenerator:
         splitter = EpisodeSplitter()
         episodes: list[TensorDict] = []
         fpb = min(self.cfg.frames_per_batch, frames)
-        collector = Collector(
-            env,
-            policy,
-            frames_per_batch=fpb,
-            total_frames=-1,
-            exploration_type=exploration or ExplorationType.RANDOM,
-        )
+        collector = Collector(env, policy, frames_per_batch=fpb, total_frames=-1, exploration_type=exploration or ExplorationType.RANDOM)
         got = 0
         with tqdm(total=frames, desc=desc, disable=not self.cfg.progress) as bar:
             for batch in collector:
@@ -513,11 +502,7 @@ class DatasetGenerator:
         weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
         frames = state["frames"]
         collector = Collector(
-            sac.env,
-            sac.actor,
-            frames_per_batch=cfg.frames_per_batch,
-            total_frames=-1,
-            init_random_frames=max(0, cfg.init_random_frames - frames),
+            sac.env, sac.actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1, init_random_frames=max(0, cfg.init_random_frames - frames)
         )
         updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
         last_ckpt = frames

@@ -29,12 +29,7 @@ REWARD_MODES = ("locomotion", "antmaze", "none")
 ACTION_CLIP = 1 - 1e-5
 
 # D4RL's published reference returns (d4rl/infos.py): the random and expert policies.
-D4RL_REF_SCORES = {
-    "halfcheetah": (-280.178953, 12135.0),
-    "hopper": (-20.272305, 3234.3),
-    "walker2d": (1.629008, 4592.3),
-    "antmaze": (0.0, 1.0),
-}
+D4RL_REF_SCORES = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "antmaze": (0.0, 1.0)}
 D4RL_LOCOMOTION = tuple(
     f"{env}-{level}-v2" for env in ("halfcheetah", "hopper", "walker2d") for level in ("random", "medium", "medium-replay", "medium-expert", "expert")
 )
@@ -564,9 +559,7 @@ def make_offline_buffer(
         action_high=action_high,
     )
     buffer = TensorDictReplayBuffer(
-        storage=LazyTensorStorage(td.shape[0], device=device),
-        sampler=RandomSampler() if sampler is None else sampler,
-        batch_size=batch_size,
+        storage=LazyTensorStorage(td.shape[0], device=device), sampler=RandomSampler() if sampler is None else sampler, batch_size=batch_size
     )
     buffer.extend(td)
     buffer.dataset_info = info

@@ -14,15 +14,7 @@ from torchrl.data import ReplayBuffer
 from torchrl.data.replay_buffers.offline_to_online import OfflineToOnlineReplayBuffer
 from torchrl.data.replay_buffers.samplers import RandomSampler
 
-TRANSITION_KEYS = (
-    "observation",
-    "action",
-    ("next", "observation"),
-    ("next", "reward"),
-    ("next", "terminated"),
-    ("next", "truncated"),
-    ("next", "done"),
-)
+TRANSITION_KEYS = ("observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"), ("next", "truncated"), ("next", "done"))
 
 
 def to_offline_layout(data: TensorDictBase, reward_scale: float = 1.0) -> TensorDict:
@@ -100,10 +92,7 @@ class OfflineToOnlineBuffer(OfflineToOnlineReplayBuffer):
         # a view that reads the offline storage and keeps the transition keys (no 'episode',
         # and no 'index', which a TensorDictReplayBuffer adds and the online half lacks)
         view = ReplayBuffer(
-            storage=offline_buffer.storage,
-            sampler=RandomSampler(),
-            batch_size=offline_buffer.batch_size,
-            transform=lambda td: td.select(*TRANSITION_KEYS),
+            storage=offline_buffer.storage, sampler=RandomSampler(), batch_size=offline_buffer.batch_size, transform=lambda td: td.select(*TRANSITION_KEYS)
         )
         view.dataset_info = info
         check_offline_fraction(offline_fraction)

@@ -47,9 +47,7 @@ def ring_energy(sq_radius: torch.Tensor) -> torch.Tensor:
         sq_radius >= 8.5,
         torch.full_like(sq_radius, 0.667),
         torch.where(
-            sq_radius >= 5.0,
-            torch.full_like(sq_radius, 0.333),
-            torch.where(sq_radius >= 2.0, torch.ones_like(sq_radius), torch.zeros_like(sq_radius)),
+            sq_radius >= 5.0, torch.full_like(sq_radius, 0.333), torch.where(sq_radius >= 2.0, torch.ones_like(sq_radius), torch.zeros_like(sq_radius))
         ),
     )
 
@@ -229,13 +227,7 @@ def optimal_value(rewards: torch.Tensor, eta: float) -> float:
     return float(eta * (torch.logsumexp(r / eta, 0) - math.log(r.numel())))
 
 
-def sample_optimal_policy(
-    actions: torch.Tensor,
-    rewards: torch.Tensor,
-    eta: float,
-    num_samples: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def sample_optimal_policy(actions: torch.Tensor, rewards: torch.Tensor, eta: float, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw ``num_samples`` actions of ``pi* ∝ nu exp(r / eta)`` by weighted resampling of the data."""
     if actions.shape[0] != rewards.reshape(-1).shape[0]:
         raise ValueError(f"{actions.shape[0]} actions but {rewards.reshape(-1).shape[0]} rewards: expected one reward per action.")

@@ -12,11 +12,7 @@ from torchrl_bdpo.diffusion.networks import (
     make_value_operator,
     timestep_embedding,
 )
-from torchrl_bdpo.diffusion.reference import (
-    GaussianReferenceEpsilon,
-    UniformReferenceEpsilon,
-    make_reference,
-)
+from torchrl_bdpo.diffusion.reference import GaussianReferenceEpsilon, UniformReferenceEpsilon, make_reference
 from torchrl_bdpo.diffusion.schedule import NoiseSchedule, StratifiedSteps, make_schedule, stratified_steps
 from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
 

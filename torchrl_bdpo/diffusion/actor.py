@@ -13,12 +13,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.diffusion.schedule import NoiseSchedule
 
-_DETERMINISTIC_TYPES = (
-    ExplorationType.DETERMINISTIC,
-    ExplorationType.MODE,
-    ExplorationType.MEAN,
-    ExplorationType.MEDIAN,
-)
+_DETERMINISTIC_TYPES = (ExplorationType.DETERMINISTIC, ExplorationType.MODE, ExplorationType.MEAN, ExplorationType.MEDIAN)
 
 
 class DiffusionPath(NamedTuple):
@@ -100,13 +95,7 @@ class DiffusionSampler(nn.Module):
         make = getattr(self.network, "chain_cache", None)
         return None if make is None else make(observation, self.num_steps)
 
-    def reverse_step(
-        self,
-        observation: torch.Tensor,
-        action_n: torch.Tensor,
-        n,
-        noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def reverse_step(self, observation: torch.Tensor, action_n: torch.Tensor, n, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One reverse step ``a^n -> a^{n-1}``; returns ``(a^{n-1}, eps_hat)``.
 
         ``n`` is an int or a long tensor of the batch shape of ``action_n``. ``noise`` is the
@@ -118,12 +107,7 @@ class DiffusionSampler(nn.Module):
         return self.schedule.reverse_step(action_n, n, eps, noise, self.clip_denoised), eps
 
     def sample_path(
-        self,
-        observation: torch.Tensor,
-        *,
-        num_samples: int | None = None,
-        noise: torch.Tensor | None = None,
-        deterministic: bool = False,
+        self, observation: torch.Tensor, *, num_samples: int | None = None, noise: torch.Tensor | None = None, deterministic: bool = False
     ) -> DiffusionPath:
         """Run the full reverse chain from ``a^N ~ N(0, I)`` and return every ``a^n`` and ``eps``.
 
@@ -235,14 +219,7 @@ class DiffusionActor(TensorDictModule):
             action_dim = getattr(network, "action_dim", None)
             if action_dim is None:
                 raise ValueError("action_dim=None and the network has no `action_dim` attribute: pass action_dim explicitly.")
-        sampler = DiffusionSampler(
-            network,
-            schedule,
-            action_dim,
-            clip_denoised=clip_denoised,
-            num_samples=num_samples,
-            validate=validate,
-        )
+        sampler = DiffusionSampler(network, schedule, action_dim, clip_denoised=clip_denoised, num_samples=num_samples, validate=validate)
         super().__init__(sampler, in_keys=list(in_keys), out_keys=list(out_keys))
 
     # Delegates, so that users and losses can call the chain pieces on the actor itself.

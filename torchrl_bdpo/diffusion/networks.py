@@ -73,13 +73,7 @@ class SinusoidalTimestepEmbedding(nn.Module):
 
 def timestep_embedding(dim: int = 64, hidden: int = 64, out_dim: int = 64) -> nn.Sequential:
     """Sinusoidal embedding followed by ``Linear(hidden)-Mish-Linear(out_dim)-Mish``."""
-    return nn.Sequential(
-        SinusoidalTimestepEmbedding(dim),
-        nn.Linear(dim, hidden),
-        Mish(),
-        nn.Linear(hidden, out_dim),
-        Mish(),
-    )
+    return nn.Sequential(SinusoidalTimestepEmbedding(dim), nn.Linear(dim, hidden), Mish(), nn.Linear(hidden, out_dim), Mish())
 
 
 def _undo_expand(x: torch.Tensor) -> torch.Tensor:
@@ -205,15 +199,7 @@ class EpsilonNetwork(_BodyInParts):
     split in three). :class:`~torchrl_bdpo.diffusion.DiffusionActor` does this for every call.
     """
 
-    def __init__(
-        self,
-        action_dim: int,
-        observation_dim: int,
-        *,
-        hidden: int = 256,
-        depth: int = 4,
-        time_dim: int = 64,
-    ) -> None:
+    def __init__(self, action_dim: int, observation_dim: int, *, hidden: int = 256, depth: int = 4, time_dim: int = 64) -> None:
         super().__init__()
         for name, v in (("action_dim", action_dim), ("observation_dim", observation_dim)):
             if not isinstance(v, int) or v < (1 if name == "action_dim" else 0):
@@ -231,12 +217,7 @@ class EpsilonNetwork(_BodyInParts):
         self._check_observation(observation)
 
     def _check_action(self, action: torch.Tensor) -> None:
-        check_last_dim(
-            "action",
-            action,
-            self.action_dim,
-            "Build the EpsilonNetwork with the action dimension of the data (action_dim).",
-        )
+        check_last_dim("action", action, self.action_dim, "Build the EpsilonNetwork with the action dimension of the data (action_dim).")
 
     def _check_observation(self, observation: torch.Tensor | None) -> None:
         if not self.observation_dim:
@@ -244,10 +225,7 @@ class EpsilonNetwork(_BodyInParts):
         if observation is None:
             raise ValueError(f"observation is None: this EpsilonNetwork was built with observation_dim={self.observation_dim}; pass an observation.")
         check_last_dim(
-            "observation",
-            observation,
-            self.observation_dim,
-            "Build the EpsilonNetwork with the observation dimension of the data (observation_dim).",
+            "observation", observation, self.observation_dim, "Build the EpsilonNetwork with the observation dimension of the data (observation_dim)."
         )
 
     def chain_cache(self, observation: torch.Tensor | None, num_steps: int) -> ChainCache:
@@ -271,14 +249,7 @@ class EpsilonNetwork(_BodyInParts):
         self._check_action(action)
         return self._body_in_parts(action, slice(0, self.action_dim), time, cache.observation)
 
-    def forward(
-        self,
-        action: torch.Tensor,
-        step,
-        observation: torch.Tensor | None = None,
-        *,
-        cache: ChainCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, action: torch.Tensor, step, observation: torch.Tensor | None = None, *, cache: ChainCache | None = None) -> torch.Tensor:
         if cache is not None:
             return self._forward_cached(action, step, cache)
         self.check_inputs(action, observation)
@@ -310,16 +281,7 @@ class DiffusionValueNetwork(_BodyInParts):
             Steps outside ``[0, N]`` then raise an error. Defaults to ``None`` (the plain forward).
     """
 
-    def __init__(
-        self,
-        observation_dim: int,
-        action_dim: int,
-        *,
-        hidden: int = 256,
-        depth: int = 3,
-        time_dim: int = 64,
-        num_steps: int | None = None,
-    ) -> None:
+    def __init__(self, observation_dim: int, action_dim: int, *, hidden: int = 256, depth: int = 3, time_dim: int = 64, num_steps: int | None = None) -> None:
         super().__init__()
         if num_steps is not None:
             check_num_steps(num_steps, what="the policy's number of diffusion steps", hint=" Or None for the plain forward.")
@@ -332,12 +294,7 @@ class DiffusionValueNetwork(_BodyInParts):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor, step) -> torch.Tensor:
         check_last_dim("action", action, self.action_dim, "Match the value network's action_dim.")
-        check_last_dim(
-            "observation",
-            observation,
-            self.observation_dim,
-            "Match the value network's observation_dim.",
-        )
+        check_last_dim("observation", observation, self.observation_dim, "Match the value network's observation_dim.")
         observation = self._expand_observation(observation, action)
         if self.num_steps is not None:
             return self._forward_table(observation, action, step)
@@ -357,15 +314,7 @@ class DiffusionValueNetwork(_BodyInParts):
 class QValueNetwork(_BodyInParts):
     """``Q(s, a)``: ``concat[s, a] -> depth x hidden Mish (LayerNorm on request) -> 1``."""
 
-    def __init__(
-        self,
-        observation_dim: int,
-        action_dim: int,
-        *,
-        hidden: int = 256,
-        depth: int = 3,
-        layer_norm: bool = False,
-    ) -> None:
+    def __init__(self, observation_dim: int, action_dim: int, *, hidden: int = 256, depth: int = 3, layer_norm: bool = False) -> None:
         super().__init__()
         self.action_dim = action_dim
         self.observation_dim = observation_dim
@@ -374,12 +323,7 @@ class QValueNetwork(_BodyInParts):
 
     def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         check_last_dim("action", action, self.action_dim, "Match the Q network's action_dim.")
-        check_last_dim(
-            "observation",
-            observation,
-            self.observation_dim,
-            "Match the Q network's observation_dim.",
-        )
+        check_last_dim("observation", observation, self.observation_dim, "Match the Q network's observation_dim.")
         # the first layer in two parts: the observation's once per distinct observation (not per
         # sample of an expanded one), the action's (6 features at the D4RL sizes) through narrow_linear
         O = self.observation_dim

@@ -235,14 +235,7 @@ class NoiseSchedule(nn.Module):
         x0 = self.predict_x0(action_n, n, eps, clip_denoised)
         return self._gather(self.posterior_mean_coef_x0, n, action_n) * x0 + self._gather(self.posterior_mean_coef_xt, n, action_n) * action_n
 
-    def reverse_step(
-        self,
-        action_n: torch.Tensor,
-        n,
-        eps: torch.Tensor,
-        noise: torch.Tensor,
-        clip_denoised: bool = False,
-    ) -> torch.Tensor:
+    def reverse_step(self, action_n: torch.Tensor, n, eps: torch.Tensor, noise: torch.Tensor, clip_denoised: bool = False) -> torch.Tensor:
         """``a^{n-1} = mu_n + [n > 1 or final_noise] sigma_n z`` for the standard normal draw ``noise``."""
         return self.reverse_mean(action_n, n, eps, clip_denoised) + self._gather(self.noise_scales, n, action_n) * noise
 

@@ -26,11 +26,7 @@ _MOVED = {"BDPOUpdate", "make_capturable", "EtaLagrangian"}
 def __getattr__(name):
     # deprecated aliases: the optimizer steps moved to torchrl_bdpo.training
     if name in _MOVED:
-        warnings.warn(
-            f"torchrl_bdpo.objectives.{name} is deprecated: import it from torchrl_bdpo.training.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warnings.warn(f"torchrl_bdpo.objectives.{name} is deprecated: import it from torchrl_bdpo.training.", DeprecationWarning, stacklevel=2)
         import torchrl_bdpo.training as training
 
         return getattr(training, name)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModule, dispatch
-from torch import nn
 from torchrl.objectives.utils import ValueEstimators, dispatch_value_estimator
 
 from torchrl_bdpo._validation import read_flag, static_graph
 from torchrl_bdpo.diffusion.actor import DiffusionActor
-from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.select import QSelectActor
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
 from torchrl_bdpo.ensemble import aggregate_ensemble
 from torchrl_bdpo.objectives.utils import TargetSoftUpdate, unwrap_exploration_wrappers
-from torchrl_bdpo.objectives.value import _UNSET, DiffusionValueLoss
-from torchrl_bdpo.speed import SpeedOptions
+from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
 
 @unwrap_exploration_wrappers
@@ -72,9 +68,9 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior (bool): include the behavior's denoising loss. Defaults to ``True``.
         skip_terminal_next (bool): skip the path sampling for terminal next states in
             eager mode. Defaults to ``True``.
-        network_init, reduction, deactivate_vmap, speed, validate, step_sampling:
-            see :class:`DiffusionValueLoss` (``step_sampling`` draws the steps of the V and
-            actor objectives).
+        **kwargs: ``network_init``, ``reduction``, ``deactivate_vmap``, ``speed``, ``validate``,
+            ``step_sampling``: passed to :class:`DiffusionValueLoss`, which documents them
+            (``step_sampling`` draws the steps of the V and actor objectives).
 
     The sigma choice (``sigma_n^2 = beta_n`` or the posterior variance) belongs to the
     schedule: ``make_schedule("vp", N, sigma="posterior")``.
@@ -137,14 +133,7 @@ class BDPOLoss(DiffusionValueLoss):
         max_q_backup: bool = False,
         train_behavior: bool = True,
         skip_terminal_next: bool = True,
-        network_init: Callable[[nn.Module], object] | None = orthogonal_init_,
-        reduction: str | None = None,
-        deactivate_vmap: bool = False,
-        speed: SpeedOptions | None = None,
-        validate: bool = True,
-        step_sampling: str = "uniform",
-        ensemble_chunk_rows=_UNSET,
-        ensemble_chunk_compile=_UNSET,
+        **kwargs,
     ) -> None:
         super().__init__(
             actor_network,
@@ -156,14 +145,7 @@ class BDPOLoss(DiffusionValueLoss):
             aggregation=aggregation,
             num_qvalue_nets=num_qvalue_nets,
             num_samples=num_samples,
-            network_init=network_init,
-            reduction=reduction,
-            deactivate_vmap=deactivate_vmap,
-            speed=speed,
-            validate=validate,
-            step_sampling=step_sampling,
-            ensemble_chunk_rows=ensemble_chunk_rows,
-            ensemble_chunk_compile=ensemble_chunk_compile,
+            **kwargs,
         )
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
@@ -184,11 +166,7 @@ class BDPOLoss(DiffusionValueLoss):
             self,
             value_type,
             supported=self.SUPPORTED_VALUE_ESTIMATORS,
-            tensor_keys={
-                "reward": self.tensor_keys.reward,
-                "done": self.tensor_keys.done,
-                "terminated": self.tensor_keys.terminated,
-            },
+            tensor_keys={"reward": self.tensor_keys.reward, "done": self.tensor_keys.done, "terminated": self.tensor_keys.terminated},
             value_network=None,
             **hyperparams,
         )
@@ -196,23 +174,12 @@ class BDPOLoss(DiffusionValueLoss):
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:
         if self._value_estimator is not None:
-            self._value_estimator.set_keys(
-                reward=self.tensor_keys.reward,
-                done=self.tensor_keys.done,
-                terminated=self.tensor_keys.terminated,
-            )
+            self._value_estimator.set_keys(reward=self.tensor_keys.reward, done=self.tensor_keys.done, terminated=self.tensor_keys.terminated)
 
     @property
     def in_keys(self):
         k = self.tensor_keys
-        return [
-            k.observation,
-            k.action,
-            ("next", k.observation),
-            ("next", k.reward),
-            ("next", k.done),
-            ("next", k.terminated),
-        ]
+        return [k.observation, k.action, ("next", k.observation), ("next", k.reward), ("next", k.done), ("next", k.terminated)]
 
     def make_target_updaters(self, tau: float = 0.005):
         """``(critics, actor, behavior)`` :class:`TargetSoftUpdate` objects with EMA rate ``tau``."""
@@ -262,13 +229,7 @@ class BDPOLoss(DiffusionValueLoss):
         )
 
     # ------------------------------------------------------------ Q target
-    def next_state_value(
-        self,
-        next_observation: torch.Tensor,
-        terminated: torch.Tensor,
-        noise: torch.Tensor | None = None,
-        all_terminal: bool = False,
-    ):
+    def next_state_value(self, next_observation: torch.Tensor, terminated: torch.Tensor, noise: torch.Tensor | None = None, all_terminal: bool = False):
         """``agg_k(mean_M Q^tgt_k(s', a'^0)) - eta * mean_M sum_n l_n(s', a'^n)`` per transition.
 
         Returns ``(value, path_kl, kl_per_step)`` with ``value`` and ``path_kl`` of the batch
@@ -349,11 +310,7 @@ class BDPOLoss(DiffusionValueLoss):
             )
             done = read_flag(tensordict, ("next", k.done), owner=type(self).__name__)
             td = TensorDict(
-                {
-                    ("next", k.reward): reward,
-                    ("next", k.terminated): terminated,
-                    ("next", k.done): terminated if done is None else done,
-                },
+                {("next", k.reward): reward, ("next", k.terminated): terminated, ("next", k.done): terminated if done is None else done},
                 batch_size=tensordict.batch_size,
             )
             # n-step batches (torchrl's MultiStep): gamma ** steps_to_next_obs, as TD0Estimator
@@ -392,23 +349,14 @@ class BDPOLoss(DiffusionValueLoss):
         observation, action = tensordict.get(k.observation), tensordict.get(k.action)
         action_n, n, _, split = self.draw_steps(action)
         objective, next_value, step_kl = self.one_step_objective(observation, action_n, n, self.actor_network_params, split=split)
-        metadata = {
-            "actor_objective": objective.detach().mean(),
-            "actor_next_value": next_value.detach().mean(),
-            "actor_step_kl": step_kl.detach().mean(),
-        }
+        metadata = {"actor_objective": objective.detach().mean(), "actor_next_value": next_value.detach().mean(), "actor_step_kl": step_kl.detach().mean()}
         return self._reduce_loss(-objective, tensordict), metadata
 
     def behavior_loss(self, tensordict: TensorDictBase) -> tuple[torch.Tensor, dict]:
         """The behavior model's denoising loss; returns ``(loss_behavior, metadata)``."""
         k = self.tensor_keys
         self._validate(tensordict, (k.observation, k.action))
-        err = denoising_error(
-            self.behavior_network,
-            self.behavior_network_params,
-            tensordict.get(k.observation),
-            tensordict.get(k.action),
-        )
+        err = denoising_error(self.behavior_network, self.behavior_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         return self._reduce_loss(err, tensordict), {}
 
     @dispatch

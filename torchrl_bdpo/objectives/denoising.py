@@ -95,14 +95,7 @@ class DenoisingLoss(MovesSchedules, LossModule):
     actor_network_params: TensorDictParams
     target_actor_network_params: TensorDictParams
 
-    def __init__(
-        self,
-        actor_network: DiffusionActor,
-        *,
-        delay_actor: bool = False,
-        reduction: str | None = None,
-        validate: bool = True,
-    ) -> None:
+    def __init__(self, actor_network: DiffusionActor, *, delay_actor: bool = False, reduction: str | None = None, validate: bool = True) -> None:
         _check_actor(actor_network, "actor_network")
         super().__init__()
         self.reduction = "mean" if reduction is None else reduction

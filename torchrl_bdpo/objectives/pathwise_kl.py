@@ -191,11 +191,7 @@ class PathwiseKLLoss(MovesSchedules, LossModule):
         return self.actor_network.schedule.step_kl(eps_policy, eps_nu, steps)
 
     def path_kl(
-        self,
-        observation: torch.Tensor,
-        *,
-        num_samples: int | None = None,
-        noise: torch.Tensor | None = None,
+        self, observation: torch.Tensor, *, num_samples: int | None = None, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, DiffusionPath]:
         """Sample policy paths at ``observation`` and return ``(path_kl, per_step, path)``.
 

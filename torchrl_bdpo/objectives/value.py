@@ -49,8 +49,7 @@ def _speed_options(speed, chunk_rows, chunk_compile) -> SpeedOptions:
         stacklevel=3,
     )
     return SpeedOptions(
-        ensemble_chunk_rows="auto" if chunk_rows is _UNSET else chunk_rows,
-        ensemble_chunk_compile=None if chunk_compile is _UNSET else chunk_compile,
+        ensemble_chunk_rows="auto" if chunk_rows is _UNSET else chunk_rows, ensemble_chunk_compile=None if chunk_compile is _UNSET else chunk_compile
     )
 
 
@@ -273,11 +272,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
                 # views instead of trainable leaves; rebuild a [1, ...] stack of Parameters.
                 params = TensorDict.from_modules(members[0], as_module=True)
                 setattr(self, f"{name}_params", params)
-                setattr(
-                    self,
-                    f"target_{name}_params",
-                    TensorDictParams(params.data.clone(), no_convert=True),
-                )
+                setattr(self, f"target_{name}_params", TensorDictParams(params.data.clone(), no_convert=True))
         else:  # parameter-free: nothing to expand or train
             self.convert_to_functional(members, name, create_target_params=True)
 
@@ -334,12 +329,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             capacity = self._q_target_rows(step_prev)
             if capacity is not None:
                 return next_value_q_rows(
-                    functools.partial(self._qvalue, q_params),
-                    functools.partial(self._value, v_params),
-                    observation,
-                    action_prev,
-                    step_prev,
-                    capacity,
+                    functools.partial(self._qvalue, q_params), functools.partial(self._value, v_params), observation, action_prev, step_prev, capacity
                 )
             q = self._qvalue(q_params, observation, action_prev)
             v = self._value(v_params, observation, action_prev, step_prev)
@@ -411,14 +401,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         split = stratified_steps(action.shape[:-1], schedule.num_steps, action.device)
         return (*schedule.noise_action(action, split.steps), split)
 
-    def one_step_objective(
-        self,
-        observation,
-        action_n,
-        n,
-        actor_params: TensorDictBase | None = None,
-        split: StratifiedSteps | None = None,
-    ):
+    def one_step_objective(self, observation, action_n, n, actor_params: TensorDictBase | None = None, split: StratifiedSteps | None = None):
         """The one-step objective at ``(s, a^n, n)`` under the given actor parameters.
 
         Returns ``(J, next_value, l_n)``, each of the batch shape:
@@ -469,11 +452,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
             target, _, step_kl = self.one_step_objective(observation, action_n, n, split=split)
         pred = self._value(self.value_network_params, observation, action_n, n)
         loss = (pred - target).pow(2).mean(0)
-        metadata = {
-            "value_pred": pred.detach().mean(),
-            "value_target": target.detach().mean(),
-            "value_step_kl": step_kl.detach().mean(),
-        }
+        metadata = {"value_pred": pred.detach().mean(), "value_target": target.detach().mean(), "value_step_kl": step_kl.detach().mean()}
         return self._reduce_loss(loss, tensordict), metadata
 
     @dispatch

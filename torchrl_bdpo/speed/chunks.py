@@ -13,13 +13,7 @@ from torchrl_bdpo.speed.options import SpeedOptions
 
 
 def ensemble_call(
-    module: nn.Module,
-    params: TensorDictBase,
-    inputs: Sequence[torch.Tensor],
-    size: int,
-    options: SpeedOptions,
-    *,
-    use_vmap: bool = True,
+    module: nn.Module, params: TensorDictBase, inputs: Sequence[torch.Tensor], size: int, options: SpeedOptions, *, use_vmap: bool = True
 ) -> torch.Tensor:
     """:func:`~torchrl_bdpo.ensemble.ensemble_apply`, in row chunks where ``options`` say so.
 
@@ -33,15 +27,7 @@ def ensemble_call(
         sizes = chunk_sizes(inputs, options.chunk_rows(size))
     if sizes is None:
         return ensemble_apply(module, params, inputs, size, use_vmap=use_vmap)
-    return ensemble_apply_chunked(
-        module,
-        params,
-        inputs,
-        size,
-        sizes,
-        use_vmap=use_vmap,
-        compile_options=options.ensemble_chunk_compile if compiling else None,
-    )
+    return ensemble_apply_chunked(module, params, inputs, size, sizes, use_vmap=use_vmap, compile_options=options.ensemble_chunk_compile if compiling else None)
 
 
 def chunk_sizes(inputs: Sequence, max_rows: int | None) -> list[int] | None:

@@ -36,11 +36,7 @@ def input_signature(args: tuple, kwargs: dict | None = None) -> tuple:
             return ("T", tuple(x.shape), x.dtype, str(x.device))
         if is_tensor_collection(x):
             leaves = x.items(include_nested=True, leaves_only=True)
-            return (
-                "TD",
-                tuple(x.batch_size),
-                tuple(sorted((str(k), tuple(v.shape), v.dtype, str(v.device)) for k, v in leaves)),
-            )
+            return ("TD", tuple(x.batch_size), tuple(sorted((str(k), tuple(v.shape), v.dtype, str(v.device)) for k, v in leaves)))
         if isinstance(x, (tuple, list)):
             return tuple(sig(y) for y in x)
         if isinstance(x, dict):

@@ -72,12 +72,7 @@ class BDPOOptimizationStepper(OptimizationStepper):
                     self._last_actor[key] = float(policy[key])
             self.actor_steps += 1
         self.steps += 1
-        values = {
-            "loss_qvalue": float(critic["loss_qvalue"]),
-            "loss_value": float(critic["loss_value"]),
-            **self._last_actor,
-            "actor_step": float(actor_step),
-        }
+        values = {"loss_qvalue": float(critic["loss_qvalue"]), "loss_value": float(critic["loss_value"]), **self._last_actor, "actor_step": float(actor_step)}
         return TensorDict({k: torch.tensor(values[k]) for k in self.KEYS})
 
     def state_dict(self) -> dict:

@@ -14,11 +14,7 @@ from torchrl_bdpo.speed import accelerate
 from torchrl_bdpo.speed.behavior import BehaviorProgram
 
 _GROUPS = ("critic", "actor", "behavior")
-_PARAMS = {
-    "critic": ("qvalue_network_params", "value_network_params"),
-    "actor": ("actor_network_params",),
-    "behavior": ("behavior_network_params",),
-}
+_PARAMS = {"critic": ("qvalue_network_params", "value_network_params"), "actor": ("actor_network_params",), "behavior": ("behavior_network_params",)}
 
 
 def _trainable(params) -> list[torch.nn.Parameter]:
@@ -186,11 +182,7 @@ class BDPOUpdate:
         if compile and not cudagraphs and self._behavior_program_fits(loss, self._params["behavior"]):
             options = {"mode": compile_mode, "backend": compile_backend}
             self._behavior_program = BehaviorProgram(
-                loss,
-                self._params["behavior"],
-                grad_clip,
-                {k: v for k, v in options.items() if v is not None},
-                error=eps_error,
+                loss, self._params["behavior"], grad_clip, {k: v for k, v in options.items() if v is not None}, error=eps_error
             )
         kw = dict(cudagraphs=cudagraphs, warmup=warmup)
         self.critic = accelerate(self._critic_step, name="critic step", **kw)
