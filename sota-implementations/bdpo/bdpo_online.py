@@ -205,7 +205,6 @@ class Replay:
     def __init__(self, capacity: int, batch_size: int, reward_scale: float, offline_buffer=None, offline_fraction=None):
         from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-        self.offline = offline_buffer
         self.batch_size = batch_size
         if offline_buffer is not None:
             self.mixed = OfflineToOnlineBuffer(offline_buffer, online_capacity=capacity, offline_fraction=offline_fraction, batch_size=batch_size)
@@ -225,7 +224,7 @@ class Replay:
 
     def ready(self) -> bool:
         """Whether a training batch can be drawn (the offline data always; online, a batch stored)."""
-        return self.offline is not None or len(self.online) >= self.batch_size
+        return self.mixed is not None or len(self.online) >= self.batch_size
 
     def state_dict(self) -> dict:
         n = len(self.online)

@@ -194,10 +194,10 @@ class BDPOUpdate:
         """Whether :class:`~torchrl_bdpo.speed.behavior.BehaviorProgram` computes ``loss``'s behavior
         step: asked for (``loss.speed.behavior_program``), BDPOLoss's own ``behavior_loss`` with a
         mean or sum reduction, parameters on the CPU."""
-        speed = getattr(loss, "speed", None)
+        # BDPOLoss's own behavior_loss: a BDPOLoss, so it holds its SpeedOptions
         return (
-            (speed is None or speed.behavior_program)
-            and getattr(type(loss), "behavior_loss", None) is BDPOLoss.behavior_loss
+            getattr(type(loss), "behavior_loss", None) is BDPOLoss.behavior_loss
+            and loss.speed.behavior_program
             and loss.reduction in ("mean", "sum")
             and bool(params)
             and all(p.device.type == "cpu" for p in params)
