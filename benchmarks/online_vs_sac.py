@@ -3,6 +3,8 @@
     python benchmarks/online_vs_sac.py --env Pendulum-v1 --frames 20000 --seeds 0 1
     python benchmarks/online_vs_sac.py --env Hopper-v5 --frames 50000 --bdpo auto_eta.enabled=true
     python benchmarks/online_vs_sac.py --seeds 1 --threads 1 --out-dir outputs/online_vs_sac/seed1  # two side by side
+    python benchmarks/online_vs_sac.py --algos sac --seeds 0 --out-dir outputs/online_vs_sac/sac0      # one algorithm
+    python benchmarks/online_vs_sac.py --merge outputs/online_vs_sac/seed0 outputs/online_vs_sac/seed1 --out-dir outputs/online_vs_sac/all
 
 BDPO runs through ``sota-implementations/bdpo/bdpo_online.py`` (its config plus ``--bdpo``
 overrides). SAC is TorchRL's ``SACLoss`` with its sota script's settings (2 x 256 ReLU MLPs,
@@ -10,7 +12,9 @@ TanhNormal actor, clipped double Q, automatic temperature, lr 3e-4, target EMA 0
 256) on the same frames, ``frames_per_batch``, ``init_random_frames`` and updates per frame.
 Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the same start
 states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
-evaluation, env frames/s of each run) and ``online_vs_sac.png``.
+evaluation, env frames/s and torch threads of each run) and ``online_vs_sac.png``. ``--merge``
+joins the JSONs of runs made apart (other seeds, one algorithm each) into one JSON and figure;
+their settings must agree.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
         ],
         "wall_s": summary["wall_time_s"],
         "frames_per_s": summary["frames"] / summary["wall_time_s"],
+        "threads": torch.get_num_threads(),
         "overrides": overrides,
     }
 
@@ -107,7 +112,7 @@ def run_sac(args, seed: int) -> dict:
             evals.append({"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())})
     collector.shutdown()
     wall = time.perf_counter() - t0
-    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall}
+    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall, "threads": torch.get_num_threads()}
 
 
 def plot(result: dict, out: Path) -> Path:
@@ -120,11 +125,53 @@ def plot(result: dict, out: Path) -> Path:
         ("SAC", "sac", "mean", "-"),
     ):
         runs = list(result["runs"][key].values())
+        if not runs:
+            continue
         x = [e["frames"] for e in runs[0]["evals"]]
         seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
         curve(ax, x, [[e[field] for e in r["evals"]] for r in runs], name + seeds, "C0" if key == "sac" else "C1", ls=style)
     ylabel = f"return ({result['settings']['episodes']} episodes)"
     return finish(fig, [(ax, "environment frames", ylabel)], out / "online_vs_sac.png", title=result["settings"]["env"], legend_size=8)
+
+
+# settings that two runs must share to be compared or merged
+SHARED = ("env", "frames", "frames_per_batch", "init_random_frames", "utd_ratio", "eval_every", "episodes")
+
+
+def merge(dirs: list[str], out: Path) -> dict:
+    """One result from the ``online_vs_sac.json`` of several runs (other seeds or one algorithm each)."""
+    merged = None
+    for d in dirs:
+        path = Path(d) / "online_vs_sac.json"
+        if not path.exists():
+            raise FileNotFoundError(f"--merge {d}: no online_vs_sac.json there; expected the --out-dir of a finished run")
+        part = json.loads(path.read_text())
+        if merged is None:
+            merged = {"settings": {k: part["settings"][k] for k in SHARED}, "machine": part["machine"], "runs": {"bdpo": {}, "sac": {}}, "merged_from": []}
+        for k in SHARED:
+            if part["settings"][k] != merged["settings"][k]:
+                have, want = part["settings"][k], merged["settings"][k]
+                raise ValueError(f"--merge {d}: {k}={have!r} there but {want!r} in {dirs[0]}; runs merge only with the same {', '.join(SHARED)}")
+        for key in ("bdpo", "sac"):
+            for seed, run in part["runs"][key].items():
+                if seed in merged["runs"][key]:
+                    raise ValueError(f"--merge {d}: {key} seed {seed} is in two of the folders; pass each run once")
+                merged["runs"][key][seed] = {**run, "from": str(path)}
+        merged["merged_from"].append(str(path))
+    return merged
+
+
+def report(result: dict, out: Path) -> dict:
+    path = out / "online_vs_sac.json"
+    result["plot"] = str(plot(result, out))
+    path.write_text(json.dumps(result, indent=1))
+    for key in ("bdpo", "sac"):
+        runs = list(result["runs"][key].values())
+        if runs:
+            finals = [r["evals"][-1]["mean"] for r in runs]
+            rate = np.mean([r["frames_per_s"] for r in runs])
+            print(f"{key}: final return {np.mean(finals):.1f} +- {np.std(finals):.1f} over {len(runs)} seed(s), {rate:.1f} env frames/s")
+    return result
 
 
 def main(argv=None) -> dict:
@@ -137,10 +184,19 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--algos", nargs="+", choices=("bdpo", "sac"), default=["bdpo", "sac"], help="which algorithms to run (default both)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both algorithms (default: torch's); 1 when two harnesses share 2 cores")
     p.add_argument("--bdpo", nargs="*", default=[], help="extra bdpo_online.py overrides")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR", help="join the results in these --out-dir folders instead of running")
     p.add_argument("--out-dir", default="outputs/online_vs_sac")
     args = p.parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        try:
+            return report(merge(args.merge, out), out)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
     for name in ("frames", "init_random_frames", "eval_every"):
         if getattr(args, name) % args.frames_per_batch:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a multiple of --frames-per-batch")
@@ -149,26 +205,20 @@ def main(argv=None) -> dict:
             p.error(f"--threads {args.threads}: expected an integer >= 1")
         torch.set_num_threads(args.threads)
         args.bdpo = [f"threads={args.threads}", *args.bdpo]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "runs": {"bdpo": {}, "sac": {}},
     }
     path = out / "online_vs_sac.json"
     for seed in args.seeds:
-        result["runs"]["sac"][str(seed)] = run_sac(args, seed)
-        path.write_text(json.dumps(result, indent=1))
-        result["runs"]["bdpo"][str(seed)] = run_bdpo(args, seed, out / f"bdpo_seed{seed}")
-        path.write_text(json.dumps(result, indent=1))
-    result["plot"] = str(plot(result, out))
-    path.write_text(json.dumps(result, indent=1))
-    for key in ("bdpo", "sac"):
-        finals = [r["evals"][-1]["mean"] for r in result["runs"][key].values()]
-        rate = np.mean([r["frames_per_s"] for r in result["runs"][key].values()])
-        print(f"{key}: final return {np.mean(finals):.1f} +- {np.std(finals):.1f}, {rate:.1f} env frames/s")
-    return result
+        if "sac" in args.algos:
+            result["runs"]["sac"][str(seed)] = run_sac(args, seed)
+            path.write_text(json.dumps(result, indent=1))
+        if "bdpo" in args.algos:
+            result["runs"]["bdpo"][str(seed)] = run_bdpo(args, seed, out / f"bdpo_seed{seed}")
+            path.write_text(json.dumps(result, indent=1))
+    return report(result, out)
 
 
 if __name__ == "__main__":

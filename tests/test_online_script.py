@@ -265,6 +265,53 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
 
 
+def test_online_vs_sac_harness_runs_one_algorithm_and_merges(tmp_path):
+    """--algos runs one algorithm; --merge joins runs made apart and refuses unlike settings."""
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("online_vs_sac")
+    tiny = "--frames 200 --frames-per-batch 100 --init-random-frames 100 --eval-every 100 --episodes 1 --utd-ratio 0.25".split()
+    before = torch.get_num_threads()
+    try:
+        sac = harness.main([*tiny, "--algos", "sac", "--seeds", "1", "--threads", "1", "--out-dir", str(tmp_path / "sac1")])
+        bdpo = harness.main(
+            [
+                *tiny,
+                "--algos",
+                "bdpo",
+                "--seeds",
+                "0",
+                "--threads",
+                "1",
+                "--out-dir",
+                str(tmp_path / "bdpo0"),
+                "--bdpo",
+                "diffusion.hidden=16",
+                "critic.hidden=16",
+            ]
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert list(sac["runs"]["sac"]) == ["1"] and sac["runs"]["bdpo"] == {}
+    assert list(bdpo["runs"]["bdpo"]) == ["0"] and bdpo["runs"]["sac"] == {}
+    merged = harness.main(["--merge", str(tmp_path / "sac1"), str(tmp_path / "bdpo0"), "--out-dir", str(tmp_path / "all")])
+    assert merged["runs"]["sac"]["1"]["evals"] == sac["runs"]["sac"]["1"]["evals"]
+    assert merged["runs"]["bdpo"]["0"]["evals"] == bdpo["runs"]["bdpo"]["0"]["evals"]
+    assert merged["runs"]["sac"]["1"]["threads"] == 1
+    assert (tmp_path / "all" / "online_vs_sac.png").exists()
+    assert json.loads((tmp_path / "all" / "online_vs_sac.json").read_text())["runs"]["bdpo"]["0"]["evals"] == bdpo["runs"]["bdpo"]["0"]["evals"]
+    with pytest.raises(SystemExit):  # the same seed twice
+        harness.main(["--merge", str(tmp_path / "sac1"), str(tmp_path / "sac1"), "--out-dir", str(tmp_path / "x")])
+    other = json.loads((tmp_path / "sac1" / "online_vs_sac.json").read_text())
+    other["settings"]["frames"] = 400
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "online_vs_sac.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="frames=400 there but 200"):
+        harness.merge([str(tmp_path / "bdpo0"), str(tmp_path / "other")], tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="no online_vs_sac.json there"):
+        harness.merge([str(tmp_path / "missing")], tmp_path / "x")
+
+
 def test_threads_setting():
     from omegaconf import OmegaConf
 
