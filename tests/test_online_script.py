@@ -312,6 +312,17 @@ def test_online_vs_sac_harness_runs_one_algorithm_and_merges(tmp_path):
         harness.merge([str(tmp_path / "missing")], tmp_path / "x")
 
 
+def test_online_budgets():
+    """online_budget=cpu compiles the update; the default leaves online.yaml as it is."""
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        default = compose("online")
+        cpu = compose("online", overrides=["online_budget=cpu", "env.name=Hopper-v5"])
+    assert default.compile.compile is False and cpu.compile.compile is True
+    # nothing else moves: the budget is the compile switch alone
+    cpu.compile.compile, cpu.env.name = False, default.env.name
+    assert cpu == default
+
+
 def test_threads_setting():
     from omegaconf import OmegaConf
 

@@ -1,7 +1,7 @@
 """Online and offline-to-online BDPO with a TorchRL Collector.
 
     python sota-implementations/bdpo/bdpo_online.py                               # MaxEnt RL, Pendulum-v1
-    python sota-implementations/bdpo/bdpo_online.py env.name=Hopper-v5 collector.total_frames=50000
+    python sota-implementations/bdpo/bdpo_online.py env.name=Hopper-v5 collector.total_frames=50000 online_budget=cpu
     python sota-implementations/bdpo/bdpo_online.py mode=offline2online offline.run=<offline run folder>
     python sota-implementations/bdpo/bdpo_online.py mode=offline2online \
         'offline.overrides=["task=generated-hopper-medium","budget=cpu"]'         # phases A and B first
