@@ -12,7 +12,8 @@ TanhNormal actor, clipped double Q, automatic temperature, lr 3e-4, target EMA 0
 256) on the same frames, ``frames_per_batch``, ``init_random_frames`` and updates per frame.
 Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the same start
 states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
-evaluation, env frames/s and torch threads of each run) and ``online_vs_sac.png``. ``--merge``
+evaluation, env frames/s, seconds in collection / updates / evaluations and torch threads of
+each run) and ``online_vs_sac.png``. ``--merge``
 joins the JSONs of runs made apart (other seeds, one algorithm each) into one JSON and figure;
 their settings must agree.
 """
@@ -65,6 +66,7 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
         ],
         "wall_s": summary["wall_time_s"],
         "frames_per_s": summary["frames"] / summary["wall_time_s"],
+        "time_s": summary["time_s"],
         "threads": torch.get_num_threads(),
         "overrides": overrides,
     }
@@ -92,10 +94,14 @@ def run_sac(args, seed: int) -> dict:
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
     collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames, init_random_frames=args.init_random_frames)
     frames, evals, t0 = 0, [], time.perf_counter()
+    seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}  # as bdpo_online's summary splits them
+    t_mark = time.perf_counter()
     for batch in tqdm(collector, total=args.frames // args.frames_per_batch, desc=f"SAC {args.env} seed {seed}"):
+        seconds["collect"] += time.perf_counter() - t_mark
         rb.extend(batch.reshape(-1))
         frames += batch.numel()
         if frames >= args.init_random_frames:
+            t_update = time.perf_counter()
             for _ in range(max(1, round(args.utd_ratio * batch.numel()))):
                 out = loss(rb.sample())
                 total = out["loss_actor"] + out["loss_qvalue"] + out["loss_alpha"]
@@ -106,13 +112,17 @@ def run_sac(args, seed: int) -> dict:
                     o.step()
                 updater.step()
             collector.update_policy_weights_()
+            seconds["update"] += time.perf_counter() - t_update
         if frames % args.eval_every == 0:
+            t_eval = time.perf_counter()
             eval_env.set_seed(seed + 12345)
             returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC)
             evals.append({"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())})
+            seconds["eval"] += time.perf_counter() - t_eval
+        t_mark = time.perf_counter()
     collector.shutdown()
     wall = time.perf_counter() - t0
-    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall, "threads": torch.get_num_threads()}
+    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall, "time_s": seconds, "threads": torch.get_num_threads()}
 
 
 def plot(result: dict, out: Path) -> Path:
@@ -170,7 +180,13 @@ def report(result: dict, out: Path) -> dict:
         if runs:
             finals = [r["evals"][-1]["mean"] for r in runs]
             rate = np.mean([r["frames_per_s"] for r in runs])
-            print(f"{key}: final return {np.mean(finals):.1f} +- {np.std(finals):.1f} over {len(runs)} seed(s), {rate:.1f} env frames/s")
+            line = f"{key}: final return {np.mean(finals):.1f} +- {np.std(finals):.1f} over {len(runs)} seed(s), {rate:.1f} env frames/s"
+            split = [r["time_s"] for r in runs if "time_s" in r]
+            if split:  # the collector's share: acting and env steps, per frame
+                mean = {k: np.mean([t[k] for t in split]) for k in ("collect", "update", "eval")}
+                collect_ms = 1e3 * mean["collect"] / result["settings"]["frames"]
+                line += f" (collection {collect_ms:.2f} ms/frame; {mean['update']:.0f} s in updates, {mean['eval']:.0f} s in evaluations)"
+            print(line)
     return result
 
 

@@ -43,6 +43,10 @@ def test_online_run_outputs(tmp_path):
     assert (logs / "train" / "loss_actor.csv").exists() and (logs / "eval" / "return_one_sample_mean.csv").exists()
     # Pendulum's episodes (200 steps) end in the training curve
     assert len(summary["train_episode_returns"]) >= 1
+    # the time split: collection (acting, env steps), updates, evaluations, within the wall time
+    seconds = summary["time_s"]
+    assert set(seconds) == {"collect", "update", "eval"} and min(seconds.values()) > 0
+    assert sum(seconds.values()) <= summary["wall_time_s"]
 
 
 def test_resume_gives_the_same_run(tmp_path, monkeypatch):
@@ -260,6 +264,8 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     bdpo, sac = result["runs"]["bdpo"]["0"], result["runs"]["sac"]["0"]
     assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
+    for run in (bdpo, sac):  # both split their time the same way, within their wall time
+        assert min(run["time_s"].values()) > 0 and sum(run["time_s"].values()) <= run["wall_s"]
     assert (tmp_path / "online_vs_sac.png").exists()
     assert result["machine"]["threads"] == 1 and "threads=1" in bdpo["overrides"]
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]

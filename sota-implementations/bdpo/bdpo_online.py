@@ -28,7 +28,8 @@ actor every ``optim.actor_every``-th after ``optim.warmup``), evaluations every
 ``eval.interval`` frames with best-of-K by Q (``DETERMINISTIC``) and with one sample
 (``RANDOM``), TorchRL loggers, tqdm, atomic checkpoints every ``checkpoint.interval`` frames
 (replay buffer, eta and RNG included; a resume restarts the env's episode), ``summary.json``
-and ``learning_curve.png`` in the output folder.
+(with ``time_s``: this process's seconds in the collector, i.e. acting and env steps, in the
+updates and in the evaluations) and ``learning_curve.png`` in the output folder.
 """
 
 from __future__ import annotations
@@ -317,9 +318,13 @@ def train(cfg: DictConfig) -> dict:
 
     acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
 
+    # where this process's time goes: acting and env steps in the collector, updates, evaluations
+    seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}
+
     def run_eval():
         if eval_env is None:
             return None
+        t_eval = time.perf_counter()
         eval_env.set_seed(cfg.seed + 12345)  # the same start states at every evaluation (and on resume)
         best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC)
         one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
@@ -338,6 +343,7 @@ def train(cfg: DictConfig) -> dict:
             row["start_return"] = eval_rows[0]["start_return"]
         eval_rows.append(row)
         log_scalars(logger, {f"eval/{k}": v for k, v in row.items() if k not in ("frames", "updates")}, frames)
+        seconds["eval"] += time.perf_counter() - t_eval
         return row
 
     if frames == 0 and cfg.mode == "offline2online" and e.episodes > 0:
@@ -354,7 +360,9 @@ def train(cfg: DictConfig) -> dict:
         segment = min(cfg.checkpoint.interval - frames % cfg.checkpoint.interval, c.total_frames - frames)
         env.set_seed(cfg.seed + frames)
         collector = Collector(env, acting, frames_per_batch=c.frames_per_batch, total_frames=segment, init_random_frames=max(0, c.init_random_frames - frames))
+        t_mark = time.perf_counter()
         for batch in collector:
+            seconds["collect"] += time.perf_counter() - t_mark
             batch = batch.reshape(-1)
             frames += batch.numel()
             replay.add(batch)
@@ -363,6 +371,7 @@ def train(cfg: DictConfig) -> dict:
             train_returns += [(frames, float(r)) for r in ends]
             row = critic = None
             if frames >= c.init_random_frames and replay.ready():
+                t_update = time.perf_counter()
                 for _ in range(max(1, round(o.utd_ratio * batch.numel()))):
                     row, critic = train_step(update, schedulers, replay.sample().to(device), updates, o, written)
                     if tuner is not None:
@@ -373,6 +382,7 @@ def train(cfg: DictConfig) -> dict:
                     last_row.update(row)  # the actor's entries stay from its last step
                     updates += 1
                 collector.update_policy_weights_()
+                seconds["update"] += time.perf_counter() - t_update
             bar.update(batch.numel())
             if frames % cfg.logger.log_interval == 0:
                 now = time.perf_counter()
@@ -387,6 +397,7 @@ def train(cfg: DictConfig) -> dict:
                 r = run_eval()
                 if r:
                     bar.set_postfix(eval_return=f"{r['return_mean']:.0f}", one_sample=f"{r['return_one_sample_mean']:.0f}")
+            t_mark = time.perf_counter()
         collector.shutdown()
         checkpoint()
     bar.close()
@@ -411,6 +422,7 @@ def train(cfg: DictConfig) -> dict:
         evaluations=eval_rows,
         train_episode_returns=train_returns,
         figure=None if figure is None else str(figure),
+        time_s=dict(seconds),
     )
     result = (
         f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), {final['return_one_sample_mean']:.1f} (one sample)"
