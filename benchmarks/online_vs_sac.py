@@ -93,7 +93,7 @@ def run_sac(args, seed: int) -> dict:
     ]
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
     collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames, init_random_frames=args.init_random_frames)
-    frames, evals, t0 = 0, [], time.perf_counter()
+    frames, evals, t0, out = 0, [], time.perf_counter(), None
     seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}  # as bdpo_online's summary splits them
     t_mark = time.perf_counter()
     for batch in tqdm(collector, total=args.frames // args.frames_per_batch, desc=f"SAC {args.env} seed {seed}"):
@@ -117,7 +117,10 @@ def run_sac(args, seed: int) -> dict:
             t_eval = time.perf_counter()
             eval_env.set_seed(seed + 12345)
             returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC)
-            evals.append({"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())})
+            row = {"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())}
+            if out is not None:  # the last update's temperature and entropy estimate (-log pi of its actions, nats)
+                row.update(alpha=float(out["alpha"]), entropy=float(out["entropy"]))
+            evals.append(row)
             seconds["eval"] += time.perf_counter() - t_eval
         t_mark = time.perf_counter()
     collector.shutdown()

@@ -264,6 +264,7 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     bdpo, sac = result["runs"]["bdpo"]["0"], result["runs"]["sac"]["0"]
     assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
+    assert all(e["alpha"] > 0 and "entropy" in e for e in sac["evals"])  # SAC's temperature and entropy, logged
     for run in (bdpo, sac):  # both split their time the same way, within their wall time
         assert min(run["time_s"].values()) > 0 and sum(run["time_s"].values()) <= run["wall_s"]
     assert (tmp_path / "online_vs_sac.png").exists()
