@@ -13,9 +13,8 @@ TanhNormal actor, clipped double Q, automatic temperature, lr 3e-4, target EMA 0
 Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the same start
 states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
 evaluation, env frames/s, seconds in collection / updates / evaluations and torch threads of
-each run) and ``online_vs_sac.png``. ``--merge``
-joins the JSONs of runs made apart (other seeds, one algorithm each) into one JSON and figure;
-their settings must agree.
+each run) and ``online_vs_sac.png``. ``--merge`` joins the JSONs of runs made apart (other
+seeds, one algorithm each) into one JSON and figure; their settings must agree.
 """
 
 from __future__ import annotations
@@ -151,7 +150,7 @@ def plot(result: dict, out: Path) -> Path:
 SHARED = ("env", "frames", "frames_per_batch", "init_random_frames", "utd_ratio", "eval_every", "episodes")
 
 
-def merge(dirs: list[str], out: Path) -> dict:
+def merge(dirs: list[str]) -> dict:
     """One result from the ``online_vs_sac.json`` of several runs (other seeds or one algorithm each)."""
     merged = None
     for d in dirs:
@@ -213,7 +212,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         try:
-            return report(merge(args.merge, out), out)
+            return report(merge(args.merge), out)
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
     for name in ("frames", "init_random_frames", "eval_every"):

@@ -314,9 +314,9 @@ def test_online_vs_sac_harness_runs_one_algorithm_and_merges(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "online_vs_sac.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="frames=400 there but 200"):
-        harness.merge([str(tmp_path / "bdpo0"), str(tmp_path / "other")], tmp_path / "x")
+        harness.merge([str(tmp_path / "bdpo0"), str(tmp_path / "other")])
     with pytest.raises(FileNotFoundError, match="no online_vs_sac.json there"):
-        harness.merge([str(tmp_path / "missing")], tmp_path / "x")
+        harness.merge([str(tmp_path / "missing")])
 
 
 def test_online_budgets():
