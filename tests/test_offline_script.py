@@ -298,7 +298,7 @@ def test_resume_rescales_the_learning_rates(tmp_path):
     for _ in range(5):
         for s in schedulers.values():
             s.step()
-    state = utils.training_state(loss, optimizers, schedulers, "train", 5, cfg)
+    state = utils.training_state(loss, optimizers, schedulers, "train", 5, cfg, utils.run_start(None))
     critic_lr = optimizers["critic"].param_groups[0]["lr"]
     new_cfg = config(tmp_path, "optim.steps=20", "optim.warmup=0", "optim.actor_every=1", f"optim.critic_lr={cfg.optim.critic_lr / 10}")
     optimizers2 = utils.make_optimizers(new_cfg, loss)

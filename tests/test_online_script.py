@@ -1,6 +1,7 @@
 """sota-implementations/bdpo/bdpo_online.py: online (uniform reference) and offline-to-online runs, tiny."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -66,7 +67,14 @@ def test_resume_gives_the_same_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         online.train(config(tmp_path / "b"))
     monkeypatch.setattr(online, "train_step", real)
+    before = checkpoint_io.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    t0 = time.perf_counter()
     resumed = online.train(config(tmp_path / "b", "checkpoint.resume=true"))
+    second_process = time.perf_counter() - t0
+    # the wall time and its split cover the whole run, not only the process that finished it
+    assert resumed["wall_time_s"] > second_process and resumed["wall_time_s"] >= before["elapsed_s"]
+    assert all(resumed["time_s"][k] >= v for k, v in before["time_s"].items()) and before["time_s"]["update"] > 0
+    assert sum(resumed["time_s"].values()) <= resumed["wall_time_s"]
     assert resumed["evaluations"] == straight["evaluations"]
     assert resumed["updates"] == straight["updates"]
     a = checkpoint_io.load_checkpoint(tmp_path / "a" / "checkpoint.pt")

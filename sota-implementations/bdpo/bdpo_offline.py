@@ -16,7 +16,6 @@ torchrl logger), ``checkpoint.pt`` (atomic; ``checkpoint.resume=true`` continues
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import resume_phases, run_phases, start_run, write_summary  # noqa: E402
+from utils import resume_phases, run_phases, run_start, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
@@ -124,7 +123,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir, resume_state, finished = start_run(cfg)
     if finished is not None:
         return finished
-    start = time.perf_counter()
+    start = run_start(resume_state)
     o, e = cfg.optim, cfg.eval
     device = torch.device(cfg.device)
 
@@ -219,7 +218,19 @@ def train(cfg: DictConfig) -> dict:
         return row
 
     history = run_phases(
-        cfg, loss, update, optimizers, schedulers, buffer, logger, out_dir, phase, step, evaluate=run_eval, extra_state=lambda: {"evals": eval_rows}
+        cfg,
+        loss,
+        update,
+        optimizers,
+        schedulers,
+        buffer,
+        logger,
+        out_dir,
+        phase,
+        step,
+        start=start,
+        evaluate=run_eval,
+        extra_state=lambda: {"evals": eval_rows},
     )
     if env is not None:
         env.close()

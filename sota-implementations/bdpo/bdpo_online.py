@@ -28,8 +28,8 @@ actor every ``optim.actor_every``-th after ``optim.warmup``), evaluations every
 ``eval.interval`` frames with best-of-K by Q (``DETERMINISTIC``) and with one sample
 (``RANDOM``), TorchRL loggers, tqdm, atomic checkpoints every ``checkpoint.interval`` frames
 (replay buffer, eta and RNG included; a resume restarts the env's episode), ``summary.json``
-(with ``time_s``: this process's seconds in the collector, i.e. acting and env steps, in the
-updates and in the evaluations) and ``learning_curve.png`` in the output folder.
+(``wall_time_s`` and ``time_s``, the run's seconds in the collector, i.e. acting and env steps,
+in the updates and in the evaluations, both summed over resumes) and ``learning_curve.png`` in the output folder.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from utils import (  # noqa: E402
     make_bdpo_loss,
     make_logger,
     make_training,
+    run_start,
     save_checkpoint,
     start_run,
     train_scalars,
@@ -258,7 +259,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir, resume_state, finished = start_run(cfg, lambda s: s["frames"] >= cfg.collector.total_frames)
     if finished is not None:
         return finished
-    start = time.perf_counter()
+    start = run_start(resume_state)
     o, e, c = cfg.optim, cfg.eval, cfg.collector
     device = torch.device(cfg.device)
 
@@ -299,12 +300,16 @@ def train(cfg: DictConfig) -> dict:
         truncate_csv_logs(out_dir / "logs", frames)
         print(f"resumed from {ckpt}: {frames} frames, {updates} updates")
     written = ckpt if ckpt.exists() else None
+    # where the run's time goes: acting and env steps in the collector, updates, evaluations
+    seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}
+    if resume_state is not None:
+        seconds.update(resume_state.get("time_s", {}))
 
     def checkpoint():
         nonlocal written
         if replay.ready():
             check_state_before_saving(loss, lambda: replay.sample().to(device), "train", updates, written)
-        state = training_state(loss, optimizers, schedulers, "online", updates, cfg)
+        state = training_state(loss, optimizers, schedulers, "online", updates, cfg, start)
         state.update(
             frames=frames,
             evals=eval_rows,
@@ -312,14 +317,12 @@ def train(cfg: DictConfig) -> dict:
             replay=replay.state_dict(),
             eta=tuner.state_dict() if tuner is not None else None,
             eta_value=float(loss.eta),
+            time_s=dict(seconds),
         )
         save_checkpoint(ckpt, state)
         written = ckpt
 
     acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
-
-    # where this process's time goes: acting and env steps in the collector, updates, evaluations
-    seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}
 
     def run_eval():
         if eval_env is None:

@@ -14,7 +14,6 @@ landscapes at n = N, 3N/4, N/2, N/4 and 0 where V_0 = Q).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from tensordict.nn import TensorDictModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import resume_phases, run_phases, start_run, write_summary  # noqa: E402
+from utils import resume_phases, run_phases, run_start, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import TOY_DATASETS, make_toy_buffer, optimal_value, sample_optimal_policy, toy_energy  # noqa: E402
 from torchrl_bdpo.metrics import mmd_rbf, sliced_wasserstein  # noqa: E402
@@ -178,7 +177,7 @@ def train(cfg: DictConfig) -> dict:
     out_dir, resume_state, finished = start_run(cfg)
     if finished is not None:
         return finished
-    start = time.perf_counter()
+    start = run_start(resume_state)
 
     # the storage on the run's device: on a GPU, batches are gathered there, with no copy per step
     buffer = make_toy_buffer(cfg.env.dataset, cfg.optim.batch_size, cfg.env.num_points, seed=cfg.seed, device=cfg.device)
@@ -190,7 +189,9 @@ def train(cfg: DictConfig) -> dict:
     o = cfg.optim
     # each phase logs on its own step axis; every transition is terminal: no Q-target paths to log
     phase, step = resume_phases(resume_state, cfg, loss, optimizers, schedulers, out_dir, global_steps=False)
-    history = run_phases(cfg, loss, update, optimizers, schedulers, buffer, logger, out_dir, phase, step, global_steps=False, next_state_paths=False)
+    history = run_phases(
+        cfg, loss, update, optimizers, schedulers, buffer, logger, out_dir, phase, step, start=start, global_steps=False, next_state_paths=False
+    )
 
     metrics, behavior = evaluate(loss, data_actions, data_rewards, cfg.loss.eta, cfg.eval.num_samples, cfg.seed)
     log_scalars(logger, {f"eval/{k}": v for k, v in metrics.items()}, o.steps)

@@ -420,6 +420,7 @@ def run_phases(
     phase: str,
     step: int,
     *,
+    start: float,
     evaluate=None,
     extra_state=None,
     global_steps: bool = True,
@@ -432,9 +433,10 @@ def run_phases(
     section 4). Starts at ``(phase, step)`` (a resumed checkpoint's). Logs every
     ``logger.log_interval`` steps, checkpoints every ``checkpoint.interval`` steps (after the
     finiteness check; ``extra_state()`` adds entries, e.g. the evaluations), at the hand-over and
-    at the end. Batches come from ``buffer.sample()``, moved to ``cfg.device``. ``evaluate(phase, step,
-    global_step)`` returns an evaluation row (or None) and runs every ``eval.pretrain_interval``
-    phase-A and ``eval.interval`` phase-B steps, and on the final policy. Phase-B rows log at
+    at the end; ``start`` (:func:`run_start`) dates the checkpoints' ``elapsed_s``. Batches come
+    from ``buffer.sample()``, moved to ``cfg.device``. ``evaluate(phase, step, global_step)``
+    returns an evaluation row (or None) and runs every ``eval.pretrain_interval`` phase-A and
+    ``eval.interval`` phase-B steps, and on the final policy. Phase-B rows log at
     ``pretrain_steps + step`` with ``global_steps``, else on their own axis. Returns the phase-B
     rows.
     """
@@ -448,7 +450,7 @@ def run_phases(
 
     def checkpoint(phase_name: str, next_step: int) -> None:
         check_state_before_saving(loss, sample, phase_name, next_step, written[0])
-        state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg)
+        state = training_state(loss, optimizers, schedulers, phase_name, next_step, cfg, start)
         state.update(extra_state() if extra_state is not None else {})
         save_checkpoint(ckpt, state)
         written[0] = ckpt
@@ -556,7 +558,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     checkpoint_io.save_checkpoint(path, state)
 
 
-def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> dict:
+def run_start(resume_state: dict | None) -> float:
+    """The run's start on this process's ``time.perf_counter()`` clock: now, moved back by the
+    seconds a resumed checkpoint had already trained (``elapsed_s``), so that wall times and
+    rates in ``summary.json`` cover the whole run, not only the last process."""
+    return time.perf_counter() - float((resume_state or {}).get("elapsed_s", 0.0))
+
+
+def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg, start: float) -> dict:
+    """What a checkpoint holds; ``start`` is :func:`run_start`'s, for ``elapsed_s``."""
     return {
         "loss": loss.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -566,6 +576,7 @@ def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg) -> 
         "config": config_fingerprint(cfg),
         "learning_rates": {k: float(cfg.optim[k]) for k in LEARNING_RATES if k in cfg.optim},
         "rng": checkpoint_io.rng_states(),
+        "elapsed_s": time.perf_counter() - start,
     }
 
 
