@@ -351,3 +351,23 @@ def test_threads_setting():
             utils.set_threads(OmegaConf.create({"threads": 0}))
     finally:
         torch.set_num_threads(before)
+
+
+def test_action_entropy_reads_a_run_and_its_shares_add_up(tmp_path):
+    """benchmarks/action_entropy.py on a finished online run: the path KL and the actions' spread."""
+    from tests.loaders import load_benchmark
+
+    online.train(config(tmp_path / "run"))
+    spread = load_benchmark("action_entropy")
+    out = tmp_path / "actions.json"
+    (row,) = spread.main([str(tmp_path / "run"), "--states", "3", "--recent", "200", "--samples", "300", "--out", str(out)])
+    assert row["frames"] == 400 and row["sac_target_kl_uniform"] == pytest.approx(1 + 0.6931471805599453)
+    for who in ("actor", "target_actor"):
+        x = row[who]
+        assert x["path_kl"] >= 0 and torch.isfinite(torch.tensor(x["path_kl"]))
+        # one action dimension (Pendulum): an action on the edge is a corner, and the rest is inside
+        assert x["corner_share"] == pytest.approx(x["edge_share"])
+        assert x["interior_share"] == pytest.approx(1 - x["edge_share"])
+        if x["interior_entropy"] is not None:
+            assert x["interior_kl_uniform"] == pytest.approx(0.6931471805599453 - x["interior_entropy"])
+    assert json.loads(out.read_text())["runs"][0]["actor"] == row["actor"]

@@ -1,7 +1,9 @@
-"""Distances between sample sets, used to check learned distributions against exact ones."""
+"""Distances between sample sets, used to check learned distributions against exact ones, and a
+sample-based entropy estimate."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -48,3 +50,29 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 
     px = px[(q * px.shape[0]).long()]
     py = py[(q * py.shape[0]).long()]
     return (px - py).pow(2).mean().sqrt().float()
+
+
+def knn_entropy(x: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Differential entropy (nats) of the distribution of ``x`` (``[num_samples, dim]``), by the
+    Kozachenko-Leonenko ``k``-nearest-neighbour estimator:
+    ``psi(n) - psi(k) + log V_d + d mean_i log r_i``, with ``r_i`` the distance from ``x_i`` to
+    its ``k``-th nearest neighbour and ``V_d`` the volume of the unit ball.
+
+    A distribution with mass on a lower-dimensional set (actions clipped onto a face of the box)
+    has no differential entropy: the estimate then falls without bound as ``num_samples`` grows.
+    Samples that coincide exactly are refused.
+    """
+    if x.ndim != 2 or not 1 <= k < x.shape[0]:
+        raise ValueError(f"samples of shape {tuple(x.shape)} with k={k}: expected [num_samples, dim] with 1 <= k < num_samples.")
+    n, d = x.shape
+    x = x.double()
+    dist = torch.cdist(x, x)
+    dist.fill_diagonal_(float("inf"))
+    r = dist.topk(k, dim=-1, largest=False).values[:, -1]
+    if not bool((r > 0).all()):
+        raise ValueError(
+            f"{int((r == 0).sum())} of {n} samples have {k} or more exact copies: the distribution has atoms and no "
+            f"differential entropy (e.g. actions clipped onto the box's corners); pass samples of a continuous distribution."
+        )
+    log_unit_ball = d / 2 * math.log(math.pi) - math.lgamma(d / 2 + 1)
+    return (torch.special.digamma(x.new_tensor(float(n))) - torch.special.digamma(x.new_tensor(float(k))) + log_unit_ball + d * r.log().mean()).float()
