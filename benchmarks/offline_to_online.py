@@ -18,8 +18,11 @@ seed, or one per seed), or ``--offline-overrides`` (run here first, once per see
 
 Reported per run: the offline start (best-of-K return at frame 0), the lowest evaluation within
 the first ``--dip-frames`` frames over the start (the known offline-to-online dip; the goal is
->= 0.9), and the final evaluation over the start (the goal is > 1). Out: ``offline_to_online.json``
-and ``offline_to_online.png`` in ``--out-dir``.
+>= 0.9), and the final evaluation over the start (the goal is > 1). The evaluations are few
+episodes each; the training episodes (one sample of the acting policy, every episode the
+collector finishes) are many more, so each run also reports their mean and its standard error per
+``--bin-frames`` window (the figure's right panel). Out: ``offline_to_online.json`` and
+``offline_to_online.png`` in ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ def run_script(script: str, overrides: list[str], out: Path, threads: int) -> di
     return json.loads(summary.read_text())
 
 
-def arm_stats(summary: dict, dip_frames: int) -> dict:
+def binned_episodes(episodes: list, frames: int, width: int) -> list[dict]:
+    """Training episodes ``[(frame at its end, return), ...]`` in windows of ``width`` frames: the
+    count, mean and standard error of the returns that ended in each window."""
+    bins = []
+    for lo in range(0, frames, width):
+        returns = np.asarray([r for f, r in episodes if lo < f <= lo + width], dtype=float)
+        sem = float(returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else None
+        bins.append({"frames": lo + width, "count": len(returns), "mean": float(returns.mean()) if len(returns) else None, "sem": sem})
+    return bins
+
+
+def arm_stats(summary: dict, dip_frames: int, bin_frames: int = 5000) -> dict:
     rows = summary["evaluations"]
     if not rows or rows[0]["frames"] != 0:
         raise ValueError("the run has no evaluation at frame 0 (the offline start): set eval.episodes > 0.")
@@ -69,6 +83,7 @@ def arm_stats(summary: dict, dip_frames: int) -> dict:
         "final": rows[-1]["return_mean"],
         "final_over_start": rows[-1]["return_mean"] / start,
         "min_over_start_first_frames": min(early) / start if early else None,
+        "train_episodes": binned_episodes(summary["train_episode_returns"], summary["frames"], bin_frames),
         "wall_s": summary["wall_time_s"],
         "frames_per_s": summary["frames"] / summary["wall_time_s"],
     }
@@ -77,7 +92,7 @@ def arm_stats(summary: dict, dip_frames: int) -> dict:
 def plot(result: dict, out: Path) -> Path:
     from torchrl_bdpo.plotting import curve, finish, subplots
 
-    fig, (ax,) = subplots()
+    fig, (ax, ax_train) = subplots(2, width=11)
     starts = []
     for i, arm in enumerate(ARMS):
         runs = list(result["runs"][arm].values())
@@ -85,12 +100,18 @@ def plot(result: dict, out: Path) -> Path:
         x = [e["frames"] for e in runs[0]["evals"]]
         seeds = f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
         curve(ax, x, [[e["mean"] for e in r["evals"]] for r in runs], LABELS[arm] + seeds, f"C{i}")
+        bins = [[b["mean"] for b in r["train_episodes"]] for r in runs]
+        if all(v is not None for row in bins for v in row):
+            curve(ax_train, [b["frames"] for b in runs[0]["train_episodes"]], bins, LABELS[arm] + seeds, f"C{i}")
     start = float(np.mean(starts))
     ax.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
     ax.axhline(0.9 * start, color="k", ls=":", lw=1, label="90% of the start")
     ax.axvline(result["settings"]["dip_frames"], color="gray", lw=0.8)
+    ax_train.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
     ylabel = f"return, best of K ({result['settings']['episodes']} episodes)"
-    return finish(fig, [(ax, "online environment frames", ylabel)], out / "offline_to_online.png", title=result["settings"].get("title"))
+    train_label = f"training episodes' return, one sample (mean per {result['settings']['bin_frames']} frames)"
+    axes = [(ax, "online environment frames", ylabel), (ax_train, "online environment frames", train_label)]
+    return finish(fig, axes, out / "offline_to_online.png", title=result["settings"].get("title"))
 
 
 def main(argv=None) -> dict:
@@ -104,6 +125,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=2000)
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--dip-frames", type=int, default=10000, help="the window of the dip check (frames)")
+    p.add_argument("--bin-frames", type=int, default=5000, help="the window of the training episodes' means (frames)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--jobs", type=int, default=1, help="runs side by side (cpu_count // jobs torch threads each)")
     p.add_argument("--online", nargs="*", default=[], help="extra bdpo_online.py overrides (both arms)")
@@ -114,6 +136,8 @@ def main(argv=None) -> dict:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a multiple of --frames-per-batch")
     if args.offline_run and len(args.offline_run) not in (1, len(args.seeds)):
         p.error(f"--offline-run: {len(args.offline_run)} folders for {len(args.seeds)} seeds: give one, or one per seed")
+    if args.bin_frames < 1:
+        p.error(f"--bin-frames {args.bin_frames}: expected an integer >= 1")
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: expected an integer >= 1")
     out = Path(args.out_dir).resolve()
@@ -150,7 +174,7 @@ def main(argv=None) -> dict:
             f"logger.log_interval={args.frames_per_batch}",
             *args.online,
         ]
-        return arm, seed, arm_stats(run_script("bdpo_online.py", overrides, out / f"{arm}_seed{seed}", threads), args.dip_frames)
+        return arm, seed, arm_stats(run_script("bdpo_online.py", overrides, out / f"{arm}_seed{seed}", threads), args.dip_frames, args.bin_frames)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         starts = dict(zip(args.seeds, pool.map(offline_start, range(len(args.seeds)), args.seeds)))

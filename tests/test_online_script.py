@@ -193,6 +193,9 @@ def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offli
         assert run["final_over_start"] == pytest.approx(run["final"] / run["start"])
         assert run["min_over_start_first_frames"] == pytest.approx(run["evals"][1]["mean"] / run["start"])
     assert online_run["start"] == offline_only["start"]  # the same checkpoint, the same evaluation states
+    for run in (online_run, offline_only):  # one window of 5000 frames: every training episode of the 200 frames
+        saved = json.loads((tmp_path / ("online_seed0" if run is online_run else "offline_seed0") / "summary.json").read_text())
+        assert [b["count"] for b in run["train_episodes"]] == [len(saved["train_episode_returns"])]
     assert online_run["evals"][-1]["updates"] == offline_only["evals"][-1]["updates"] == 200
     for arm, fraction in (("online", 0.5), ("offline", 1.0)):
         saved = json.loads((tmp_path / f"{arm}_seed0" / "summary.json").read_text())
@@ -201,6 +204,18 @@ def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offli
     assert harness.main(argv)["runs"] == result["runs"]  # finished runs are read, not run again
     with pytest.raises(SystemExit):
         harness.main(["--offline-run", "a", "b", "--seeds", "0", "1", "2"])
+
+
+def test_offline_to_online_bins_the_training_episodes():
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("offline_to_online")
+    bins = harness.binned_episodes([(900, 10.0), (1000, 20.0), (1500, 60.0), (2100, 5.0)], 3000, 1000)
+    assert [b["frames"] for b in bins] == [1000, 2000, 3000]
+    assert [b["count"] for b in bins] == [2, 1, 1]
+    assert bins[0]["mean"] == 15.0 and bins[0]["sem"] == pytest.approx(5.0)  # std (ddof 1) 7.07 / sqrt 2
+    assert bins[1]["mean"] == 60.0 and bins[1]["sem"] is None
+    assert harness.binned_episodes([], 1000, 1000) == [{"frames": 1000, "count": 0, "mean": None, "sem": None}]
 
 
 def test_bad_inputs(tmp_path, offline_run):
