@@ -107,9 +107,10 @@ def plot(result: dict, out: Path) -> Path:
     ax.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
     ax.axhline(0.9 * start, color="k", ls=":", lw=1, label="90% of the start")
     ax.axvline(result["settings"]["dip_frames"], color="gray", lw=0.8)
-    ax_train.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
+    one_sample_start = float(np.mean([r["evals"][0]["one_sample_mean"] for arm in ARMS for r in result["runs"][arm].values()]))
+    ax_train.axhline(one_sample_start, color="k", ls="--", lw=1, label="offline start (one sample)")
     ylabel = f"return, best of K ({result['settings']['episodes']} episodes)"
-    train_label = f"training episodes' return, one sample (mean per {result['settings']['bin_frames']} frames)"
+    train_label = f"training episodes, one sample\n(mean return per {result['settings']['bin_frames']} frames)"
     axes = [(ax, "online environment frames", ylabel), (ax_train, "online environment frames", train_label)]
     return finish(fig, axes, out / "offline_to_online.png", title=result["settings"].get("title"))
 
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
             arm, seed, stats = job.result()
             result["runs"][arm][str(seed)] = stats
             (out / "offline_to_online.json").write_text(json.dumps(result, indent=1))
-    result["settings"]["title"] = f"offline start: {', '.join(str(s) for s in dict.fromkeys(starts.values()))}"[:120]
+    result["settings"]["title"] = "offline start: " + ", ".join(f"{p.parent.name}/{p.name}" for p in dict.fromkeys(starts.values()))
     result["wall_s"] = time.perf_counter() - t0
     result["plot"] = str(plot(result, out))
     (out / "offline_to_online.json").write_text(json.dumps(result, indent=1))
