@@ -11,7 +11,8 @@
 budget=cpu`` (plus ``--bdpo`` overrides) and ``offline_peers.py`` (IQL, CQL, TD3+BC, BC at the
 same number of gradient steps) for every dataset and seed, each in its own process, skipping
 what is finished and resuming what is not. ``report`` prints the Markdown table: per dataset,
-the data's mean return, BDPO's final and best evaluations (mean +- std over seeds), whether
+the data's mean return, BDPO's final and best evaluations (mean +- std over seeds), the final
+evaluation's actor one sample and behavior model (where the run logged them), whether
 BDPO ended above the behavior and within 90% of its best in every seed, each peer's final
 return, and the wall time of everything.
 """
@@ -127,6 +128,7 @@ def report(args) -> str:
         seeds = sorted(bdpo_dir.glob("seed*/summary.json"))
         unfinished = [p.parent.name for p in bdpo_dir.glob("seed*") if not (p / "summary.json").exists()]
         finals, bests, ok, data = [], [], [], None
+        ones, behaviors = [], []  # the final evaluation's actor one sample and behavior model
         for path in seeds:
             s = json.loads(path.read_text())
             wall += s["wall_time_s"]
@@ -136,6 +138,8 @@ def report(args) -> str:
             final, best = s["final"]["return_mean"], s["best"]["return_mean"]
             finals.append(final)
             bests.append(best)
+            ones.append(s["final"].get("return_one_sample_mean"))
+            behaviors.append(s["final"].get("return_behavior_mean"))
             ok.append(final > data and final >= 0.9 * best)
         peers = {}
         for path in sorted((out / "peers" / bdpo_dir.name).glob("seed*/peers.json")):
@@ -148,13 +152,16 @@ def report(args) -> str:
             "—" if data is None else f"{data:.0f}",
             _pm(finals),
             _pm(bests),
+            _pm(ones),
+            _pm(behaviors),
             f"{sum(ok)}/{len(ok)}" + (f" ({len(unfinished)} unfinished)" if unfinished else ""),
         ]
         cells += [_pm(peers.get(a, [])) for a in ("iql", "cql", "td3bc", "bc")]
         rows.append("| " + " | ".join(cells) + " |")
     head = (
-        "| dataset | data mean return | BDPO final | BDPO best | above data and >= 0.9 best | IQL | CQL | TD3+BC | BC |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| dataset | data mean return | BDPO final | BDPO best | BDPO actor one sample, final | behavior model, final "
+        "| above data and >= 0.9 best | IQL | CQL | TD3+BC | BC |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     text = "\n".join([head, *rows]) + f"\n\nWall time of every run above: {wall / 3600:.1f} h.\n"
     print(text)
