@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from importlib import metadata
 
 import pytest
 import torch
@@ -80,6 +81,7 @@ def test_tiny_generation_round_trips_every_transition(tmp_path, minari_root):
         assert not bool((td["next", "terminated"] & td["next", "truncated"]).any())
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert written["ref_max_source"].startswith("the deterministic evaluation return")
+    assert written["software"]["mujoco"] == metadata.version("mujoco")  # a dataset's bits depend on it
     assert (tmp_path / "out" / "sac_learning_curve.png").stat().st_size > 0
 
 

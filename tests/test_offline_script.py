@@ -1,6 +1,7 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_offline.py on a tiny generated dataset."""
 
 import json
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -71,6 +72,7 @@ def test_smoke_outputs(tmp_path, dataset, monkeypatch):
     for name in ("summary.json", "eval_returns.png", "checkpoint.pt", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0, name
     written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["software"]["torch"] == metadata.version("torch") and written["software"]["mujoco"] == metadata.version("mujoco")
     phases = [r["phase"] for r in written["evaluations"]]
     assert phases == ["pretrain", "pretrain", "train", "train"]  # phase A at 10, 20; phase B at 15, 30
     final = written["final"]

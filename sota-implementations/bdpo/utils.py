@@ -19,6 +19,7 @@ from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_o
 from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
+from torchrl_bdpo.provenance import software_versions
 from torchrl_bdpo.speed import SpeedOptions
 from torchrl_bdpo.training import BDPOUpdate
 
@@ -808,8 +809,15 @@ def log_scalars(logger, values: dict, step: int) -> None:
 
 def write_summary(out_dir: Path, cfg: DictConfig, start: float, **fields) -> dict:
     """``summary.json``: the resolved config, ``fields``, the wall time since ``start``
-    (``time.perf_counter()``) and the torch threads. Returns it."""
-    summary = {"config": OmegaConf.to_container(cfg, resolve=True), **fields, "wall_time_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    (``time.perf_counter()``), the torch threads and the software versions and CPU
+    (:func:`torchrl_bdpo.provenance.software_versions`). Returns it."""
+    summary = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **fields,
+        "wall_time_s": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+        "software": software_versions(),  # the same seed gives the same numbers on the same software and CPU only
+    }
     write_json(out_dir / "summary.json", summary)
     return summary
 

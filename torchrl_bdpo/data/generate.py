@@ -41,6 +41,7 @@ from torch import nn
 
 from torchrl_bdpo.checkpoint import load_checkpoint, remove_stale_tmp, save_checkpoint
 from torchrl_bdpo.envs import make_env
+from torchrl_bdpo.provenance import software_versions
 
 LEVELS = ("random", "weak-medium", "medium", "medium-replay", "expert", "medium-expert")
 
@@ -669,6 +670,7 @@ class DatasetGenerator:
             "wall_time_this_call_s": wall_s,
             "evaluations": self.evals,
             "datasets": written,
+            "software": software_versions(),  # a dataset is reproducible on the same software and CPU
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         self._plot(summary)

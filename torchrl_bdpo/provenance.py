@@ -1,0 +1,39 @@
+"""What a result was made with: the versions of the packages that decide the numbers, and the CPU.
+
+Simulation and training are deterministic for a given seed only on the same software and
+hardware: MuJoCo releases and CPU instruction sets differ in the last bits of a float, and a
+chaotic system (a walking robot, an RL run) grows those bits into different trajectories. The
+generated datasets of docs/datasets.md changed this way between two machines
+(docs/datasets.md, "Reproducibility"), so every summary records this.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+PACKAGES = ("torch", "torchrl", "tensordict", "numpy", "gymnasium", "mujoco", "minari")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def software_versions() -> dict:
+    """``{package: version or None}`` for :data:`PACKAGES`, plus Python, the platform and the CPU."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out.update(python=platform.python_version(), platform=platform.platform(), cpu=cpu_model())
+    return out
