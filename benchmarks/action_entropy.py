@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.metrics import knn_entropy
 from torchrl_bdpo.objectives.denoising import predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
+from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -126,7 +126,7 @@ def main(argv=None) -> list[dict]:
                 f"(SAC at its target entropy: {r['sac_target_kl_uniform']:.2f})"
             )
     if args.out is not None:
-        machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        machine = {**software_versions(), "threads": torch.get_num_threads()}
         args.out.write_text(
             json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("runs", "out")}, "machine": machine, "runs": rows}, indent=2)
         )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from torchrl_bdpo.data import episode_returns, make_offline_buffer
 from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env
+from torchrl_bdpo.provenance import software_versions
 
 ALGOS = ("iql", "cql", "td3bc", "bc")
 
@@ -262,7 +262,7 @@ def run(args) -> dict:
     result = {
         "dataset": {**info.as_dict(), "mean_return": float(dataset_returns.mean()) if dataset_returns is not None else None},
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {**software_versions(), "threads": torch.get_num_threads()},
         "runs": {},
     }
     path = out / "peers.json"

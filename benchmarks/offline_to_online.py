@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness_suite import run_job  # noqa: E402
+
+from torchrl_bdpo.provenance import software_versions  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 ARMS = {"online": 0.5, "offline": 1.0}  # replay.offline_fraction of each arm
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     result = {
         "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads_per_run": threads},
+        "machine": {**software_versions(), "cpu_count": os.cpu_count(), "threads_per_run": threads},
         "runs": {arm: {} for arm in ARMS},
         "offline_wall_s": {},
     }

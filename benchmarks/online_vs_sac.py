@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from torchrl_bdpo.envs import evaluate, make_env
+from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -225,7 +225,7 @@ def main(argv=None) -> dict:
         args.bdpo = [f"threads={args.threads}", *args.bdpo]
     result = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {**software_versions(), "threads": torch.get_num_threads()},
         "runs": {"bdpo": {}, "sac": {}},
     }
     path = out / "online_vs_sac.json"

@@ -1,6 +1,7 @@
 """benchmarks/offline_peers.py: TorchRL's IQL, CQL, TD3+BC and BC on our offline buffers."""
 
 import json
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -63,6 +64,7 @@ def test_every_peer_trains_and_is_evaluated_at_the_same_steps(tmp_path, dataset)
         ]
     )
     assert json.loads((tmp_path / "peers.json").read_text()) == result
+    assert result["machine"]["torchrl"] == metadata.version("torchrl") and result["machine"]["mujoco"] == metadata.version("mujoco")
     assert (tmp_path / "peers.png").stat().st_size > 0
     assert set(result["runs"]) == set(peers.ALGOS)
     for runs in result["runs"].values():

@@ -2,6 +2,7 @@
 
 import json
 import time
+from importlib import metadata
 
 import pytest
 import torch
@@ -201,6 +202,7 @@ def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offli
         saved = json.loads((tmp_path / f"{arm}_seed0" / "summary.json").read_text())
         assert saved["config"]["replay"]["offline_fraction"] == fraction
     assert (tmp_path / "offline_to_online.png").exists()
+    assert result["machine"]["torchrl"] == metadata.version("torchrl")  # what made the numbers
     assert harness.main(argv)["runs"] == result["runs"]  # finished runs are read, not run again
     with pytest.raises(SystemExit):
         harness.main(["--offline-run", "a", "b", "--seeds", "0", "1", "2"])
@@ -292,6 +294,7 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
         assert min(run["time_s"].values()) > 0 and sum(run["time_s"].values()) <= run["wall_s"]
     assert (tmp_path / "online_vs_sac.png").exists()
     assert result["machine"]["threads"] == 1 and "threads=1" in bdpo["overrides"]
+    assert result["machine"]["torch"] == metadata.version("torch") and result["machine"]["cpu"]
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
 
 
@@ -385,4 +388,5 @@ def test_action_entropy_reads_a_run_and_its_shares_add_up(tmp_path):
         assert x["interior_share"] == pytest.approx(1 - x["edge_share"])
         if x["interior_entropy"] is not None:
             assert x["interior_kl_uniform"] == pytest.approx(0.6931471805599453 - x["interior_entropy"])
-    assert json.loads(out.read_text())["runs"][0]["actor"] == row["actor"]
+    written = json.loads(out.read_text())
+    assert written["runs"][0]["actor"] == row["actor"] and written["machine"]["torch"] == metadata.version("torch")
