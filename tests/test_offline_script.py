@@ -1,6 +1,7 @@
 """Smoke, resume and bad-input tests of sota-implementations/bdpo/bdpo_offline.py on a tiny generated dataset."""
 
 import json
+import re
 from importlib import metadata
 
 import numpy as np
@@ -344,6 +345,8 @@ def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset)
         "optim.critic_tau=2",
         "logger.backend=foo",
         "eval.num_candidates=0",
+        "eval.aggregation=median",
+        "eval.rho=-1.0",
     )
     with pytest.raises(ValueError) as err:
         off.train(config(tmp_path / "a", *bad))
@@ -360,11 +363,15 @@ def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset)
         "optim.critic_tau=2: expected > 0 and <= 1",
         "logger.backend='foo': expected one of ('csv', 'tensorboard', 'wandb', 'mlflow', 'trackio', '')",
         "eval.num_candidates=0: expected >= 1",
+        "eval.aggregation='median': expected one of ('lcb', 'min', 'mean')",
+        "eval.rho=-1.0: expected >= 0",
     ):
         assert line in message, line
     assert not (tmp_path / "a").exists()  # nothing written
     with pytest.raises(ValueError, match=r"optim.warmup=30: expected < optim.steps=30, or the actor never trains"):
         off.train(config(tmp_path / "b", "optim.warmup=30"))
+    with pytest.raises(ValueError, match=r"eval.rho=0.5 with eval.aggregation='mean': rho weighs the LCB only"):
+        off.train(config(tmp_path / "g", "eval.rho=0.5"))
     with pytest.raises(ValueError, match=r"optim.steps='ten': expected an integer"):
         off.train(config(tmp_path / "c", "optim.steps=ten"))
     if not torch.cuda.is_available():
@@ -381,3 +388,60 @@ def test_no_evaluation_still_prints_the_summary_line(tmp_path, dataset, capsys):
     off.train(config(tmp_path, "eval.episodes=0", "optim.steps=10"))
     out = capsys.readouterr().out
     assert "trained without evaluation (eval.episodes=0) (dataset mean" in out and str(tmp_path) in out
+
+
+def test_eval_aggregation_reaches_best_of_k(tmp_path, dataset, monkeypatch):
+    """``eval.aggregation`` / ``eval.rho`` rank the candidates of every best-of-K evaluation (actor's and behavior's)."""
+    import torchrl_bdpo.diffusion.select as select
+
+    calls = []
+    original = select.aggregate_ensemble
+
+    def recording(values, aggregation="lcb", rho=0.0, dim=0):
+        calls.append((aggregation, rho, values.shape[-1]))
+        return original(values, aggregation, rho, dim)
+
+    monkeypatch.setattr(select, "aggregate_ensemble", recording)
+    off.train(config(tmp_path, "eval.aggregation=lcb", "eval.rho=1.0"))
+    assert calls, "no best-of-K evaluation ran"
+    assert set(calls) == {("lcb", 1.0, 3)}  # eval.num_candidates=3 in TINY
+
+
+def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
+    """benchmarks/selection_probe.py on a finished run: each rule's returns are those of the
+    loss's own acting module with that rule, on the same episodes' seeds."""
+    from omegaconf import OmegaConf
+    from torchrl.envs.utils import ExplorationType
+
+    from tests.loaders import load_benchmark
+    from torchrl_bdpo import checkpoint as checkpoint_io
+    from torchrl_bdpo.data import make_offline_buffer
+    from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env
+
+    probe = load_benchmark("selection_probe")
+    run = tmp_path / "run"
+    off.train(config(run))
+    results = probe.main(
+        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "--candidates", "actor", "behavior", "--episodes", "2", "--out", str(tmp_path / "p.json")]
+    )
+    rows = {(r["candidates"], r["name"]): r for r in results[0]["rules"]}
+    assert len(rows) == 8 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
+    cfg = OmegaConf.load(run / "config.yaml")
+    info = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode).dataset_info
+    loss = utils.make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
+    loss.load_state_dict(checkpoint_io.load_checkpoint(run / "checkpoint.pt")["loss"])
+    env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), 1, cfg.seed + 12345, "cpu", info.action_scaling())
+    for name, exploration, kwargs in (  # in another order than the probe's: each rule starts from the same states
+        ("lcb-1.5/2", ExplorationType.DETERMINISTIC, dict(num_candidates=2, aggregation="lcb", rho=1.5)),
+        ("one", ExplorationType.RANDOM, dict(num_candidates=1)),
+        ("mean/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3)),
+    ):
+        env.set_seed(cfg.seed + 12345)
+        torch.manual_seed(0)
+        returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
+        assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name
+    for bad in ("median/10", "mean-2/10", "lcb/0", "best"):
+        with pytest.raises(ValueError, match=re.escape(f"rule {bad!r}")):
+            probe.parse_rule(bad)
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        probe.main([str(tmp_path / "nowhere")])

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import resume_phases, run_phases, run_start, start_run, write_summary  # noqa: E402
+from utils import resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
@@ -164,9 +164,10 @@ def train(cfg: DictConfig) -> dict:
         qvalue_params=loss.target_qvalue_network_params,
         num_qvalue_nets=loss.num_qvalue_nets,
         num_candidates=e.num_candidates,  # RANDOM: one behavior sample; DETERMINISTIC: the best of K by Q
+        **selection_kwargs(cfg),
     )
     # on a GPU, with compile.cudagraphs, acting replays a CUDA graph per batch shape too
-    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
+    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs, **selection_kwargs(cfg))
 
     def run_eval(phase_name, step_, global_step):
         from torchrl.envs.utils import ExplorationType

@@ -53,6 +53,7 @@ from utils import (  # noqa: E402
     make_training,
     run_start,
     save_checkpoint,
+    selection_kwargs,
     start_run,
     train_scalars,
     train_step,
@@ -322,7 +323,7 @@ def train(cfg: DictConfig) -> dict:
         save_checkpoint(ckpt, state)
         written = ckpt
 
-    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs)
+    acting = loss.make_acting_module(num_candidates=e.num_candidates, cudagraphs=cfg.compile.cudagraphs, **selection_kwargs(cfg))
 
     def run_eval():
         if eval_env is None:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo import checkpoint as checkpoint_io
+from torchrl_bdpo.ensemble import AGGREGATIONS
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
 from torchrl_bdpo.provenance import software_versions
@@ -60,6 +61,7 @@ _CHECKS = (
     ("eval.episodes", "int", 0, None),
     ("eval.num_envs", "int", 1, None),
     ("eval.num_candidates", "int", 1, None),
+    ("eval.rho", "float", 0, None),
     ("eval.max_steps", "int", 1, None),
     ("eval.num_samples", "int", 1, None),
     ("env.num_points", "int", 1, None),
@@ -67,6 +69,12 @@ _CHECKS = (
     ("logger.log_interval", "int", 1, None),
     ("compile.warmup", "int", 0, None),
 )
+
+
+def selection_kwargs(cfg: DictConfig) -> dict:
+    """How best-of-K ranks its candidates (``eval.aggregation``, ``eval.rho``) as
+    :class:`~torchrl_bdpo.diffusion.QSelectActor` keywords; the paper's ensemble mean when unset."""
+    return {"aggregation": OmegaConf.select(cfg, "eval.aggregation", default="mean"), "rho": float(OmegaConf.select(cfg, "eval.rho", default=0.0))}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -102,6 +110,12 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(
             f"optim.warmup={o.warmup}: expected < optim.steps={o.steps}, or the actor never trains (the actor starts after warmup critic-only steps)"
         )
+    aggregation = OmegaConf.select(cfg, "eval.aggregation", default="mean")
+    if aggregation not in AGGREGATIONS:
+        problems.append(f"eval.aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+    elif aggregation != "lcb" and OmegaConf.select(cfg, "eval.rho", default=0) not in (0, 0.0):
+        rho = OmegaConf.select(cfg, "eval.rho")
+        problems.append(f"eval.rho={rho!r} with eval.aggregation={aggregation!r}: rho weighs the LCB only; set eval.aggregation=lcb or eval.rho=0")
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")
     if backend is None:
         backend = ""

@@ -11,7 +11,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.speed.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
-from torchrl_bdpo.ensemble import ensemble_apply
+from torchrl_bdpo.ensemble import AGGREGATIONS, aggregate_ensemble, ensemble_apply
 
 
 def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tenso
 
 
 class QSelectActor(TensorDictModuleBase):
-    """Acting module of BDPO: ``num_candidates`` actions from the (target) actor, argmax of the ensemble-mean Q.
+    """Acting module of BDPO: ``num_candidates`` actions from the (target) actor, argmax of the ensemble's Q.
 
     Exploration types: ``RANDOM`` returns one sample of the actor (no selection); any
     other type, or none set, returns the best of ``num_candidates``.
@@ -37,6 +37,11 @@ class QSelectActor(TensorDictModuleBase):
             to the Q network's own (``K = 1``).
         num_qvalue_nets (int): ``K``. Defaults to 1.
         num_candidates (int): candidates per state. Defaults to 10.
+        aggregation (str): how the ensemble's ``Q`` of a candidate is reduced before the argmax:
+            ``"mean"`` (the paper's), ``"lcb"`` (mean - ``rho`` x std) or ``"min"``. The lower
+            bounds counter the winner's curse of an argmax over a Q that overrates some of
+            the actor's actions (docs/results/locomotion.md). Defaults to ``"mean"``.
+        rho (float): the LCB's weight (``aggregation="lcb"`` only). Defaults to 0.
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
         compile (bool): ``torch.compile`` the sampling and selection (first call eager).
             Defaults to ``False``.
@@ -57,6 +62,8 @@ class QSelectActor(TensorDictModuleBase):
         qvalue_params: TensorDictBase | None = None,
         num_qvalue_nets: int = 1,
         num_candidates: int = 10,
+        aggregation: str = "mean",
+        rho: float = 0.0,
         observation_key: NestedKey = "observation",
         action_key: NestedKey = "action",
         compile: bool = False,
@@ -71,6 +78,12 @@ class QSelectActor(TensorDictModuleBase):
 
         if not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
+            raise ValueError(f"rho={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std).")
+        if rho != 0 and aggregation != "lcb":
+            raise ValueError(f"rho={rho!r} with aggregation={aggregation!r}: rho weighs the std of aggregation='lcb' only; set aggregation='lcb' or rho=0.")
         self.actor = actor
         self.qvalue_network = qvalue_network
         self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)
@@ -80,6 +93,8 @@ class QSelectActor(TensorDictModuleBase):
         self.qvalue_params = qvalue_params
         self.num_qvalue_nets = num_qvalue_nets
         self.num_candidates = num_candidates
+        self.aggregation = aggregation
+        self.rho = float(rho)
         self.observation_key = observation_key
         self.action_key = action_key
         self.in_keys = [observation_key]
@@ -105,7 +120,7 @@ class QSelectActor(TensorDictModuleBase):
         values = {self.observation_key: obs, self.action_key: candidates}
         inputs = [values[k] for k in self.qvalue_network.in_keys]
         q = ensemble_apply(self.qvalue_network, self.qvalue_params, inputs, self.num_qvalue_nets)
-        return select_by_q(candidates, q.squeeze(-1).mean(0))
+        return select_by_q(candidates, aggregate_ensemble(q.squeeze(-1), self.aggregation, self.rho))
 
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

@@ -1,0 +1,142 @@
+"""How best-of-K should rank its candidates: a finished ``bdpo_offline.py`` run evaluated under several rules.
+
+    python benchmarks/selection_probe.py outputs/bdpo/hopper-medium/seed0 outputs/bdpo/hopper-medium/seed1
+    python benchmarks/selection_probe.py RUN --rules one mean/10 lcb-2/10 min/10 mean/3 --candidates actor behavior
+
+A rule is ``one`` (one sample, no selection: ``ExplorationType.RANDOM``) or
+``<aggregation>[-<rho>]/<K>``: K candidates, the argmax of the Q ensemble's ``mean`` (the paper),
+``min`` or ``lcb`` (mean - rho x std), as ``eval.aggregation`` / ``eval.rho`` /
+``eval.num_candidates`` set it in the scripts. Candidates come from the target actor, the
+behavior model's EMA, or both; Q is the run's target ensemble. Every rule of a run starts its
+episodes from the same initial states (the run's evaluation env, reseeded with the run's
+evaluation seed before each rule; ``torch.manual_seed(--seed)`` for the candidates' draws). Per episode: return, length and discounted
+return (the run's gamma, raw rewards).
+
+Out: a Markdown table on stdout and, with ``--out``, a JSON of every run and rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from torchrl_bdpo import checkpoint as checkpoint_io
+from torchrl_bdpo.ensemble import AGGREGATIONS
+from torchrl_bdpo.provenance import software_versions
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+RULE = re.compile(r"^(?P<agg>[a-z]+)(?:-(?P<rho>[0-9.]+))?/(?P<k>[0-9]+)$")
+
+
+def parse_rule(text: str) -> dict:
+    """``"one"`` or ``"<aggregation>[-<rho>]/<K>"`` -> ``{"name", "num_candidates", "aggregation", "rho"}``."""
+    if text == "one":
+        return {"name": "one", "num_candidates": 1, "aggregation": "mean", "rho": 0.0}
+    m = RULE.match(text)
+    if m is None or m["agg"] not in AGGREGATIONS or int(m["k"]) < 1 or (m["rho"] is not None and m["agg"] != "lcb"):
+        raise ValueError(
+            f"rule {text!r}: expected 'one' or '<aggregation>[-<rho>]/<K>' with aggregation in {AGGREGATIONS}, "
+            "rho only for lcb and K >= 1 (e.g. mean/10, lcb-2/10, min/3)"
+        )
+    return {"name": text, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0)}
+
+
+def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int, seed: int) -> dict:
+    sys.path.insert(0, str(SCRIPT_DIR))
+    from torchrl.envs.utils import ExplorationType
+    from utils import make_bdpo_loss
+
+    from torchrl_bdpo.data import make_offline_buffer
+    from torchrl_bdpo.diffusion import QSelectActor
+    from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env
+
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
+    cfg = OmegaConf.load(run / "config.yaml")
+    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    info = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode).dataset_info
+    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
+    loss.load_state_dict(state["loss"])
+    env_seed = cfg.seed + 12345  # the run's evaluation env seed
+    env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), cfg.eval.num_envs, env_seed, "cpu", info.action_scaling())
+    sources = {"actor": (loss.actor_network, loss.target_actor_network_params), "behavior": (loss.behavior_network, loss.target_behavior_network_params)}
+    rows = []
+    for who in candidates:
+        network, params = sources[who]
+        for rule in rules:
+            policy = QSelectActor(
+                network,
+                loss.qvalue_network,
+                actor_params=params,
+                qvalue_params=loss.target_qvalue_network_params,
+                num_qvalue_nets=loss.num_qvalue_nets,
+                num_candidates=rule["num_candidates"],
+                aggregation=rule["aggregation"],
+                rho=rule["rho"],
+            )
+            exploration = ExplorationType.RANDOM if rule["name"] == "one" else ExplorationType.DETERMINISTIC
+            env.set_seed(env_seed)  # every rule starts from the same initial states
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            returns, eps = evaluate(env, policy, episodes, cfg.eval.max_steps, exploration, keep_episodes=True)
+            stats = episode_stats(eps, cfg.loss.gamma)
+            rows.append(
+                {
+                    "candidates": who,
+                    **rule,
+                    "return_mean": float(returns.mean()),
+                    "return_std": float(returns.std()),
+                    "returns": returns.tolist(),
+                    **{f"{k}_mean": v for k, v in stats.items()},
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+    env.close()
+    return {"run": str(run), "phase": state.get("phase"), "step": state.get("step"), "dataset": cfg.env.dataset, "rules": rows}
+
+
+def table(results: list[dict]) -> str:
+    names = [r["name"] for r in results[0]["rules"] if r["candidates"] == results[0]["rules"][0]["candidates"]]
+    lines = ["| run | candidates | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
+    for res in results:
+        for who in dict.fromkeys(r["candidates"] for r in res["rules"]):
+            cells = [f"{r['return_mean']:.0f} +- {r['return_std']:.0f} ({r['length_mean']:.0f})" for r in res["rules"] if r["candidates"] == who]
+            lines.append(f"| {res['run']} | {who} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="bdpo_offline.py output folders (config.yaml, checkpoint.pt)")
+    p.add_argument("--rules", nargs="+", default=["one", "mean/10", "lcb-1/10", "lcb-2/10", "min/10", "mean/3"])
+    p.add_argument("--candidates", nargs="+", choices=("actor", "behavior"), default=["actor"])
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON out")
+    args = p.parse_args(argv)
+    rules = [parse_rule(r) for r in args.rules]
+    if args.episodes < 1:
+        raise ValueError(f"--episodes={args.episodes}: expected >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results = [probe_run(run, rules, args.candidates, args.episodes, args.seed) for run in args.runs]
+    print(table(results) + "\n\ncells: return mean +- std over episodes (mean episode length)")
+    if args.out is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out")}
+        machine = {**software_versions(), "threads": torch.get_num_threads()}
+        args.out.write_text(json.dumps({"settings": settings, "machine": machine, "seconds": time.perf_counter() - t0, "runs": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
