@@ -12,7 +12,8 @@ episodes from the same initial states (the run's evaluation env, reseeded with t
 evaluation seed before each rule; ``torch.manual_seed(--seed)`` for the candidates' draws). Per episode: return, length and discounted
 return (the run's gamma, raw rewards).
 
-Out: a Markdown table on stdout and, with ``--out``, a JSON of every run and rule.
+Out: a Markdown table on stdout; with ``--out``, a JSON of every run and rule; with ``--plot``,
+a bar chart of each run's returns by rule next to the data's mean return.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
     from torchrl.envs.utils import ExplorationType
     from utils import make_bdpo_loss
 
-    from torchrl_bdpo.data import make_offline_buffer
+    from torchrl_bdpo.data import episode_returns, make_offline_buffer
     from torchrl_bdpo.diffusion import QSelectActor
     from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env
 
@@ -62,7 +63,11 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
             raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
     cfg = OmegaConf.load(run / "config.yaml")
     state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
-    info = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode).dataset_info
+    buffer = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode)
+    info = buffer.dataset_info
+    data_return = None
+    if info.reward_scale:  # the data's mean episode return, in the env's raw rewards
+        data_return = float((episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).mean())
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     loss.load_state_dict(state["loss"])
     env_seed = cfg.seed + 12345  # the run's evaluation env seed
@@ -100,7 +105,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                 }
             )
     env.close()
-    return {"run": str(run), "phase": state.get("phase"), "step": state.get("step"), "dataset": cfg.env.dataset, "rules": rows}
+    return {"run": str(run), "phase": state.get("phase"), "step": state.get("step"), "dataset": cfg.env.dataset, "dataset_return": data_return, "rules": rows}
 
 
 def table(results: list[dict]) -> str:
@@ -113,6 +118,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path, episodes: int) -> Path:
+    """Grouped bars: per run and candidate source, each rule's mean return (+- its standard error)
+    and the data's mean return as a tick."""
+    import numpy as np
+
+    from torchrl_bdpo.plotting import finish, subplots
+
+    groups = [(res, who) for res in results for who in dict.fromkeys(r["candidates"] for r in res["rules"])]
+    names = list(dict.fromkeys(r["name"] for r in results[0]["rules"]))
+    fig, (ax,) = subplots(width=max(6.5, 1.2 * len(groups) + 2))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        rows = [next(r for r in res["rules"] if r["candidates"] == who and r["name"] == name) for res, who in groups]
+        x = np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width
+        ax.bar(x, [r["return_mean"] for r in rows], width, yerr=[r["return_std"] / np.sqrt(episodes) for r in rows], label=name, capsize=2)
+    for i, (res, _) in enumerate(groups):
+        if res["dataset_return"] is not None:
+            ax.hlines(res["dataset_return"], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1, label="data's mean return" if i == 0 else None)
+    ax.set_xticks(np.arange(len(groups)), [f"{Path(res['run']).parent.name}/{Path(res['run']).name}\n{who}" for res, who in groups], fontsize=7)
+    return finish(fig, [(ax, "run, candidates", f"return ({episodes} episodes, +- s.e.)")], path, title="best-of-K rules", legend_size=7)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="bdpo_offline.py output folders (config.yaml, checkpoint.pt)")
@@ -122,6 +149,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON out")
+    p.add_argument("--plot", type=Path, default=None, help="PNG out: each run's returns by rule")
     args = p.parse_args(argv)
     rules = [parse_rule(r) for r in args.rules]
     if args.episodes < 1:
@@ -132,9 +160,11 @@ def main(argv=None) -> list[dict]:
     results = [probe_run(run, rules, args.candidates, args.episodes, args.seed) for run in args.runs]
     print(table(results) + "\n\ncells: return mean +- std over episodes (mean episode length)")
     if args.out is not None:
-        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out")}
+        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "plot")}
         machine = {**software_versions(), "threads": torch.get_num_threads()}
         args.out.write_text(json.dumps({"settings": settings, "machine": machine, "seconds": time.perf_counter() - t0, "runs": results}, indent=2))
+    if args.plot is not None:
+        plot(results, args.plot, args.episodes)
     return results
 
 

@@ -409,7 +409,7 @@ def test_eval_aggregation_reaches_best_of_k(tmp_path, dataset, monkeypatch):
 
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
     """benchmarks/selection_probe.py on a finished run: each rule's returns are those of the
-    loss's own acting module with that rule, on the same episodes' seeds."""
+    loss's own acting module with that rule, from the same initial states."""
     from omegaconf import OmegaConf
     from torchrl.envs.utils import ExplorationType
 
@@ -422,10 +422,13 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
     run = tmp_path / "run"
     off.train(config(run))
     results = probe.main(
-        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "--candidates", "actor", "behavior", "--episodes", "2", "--out", str(tmp_path / "p.json")]
+        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "--candidates", "actor", "behavior", "--episodes", "2"]
+        + ["--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")]
     )
     rows = {(r["candidates"], r["name"]): r for r in results[0]["rules"]}
     assert len(rows) == 8 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
+    assert (tmp_path / "p.png").stat().st_size > 0
+    assert results[0]["dataset_return"] == pytest.approx(15.1, abs=0.05)  # the tiny random set's, as the script prints it
     cfg = OmegaConf.load(run / "config.yaml")
     info = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode).dataset_info
     loss = utils.make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
