@@ -133,10 +133,12 @@ def plot(results: list[dict], path: Path, episodes: int) -> Path:
         rows = [next(r for r in res["rules"] if r["candidates"] == who and r["name"] == name) for res, who in groups]
         x = np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width
         ax.bar(x, [r["return_mean"] for r in rows], width, yerr=[r["return_std"] / np.sqrt(episodes) for r in rows], label=name, capsize=2)
+    tops = [r["return_mean"] + r["return_std"] / np.sqrt(episodes) for res, _ in groups for r in res["rules"]]
+    ax.set_ylim(0, 1.35 * max(tops + [1.0]))  # room above the bars for the legend
     for i, (res, _) in enumerate(groups):
         if res["dataset_return"] is not None:
             ax.hlines(res["dataset_return"], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1, label="data's mean return" if i == 0 else None)
-    ax.set_xticks(np.arange(len(groups)), [f"{Path(res['run']).parent.name}/{Path(res['run']).name}\n{who}" for res, who in groups], fontsize=7)
+    ax.set_xticks(np.arange(len(groups)), [f"{Path(res['run']).parent.name}\n{Path(res['run']).name}\n{who}" for res, who in groups], fontsize=7)
     return finish(fig, [(ax, "run, candidates", f"return ({episodes} episodes, +- s.e.)")], path, title="best-of-K rules", legend_size=7)
 
 
