@@ -517,6 +517,8 @@ def test_acting_module_bad_selection(kwargs, match):
         (dict(num_samples=0), "num_samples=0"),
         (dict(aggregation="median"), "aggregation='median'"),
         (dict(rho=-1.0), "rho=-1.0"),
+        (dict(rho=float("inf")), "rho=inf"),
+        (dict(rho=1.0, aggregation="min"), "rho=1.0 with aggregation='min'"),
         (dict(gamma=1.5), "gamma=1.5"),
         (dict(step_sampling="sobol"), r"step_sampling='sobol': expected one of \('uniform', 'stratified'\)"),
     ],

@@ -17,6 +17,17 @@ from torch import nn
 AGGREGATIONS = ("lcb", "min", "mean")
 
 
+def check_aggregation(aggregation: str, rho: float) -> None:
+    """Raise a ``ValueError`` that names the value for an unknown ``aggregation``, a ``rho`` that is
+    not a finite number >= 0, or a non-zero ``rho`` with a rule that ignores it (only ``lcb`` reads it)."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
+        raise ValueError(f"rho={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std; 0 makes the LCB the mean).")
+    if rho != 0 and aggregation != "lcb":
+        raise ValueError(f"rho={rho!r} with aggregation={aggregation!r}: rho weighs the std of aggregation='lcb' only; set aggregation='lcb' or rho=0.")
+
+
 def aggregate_ensemble(values: torch.Tensor, aggregation: str = "lcb", rho: float = 0.0, dim: int = 0) -> torch.Tensor:
     """Reduce the ensemble dim: ``lcb`` = mean - rho * std (population std), ``min`` or ``mean``."""
     if aggregation == "lcb":

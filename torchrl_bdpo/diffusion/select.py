@@ -11,7 +11,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl_bdpo._validation import check_finite
 from torchrl_bdpo.speed.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
-from torchrl_bdpo.ensemble import AGGREGATIONS, aggregate_ensemble, ensemble_apply
+from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation, ensemble_apply
 
 
 def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,7 @@ class QSelectActor(TensorDictModuleBase):
 
         if not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
-            raise ValueError(f"rho={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std).")
-        if rho != 0 and aggregation != "lcb":
-            raise ValueError(f"rho={rho!r} with aggregation={aggregation!r}: rho weighs the std of aggregation='lcb' only; set aggregation='lcb' or rho=0.")
+        check_aggregation(aggregation, rho)
         self.actor = actor
         self.qvalue_network = qvalue_network
         self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)

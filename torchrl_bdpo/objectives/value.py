@@ -21,7 +21,7 @@ from torchrl_bdpo.diffusion.networks import orthogonal_init_
 from torchrl_bdpo.diffusion.schedule import STEP_SAMPLINGS, StratifiedSteps, stratified_steps
 from torchrl_bdpo.objectives.denoising import _check_actor, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import check_same_schedule
-from torchrl_bdpo.ensemble import AGGREGATIONS, aggregate_ensemble, make_ensemble_members
+from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation, make_ensemble_members
 from torchrl_bdpo.objectives.utils import MovesSchedules, unwrap_exploration_wrappers
 from torchrl_bdpo.speed import SpeedOptions
 from torchrl_bdpo.speed.chunks import ensemble_call
@@ -198,10 +198,7 @@ class DiffusionValueLoss(MovesSchedules, LossModule):
         check_same_schedule(actor_network, behavior_network)
         if not (isinstance(eta, (int, float)) and eta > 0):
             raise ValueError(f"eta={eta!r}: expected a positive KL weight (the paper uses 0.05-1.0; 0.06 for the toy tasks).")
-        if not (isinstance(rho, (int, float)) and rho >= 0):
-            raise ValueError(f"rho={rho!r}: expected a number >= 0 (0 turns the LCB into the mean).")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+        check_aggregation(aggregation, rho)
         if step_sampling not in STEP_SAMPLINGS:
             raise ValueError(
                 f'step_sampling={step_sampling!r}: expected one of {STEP_SAMPLINGS} ("uniform": i.i.d. '
