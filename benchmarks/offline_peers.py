@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from torchrl_bdpo.data import episode_returns, make_offline_buffer
-from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env
+from torchrl_bdpo.envs import eval_env_id, eval_seed, evaluate, make_eval_env
 from torchrl_bdpo.provenance import software_versions
 
 ALGOS = ("iql", "cql", "td3bc", "bc")
@@ -272,7 +272,7 @@ def run(args) -> dict:
             np.random.seed(seed)
             peer = make_peer(algo, info.observation_dim, info.action_dim, args.steps, args.hidden)
             logger = get_logger("csv", logger_name=str(out / "logs"), experiment_name=f"{algo}_seed{seed}")
-            env.set_seed(seed + 12345)  # BDPO's evaluation seeds
+            env.set_seed(eval_seed(seed))  # BDPO's evaluation seeds
             evals, t0 = [], time.perf_counter()
             for step in tqdm(range(1, args.steps + 1), desc=f"{algo} seed {seed}", disable=not args.progress):
                 row = peer.update(buffer.sample(), step)

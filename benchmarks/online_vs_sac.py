@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from torchrl_bdpo.envs import evaluate, make_env
+from torchrl_bdpo.envs import eval_seed, evaluate, make_env
 from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
@@ -82,7 +82,7 @@ def run_sac(args, seed: int) -> dict:
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    env, eval_env = make_env(args.env, seed), make_env(args.env, seed + 12345)
+    env, eval_env = make_env(args.env, seed), make_env(args.env, eval_seed(seed))
     actor, loss = make_sac(env, 256, 0.99)
     updater = SoftUpdate(loss, tau=0.005)
     optims = [
@@ -114,7 +114,7 @@ def run_sac(args, seed: int) -> dict:
             seconds["update"] += time.perf_counter() - t_update
         if frames % args.eval_every == 0:
             t_eval = time.perf_counter()
-            eval_env.set_seed(seed + 12345)
+            eval_env.set_seed(eval_seed(seed))
             returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC)
             row = {"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())}
             if out is not None:  # the last update's temperature and entropy estimate (-log pi of its actions, nats)

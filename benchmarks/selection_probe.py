@@ -56,7 +56,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
 
     from torchrl_bdpo.data import episode_returns, make_offline_buffer
     from torchrl_bdpo.diffusion import QSelectActor
-    from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env
+    from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env
 
     for name in ("config.yaml", "checkpoint.pt"):
         if not (run / name).exists():
@@ -70,7 +70,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
         data_return = float((episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).mean())
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     loss.load_state_dict(state["loss"])
-    env_seed = cfg.seed + 12345  # the run's evaluation env seed
+    env_seed = eval_seed(cfg.seed)  # the run's evaluation env seed
     env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), cfg.eval.num_envs, env_seed, "cpu", info.action_scaling())
     sources = {"actor": (loss.actor_network, loss.target_actor_network_params), "behavior": (loss.behavior_network, loss.target_behavior_network_params)}
     rows = []

@@ -416,7 +416,7 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
     from tests.loaders import load_benchmark
     from torchrl_bdpo import checkpoint as checkpoint_io
     from torchrl_bdpo.data import make_offline_buffer
-    from torchrl_bdpo.envs import eval_env_id, evaluate, make_eval_env
+    from torchrl_bdpo.envs import eval_env_id, eval_seed, evaluate, make_eval_env
 
     probe = load_benchmark("selection_probe")
     run = tmp_path / "run"
@@ -433,13 +433,13 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
     info = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode).dataset_info
     loss = utils.make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     loss.load_state_dict(checkpoint_io.load_checkpoint(run / "checkpoint.pt")["loss"])
-    env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), 1, cfg.seed + 12345, "cpu", info.action_scaling())
+    env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), 1, eval_seed(cfg.seed), "cpu", info.action_scaling())
     for name, exploration, kwargs in (  # in another order than the probe's: each rule starts from the same states
         ("lcb-1.5/2", ExplorationType.DETERMINISTIC, dict(num_candidates=2, aggregation="lcb", rho=1.5)),
         ("one", ExplorationType.RANDOM, dict(num_candidates=1)),
         ("mean/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3)),
     ):
-        env.set_seed(cfg.seed + 12345)
+        env.set_seed(eval_seed(cfg.seed))
         torch.manual_seed(0)
         returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
         assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name

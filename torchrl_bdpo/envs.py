@@ -11,11 +11,30 @@ from functools import partial
 import numpy as np
 import torch
 
-__all__ = ["D4RL_EVAL_ENVS", "action_scaling_for", "check_unit_action_box", "episode_stats", "eval_env_id", "evaluate", "make_env", "make_eval_env"]
+__all__ = [
+    "D4RL_EVAL_ENVS",
+    "action_scaling_for",
+    "check_unit_action_box",
+    "episode_stats",
+    "eval_env_id",
+    "eval_seed",
+    "evaluate",
+    "make_env",
+    "make_eval_env",
+]
 
 # D4RL v2 datasets were recorded in the mujoco-py v3 tasks; Gymnasium's v5 tasks have the
 # same observation and action spaces and are what evaluates them here.
 D4RL_EVAL_ENVS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+
+
+EVAL_SEED_OFFSET = 12345
+
+
+def eval_seed(seed: int) -> int:
+    """The evaluation env's seed for a run of seed ``seed``: apart from the training env's, and
+    the same for every method and probe that evaluates that run (so all start from the same states)."""
+    return int(seed) + EVAL_SEED_OFFSET
 
 
 def make_env(env_id: str, seed: int | None = None):

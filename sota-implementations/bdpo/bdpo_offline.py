@@ -28,7 +28,7 @@ from utils import resume_phases, run_phases, run_start, selection_kwargs, start_
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
-from torchrl_bdpo.envs import episode_stats, eval_env_id, evaluate, make_eval_env  # noqa: E402
+from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env  # noqa: E402
 
 
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
         probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
         probe = data[probe_rows]
         env_id = eval_env_id(info, cfg.env.get("eval_env"))
-        env = make_eval_env(env_id, e.num_envs, cfg.seed + 12345, device, info.action_scaling())
+        env = make_eval_env(env_id, e.num_envs, eval_seed(cfg.seed), device, info.action_scaling())
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     optimizers, schedulers, update = make_training(cfg, loss)

@@ -65,7 +65,7 @@ from utils import (  # noqa: E402
 from torchrl_bdpo import checkpoint as checkpoint_io  # noqa: E402
 from torchrl_bdpo.data import OfflineToOnlineBuffer, check_env_compatibility, make_offline_buffer, to_offline_layout  # noqa: E402
 from torchrl_bdpo.data.online import check_offline_fraction  # noqa: E402
-from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, eval_env_id, evaluate, make_env  # noqa: E402
+from torchrl_bdpo.envs import action_scaling_for, check_unit_action_box, eval_env_id, eval_seed, evaluate, make_env  # noqa: E402
 from torchrl_bdpo.training import EtaLagrangian  # noqa: E402
 
 MODES = ("online", "offline2online")
@@ -267,7 +267,7 @@ def train(cfg: DictConfig) -> dict:
     offline_buffer, env_name, reward_scale = offline_data(cfg, offline_cfg)
     info = offline_buffer.dataset_info if offline_buffer is not None else None
     env = make_train_env(env_name, cfg.seed)
-    eval_env = make_train_env(env_name, cfg.seed + 12345) if e.episodes > 0 else None
+    eval_env = make_train_env(env_name, eval_seed(cfg.seed)) if e.episodes > 0 else None
     observation_dim = env.observation_spec["observation"].shape[-1]
     action_dim = env.action_spec.shape[-1]
     if info is not None:
@@ -329,7 +329,7 @@ def train(cfg: DictConfig) -> dict:
         if eval_env is None:
             return None
         t_eval = time.perf_counter()
-        eval_env.set_seed(cfg.seed + 12345)  # the same start states at every evaluation (and on resume)
+        eval_env.set_seed(eval_seed(cfg.seed))  # the same start states at every evaluation (and on resume)
         best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC)
         one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
         row = {
