@@ -159,7 +159,7 @@ def test_bad_input(tmp_path, dataset):
         off.train(config(tmp_path / "dims", "env.eval_env=HalfCheetah-v5"))
     assert not (tmp_path / "dims" / "checkpoint.pt").exists()
     off.train(config(tmp_path / "b", "eval.episodes=0", "optim.steps=10"))
-    with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(0.2 in the checkpoint, 0.5 now\)'\]"):
+    with pytest.raises(ValueError, match=r"another config; differing keys: \['loss.eta \(5.0 in the checkpoint, 0.5 now\)'\]"):
         off.train(config(tmp_path / "b", "eval.episodes=0", "optim.steps=10", "loss.eta=0.5", "checkpoint.resume=true"))
 
 
@@ -207,6 +207,12 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     assert cpu.optim.actor_lr_decay_steps is None
     # the authors' per-task settings: hopper-medium's 20 critics; antmaze-umaze-diverse acts with one sample
     assert paper.critic.num_qvalue_nets == 20 and paper.eval.num_candidates == 10
+    assert (paper.loss.eta, paper.loss.gamma, paper.loss.rho) == (0.2, 0.99, 2.0)  # hopper-medium-v2's
+    # one cpu budget for every dataset (issue 36): its eta, gamma, rho and acting rule win over the task's
+    with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+        walker = compose("offline", overrides=["task=generated-walker2d-medium", "budget=cpu"])
+    for c in (cpu, walker):
+        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates) == (5.0, 0.995, 0.0, 3)
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
     assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
