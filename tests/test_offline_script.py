@@ -376,8 +376,11 @@ def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset)
     assert not (tmp_path / "a").exists()  # nothing written
     with pytest.raises(ValueError, match=r"optim.warmup=30: expected < optim.steps=30, or the actor never trains"):
         off.train(config(tmp_path / "b", "optim.warmup=30"))
-    with pytest.raises(ValueError, match=r"eval.rho=0.5 with eval.aggregation='mean': rho weighs the LCB only"):
+    rule = r"eval.rho=0.5 with eval.aggregation='mean': rho weighs the std of eval.aggregation='lcb' only; set eval.aggregation=lcb or eval.rho=0"
+    with pytest.raises(ValueError, match=rule):
         off.train(config(tmp_path / "g", "eval.rho=0.5"))
+    with pytest.raises(ValueError, match=r"eval.rho=inf: expected a finite number >= 0"):
+        off.train(config(tmp_path / "h", "eval.aggregation=lcb", "eval.rho=inf"))
     with pytest.raises(ValueError, match=r"optim.steps='ten': expected an integer"):
         off.train(config(tmp_path / "c", "optim.steps=ten"))
     if not torch.cuda.is_available():

@@ -17,15 +17,19 @@ from torch import nn
 AGGREGATIONS = ("lcb", "min", "mean")
 
 
-def check_aggregation(aggregation: str, rho: float) -> None:
+def check_aggregation(aggregation: str, rho: float, prefix: str = "") -> None:
     """Raise a ``ValueError`` that names the value for an unknown ``aggregation``, a ``rho`` that is
-    not a finite number >= 0, or a non-zero ``rho`` with a rule that ignores it (only ``lcb`` reads it)."""
+    not a finite number >= 0, or a non-zero ``rho`` with a rule that ignores it (only ``lcb`` reads it).
+
+    ``prefix`` goes before both names in the message (``"eval."`` for a script's config keys).
+    """
+    agg, r = f"{prefix}aggregation", f"{prefix}rho"
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}.")
+        raise ValueError(f"{agg}={aggregation!r}: expected one of {AGGREGATIONS}.")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
-        raise ValueError(f"rho={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std; 0 makes the LCB the mean).")
+        raise ValueError(f"{r}={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std; 0 makes the LCB the mean).")
     if rho != 0 and aggregation != "lcb":
-        raise ValueError(f"rho={rho!r} with aggregation={aggregation!r}: rho weighs the std of aggregation='lcb' only; set aggregation='lcb' or rho=0.")
+        raise ValueError(f"{r}={rho!r} with {agg}={aggregation!r}: rho weighs the std of {agg}='lcb' only; set {agg}=lcb or {r}=0.")
 
 
 def aggregate_ensemble(values: torch.Tensor, aggregation: str = "lcb", rho: float = 0.0, dim: int = 0) -> torch.Tensor:

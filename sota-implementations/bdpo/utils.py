@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo import checkpoint as checkpoint_io
-from torchrl_bdpo.ensemble import AGGREGATIONS
+from torchrl_bdpo.ensemble import check_aggregation
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
 from torchrl_bdpo.provenance import software_versions
@@ -110,12 +110,13 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(
             f"optim.warmup={o.warmup}: expected < optim.steps={o.steps}, or the actor never trains (the actor starts after warmup critic-only steps)"
         )
-    aggregation = OmegaConf.select(cfg, "eval.aggregation", default="mean")
-    if aggregation not in AGGREGATIONS:
-        problems.append(f"eval.aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
-    elif aggregation != "lcb" and OmegaConf.select(cfg, "eval.rho", default=0) not in (0, 0.0):
-        rho = OmegaConf.select(cfg, "eval.rho")
-        problems.append(f"eval.rho={rho!r} with eval.aggregation={aggregation!r}: rho weighs the LCB only; set eval.aggregation=lcb or eval.rho=0")
+    rho = OmegaConf.select(cfg, "eval.rho", default=0.0)
+    if any(p.startswith("eval.rho=") for p in problems):  # its type or range is listed above: check the rule alone
+        rho = 0.0
+    try:
+        check_aggregation(OmegaConf.select(cfg, "eval.aggregation", default="mean"), rho, prefix="eval.")
+    except ValueError as err:
+        problems.append(str(err).rstrip("."))
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")
     if backend is None:
         backend = ""
