@@ -212,7 +212,7 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         walker = compose("offline", overrides=["task=generated-walker2d-medium", "budget=cpu"])
     for c in (cpu, walker):
-        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates) == (5.0, 0.995, 0.0, 3)
+        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates) == (5.0, 0.999, 0.0, 3)
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
     assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
