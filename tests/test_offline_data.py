@@ -364,6 +364,40 @@ def test_episode_helpers_share_one_rule_for_interleaved_episode_ids():
     assert episode_index(td_done).tolist() == [0, 0, 1, 1]
 
 
+def test_exact_return_mask_keeps_terminated_episodes_and_steps_beyond_the_horizon():
+    """gamma 0.5, tol 0.01: horizon ceil(log 0.01 / log 0.5) = 7 steps. A terminated episode
+    counts whole; a cut one (time limit, or the data's end) only where more than 7 steps remain;
+    interleaved episode ids follow one rule."""
+    from torchrl_bdpo.data import exact_return_mask
+
+    # episode 4 (ids 4): 10 steps, cut; episode 9: 3 steps, terminated; stored interleaved at the start
+    ids = torch.tensor([4, 9, 4, 9, 4, 9] + [4] * 7)
+    term = torch.zeros(13, 1, dtype=torch.bool)
+    term[5] = True  # episode 9's last step
+    td = TensorDict({("next", "reward"): torch.ones(13, 1), ("next", "terminated"): term, ("next", "done"): term.clone(), "episode": ids}, [13])
+    mask = exact_return_mask(td, 0.5)
+    # episode 4's steps, in order, sit at rows 0, 2, 4, 6..12: the first 3 of its 10 have more than 7 left
+    expected = torch.zeros(13, dtype=torch.bool)
+    expected[[0, 2, 4]] = True
+    expected[[1, 3, 5]] = True
+    assert mask.tolist() == expected.tolist()
+    # without a terminated entry every episode counts as cut; at gamma 0.999 (horizon 4603) no step of a 1000-step cut episode counts
+    no_term = td.exclude(("next", "terminated"))
+    assert exact_return_mask(no_term, 0.5).tolist() == [True, False, True, False, True, False] + [False] * 7
+    long_cut = TensorDict(
+        {
+            ("next", "reward"): torch.ones(1000, 1),
+            ("next", "terminated"): torch.zeros(1000, 1, dtype=torch.bool),
+            "episode": torch.zeros(1000, dtype=torch.long),
+        },
+        [1000],
+    )
+    assert not exact_return_mask(long_cut, 0.999).any() and exact_return_mask(long_cut, 0.99).sum() == 1000 - 459
+    assert exact_return_mask(long_cut, 0.0).all() and not exact_return_mask(long_cut, 1.0).any()
+    with pytest.raises(ValueError, match="tol=0"):
+        exact_return_mask(td, 0.5, tol=0)
+
+
 def _create_box(dataset_id, episodes, low, high, obs_dim=3):
     return _dataset(dataset_id, episodes, gym.spaces.Box(low, high, (episodes[0].actions.shape[-1],)), obs_dim)
 

@@ -261,8 +261,12 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
     loss.init_actor_from_behavior()  # the target actor becomes the behavior EMA: no KL left
     same = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
     assert same["path_kl_mean"] == pytest.approx(0.0, abs=1e-10) and same["q_policy"] == out["q_policy"]
-    # an episode shorter than the horizon and cut by the time limit adds nothing
-    assert off.policy_value_probe(loss, [episode(5, terminated=False)], scale, gamma, torch.device("cpu")) == {}
+    # an episode shorter than the horizon and cut by the time limit: no fair Q comparison, but
+    # the path KL is still measured over its states (at gamma 0.999 every 1000-step episode is such)
+    cut_only = off.policy_value_probe(loss, [episode(5, terminated=False)], scale, gamma, torch.device("cpu"))
+    assert cut_only["policy_probe_states"] == 0 and "q_policy" not in cut_only and "mc_return_policy" not in cut_only
+    assert cut_only["path_kl_mean"] == pytest.approx(0.0, abs=1e-10)  # the actor is the behavior here
+    assert off.policy_value_probe(loss, [], scale, gamma, torch.device("cpu")) == {}
 
 
 def test_a_diverged_state_is_never_checkpointed(tmp_path, dataset, monkeypatch):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
 from utils import resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
-from torchrl_bdpo.data import check_env_compatibility, discounted_returns, make_offline_buffer  # noqa: E402
+from torchrl_bdpo.data import check_env_compatibility, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env  # noqa: E402
 
@@ -34,43 +33,45 @@ from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, m
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
     """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
 
-    Over the states of evaluation ``episodes`` (from :func:`evaluate`): ``q_policy`` is the
-    target Q ensemble's mean on the (s, a) the policy took, ``mc_return_policy`` the discounted
-    return that followed (rewards scaled as in training). Steps whose return-to-go a time limit
-    cut short by more than 1% of its weight (gamma^k > 0.01 left) are left out, so the Monte
-    Carlo return is a fair comparison. ``path_kl_mean`` / ``path_kl_p90``: the target actor's
-    path KL to the behavior EMA (nats) at those states. Overestimation on the policy's actions
-    (not only on the data's) is how a policy that exploits Q errors shows.
+    Over the states of evaluation ``episodes`` (from :func:`evaluate`): ``path_kl_mean`` /
+    ``path_kl_p90`` are the target actor's path KL to the behavior EMA (nats) at every state.
+    ``q_policy`` is the target Q ensemble's mean on the (s, a) the policy took and
+    ``mc_return_policy`` the discounted return that followed (rewards scaled as in training),
+    over the steps whose return a time limit did not cut (:func:`exact_return_mask`: the
+    episode fell, or more than the horizon, gamma^k <= 0.01, was left), so that the comparison
+    is fair; ``policy_probe_states`` counts them. Where there are none (every episode ran to
+    its time limit with less than the horizon left: at gamma 0.999 a 1000-step episode),
+    ``q_policy`` is not logged. Overestimation on the policy's actions (not only on the
+    data's) is how a policy that exploits Q errors shows.
     """
-    from torchrl_bdpo.data import discounted_returns
+    from torchrl_bdpo.data import discounted_returns, exact_return_mask
 
-    horizon = int(np.ceil(np.log(0.01) / np.log(gamma))) if 0 < gamma < 1 else 0
+    if not episodes:
+        return {}
     rows = []
-    for ep in episodes:
+    for i, ep in enumerate(episodes):
         ep = ep.clone()
         ep.set(("next", "reward"), ep.get(("next", "reward")).float() * reward_scale)
-        ep.set(("next", "done"), torch.zeros_like(ep.get(("next", "terminated"))).bool())
-        ep.set("mc", discounted_returns(ep, gamma).float())
-        terminated = bool(ep.get(("next", "terminated"))[-1].any())
-        keep = ep.shape[0] if terminated else max(0, ep.shape[0] - horizon)
-        rows.append(ep[:keep])
-    data = torch.cat(rows) if rows else None
-    if data is None or data.shape[0] == 0:
-        return {}
-    if data.shape[0] > max_rows:
-        data = data[torch.linspace(0, data.shape[0] - 1, max_rows).long()]
-    obs, act = data.get("observation").to(device).float(), data.get("action").to(device).float()
+        ep.set("episode", torch.full((ep.shape[0],), i, dtype=torch.long))
+        rows.append(ep)
+    data = torch.cat(rows)
+    data.set("mc", discounted_returns(data, gamma).float())
+    exact = exact_return_mask(data, gamma)
+
+    def spread(td):  # at most max_rows states, spread over the episodes
+        return td[torch.linspace(0, td.shape[0] - 1, max_rows).long()] if td.shape[0] > max_rows else td
+
+    out = {}
     with torch.no_grad():
-        q = loss._qvalue(loss.target_qvalue_network_params, obs, act)  # [K, rows]
-        terminated = torch.zeros(obs.shape[0], dtype=torch.bool, device=device)
-        _, path_kl, _ = loss.next_state_value(obs, terminated)
-    return {
-        "q_policy": float(q.mean()),
-        "mc_return_policy": float(data.get("mc").mean()),
-        "path_kl_mean": float(path_kl.mean()),
-        "path_kl_p90": float(path_kl.quantile(0.9)),
-        "policy_probe_states": int(obs.shape[0]),
-    }
+        states = spread(data).get("observation").to(device).float()
+        _, path_kl, _ = loss.next_state_value(states, torch.zeros(states.shape[0], dtype=torch.bool, device=device))
+        out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
+        fair = spread(data[exact])
+        out["policy_probe_states"] = int(fair.shape[0])
+        if fair.shape[0]:
+            q = loss._qvalue(loss.target_qvalue_network_params, fair.get("observation").to(device).float(), fair.get("action").to(device).float())
+            out.update(q_policy=float(q.mean()), mc_return_policy=float(fair.get("mc").mean()))
+    return out
 
 
 def plot_evals(rows: list[dict], out: Path) -> Path | None:
@@ -109,7 +110,9 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
         ax = axes[1]
         x = [r["global_step"] for r in probe]
         ax.plot(x, [r["q_dataset"] for r in probe], marker=".", color="C1", label="target Q on dataset (s, a)")
-        ax.plot(x, [r["mc_return_dataset"] for r in probe], ls="--", color="gray", label="their MC return")
+        mc = [r for r in probe if "mc_return_dataset" in r]  # absent where no return is exact
+        if mc:
+            ax.plot([r["global_step"] for r in mc], [r["mc_return_dataset"] for r in mc], ls="--", color="gray", label="their MC return")
         pol = [r for r in probe if "q_policy" in r]
         if pol:
             xp = [r["global_step"] for r in pol]
@@ -144,10 +147,21 @@ def train(cfg: DictConfig) -> dict:
     env = None
     if e.episodes > 0:
         # Q diagnostic, logged with each evaluation: the target Q ensemble on a fixed set of
-        # dataset (s, a) next to their Monte Carlo returns (scaled rewards, no bootstrap: a
-        # lower bound where episodes were truncated)
-        probe_rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed))[:2048]
-        probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean())
+        # dataset (s, a) next to their Monte Carlo returns (scaled rewards), drawn where that
+        # return is exact (exact_return_mask: not cut short by a time limit within the horizon;
+        # a cut return is only a lower bound). Where no pair qualifies (time-limited episodes
+        # shorter than the horizon, as HalfCheetah's 1000 steps at gamma 0.999) Q is still
+        # logged, on pairs of any kind, without a Monte Carlo return to compare it with.
+        exact = exact_return_mask(data, cfg.loss.gamma)
+        pool = exact.nonzero().squeeze(-1) if exact.any() else torch.arange(len(data))
+        probe_rows = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(cfg.seed))[:2048]]
+        probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean()) if exact.any() else None
+        if probe_mc is None:
+            print(
+                f"[{cfg.env.dataset}] eval/mc_return_dataset is not logged: no transition's Monte Carlo return is exact at "
+                f"loss.gamma={cfg.loss.gamma} (every episode ends by a time limit with less than the horizon "
+                "ceil(log 0.01 / log gamma) steps left); eval/q_dataset is logged alone."
+            )
         probe = data[probe_rows]
         env_id = eval_env_id(info, cfg.env.get("eval_env"))
         env = make_eval_env(env_id, e.num_envs, eval_seed(cfg.seed), device, info.action_scaling())
@@ -192,7 +206,9 @@ def train(cfg: DictConfig) -> dict:
         if phase_name == "train":
             with torch.no_grad():
                 q = loss._qvalue(loss.target_qvalue_network_params, probe.get("observation").to(device), probe.get("action").to(device))
-            row.update(q_dataset=float(q.mean()), mc_return_dataset=probe_mc)
+            row["q_dataset"] = float(q.mean())
+            if probe_mc is not None:
+                row["mc_return_dataset"] = probe_mc
             if e.get("diagnostics", True):
                 # what separates the causes of a drop: the actor alone (one sample), the
                 # behavior alone, and Q on the actions the policy took against their return

@@ -9,6 +9,7 @@ from torchrl_bdpo.data.offline import (
     discounted_returns,
     episode_index,
     episode_returns,
+    exact_return_mask,
     make_offline_buffer,
     transitions_from_episodes,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "discounted_returns",
     "episode_index",
     "episode_returns",
+    "exact_return_mask",
     "make_offline_buffer",
     "OfflineToOnlineBuffer",
     "TRANSITION_KEYS",

@@ -224,6 +224,39 @@ def discounted_returns(td: TensorDict, gamma: float) -> torch.Tensor:
     return torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)
 
 
+def exact_return_mask(td: TensorDict, gamma: float, tol: float = 0.01) -> torch.Tensor:
+    """Where :func:`discounted_returns` is the value of the step, not a lower bound of it.
+
+    True for a transition whose episode ends in ``("next", "terminated")``, or whose episode
+    goes on for more than ``horizon = ceil(log(tol) / log(gamma))`` steps from it, so that what
+    a time limit (or the end of the data) cut off weighs less than ``tol`` of the return (at
+    gamma 0.999 the horizon is 4603 steps: no step of a 1000-step episode cut by its time limit
+    counts). Episodes as in :func:`episode_index`; without a ``terminated`` entry every episode
+    counts as cut. Flattened, in storage order.
+    """
+    if not 0 < tol < 1:
+        raise ValueError(f"tol={tol!r}: expected a fraction of the return in (0, 1).")
+    ids = episode_index(td)
+    n = ids.numel()
+    order = torch.sort(ids, stable=True).indices
+    sorted_ids = ids[order]
+    lengths = torch.bincount(sorted_ids)
+    first = torch.cumsum(lengths, 0) - lengths  # each episode's first position in sorted order
+    remaining = lengths[sorted_ids] - (torch.arange(n) - first[sorted_ids])  # steps left, this one included
+    last = first + lengths - 1
+    if ("next", "terminated") in td.keys(True):
+        ends_terminal = td.get(("next", "terminated")).reshape(-1).bool()[order][last]
+    else:
+        ends_terminal = torch.zeros(lengths.numel(), dtype=torch.bool)
+    if 0 < gamma < 1:
+        horizon = math.ceil(math.log(tol) / math.log(gamma))
+        long_enough = remaining > horizon
+    else:  # gamma 0: only the step's own reward; gamma 1: no horizon is long enough
+        long_enough = torch.full((n,), gamma == 0)
+    exact = ends_terminal[sorted_ids] | long_enough
+    return torch.empty_like(exact).index_copy_(0, order, exact)
+
+
 def reward_scale_for(td: TensorDict, mode: str) -> float:
     """``locomotion``: 1000 / (max - min episode return); ``antmaze``: 100; ``none``: 1."""
     if mode == "none":
