@@ -153,9 +153,10 @@ def train(cfg: DictConfig) -> dict:
         # shorter than the horizon, as HalfCheetah's 1000 steps at gamma 0.999) Q is still
         # logged, on pairs of any kind, without a Monte Carlo return to compare it with.
         exact = exact_return_mask(data, cfg.loss.gamma)
-        pool = exact.nonzero().squeeze(-1) if exact.any() else torch.arange(len(data))
+        measurable = bool(exact.any())
+        pool = exact.nonzero().squeeze(-1) if measurable else torch.arange(len(data))
         probe_rows = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(cfg.seed))[:2048]]
-        probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean()) if exact.any() else None
+        probe_mc = float(discounted_returns(data, cfg.loss.gamma)[probe_rows].mean()) if measurable else None
         if probe_mc is None:
             print(
                 f"[{cfg.env.dataset}] eval/mc_return_dataset is not logged: no transition's Monte Carlo return is exact at "
