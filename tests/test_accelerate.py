@@ -479,6 +479,27 @@ def test_compiled_acting_and_q_target_match_eager(fuse_narrow):
     assert (out[0][term.squeeze(-1)] == 0).all()
 
 
+def test_compiled_acting_specialises_each_batch_size(monkeypatch):
+    """Compiled acting asks torch.compile for static graphs, one per batch size (``dynamic=False``),
+    never a graph over a symbolic batch size: torch 2.11's dynamo fails on the ensemble's vmap
+    there (a ``TorchRuntimeError`` at the second batch size, seen on an H200). torch 2.13 here
+    specialises either way, so the option itself is what is checked."""
+    from torchrl_bdpo.speed import compile as compile_mod
+
+    calls = []
+
+    def recording_compile(fn, **kwargs):
+        calls.append((getattr(fn, "__name__", ""), kwargs))
+        return fn
+
+    monkeypatch.setattr(compile_mod.torch, "compile", recording_compile)
+    acting = make_loss().make_acting_module(num_candidates=4, compile=True, compile_mode="default")
+    assert sorted(name for name, _ in calls) == ["sample", "select"]
+    assert all(kw == {"mode": "default", "dynamic": False} for _, kw in calls), calls
+    for B in (1, 1, 3):  # the recorded "compile" returned the functions themselves: still acting
+        assert acting(TensorDict({"observation": torch.randn(B, OBS)}, [B]))["action"].shape == (B, ACT)
+
+
 class _RecordingStream:
     """A stand-in for a CUDA stream (CPU tests): records forks, joins and what ran inside it."""
 

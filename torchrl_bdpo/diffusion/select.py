@@ -44,8 +44,10 @@ class QSelectActor(TensorDictModuleBase):
             section of docs/results/locomotion.md). Defaults to ``"mean"``.
         rho (float): the LCB's weight (``aggregation="lcb"`` only). Defaults to 0.
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
-        compile (bool): ``torch.compile`` the sampling and selection (first call eager).
-            Defaults to ``False``.
+        compile (bool): ``torch.compile`` the sampling and selection (first call eager), one
+            graph per batch shape (``dynamic=False``: torch 2.11's dynamo fails on the
+            ensemble's ``vmap`` over a symbolic batch size, a ``TorchRuntimeError`` at the
+            second batch size, seen on an H200). Defaults to ``False``.
         cudagraphs (bool): capture them in a CUDA graph per batch shape
             (:func:`torchrl_bdpo.speed.accelerate`); CUDA only. Defaults to ``False``.
         compile_mode, compile_backend: passed to ``torch.compile``.
@@ -96,7 +98,7 @@ class QSelectActor(TensorDictModuleBase):
         self.in_keys = [observation_key]
         self.out_keys = [action_key]
         self.validate = validate
-        kw = dict(compile=compile, cudagraphs=cudagraphs, mode=compile_mode, backend=compile_backend, warmup=warmup)
+        kw = dict(compile=compile, cudagraphs=cudagraphs, mode=compile_mode, backend=compile_backend, dynamic=False, warmup=warmup)
         # wrapped only when accelerated: a plain module holds no bound method of itself
         self._select = self._sample = None
         if compile or cudagraphs:
