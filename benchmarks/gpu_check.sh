@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU part of issue 6 as one script (its time limits add up to 8 minutes, as the issue
-# asks: give the device tool's run timeout_s 540): the gpu-marked tests, the scripts' gpu tests,
-# and the benchmark with TF32 (with the two-stream update variants, and the fastest one again
-# with stratified steps). On an H200 on 2026-12-04 (a cold machine, torch 2.11) the gpu-marked
-# tests of test_accelerate.py ran past 150 s (16 passed by then), the scripts' tests took 32 s
-# and the benchmark ~240 s with the fused-sums variant (~55 s of build), which gave 0.98x of the
-# GEMMs there and is now left out (--no-narrow-ab; drop it to time it again). It writes 4
-# files (the device tool returns at most 8); the printed output of every step also goes to
-# gpu_check.log.
+# asks: give the device tool's run timeout_s 540): the gpu-marked tests that are not also marked
+# slow, the scripts' gpu tests, and the benchmark with TF32 (with the two-stream update variants,
+# and the fastest one again with stratified steps). On a cold H200 (torch 2.11) on 2026-12-04,
+# all 15 gpu-marked tests of test_accelerate.py did not finish in 290 s: each compiled variant
+# is a cold inductor compile of its own, so four of the five are marked slow too and are left to
+# `pytest -m gpu` (no limit); the scripts' tests took 32-50+ s and the benchmark ~240 s (~160 s of
+# it compiling). The fused-sums variant (0.98x of the GEMMs there) is left out (--no-narrow-ab;
+# drop it to time it again). It writes 4 files (the device tool returns at most 8); the printed
+# output of every step also goes to gpu_check.log.
 #   bash benchmarks/gpu_check.sh              # writes into benchmarks/results/ (or $OUT)
 #   bash benchmarks/gpu_check.sh ab [ARGS]    # instead: the inductor A/B of gpu_compile_ab.py,
 #                                             # ARGS passed on (~6-8 minutes with its defaults:
@@ -59,12 +60,12 @@ if [ "$MODE" = profile ]; then
   exit 0
 fi
 # the gpu-marked tests, with each failure's traceback short enough to survive the log's tail
-GPU_PYTEST=(-m gpu -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore)
-timeout 180 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_accelerate.py 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
+GPU_PYTEST=(-m "gpu and not slow" -o addopts="" -p no:cacheprovider -q -rfEs --tb=short --show-capture=no -W ignore)
+timeout 160 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_accelerate.py 2>&1 | tail -n 80 | tee "$OUT/gpu_tests.log"
 echo "tests exit: $?"
 # the scripts on CUDA (offline: evaluation envs on the CPU, policy on the GPU; toy: metrics and
 # figures from GPU networks), graphed steps
-timeout 50 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
+timeout 70 python3 -m pytest "${GPU_PYTEST[@]}" tests/test_offline_script.py tests/test_toy2d_script.py tests/test_toy_data.py 2>&1 | tail -n 80 | tee -a "$OUT/gpu_tests.log"
 echo "script tests exit: $?"
 # TF32 matmuls (what JAX uses for float32 on recent NVIDIA GPUs by default); the compiled +
 # graphed two-stream step again with stratified steps (a compile of its own; the fused-sums

@@ -576,6 +576,10 @@ def test_overlap_losses_off_cuda_is_a_clear_error():
 
 
 # --------------------------------------------------------------------------- GPU
+# `-m gpu` runs them all (~6+ minutes on a cold H200: each compiled variant is a cold inductor
+# compile of its own); benchmarks/gpu_check.sh runs `-m "gpu and not slow"`, which keeps one
+# compiled test (compile + CUDA graphs + two streams, what the scripts run on CUDA) and leaves the
+# other compiled variants, marked slow as well, to a full run.
 def gpu_batches(n=3, B=16):
     return [b.to("cuda") for b in cpu_batches(n, B)]
 
@@ -609,7 +613,7 @@ def test_cudagraph_q_target_with_terminal_rows_matches_eager():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cudagraph_acting_matches_eager(compile):
     import torch._inductor.config as inductor_config
 
@@ -628,6 +632,7 @@ def test_cudagraph_acting_matches_eager(compile):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # a cold inductor compile each; the two-stream test below covers compile + graphs in gpu_check.sh
 @pytest.mark.parametrize("fuse_narrow", [False, "cuda"])  # GEMMs (the default) and the experimental sums
 def test_compiled_cudagraph_update_matches_eager(fuse_narrow):
     """inductor (random ops left to eager's RNG) inside CUDA graphs."""
@@ -662,7 +667,7 @@ def test_overlapped_losses_match_the_one_stream_step(compile, cudagraphs, train_
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cudagraph_update_with_stratified_steps_matches_eager(compile):
     """Stratified steps under CUDA graphs (two streams): Q and V each on their own rows, no host
     read; eager's numbers, across a recapture for another batch size."""
