@@ -3,10 +3,11 @@
     python benchmarks/selection_probe.py outputs/bdpo/hopper-medium/seed0 outputs/bdpo/hopper-medium/seed1
     python benchmarks/selection_probe.py RUN --rules one mean/10 lcb-2/10 min/10 mean/3 --candidates actor behavior
 
-A rule is ``one`` (one sample, no selection: ``ExplorationType.RANDOM``) or
+A rule is ``one`` (one sample, no selection: ``ExplorationType.RANDOM``),
 ``<aggregation>[-<rho>]/<K>``: K candidates, the argmax of the Q ensemble's ``mean`` (the paper),
 ``min`` or ``lcb`` (mean - rho x std), as ``eval.aggregation`` / ``eval.rho`` /
-``eval.num_candidates`` set it in the scripts. Candidates come from the target actor, the
+``eval.num_candidates`` set it in the scripts, or ``avg/<K>``: the mean of K candidates, Q unused
+(``eval.selection=average``). Candidates come from the target actor, the
 behavior model's EMA, or both; Q is the run's target ensemble. Every rule of a run starts its
 episodes from the same initial states (the run's evaluation env, reseeded with the run's
 evaluation seed before each rule; ``torch.manual_seed(--seed)`` for the candidates' draws). Per episode: return, length and discounted
@@ -37,16 +38,18 @@ RULE = re.compile(r"^(?P<agg>[a-z]+)(?:-(?P<rho>[0-9.]+))?/(?P<k>[0-9]+)$")
 
 
 def parse_rule(text: str) -> dict:
-    """``"one"`` or ``"<aggregation>[-<rho>]/<K>"`` -> ``{"name", "num_candidates", "aggregation", "rho"}``."""
+    """``"one"``, ``"<aggregation>[-<rho>]/<K>"`` or ``"avg/<K>"`` -> ``{"name", "num_candidates", "aggregation", "rho", "selection"}``."""
     if text == "one":
-        return {"name": "one", "num_candidates": 1, "aggregation": "mean", "rho": 0.0}
+        return {"name": "one", "num_candidates": 1, "aggregation": "mean", "rho": 0.0, "selection": "q"}
     m = RULE.match(text)
+    if m is not None and m["agg"] == "avg" and m["rho"] is None and int(m["k"]) >= 1:
+        return {"name": text, "num_candidates": int(m["k"]), "aggregation": "mean", "rho": 0.0, "selection": "average"}
     if m is None or m["agg"] not in AGGREGATIONS or int(m["k"]) < 1 or (m["rho"] is not None and m["agg"] != "lcb"):
         raise ValueError(
-            f"rule {text!r}: expected 'one' or '<aggregation>[-<rho>]/<K>' with aggregation in {AGGREGATIONS}, "
-            "rho only for lcb and K >= 1 (e.g. mean/10, lcb-2/10, min/3)"
+            f"rule {text!r}: expected 'one', 'avg/<K>' or '<aggregation>[-<rho>]/<K>' with aggregation in {AGGREGATIONS}, "
+            "rho only for lcb and K >= 1 (e.g. mean/10, lcb-2/10, min/3, avg/10)"
         )
-    return {"name": text, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0)}
+    return {"name": text, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0), "selection": "q"}
 
 
 def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int, seed: int) -> dict:
@@ -86,6 +89,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                 num_candidates=rule["num_candidates"],
                 aggregation=rule["aggregation"],
                 rho=rule["rho"],
+                selection=rule["selection"],
             )
             exploration = ExplorationType.RANDOM if rule["name"] == "one" else ExplorationType.DETERMINISTIC
             env.set_seed(env_seed)  # every rule starts from the same initial states

@@ -493,9 +493,33 @@ def test_acting_module_ranks_by_the_chosen_aggregation():
     assert (chosen["min"] != chosen["mean"]).any() and (chosen["lcb"] != chosen["mean"]).any()
 
 
+def test_acting_module_average_is_the_mean_of_the_candidates():
+    """``selection="average"``: the mean of the same K candidates best-of-K would rank (Q unused);
+    ``RANDOM`` still returns one sample."""
+    loss = make_loss()
+    rows, k = 32, 5
+    obs = torch.randn(rows, OBS)
+    td = TensorDict({"observation": obs}, [rows])
+    torch.manual_seed(7)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        cands = loss.actor_network.sample_path(obs, num_samples=k).action
+        torch.manual_seed(8)
+        one = loss.actor_network.sample_path(obs).action
+    acting = loss.make_acting_module(num_candidates=k, selection="average")
+    torch.manual_seed(7)
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        avg = acting(td.clone())["action"]
+    torch.testing.assert_close(avg, cands.mean(1))
+    assert not torch.allclose(avg, cands[:, 0])  # not one of the candidates
+    torch.manual_seed(8)
+    with set_exploration_type(ExplorationType.RANDOM):
+        torch.testing.assert_close(acting(td.clone())["action"], one)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
+        (dict(selection="mode"), "selection='mode'"),
         (dict(aggregation="median"), "aggregation='median'"),
         (dict(rho=-0.5, aggregation="lcb"), "rho=-0.5"),
         (dict(rho=float("nan"), aggregation="lcb"), "rho=nan"),

@@ -420,6 +420,22 @@ def test_eval_aggregation_reaches_best_of_k(tmp_path, dataset, monkeypatch):
     assert set(calls) == {("lcb", 1.0, 3)}  # eval.num_candidates=3 in TINY
 
 
+def test_eval_selection_average_skips_the_ranking(tmp_path, dataset, monkeypatch):
+    """``eval.selection=average``: best-of-K evaluations average their candidates (no Q ranking); a
+    bad value is a clear error before anything runs."""
+    import torchrl_bdpo.diffusion.select as select
+
+    calls = []
+    monkeypatch.setattr(select, "select_by_q", lambda *a: calls.append(a) or a[0][..., 0, :])
+    off.train(config(tmp_path / "avg", "eval.selection=average"))
+    assert not calls
+    assert json.loads((tmp_path / "avg" / "summary.json").read_text())["final"]["return_mean"] is not None
+    off.train(config(tmp_path / "q"))
+    assert calls  # the default ranks by Q
+    with pytest.raises(ValueError, match=re.escape("eval.selection='mode'")):
+        off.train(config(tmp_path / "bad", "eval.selection=mode"))
+
+
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
     """benchmarks/selection_probe.py on a finished run: each rule's returns are those of the
     loss's own acting module with that rule, from the same initial states."""
@@ -435,11 +451,11 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
     run = tmp_path / "run"
     off.train(config(run))
     results = probe.main(
-        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "--candidates", "actor", "behavior", "--episodes", "2"]
+        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "avg/3", "--candidates", "actor", "behavior", "--episodes", "2"]
         + ["--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")]
     )
     rows = {(r["candidates"], r["name"]): r for r in results[0]["rules"]}
-    assert len(rows) == 8 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
+    assert len(rows) == 10 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
     assert (tmp_path / "p.png").stat().st_size > 0
     assert results[0]["dataset_return"] == pytest.approx(15.1, abs=0.05)  # the tiny random set's, as the script prints it
     cfg = OmegaConf.load(run / "config.yaml")
@@ -451,12 +467,13 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
         ("lcb-1.5/2", ExplorationType.DETERMINISTIC, dict(num_candidates=2, aggregation="lcb", rho=1.5)),
         ("one", ExplorationType.RANDOM, dict(num_candidates=1)),
         ("mean/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3)),
+        ("avg/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3, selection="average")),
     ):
         env.set_seed(eval_seed(cfg.seed))
         torch.manual_seed(0)
         returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
         assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name
-    for bad in ("median/10", "mean-2/10", "lcb/0", "best"):
+    for bad in ("median/10", "mean-2/10", "lcb/0", "best", "avg-1/3", "avg/0"):
         with pytest.raises(ValueError, match=re.escape(f"rule {bad!r}")):
             probe.parse_rule(bad)
     with pytest.raises(FileNotFoundError, match="no config.yaml"):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.ensemble import check_aggregation
+from torchrl_bdpo.diffusion.select import check_selection
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
 from torchrl_bdpo.provenance import software_versions
@@ -72,9 +73,13 @@ _CHECKS = (
 
 
 def selection_kwargs(cfg: DictConfig) -> dict:
-    """How best-of-K ranks its candidates (``eval.aggregation``, ``eval.rho``) as
-    :class:`~torchrl_bdpo.diffusion.QSelectActor` keywords; the paper's ensemble mean when unset."""
-    return {"aggregation": OmegaConf.select(cfg, "eval.aggregation", default="mean"), "rho": float(OmegaConf.select(cfg, "eval.rho", default=0.0))}
+    """How best-of-K ranks its candidates (``eval.aggregation``, ``eval.rho``, ``eval.selection``) as
+    :class:`~torchrl_bdpo.diffusion.QSelectActor` keywords; the paper's argmax of the ensemble mean when unset."""
+    return {
+        "aggregation": OmegaConf.select(cfg, "eval.aggregation", default="mean"),
+        "rho": float(OmegaConf.select(cfg, "eval.rho", default=0.0)),
+        "selection": OmegaConf.select(cfg, "eval.selection", default="q"),
+    }
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -115,6 +120,10 @@ def validate_config(cfg: DictConfig) -> None:
         rho = 0.0
     try:
         check_aggregation(OmegaConf.select(cfg, "eval.aggregation", default="mean"), rho, prefix="eval.")
+    except ValueError as err:
+        problems.append(str(err).rstrip("."))
+    try:
+        check_selection(OmegaConf.select(cfg, "eval.selection", default="q"), prefix="eval.")
     except ValueError as err:
         problems.append(str(err).rstrip("."))
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")

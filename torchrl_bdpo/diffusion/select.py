@@ -13,6 +13,17 @@ from torchrl_bdpo.speed.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation, ensemble_apply
 
+SELECTIONS = ("q", "average")
+
+
+def check_selection(selection: str, prefix: str = "") -> None:
+    """Raise a ``ValueError`` that names the value for an unknown ``selection`` (``prefix``: ``"eval."`` in the scripts)."""
+    if selection not in SELECTIONS:
+        raise ValueError(
+            f"{prefix}selection={selection!r}: expected one of {SELECTIONS} ('q': the candidate with the best Q, the paper's; "
+            "'average': the mean of the candidates)."
+        )
+
 
 def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tensor:
     """Pick ``candidates[..., argmax_k q_values[..., k], :]``: ``[*B, K, A], [*B, K] -> [*B, A]``."""
@@ -24,7 +35,8 @@ class QSelectActor(TensorDictModuleBase):
     """Acting module of BDPO: ``num_candidates`` actions from the (target) actor, argmax of the ensemble's Q.
 
     Exploration types: ``RANDOM`` returns one sample of the actor (no selection); any
-    other type, or none set, returns the best of ``num_candidates``.
+    other type, or none set, returns the best of ``num_candidates`` (or, with
+    ``selection="average"``, their mean).
 
     Args:
         actor (DiffusionActor): the diffusion policy.
@@ -43,6 +55,11 @@ class QSelectActor(TensorDictModuleBase):
             actor's actions; with 4 critics on Hopper fewer candidates did more (the tenth
             section of docs/results/locomotion.md). Defaults to ``"mean"``.
         rho (float): the LCB's weight (``aggregation="lcb"`` only). Defaults to 0.
+        selection (str): ``"q"``, the candidate with the best aggregated Q (the paper's), or
+            ``"average"``, the mean of the ``num_candidates`` candidates (a Monte Carlo estimate of
+            the policy's mean action; Q is not used). The mean of a multimodal policy can fall
+            between its modes: it suits policies that are close to unimodal, such as a behavior
+            cloned from a stochastic Gaussian policy. Defaults to ``"q"``.
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
         compile (bool): ``torch.compile`` the sampling and selection (first call eager), one
             graph per batch shape (``dynamic=False``: torch 2.11's dynamo fails on the
@@ -67,6 +84,7 @@ class QSelectActor(TensorDictModuleBase):
         num_candidates: int = 10,
         aggregation: str = "mean",
         rho: float = 0.0,
+        selection: str = "q",
         observation_key: NestedKey = "observation",
         action_key: NestedKey = "action",
         compile: bool = False,
@@ -82,6 +100,7 @@ class QSelectActor(TensorDictModuleBase):
         if not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
         check_aggregation(aggregation, rho)
+        check_selection(selection)
         self.actor = actor
         self.qvalue_network = qvalue_network
         self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)
@@ -93,6 +112,7 @@ class QSelectActor(TensorDictModuleBase):
         self.num_candidates = num_candidates
         self.aggregation = aggregation
         self.rho = float(rho)
+        self.selection = selection
         self.observation_key = observation_key
         self.action_key = action_key
         self.in_keys = [observation_key]
@@ -111,9 +131,11 @@ class QSelectActor(TensorDictModuleBase):
             return self.actor.sample_path(observation).action
 
     def select(self, observation: torch.Tensor) -> torch.Tensor:
-        """The best-of-K action for ``observation`` ``[*B, S]``."""
+        """The best-of-K action for ``observation`` ``[*B, S]`` (with ``selection="average"``: the candidates' mean)."""
         with self.actor_params.to_module(self.actor, preserve_module_state=False):
             candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
+        if self.selection == "average":
+            return candidates.mean(-2)
         obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], self.num_candidates, observation.shape[-1])
         values = {self.observation_key: obs, self.action_key: candidates}
         inputs = [values[k] for k in self.qvalue_network.in_keys]
