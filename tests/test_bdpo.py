@@ -435,6 +435,14 @@ def test_target_updater_refuses_mismatched_targets():
         up.step()
 
 
+def target_actor_actions(loss, obs, seed, num_samples=None):
+    """The target actor's reverse-chain actions for ``obs`` after ``torch.manual_seed(seed)``: what the
+    acting module draws from the same seed (``[B, A]``, or ``[B, num_samples, A]``)."""
+    torch.manual_seed(seed)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        return loss.actor_network.sample_path(obs, num_samples=num_samples).action
+
+
 def test_acting_module():
     loss = make_loss()
     acting = loss.make_acting_module(num_candidates=6)
@@ -443,16 +451,11 @@ def test_acting_module():
     with set_exploration_type(ExplorationType.RANDOM):
         torch.manual_seed(4)
         one = acting(td.clone())["action"]
-    torch.manual_seed(4)
-    with loss.target_actor_network_params.to_module(loss.actor_network):
-        ref = loss.actor_network.sample_path(obs).action
-    torch.testing.assert_close(one, ref)
+    torch.testing.assert_close(one, target_actor_actions(loss, obs, seed=4))
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         torch.manual_seed(4)
         best = acting(td.clone())["action"]
-    torch.manual_seed(4)
-    with loss.target_actor_network_params.to_module(loss.actor_network):
-        cands = loss.actor_network.sample_path(obs, num_samples=6).action
+    cands = target_actor_actions(loss, obs, seed=4, num_samples=6)
     obs_m = obs.unsqueeze(1).expand(5, 6, OBS)
     q = torch.stack([loss.qvalue_network.module(obs_m, cands) for _ in [0]])  # shape check only; the ensemble mean is computed below
     qs = []
@@ -470,9 +473,7 @@ def test_acting_module_ranks_by_the_chosen_aggregation():
     rows, cands_per_row = 64, 6
     obs = torch.randn(rows, OBS)
     td = TensorDict({"observation": obs}, [rows])
-    torch.manual_seed(4)
-    with loss.target_actor_network_params.to_module(loss.actor_network):
-        cands = loss.actor_network.sample_path(obs, num_samples=cands_per_row).action
+    cands = target_actor_actions(loss, obs, seed=4, num_samples=cands_per_row)
     obs_m = obs.unsqueeze(1).expand(rows, cands_per_row, OBS)
     qs = []
     for k in range(K):
@@ -500,11 +501,8 @@ def test_acting_module_average_is_the_mean_of_the_candidates():
     rows, k = 32, 5
     obs = torch.randn(rows, OBS)
     td = TensorDict({"observation": obs}, [rows])
-    torch.manual_seed(7)
-    with loss.target_actor_network_params.to_module(loss.actor_network):
-        cands = loss.actor_network.sample_path(obs, num_samples=k).action
-        torch.manual_seed(8)
-        one = loss.actor_network.sample_path(obs).action
+    cands = target_actor_actions(loss, obs, seed=7, num_samples=k)
+    one = target_actor_actions(loss, obs, seed=8)
     acting = loss.make_acting_module(num_candidates=k, selection="average")
     torch.manual_seed(7)
     with set_exploration_type(ExplorationType.DETERMINISTIC):
