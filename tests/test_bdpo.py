@@ -523,6 +523,8 @@ def test_acting_module_average_is_the_mean_of_the_candidates():
         (dict(rho=float("nan"), aggregation="lcb"), "rho=nan"),
         (dict(rho=1.0), "rho=1.0 with aggregation='mean'"),
         (dict(num_candidates=0), "num_candidates=0"),
+        (dict(selection="average", aggregation="lcb", rho=1.0), "selection='average' with aggregation='lcb', rho=1.0"),
+        (dict(selection="average", aggregation="min"), "selection='average' with aggregation='min', rho=0.0"),
     ],
 )
 def test_acting_module_bad_selection(kwargs, match):

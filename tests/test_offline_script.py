@@ -434,6 +434,8 @@ def test_eval_selection_average_skips_the_ranking(tmp_path, dataset, monkeypatch
     assert calls  # the default ranks by Q
     with pytest.raises(ValueError, match=re.escape("eval.selection='mode'")):
         off.train(config(tmp_path / "bad", "eval.selection=mode"))
+    with pytest.raises(ValueError, match=re.escape("eval.selection='average' with eval.aggregation='lcb', eval.rho=1.0")):
+        off.train(config(tmp_path / "unused", "eval.selection=average", "eval.aggregation=lcb", "eval.rho=1.0"))
 
 
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):

@@ -123,7 +123,9 @@ def validate_config(cfg: DictConfig) -> None:
     except ValueError as err:
         problems.append(str(err).rstrip("."))
     try:
-        check_selection(OmegaConf.select(cfg, "eval.selection", default="q"), prefix="eval.")
+        check_selection(
+            OmegaConf.select(cfg, "eval.selection", default="q"), prefix="eval.", aggregation=OmegaConf.select(cfg, "eval.aggregation", default="mean"), rho=rho
+        )
     except ValueError as err:
         problems.append(str(err).rstrip("."))
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")

@@ -16,12 +16,22 @@ from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation, ensembl
 SELECTIONS = ("q", "average")
 
 
-def check_selection(selection: str, prefix: str = "") -> None:
-    """Raise a ``ValueError`` that names the value for an unknown ``selection`` (``prefix``: ``"eval."`` in the scripts)."""
+def check_selection(selection: str, prefix: str = "", aggregation: str = "mean", rho: float = 0.0) -> None:
+    """Raise a ``ValueError`` that names the value for an unknown ``selection``, or for
+    ``selection="average"`` with a Q rule other than the default (``aggregation`` not ``"mean"``
+    or ``rho`` not 0): the mean of the candidates does not read Q, so the rule would be silently
+    unused. ``prefix``: ``"eval."`` in the scripts.
+    """
     if selection not in SELECTIONS:
         raise ValueError(
             f"{prefix}selection={selection!r}: expected one of {SELECTIONS} ('q': the candidate with the best Q, the paper's; "
             "'average': the mean of the candidates)."
+        )
+    if selection == "average" and (aggregation != "mean" or rho != 0):
+        raise ValueError(
+            f"{prefix}selection='average' with {prefix}aggregation={aggregation!r}, {prefix}rho={rho!r}: the mean of the "
+            f"candidates does not use Q, so the Q rule would be ignored; set {prefix}aggregation=mean and {prefix}rho=0, "
+            f"or {prefix}selection=q to rank by it."
         )
 
 
@@ -59,7 +69,8 @@ class QSelectActor(TensorDictModuleBase):
             ``"average"``, the mean of the ``num_candidates`` candidates (a Monte Carlo estimate of
             the policy's mean action; Q is not used). The mean of a multimodal policy can fall
             between its modes: it suits policies that are close to unimodal, such as a behavior
-            cloned from a stochastic Gaussian policy. Defaults to ``"q"``.
+            cloned from a stochastic Gaussian policy. With it, ``aggregation`` must stay ``"mean"``
+            and ``rho`` 0 (a clear error otherwise). Defaults to ``"q"``.
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
         compile (bool): ``torch.compile`` the sampling and selection (first call eager), one
             graph per batch shape (``dynamic=False``: torch 2.11's dynamo fails on the
@@ -100,7 +111,7 @@ class QSelectActor(TensorDictModuleBase):
         if not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
         check_aggregation(aggregation, rho)
-        check_selection(selection)
+        check_selection(selection, aggregation=aggregation, rho=rho)
         self.actor = actor
         self.qvalue_network = qvalue_network
         self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)
