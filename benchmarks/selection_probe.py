@@ -6,8 +6,9 @@
 A rule is ``one`` (one sample, no selection: ``ExplorationType.RANDOM``),
 ``<aggregation>[-<rho>]/<K>``: K candidates, the argmax of the Q ensemble's ``mean`` (the paper),
 ``min`` or ``lcb`` (mean - rho x std), as ``eval.aggregation`` / ``eval.rho`` /
-``eval.num_candidates`` set it in the scripts, or ``avg/<K>``: the mean of K candidates, Q unused
-(``eval.selection=average``). Candidates come from the target actor, the
+``eval.num_candidates`` set it in the scripts, ``avg/<K>``: the mean of K candidates, Q unused
+(``eval.selection=average``), or ``elite<M>/<K>``: the mean of the M of K candidates with the best
+ensemble-mean Q (``eval.selection=elite eval.num_elite=M``). Candidates come from the target actor, the
 behavior model's EMA, or both; Q is the run's target ensemble. Every rule of a run starts its
 episodes from the same initial states (the run's evaluation env, reseeded with the run's
 evaluation seed before each rule; ``torch.manual_seed(--seed)`` for the candidates' draws). Per episode: return, length and discounted
@@ -35,21 +36,27 @@ from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 RULE = re.compile(r"^(?P<agg>[a-z]+)(?:-(?P<rho>[0-9.]+))?/(?P<k>[0-9]+)$")
+ELITE = re.compile(r"^elite(?P<m>[0-9]+)/(?P<k>[0-9]+)$")
 
 
 def parse_rule(text: str) -> dict:
-    """``"one"``, ``"<aggregation>[-<rho>]/<K>"`` or ``"avg/<K>"`` -> ``{"name", "num_candidates", "aggregation", "rho", "selection"}``."""
+    """``"one"``, ``"<aggregation>[-<rho>]/<K>"``, ``"avg/<K>"`` or ``"elite<M>/<K>"`` ->
+    ``{"name", "num_candidates", "aggregation", "rho", "selection", "num_elite"}``."""
+    rule = {"name": text, "aggregation": "mean", "rho": 0.0, "selection": "q", "num_elite": None}
     if text == "one":
-        return {"name": "one", "num_candidates": 1, "aggregation": "mean", "rho": 0.0, "selection": "q"}
+        return {**rule, "num_candidates": 1}
+    e = ELITE.match(text)
+    if e is not None and 1 <= int(e["m"]) <= int(e["k"]):
+        return {**rule, "num_candidates": int(e["k"]), "selection": "elite", "num_elite": int(e["m"])}
     m = RULE.match(text)
     if m is not None and m["agg"] == "avg" and m["rho"] is None and int(m["k"]) >= 1:
-        return {"name": text, "num_candidates": int(m["k"]), "aggregation": "mean", "rho": 0.0, "selection": "average"}
+        return {**rule, "num_candidates": int(m["k"]), "selection": "average"}
     if m is None or m["agg"] not in AGGREGATIONS or int(m["k"]) < 1 or (m["rho"] is not None and m["agg"] != "lcb"):
         raise ValueError(
-            f"rule {text!r}: expected 'one', 'avg/<K>' or '<aggregation>[-<rho>]/<K>' with aggregation in {AGGREGATIONS}, "
-            "rho only for lcb and K >= 1 (e.g. mean/10, lcb-2/10, min/3, avg/10)"
+            f"rule {text!r}: expected 'one', 'avg/<K>', 'elite<M>/<K>' (1 <= M <= K) or '<aggregation>[-<rho>]/<K>' with "
+            f"aggregation in {AGGREGATIONS}, rho only for lcb and K >= 1 (e.g. mean/10, lcb-2/10, min/3, avg/10, elite3/10)"
         )
-    return {"name": text, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0), "selection": "q"}
+    return {**rule, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0)}
 
 
 def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int, seed: int) -> dict:
@@ -90,6 +97,7 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                 aggregation=rule["aggregation"],
                 rho=rule["rho"],
                 selection=rule["selection"],
+                num_elite=rule["num_elite"],
             )
             exploration = ExplorationType.RANDOM if rule["name"] == "one" else ExplorationType.DETERMINISTIC
             env.set_seed(env_seed)  # every rule starts from the same initial states

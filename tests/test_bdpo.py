@@ -514,6 +514,33 @@ def test_acting_module_average_is_the_mean_of_the_candidates():
         torch.testing.assert_close(acting(td.clone())["action"], one)
 
 
+def test_acting_module_elite_is_the_mean_of_the_best_by_q():
+    """``selection="elite"``: the mean of the ``num_elite`` candidates with the best ensemble-mean
+    Q, by hand; ``num_elite=1`` is best-of-K and ``num_elite=K`` the plain average."""
+    loss = make_loss()
+    rows, k = 64, 6
+    obs = torch.randn(rows, OBS)
+    td = TensorDict({"observation": obs}, [rows])
+    cands = target_actor_actions(loss, obs, seed=4, num_samples=k)
+    obs_m = obs.unsqueeze(1).expand(rows, k, OBS)
+    qs = []
+    for j in range(K):
+        with loss.target_qvalue_network_params[j].to_module(loss.qvalue_network):
+            qs.append(loss.qvalue_network.module(obs_m, cands).squeeze(-1))
+    order = torch.stack(qs).mean(0).argsort(-1, descending=True)
+
+    def act(**kwargs):
+        torch.manual_seed(4)
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            return loss.make_acting_module(num_candidates=k, **kwargs)(td.clone())["action"]
+
+    top3 = cands[torch.arange(rows)[:, None], order[:, :3]].mean(1)
+    torch.testing.assert_close(act(selection="elite", num_elite=3), top3)
+    assert not torch.allclose(top3, cands.mean(1)) and not torch.allclose(top3, cands[torch.arange(rows), order[:, 0]])
+    torch.testing.assert_close(act(selection="elite", num_elite=1), act())
+    torch.testing.assert_close(act(selection="elite", num_elite=k), act(selection="average"))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -525,6 +552,10 @@ def test_acting_module_average_is_the_mean_of_the_candidates():
         (dict(num_candidates=0), "num_candidates=0"),
         (dict(selection="average", aggregation="lcb", rho=1.0), "selection='average' with aggregation='lcb', rho=1.0"),
         (dict(selection="average", aggregation="min"), "selection='average' with aggregation='min', rho=0.0"),
+        (dict(selection="elite"), "num_elite=None with selection='elite': expected an integer in [1, 10]"),
+        (dict(selection="elite", num_elite=11), "num_elite=11 with selection='elite'"),
+        (dict(selection="elite", num_elite=0), "num_elite=0 with selection='elite'"),
+        (dict(num_elite=3), "num_elite=3 with selection='q'"),
     ],
 )
 def test_acting_module_bad_selection(kwargs, match):

@@ -436,6 +436,10 @@ def test_eval_selection_average_skips_the_ranking(tmp_path, dataset, monkeypatch
         off.train(config(tmp_path / "bad", "eval.selection=mode"))
     with pytest.raises(ValueError, match=re.escape("eval.selection='average' with eval.aggregation='lcb', eval.rho=1.0")):
         off.train(config(tmp_path / "unused", "eval.selection=average", "eval.aggregation=lcb", "eval.rho=1.0"))
+    with pytest.raises(ValueError, match=re.escape("eval.num_elite=None with eval.selection='elite'")):
+        off.train(config(tmp_path / "elite", "eval.selection=elite"))
+    elite = utils.selection_kwargs(config(tmp_path / "elite", "eval.selection=elite", "eval.num_elite=2"))
+    assert (elite["selection"], elite["num_elite"]) == ("elite", 2)
 
 
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
@@ -453,11 +457,11 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
     run = tmp_path / "run"
     off.train(config(run))
     results = probe.main(
-        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "avg/3", "--candidates", "actor", "behavior", "--episodes", "2"]
+        [str(run), "--rules", "one", "mean/3", "min/3", "lcb-1.5/2", "avg/3", "elite2/3", "--candidates", "actor", "behavior", "--episodes", "2"]
         + ["--out", str(tmp_path / "p.json"), "--plot", str(tmp_path / "p.png")]
     )
     rows = {(r["candidates"], r["name"]): r for r in results[0]["rules"]}
-    assert len(rows) == 10 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
+    assert len(rows) == 12 and json.loads((tmp_path / "p.json").read_text())["runs"][0]["rules"][1]["name"] == "mean/3"
     assert (tmp_path / "p.png").stat().st_size > 0
     assert results[0]["dataset_return"] == pytest.approx(15.1, abs=0.05)  # the tiny random set's, as the script prints it
     cfg = OmegaConf.load(run / "config.yaml")
@@ -470,12 +474,13 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
         ("one", ExplorationType.RANDOM, dict(num_candidates=1)),
         ("mean/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3)),
         ("avg/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3, selection="average")),
+        ("elite2/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3, selection="elite", num_elite=2)),
     ):
         env.set_seed(eval_seed(cfg.seed))
         torch.manual_seed(0)
         returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
         assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name
-    for bad in ("median/10", "mean-2/10", "lcb/0", "best", "avg-1/3", "avg/0"):
+    for bad in ("median/10", "mean-2/10", "lcb/0", "best", "avg-1/3", "avg/0", "elite4/3", "elite0/3"):
         with pytest.raises(ValueError, match=re.escape(f"rule {bad!r}")):
             probe.parse_rule(bad)
     with pytest.raises(FileNotFoundError, match="no config.yaml"):

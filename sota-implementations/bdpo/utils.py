@@ -73,12 +73,13 @@ _CHECKS = (
 
 
 def selection_kwargs(cfg: DictConfig) -> dict:
-    """How best-of-K ranks its candidates (``eval.aggregation``, ``eval.rho``, ``eval.selection``) as
+    """How best-of-K ranks its candidates (``eval.aggregation``, ``eval.rho``, ``eval.selection``, ``eval.num_elite``) as
     :class:`~torchrl_bdpo.diffusion.QSelectActor` keywords; the paper's argmax of the ensemble mean when unset."""
     return {
         "aggregation": OmegaConf.select(cfg, "eval.aggregation", default="mean"),
         "rho": float(OmegaConf.select(cfg, "eval.rho", default=0.0)),
         "selection": OmegaConf.select(cfg, "eval.selection", default="q"),
+        "num_elite": OmegaConf.select(cfg, "eval.num_elite", default=None),
     }
 
 
@@ -124,7 +125,12 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(str(err).rstrip("."))
     try:
         check_selection(
-            OmegaConf.select(cfg, "eval.selection", default="q"), prefix="eval.", aggregation=OmegaConf.select(cfg, "eval.aggregation", default="mean"), rho=rho
+            OmegaConf.select(cfg, "eval.selection", default="q"),
+            prefix="eval.",
+            aggregation=OmegaConf.select(cfg, "eval.aggregation", default="mean"),
+            rho=rho,
+            num_elite=OmegaConf.select(cfg, "eval.num_elite", default=None),
+            num_candidates=OmegaConf.select(cfg, "eval.num_candidates", default=None),
         )
     except ValueError as err:
         problems.append(str(err).rstrip("."))

@@ -14,7 +14,7 @@ from torchrl_bdpo.diffusion.networks import (
 )
 from torchrl_bdpo.diffusion.reference import GaussianReferenceEpsilon, UniformReferenceEpsilon, make_reference
 from torchrl_bdpo.diffusion.schedule import NoiseSchedule, StratifiedSteps, make_schedule, stratified_steps
-from torchrl_bdpo.diffusion.select import QSelectActor, select_by_q
+from torchrl_bdpo.diffusion.select import QSelectActor, mean_of_best, select_by_q
 
 __all__ = [
     "ChainCache",
@@ -35,6 +35,7 @@ __all__ = [
     "make_schedule",
     "make_value_operator",
     "orthogonal_init_",
+    "mean_of_best",
     "select_by_q",
     "stratified_steps",
     "timestep_embedding",

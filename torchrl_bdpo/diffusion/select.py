@@ -13,25 +13,40 @@ from torchrl_bdpo.speed.compile import accelerate
 from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation, ensemble_apply
 
-SELECTIONS = ("q", "average")
+SELECTIONS = ("q", "average", "elite")
 
 
-def check_selection(selection: str, prefix: str = "", aggregation: str = "mean", rho: float = 0.0) -> None:
-    """Raise a ``ValueError`` that names the value for an unknown ``selection``, or for
+def check_selection(
+    selection: str, prefix: str = "", aggregation: str = "mean", rho: float = 0.0, num_elite: int | None = None, num_candidates: int | None = None
+) -> None:
+    """Raise a ``ValueError`` that names the value for an unknown ``selection``; for
     ``selection="average"`` with a Q rule other than the default (``aggregation`` not ``"mean"``
-    or ``rho`` not 0): the mean of the candidates does not read Q, so the rule would be silently
-    unused. ``prefix``: ``"eval."`` in the scripts.
+    or ``rho`` not 0: the mean of the candidates does not read Q, so the rule would be silently
+    unused); for a ``num_elite`` that is not an integer in ``[1, num_candidates]`` with
+    ``selection="elite"``, or one set with another selection. ``prefix``: ``"eval."`` in the scripts.
     """
     if selection not in SELECTIONS:
         raise ValueError(
             f"{prefix}selection={selection!r}: expected one of {SELECTIONS} ('q': the candidate with the best Q, the paper's; "
-            "'average': the mean of the candidates)."
+            "'average': the mean of the candidates; 'elite': the mean of the num_elite candidates with the best Q)."
         )
     if selection == "average" and (aggregation != "mean" or rho != 0):
         raise ValueError(
             f"{prefix}selection='average' with {prefix}aggregation={aggregation!r}, {prefix}rho={rho!r}: the mean of the "
             f"candidates does not use Q, so the Q rule would be ignored; set {prefix}aggregation=mean and {prefix}rho=0, "
             f"or {prefix}selection=q to rank by it."
+        )
+    if selection == "elite":
+        top = num_candidates if num_candidates is not None else "num_candidates"
+        if isinstance(num_elite, bool) or not isinstance(num_elite, int) or num_elite < 1 or (num_candidates is not None and num_elite > num_candidates):
+            raise ValueError(
+                f"{prefix}num_elite={num_elite!r} with {prefix}selection='elite': expected an integer in [1, {top}] "
+                "(how many of the best candidates by Q are averaged)."
+            )
+    elif num_elite is not None:
+        raise ValueError(
+            f"{prefix}num_elite={num_elite!r} with {prefix}selection={selection!r}: only selection='elite' averages the "
+            f"best candidates; set {prefix}selection=elite or {prefix}num_elite=null."
         )
 
 
@@ -41,12 +56,18 @@ def select_by_q(candidates: torch.Tensor, q_values: torch.Tensor) -> torch.Tenso
     return candidates.gather(-2, idx).squeeze(-2)
 
 
+def mean_of_best(candidates: torch.Tensor, q_values: torch.Tensor, num_elite: int) -> torch.Tensor:
+    """The mean of the ``num_elite`` candidates with the largest ``q_values``: ``[*B, K, A], [*B, K] -> [*B, A]``."""
+    idx = q_values.topk(num_elite, dim=-1).indices.unsqueeze(-1).expand(*candidates.shape[:-2], num_elite, candidates.shape[-1])
+    return candidates.gather(-2, idx).mean(-2)
+
+
 class QSelectActor(TensorDictModuleBase):
     """Acting module of BDPO: ``num_candidates`` actions from the (target) actor, argmax of the ensemble's Q.
 
     Exploration types: ``RANDOM`` returns one sample of the actor (no selection); any
     other type, or none set, returns the best of ``num_candidates`` (or, with
-    ``selection="average"``, their mean).
+    ``selection="average"``, their mean; with ``"elite"``, the mean of the best few).
 
     Args:
         actor (DiffusionActor): the diffusion policy.
@@ -70,7 +91,11 @@ class QSelectActor(TensorDictModuleBase):
             the policy's mean action; Q is not used). The mean of a multimodal policy can fall
             between its modes: it suits policies that are close to unimodal, such as a behavior
             cloned from a stochastic Gaussian policy. With it, ``aggregation`` must stay ``"mean"``
-            and ``rho`` 0 (a clear error otherwise). Defaults to ``"q"``.
+            and ``rho`` 0 (a clear error otherwise). ``"elite"``: the mean of the ``num_elite``
+            candidates with the best aggregated Q, between the two (``num_elite=1`` is ``"q"``,
+            ``num_elite=num_candidates`` is ``"average"``). Defaults to ``"q"``.
+        num_elite (int, optional): how many of the best candidates ``selection="elite"`` averages
+            (required with it, refused without it).
         observation_key, action_key (NestedKey): default ``"observation"``, ``"action"``.
         compile (bool): ``torch.compile`` the sampling and selection (first call eager), one
             graph per batch shape (``dynamic=False``: torch 2.11's dynamo fails on the
@@ -96,6 +121,7 @@ class QSelectActor(TensorDictModuleBase):
         aggregation: str = "mean",
         rho: float = 0.0,
         selection: str = "q",
+        num_elite: int | None = None,
         observation_key: NestedKey = "observation",
         action_key: NestedKey = "action",
         compile: bool = False,
@@ -111,7 +137,7 @@ class QSelectActor(TensorDictModuleBase):
         if not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r}: expected an integer >= 1.")
         check_aggregation(aggregation, rho)
-        check_selection(selection, aggregation=aggregation, rho=rho)
+        check_selection(selection, aggregation=aggregation, rho=rho, num_elite=num_elite, num_candidates=num_candidates)
         self.actor = actor
         self.qvalue_network = qvalue_network
         self.actor_params = actor_params if actor_params is not None else TensorDict.from_module(actor, as_module=True)
@@ -124,6 +150,7 @@ class QSelectActor(TensorDictModuleBase):
         self.aggregation = aggregation
         self.rho = float(rho)
         self.selection = selection
+        self.num_elite = num_elite
         self.observation_key = observation_key
         self.action_key = action_key
         self.in_keys = [observation_key]
@@ -142,7 +169,8 @@ class QSelectActor(TensorDictModuleBase):
             return self.actor.sample_path(observation).action
 
     def select(self, observation: torch.Tensor) -> torch.Tensor:
-        """The best-of-K action for ``observation`` ``[*B, S]`` (with ``selection="average"``: the candidates' mean)."""
+        """The best-of-K action for ``observation`` ``[*B, S]`` (``selection="average"``: the candidates' mean;
+        ``"elite"``: the mean of the ``num_elite`` best by Q)."""
         with self.actor_params.to_module(self.actor, preserve_module_state=False):
             candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
         if self.selection == "average":
@@ -151,7 +179,10 @@ class QSelectActor(TensorDictModuleBase):
         values = {self.observation_key: obs, self.action_key: candidates}
         inputs = [values[k] for k in self.qvalue_network.in_keys]
         q = ensemble_apply(self.qvalue_network, self.qvalue_params, inputs, self.num_qvalue_nets)
-        return select_by_q(candidates, aggregate_ensemble(q.squeeze(-1), self.aggregation, self.rho))
+        q = aggregate_ensemble(q.squeeze(-1), self.aggregation, self.rho)
+        if self.selection == "elite":
+            return mean_of_best(candidates, q, self.num_elite)
+        return select_by_q(candidates, q)
 
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
