@@ -10,7 +10,8 @@ another schedule (one with ``optim.steps=15000`` passed, 1167 against 750, on 20
 The budget before eta 5 failed it (the actor's first 1000 steps cost ~1/3 of the return); with
 eta 5 it held in runs of the same settings and seed (2026-12-04, gamma 0.995: 856 against 822
 at 15k, 1287 against 768 at 30k; gamma 0.999, the budget as it is: 1417 against 812 at 15k,
-1432 against 695 at 30k).
+1432 against 695 at 30k). On the set made again on another VM (mean 772; 2026-12-04) it passed
+in 2034 s beside another run: 1289 against 789 at 15k, 1354 against 820 at 30k.
 """
 
 import math
