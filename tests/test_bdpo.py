@@ -443,6 +443,16 @@ def target_actor_actions(loss, obs, seed, num_samples=None):
         return loss.actor_network.sample_path(obs, num_samples=num_samples).action
 
 
+def target_ensemble_q(loss, obs, cands):
+    """Each target critic's Q of ``cands`` ``[B, N, A]`` at ``obs`` ``[B, S]``, one critic at a time: ``[K, B, N]``."""
+    obs_m = obs.unsqueeze(1).expand(*cands.shape[:2], obs.shape[-1])
+    qs = []
+    for j in range(loss.num_qvalue_nets):
+        with loss.target_qvalue_network_params[j].to_module(loss.qvalue_network):
+            qs.append(loss.qvalue_network.module(obs_m, cands).squeeze(-1))
+    return torch.stack(qs)
+
+
 def test_acting_module():
     loss = make_loss()
     acting = loss.make_acting_module(num_candidates=6)
@@ -458,11 +468,7 @@ def test_acting_module():
     cands = target_actor_actions(loss, obs, seed=4, num_samples=6)
     obs_m = obs.unsqueeze(1).expand(5, 6, OBS)
     q = torch.stack([loss.qvalue_network.module(obs_m, cands) for _ in [0]])  # shape check only; the ensemble mean is computed below
-    qs = []
-    for k in range(K):
-        with loss.target_qvalue_network_params[k].to_module(loss.qvalue_network):
-            qs.append(loss.qvalue_network.module(obs_m, cands).squeeze(-1))
-    idx = torch.stack(qs).mean(0).argmax(-1)
+    idx = target_ensemble_q(loss, obs, cands).mean(0).argmax(-1)
     torch.testing.assert_close(best, cands[torch.arange(5), idx])
     assert q.shape == (1, 5, 6, 1)
 
@@ -474,12 +480,7 @@ def test_acting_module_ranks_by_the_chosen_aggregation():
     obs = torch.randn(rows, OBS)
     td = TensorDict({"observation": obs}, [rows])
     cands = target_actor_actions(loss, obs, seed=4, num_samples=cands_per_row)
-    obs_m = obs.unsqueeze(1).expand(rows, cands_per_row, OBS)
-    qs = []
-    for k in range(K):
-        with loss.target_qvalue_network_params[k].to_module(loss.qvalue_network):
-            qs.append(loss.qvalue_network.module(obs_m, cands).squeeze(-1))
-    qs = torch.stack(qs)
+    qs = target_ensemble_q(loss, obs, cands)
     by_hand = {("mean", 0.0): qs.mean(0), ("min", 0.0): qs.min(0).values, ("lcb", 1.5): qs.mean(0) - 1.5 * qs.std(0, correction=0)}
     chosen = {}
     for (aggregation, rho), values in by_hand.items():
@@ -522,12 +523,7 @@ def test_acting_module_elite_is_the_mean_of_the_best_by_q():
     obs = torch.randn(rows, OBS)
     td = TensorDict({"observation": obs}, [rows])
     cands = target_actor_actions(loss, obs, seed=4, num_samples=k)
-    obs_m = obs.unsqueeze(1).expand(rows, k, OBS)
-    qs = []
-    for j in range(K):
-        with loss.target_qvalue_network_params[j].to_module(loss.qvalue_network):
-            qs.append(loss.qvalue_network.module(obs_m, cands).squeeze(-1))
-    order = torch.stack(qs).mean(0).argsort(-1, descending=True)
+    order = target_ensemble_q(loss, obs, cands).mean(0).argsort(-1, descending=True)
 
     def act(**kwargs):
         torch.manual_seed(4)
