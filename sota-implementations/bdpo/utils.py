@@ -119,15 +119,16 @@ def validate_config(cfg: DictConfig) -> None:
     rho = OmegaConf.select(cfg, "eval.rho", default=0.0)
     if any(p.startswith("eval.rho=") for p in problems):  # its type or range is listed above: check the rule alone
         rho = 0.0
+    aggregation = OmegaConf.select(cfg, "eval.aggregation", default="mean")
     try:
-        check_aggregation(OmegaConf.select(cfg, "eval.aggregation", default="mean"), rho, prefix="eval.")
+        check_aggregation(aggregation, rho, prefix="eval.")
     except ValueError as err:
         problems.append(str(err).rstrip("."))
     try:
         check_selection(
             OmegaConf.select(cfg, "eval.selection", default="q"),
             prefix="eval.",
-            aggregation=OmegaConf.select(cfg, "eval.aggregation", default="mean"),
+            aggregation=aggregation,
             rho=rho,
             num_elite=OmegaConf.select(cfg, "eval.num_elite", default=None),
             num_candidates=OmegaConf.select(cfg, "eval.num_candidates", default=None),
