@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "sota-implementations" / "bdpo"
 ENV_IDS = {"hopper": "Hopper-v5", "walker2d": "Walker2d-v5", "halfcheetah": "HalfCheetah-v5"}
 LEVELS = ("weak-medium", "medium", "medium-replay")
+KEEP_OF_BEST = 0.9  # the "no late collapse": the final evaluation at least this share of the best
 
 
 def prefix(gen_seed: int) -> str:
@@ -134,8 +135,8 @@ def below_best_beyond_noise(summary: dict) -> bool | None:
     episodes = summary.get("config", {}).get("eval", {}).get("episodes")
     if not episodes or "return_std" not in final or "return_std" not in best:
         return None
-    se = np.hypot(final["return_std"], 0.9 * best["return_std"]) / np.sqrt(episodes)
-    return bool(0.9 * best["return_mean"] - final["return_mean"] > 2 * se)
+    se = np.hypot(final["return_std"], KEEP_OF_BEST * best["return_std"]) / np.sqrt(episodes)
+    return bool(KEEP_OF_BEST * best["return_mean"] - final["return_mean"] > 2 * se)
 
 
 def report(args) -> str:
@@ -158,7 +159,7 @@ def report(args) -> str:
             bests.append(best)
             ones.append(s["final"].get("return_one_sample_mean"))
             behaviors.append(s["final"].get("return_behavior_mean"))
-            ok.append(final > data and final >= 0.9 * best)
+            ok.append(final > data and final >= KEEP_OF_BEST * best)
             beyond.append(below_best_beyond_noise(s))
         peers = {}
         for path in sorted((out / "peers" / bdpo_dir.name).glob("seed*/peers.json")):
