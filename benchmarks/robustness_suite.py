@@ -181,7 +181,7 @@ def report(args) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     head = (
         "| dataset | data mean return | BDPO final | BDPO best | BDPO actor one sample, final | behavior model, final "
-        "| above data and >= 0.9 best | below 0.9 best beyond noise | IQL | CQL | TD3+BC | BC |\n"
+        f"| above data and >= {KEEP_OF_BEST} best | below {KEEP_OF_BEST} best beyond noise | IQL | CQL | TD3+BC | BC |\n"
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     text = "\n".join([head, *rows]) + f"\n\nWall time of every run above: {wall / 3600:.1f} h.\n"
