@@ -9,7 +9,9 @@ A rule is ``one`` (one sample, no selection: ``ExplorationType.RANDOM``),
 ``eval.num_candidates`` set it in the scripts, ``avg/<K>``: the mean of K candidates, Q unused
 (``eval.selection=average``), or ``elite<M>/<K>``: the mean of the M of K candidates with the best
 ensemble-mean Q (``eval.selection=elite eval.num_elite=M``). Candidates come from the target actor, the
-behavior model's EMA, or both; Q is the run's target ensemble. Every rule of a run starts its
+behavior model's EMA, or ``pooled``: K from each, 2K ranked together (rules that rank by Q only; the
+JSON then holds the share of picks that were the actor's, ``actor_pick_fraction``); Q is the run's
+target ensemble. Every rule of a run starts its
 episodes from the same initial states (the run's evaluation env, reseeded with the run's
 evaluation seed before each rule; ``torch.manual_seed(--seed)`` for the candidates' draws). Per episode: return, length and discounted
 return (the run's gamma, raw rewards).
@@ -59,6 +61,41 @@ def parse_rule(text: str) -> dict:
     return {**rule, "num_candidates": int(m["k"]), "aggregation": m["agg"], "rho": float(m["rho"] or 0.0)}
 
 
+CANDIDATES = ("actor", "behavior", "pooled")
+
+
+def pooled_select(actor, actor_params, behavior, behavior_params, **kwargs):
+    """A ``QSelectActor`` whose candidates are ``num_candidates`` of the actor's and as many of the
+    behavior's, ranked together by Q; ``.picks`` counts the chosen candidates (``[actor's, all]``)."""
+    from torchrl_bdpo.diffusion import QSelectActor
+
+    class PooledQSelect(QSelectActor):
+        def candidates(self, observation):
+            own = super().candidates(observation)
+            with behavior_params.to_module(behavior, preserve_module_state=False):
+                return torch.cat([own, behavior.sample_path(observation, num_samples=self.num_candidates).action], -2)
+
+        def rank(self, observation, candidates):
+            q = super().rank(observation, candidates)
+            top = q.topk(self.num_elite or 1, dim=-1).indices
+            self.picks += torch.tensor([(top < self.num_candidates).sum().item(), top.numel()])
+            return q
+
+    policy = PooledQSelect(actor, actor_params=actor_params, **kwargs)
+    policy.picks = torch.zeros(2, dtype=torch.long)
+    return policy
+
+
+def check_pooled_rules(rules: list[dict], candidates: list[str]) -> None:
+    """``pooled`` ranks two sources' candidates by Q: a rule that does not rank is refused."""
+    unranked = [r["name"] for r in rules if r["name"] == "one" or r["selection"] == "average"]
+    if "pooled" in candidates and unranked:
+        raise ValueError(
+            f"--candidates pooled with rules {unranked}: a pool of the actor's and the behavior's candidates is only ranked by Q; "
+            "drop these rules or probe them with --candidates actor behavior"
+        )
+
+
 def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
     from torchrl.envs.utils import ExplorationType
@@ -85,12 +122,9 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
     sources = {"actor": (loss.actor_network, loss.target_actor_network_params), "behavior": (loss.behavior_network, loss.target_behavior_network_params)}
     rows = []
     for who in candidates:
-        network, params = sources[who]
         for rule in rules:
-            policy = QSelectActor(
-                network,
-                loss.qvalue_network,
-                actor_params=params,
+            kwargs = dict(
+                qvalue_network=loss.qvalue_network,
                 qvalue_params=loss.target_qvalue_network_params,
                 num_qvalue_nets=loss.num_qvalue_nets,
                 num_candidates=rule["num_candidates"],
@@ -99,6 +133,11 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                 selection=rule["selection"],
                 num_elite=rule["num_elite"],
             )
+            if who == "pooled":
+                policy = pooled_select(*sources["actor"], *sources["behavior"], **kwargs)
+            else:
+                network, params = sources[who]
+                policy = QSelectActor(network, actor_params=params, **kwargs)
             exploration = ExplorationType.RANDOM if rule["name"] == "one" else ExplorationType.DETERMINISTIC
             env.set_seed(env_seed)  # every rule starts from the same initial states
             torch.manual_seed(seed)
@@ -114,10 +153,16 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                     "returns": returns.tolist(),
                     **{f"{k}_mean": v for k, v in stats.items()},
                     "seconds": time.perf_counter() - t0,
+                    **({"actor_pick_fraction": policy.picks[0].item() / policy.picks[1].item()} if who == "pooled" else {}),
                 }
             )
     env.close()
     return {"run": str(run), "phase": state.get("phase"), "step": state.get("step"), "dataset": cfg.env.dataset, "dataset_return": data_return, "rules": rows}
+
+
+def cell(row: dict) -> str:
+    text = f"{row['return_mean']:.0f} +- {row['return_std']:.0f} ({row['length_mean']:.0f})"
+    return text + (f", actor's {row['actor_pick_fraction']:.0%}" if "actor_pick_fraction" in row else "")
 
 
 def table(results: list[dict]) -> str:
@@ -125,7 +170,7 @@ def table(results: list[dict]) -> str:
     lines = ["| run | candidates | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]
     for res in results:
         for who in dict.fromkeys(r["candidates"] for r in res["rules"]):
-            cells = [f"{r['return_mean']:.0f} +- {r['return_std']:.0f} ({r['length_mean']:.0f})" for r in res["rules"] if r["candidates"] == who]
+            cells = [cell(r) for r in res["rules"] if r["candidates"] == who]
             lines.append(f"| {res['run']} | {who} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -158,7 +203,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="bdpo_offline.py output folders (config.yaml, checkpoint.pt)")
     p.add_argument("--rules", nargs="+", default=["one", "mean/10", "lcb-1/10", "lcb-2/10", "min/10", "mean/3"])
-    p.add_argument("--candidates", nargs="+", choices=("actor", "behavior"), default=["actor"])
+    p.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=["actor"])
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -166,13 +211,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--plot", type=Path, default=None, help="PNG out: each run's returns by rule")
     args = p.parse_args(argv)
     rules = [parse_rule(r) for r in args.rules]
+    check_pooled_rules(rules, args.candidates)
     if args.episodes < 1:
         raise ValueError(f"--episodes={args.episodes}: expected >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results = [probe_run(run, rules, args.candidates, args.episodes, args.seed) for run in args.runs]
-    print(table(results) + "\n\ncells: return mean +- std over episodes (mean episode length)")
+    print(table(results) + "\n\ncells: return mean +- std over episodes (mean episode length)[, share of the pool's picks that were the actor's]")
     if args.out is not None:
         settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "plot")}
         machine = {**software_versions(), "threads": torch.get_num_threads()}

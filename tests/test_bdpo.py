@@ -537,6 +537,54 @@ def test_acting_module_elite_is_the_mean_of_the_best_by_q():
     torch.testing.assert_close(act(selection="elite", num_elite=k), act(selection="average"))
 
 
+def test_selection_probe_pool_ranks_the_actors_and_the_behaviors_candidates_together():
+    """benchmarks/selection_probe.py's ``pooled`` source: K of the target actor's candidates and K of
+    the behavior EMA's, drawn in that order, one argmax (or elite mean) of the ensemble-mean Q over
+    the 2K, by hand; ``picks`` counts the chosen candidates that were the actor's."""
+    from tests.loaders import load_benchmark
+
+    probe = load_benchmark("selection_probe")
+    loss = make_loss()
+    rows, k = 64, 3
+    obs = torch.randn(rows, OBS)
+    torch.manual_seed(5)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        own = loss.actor_network.sample_path(obs, num_samples=k).action
+    with loss.target_behavior_network_params.to_module(loss.behavior_network):
+        ref = loss.behavior_network.sample_path(obs, num_samples=k).action
+    pool = torch.cat([own, ref], 1)
+    order = target_ensemble_q(loss, obs, pool).mean(0).argsort(-1, descending=True)
+    td = TensorDict({"observation": obs}, [rows])
+
+    def act(**kwargs):
+        policy = probe.pooled_select(
+            loss.actor_network,
+            loss.target_actor_network_params,
+            loss.behavior_network,
+            loss.target_behavior_network_params,
+            qvalue_network=loss.qvalue_network,
+            qvalue_params=loss.target_qvalue_network_params,
+            num_qvalue_nets=loss.num_qvalue_nets,
+            num_candidates=k,
+            **kwargs,
+        )
+        torch.manual_seed(5)
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            return policy(td.clone())["action"], policy.picks.tolist()
+
+    best, picks = act()
+    torch.testing.assert_close(best, pool[torch.arange(rows), order[:, 0]])
+    from_actor = int((order[:, 0] < k).sum())
+    assert 0 < from_actor < rows and picks == [from_actor, rows]  # each source wins somewhere
+    top2, picks = act(selection="elite", num_elite=2)
+    torch.testing.assert_close(top2, pool[torch.arange(rows)[:, None], order[:, :2]].mean(1))
+    assert picks == [int((order[:, :2] < k).sum()), 2 * rows]
+    rules = [probe.parse_rule(r) for r in ("mean/3", "one", "avg/3")]
+    with pytest.raises(ValueError, match=re.escape("--candidates pooled with rules ['one', 'avg/3']")):
+        probe.check_pooled_rules(rules, ["actor", "pooled"])
+    probe.check_pooled_rules(rules, ["actor", "behavior"])  # the unranked rules are fine without a pool
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

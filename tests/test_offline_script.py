@@ -480,6 +480,10 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
         torch.manual_seed(0)
         returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
         assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name
+    pooled = probe.main([str(run), "--rules", "mean/2", "--candidates", "pooled", "--episodes", "1"])[0]["rules"][0]
+    assert pooled["candidates"] == "pooled" and 0 <= pooled["actor_pick_fraction"] <= 1 and len(pooled["returns"]) == 1
+    with pytest.raises(ValueError, match=re.escape("--candidates pooled with rules ['one']")):
+        probe.main([str(run), "--rules", "one", "mean/2", "--candidates", "pooled"])
     for bad in ("median/10", "mean-2/10", "lcb/0", "best", "avg-1/3", "avg/0", "elite4/3", "elite0/3"):
         with pytest.raises(ValueError, match=re.escape(f"rule {bad!r}")):
             probe.parse_rule(bad)

@@ -168,18 +168,26 @@ class QSelectActor(TensorDictModuleBase):
         with self.actor_params.to_module(self.actor, preserve_module_state=False):
             return self.actor.sample_path(observation).action
 
-    def select(self, observation: torch.Tensor) -> torch.Tensor:
-        """The best-of-K action for ``observation`` ``[*B, S]`` (``selection="average"``: the candidates' mean;
-        ``"elite"``: the mean of the ``num_elite`` best by Q)."""
+    def candidates(self, observation: torch.Tensor) -> torch.Tensor:
+        """``num_candidates`` actions of the actor for ``observation`` ``[*B, S]``: ``[*B, K, A]``."""
         with self.actor_params.to_module(self.actor, preserve_module_state=False):
-            candidates = self.actor.sample_path(observation, num_samples=self.num_candidates).action
-        if self.selection == "average":
-            return candidates.mean(-2)
-        obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], self.num_candidates, observation.shape[-1])
+            return self.actor.sample_path(observation, num_samples=self.num_candidates).action
+
+    def rank(self, observation: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The ensemble's aggregated Q of each candidate: ``[*B, S], [*B, K, A] -> [*B, K]``."""
+        obs = observation.unsqueeze(-2).expand(*observation.shape[:-1], candidates.shape[-2], observation.shape[-1])
         values = {self.observation_key: obs, self.action_key: candidates}
         inputs = [values[k] for k in self.qvalue_network.in_keys]
         q = ensemble_apply(self.qvalue_network, self.qvalue_params, inputs, self.num_qvalue_nets)
-        q = aggregate_ensemble(q.squeeze(-1), self.aggregation, self.rho)
+        return aggregate_ensemble(q.squeeze(-1), self.aggregation, self.rho)
+
+    def select(self, observation: torch.Tensor) -> torch.Tensor:
+        """The best-of-K action for ``observation`` ``[*B, S]`` (``selection="average"``: the candidates' mean;
+        ``"elite"``: the mean of the ``num_elite`` best by Q)."""
+        candidates = self.candidates(observation)
+        if self.selection == "average":
+            return candidates.mean(-2)
+        q = self.rank(observation, candidates)
         if self.selection == "elite":
             return mean_of_best(candidates, q, self.num_elite)
         return select_by_q(candidates, q)
