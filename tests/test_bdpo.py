@@ -313,6 +313,37 @@ def test_path_kl_matches_pathwise_kl_loss_and_q_target_by_hand():
     torch.testing.assert_close(value, lcb - 0.2 * kl.mean(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_qvalue_target_rho_weighs_the_q_target_alone():
+    """``qvalue_target_rho`` replaces ``rho`` in the Q TD target only: with rho 1 and 0 there, the Q
+    target is rho 0's (the ensemble mean, by hand) while the V target and the actor's objective keep
+    rho 1's lower bound; ``None`` is the paper's single rho."""
+    data = make_batch()
+    noise = torch.randn(N + 1, 8, M, ACT)
+    paper, split, plain = make_loss(rho=1.0), make_loss(rho=1.0, qvalue_target_rho=0.0), make_loss(rho=0.0)
+    assert paper.qvalue_target_rho == 1.0 and split.qvalue_target_rho == 0.0
+    y = {name: lo.qvalue_target(data, noise=noise)[0] for name, lo in (("paper", paper), ("split", split), ("plain", plain))}
+    torch.testing.assert_close(y["split"], y["plain"])
+    assert (y["paper"] < y["split"]).all()  # the lower bound sits below the mean wherever the members differ
+    # the mean over members, by hand
+    _, _, path = PathwiseKLLoss(split.actor_network, split.behavior_network).path_kl(data["next", "observation"], num_samples=M, noise=noise)
+    obs_m = data["next", "observation"].unsqueeze(1).expand(8, M, OBS)
+    q_op, qs = split.qvalue_network, []
+    for k in range(K):
+        with split.target_qvalue_network_params[k].to_module(q_op):
+            qs.append(q_op.module(obs_m, path.action).squeeze(-1).mean(-1))
+    kl = split.next_state_value(data["next", "observation"], data["next", "terminated"], noise=noise)[1]
+    torch.testing.assert_close(y["split"], data["next", "reward"].squeeze(-1) + 0.99 * (torch.stack(qs).mean(0) - 0.2 * kl), rtol=1e-5, atol=1e-5)
+    # V's target and the actor's objective: the same lower bound as the paper's loss
+    obs, action_n = data["observation"], data["action"]
+    n = torch.randint(1, N + 1, (8,), generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for name, lo in (("paper", paper), ("split", split), ("plain", plain)):
+        torch.manual_seed(5)
+        outs[name] = lo.one_step_objective(obs, action_n, n)[0]
+    torch.testing.assert_close(outs["split"], outs["paper"])
+    assert (outs["split"] < outs["plain"]).all()
+
+
 def test_identical_actor_and_behavior_have_zero_kl():
     loss = make_loss()
     loss.behavior_network_params.data.copy_(loss.actor_network_params.data)
@@ -619,6 +650,9 @@ def test_acting_module_bad_selection(kwargs, match):
         (dict(rho=float("inf")), "rho=inf"),
         (dict(rho=1.0, aggregation="min"), "rho=1.0 with aggregation='min'"),
         (dict(gamma=1.5), "gamma=1.5"),
+        (dict(qvalue_target_rho=-0.5), r"qvalue_target_rho=-0.5: expected None \(use rho\) or a finite number >= 0"),
+        (dict(qvalue_target_rho=float("nan")), "qvalue_target_rho=nan"),
+        (dict(rho=0.0, aggregation="min", qvalue_target_rho=1.0), "qvalue_target_rho=1.0 with aggregation='min'"),
         (dict(step_sampling="sobol"), r"step_sampling='sobol': expected one of \('uniform', 'stratified'\)"),
     ],
 )

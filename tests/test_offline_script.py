@@ -60,6 +60,19 @@ def test_ensemble_chunk_rows_reach_the_loss(tmp_path, override, rows):
     assert off.make_bdpo_loss(cfg, 11, 3).speed.chunk_rows(2) == rows
 
 
+@pytest.mark.parametrize("override, rho, expected", [(None, 1.0, 1.0), ("loss.qvalue_target_rho=0.0", 1.0, 0.0), ("loss.qvalue_target_rho=0.5", 2.0, 0.5)])
+def test_qvalue_target_rho_reaches_the_loss(tmp_path, override, rho, expected):
+    """``loss.qvalue_target_rho`` (null: ``loss.rho``) is the loss's Q-target LCB weight; ``loss.rho``
+    stays the V and actor one. A checkpoint written before the key existed matches ``null``."""
+    cfg = config(tmp_path, f"loss.rho={rho}", *([override] if override else []))
+    loss = off.make_bdpo_loss(cfg, 11, 3)
+    assert (loss.rho, loss.qvalue_target_rho) == (rho, expected)
+    if override is None:
+        old = utils.config_fingerprint(cfg)
+        del old["loss"]["qvalue_target_rho"]
+        assert utils._prune(utils._with_later_keys(old)) == utils.config_fingerprint(cfg)
+
+
 def test_smoke_outputs(tmp_path, dataset, monkeypatch):
     stats_of = []  # what each evaluation's episodes were, as episode_stats received them
     episode_stats = off.episode_stats
@@ -357,6 +370,7 @@ def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset)
         "eval.num_candidates=0",
         "eval.aggregation=median",
         "eval.rho=-1.0",
+        "loss.qvalue_target_rho=-0.5",
     )
     with pytest.raises(ValueError) as err:
         off.train(config(tmp_path / "a", *bad))
@@ -375,6 +389,7 @@ def test_every_bad_config_value_is_named_before_anything_runs(tmp_path, dataset)
         "eval.num_candidates=0: expected >= 1",
         "eval.aggregation='median': expected one of ('lcb', 'min', 'mean')",
         "eval.rho=-1.0: expected >= 0",
+        "loss.qvalue_target_rho=-0.5: expected >= 0",
     ):
         assert line in message, line
     assert not (tmp_path / "a").exists()  # nothing written

@@ -44,6 +44,7 @@ _CHECKS = (
     ("critic.depth", "int", 1, None),
     ("loss.eta", "float", "open0", None),
     ("loss.rho", "float", 0, None),
+    ("loss.qvalue_target_rho", "float_or_null", 0, None),
     ("loss.num_samples", "int", 1, None),
     ("loss.gamma", "float", 0, 1),
     ("optim.batch_size", "int", 1, None),
@@ -282,6 +283,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         train_behavior=cfg.optim.train_behavior,
         speed=SpeedOptions(ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"), ensemble_chunk_compile=chunk_compile_options(cfg)),
         step_sampling=lc.get("step_sampling", "uniform"),
+        qvalue_target_rho=lc.get("qvalue_target_rho"),
     )
     return loss.to(cfg.device)
 
@@ -616,7 +618,7 @@ def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg, sta
 
 # keys added to the configs after checkpoints were first written, with the value that those
 # checkpoints' runs used: a checkpoint without the key matches a config that has this value
-_LATER_KEYS = {"matmul_precision": "highest", "loss.step_sampling": "uniform"}
+_LATER_KEYS = {"matmul_precision": "highest", "loss.step_sampling": "uniform", "loss.qvalue_target_rho": None}
 
 
 def _with_later_keys(saved: dict) -> dict:

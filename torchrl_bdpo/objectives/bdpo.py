@@ -58,6 +58,12 @@ class BDPOLoss(DiffusionValueLoss):
     Keyword Args:
         eta (float): KL weight ``eta > 0`` (hopper 0.2, walker 0.15, halfcheetah 0.05, toy 0.06).
         rho (float): LCB coefficient (hopper 2.0, walker 1.0, halfcheetah 0.5, antmaze 0.8, toy 0).
+        qvalue_target_rho (float, optional): the LCB coefficient of the Q TD target alone
+            (``agg_k`` in step 1); ``rho`` still weighs the V targets and the actor's objective.
+            ``None`` (default) uses ``rho``, the paper's. In the Q target the offset ``rho std_k``
+            is paid again at every bootstrap, so over a horizon ``1 / (1 - gamma)`` it acts like
+            a shorter discount (docs/design.md, "Pessimism in the Q target"); ``0`` keeps the
+            lower bound where the actor chooses and out of Q's recursion.
         aggregation (str): ``"lcb"`` | ``"min"`` | ``"mean"``. Defaults to ``"lcb"``.
         num_qvalue_nets (int): ensemble size ``K`` of Q and V. Defaults to 10.
         num_samples (int): ``M``. Defaults to 10.
@@ -133,6 +139,7 @@ class BDPOLoss(DiffusionValueLoss):
         max_q_backup: bool = False,
         train_behavior: bool = True,
         skip_terminal_next: bool = True,
+        qvalue_target_rho: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -150,6 +157,19 @@ class BDPOLoss(DiffusionValueLoss):
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
         self.gamma = gamma
+        if qvalue_target_rho is not None:
+            r = qvalue_target_rho
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
+                raise ValueError(
+                    f"qvalue_target_rho={r!r}: expected None (use rho) or a finite number >= 0 (the Q target's "
+                    "weight on the ensemble's std; 0 makes it the mean)."
+                )
+            if r != 0 and aggregation != "lcb":
+                raise ValueError(
+                    f"qvalue_target_rho={r!r} with aggregation={aggregation!r}: it weighs the std of "
+                    "aggregation='lcb' only; set aggregation='lcb' or qvalue_target_rho=0 (or None)."
+                )
+        self.qvalue_target_rho = self.rho if qvalue_target_rho is None else float(qvalue_target_rho)
         self.max_q_backup = max_q_backup
         self.train_behavior = train_behavior
         self.skip_terminal_next = skip_terminal_next
@@ -275,7 +295,7 @@ class BDPOLoss(DiffusionValueLoss):
         path_kl = per_step.sum(0).mean(-1)
         q = self._qvalue(self.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
         q = q.max(-1).values if self.max_q_backup else q.mean(-1)
-        value = aggregate_ensemble(q, self.aggregation, self.rho) - self.eta * path_kl
+        value = aggregate_ensemble(q, self.aggregation, self.qvalue_target_rho) - self.eta * path_kl
         if rows is not None:
             kl_per_step = per_step.mean((1, 2))
             numel = terminated.numel()
