@@ -61,9 +61,9 @@ class BDPOLoss(DiffusionValueLoss):
         qvalue_target_rho (float, optional): the LCB coefficient of the Q TD target alone
             (``agg_k`` in step 1); ``rho`` still weighs the V targets and the actor's objective.
             ``None`` (default) uses ``rho``, the paper's. In the Q target the offset ``rho std_k``
-            is paid again at every bootstrap, so over a horizon ``1 / (1 - gamma)`` it acts like
-            a shorter discount (docs/design.md, "Pessimism in the Q target"); ``0`` keeps the
-            lower bound where the actor chooses and out of Q's recursion.
+            is paid again at every bootstrap: with a steady spread it lowers Q's fixed point by
+            ``gamma rho std / (1 - gamma)`` (docs/design.md, "Pessimism in the Q target"); ``0``
+            keeps the lower bound where the actor chooses and out of Q's recursion.
         aggregation (str): ``"lcb"`` | ``"min"`` | ``"mean"``. Defaults to ``"lcb"``.
         num_qvalue_nets (int): ensemble size ``K`` of Q and V. Defaults to 10.
         num_samples (int): ``M``. Defaults to 10.
