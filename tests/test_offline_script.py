@@ -504,3 +504,32 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
             probe.parse_rule(bad)
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         probe.main([str(tmp_path / "nowhere")])
+
+
+def test_q_spread_reads_the_ensembles_spread_and_the_q_targets_rho(tmp_path, dataset):
+    """benchmarks/q_spread.py on a finished run: the Q target's LCB weight is the run's
+    (``loss.qvalue_target_rho`` over ``loss.rho``), the cost ratio is gamma x rho_Q x spread /
+    reward, and an ensemble whose members are one copy has no spread at all."""
+    from tests.loaders import load_benchmark
+    from torchrl_bdpo import checkpoint as checkpoint_io
+
+    spread = load_benchmark("q_spread")
+    run = tmp_path / "run"
+    off.train(config(run, "loss.rho=1.0", "loss.qvalue_target_rho=0.25"))
+    row = spread.main([str(run), "--pairs", "64", "--out", str(tmp_path / "s.json")])[0]
+    assert (row["rho"], row["rho_q"], row["pairs"]) == (1.0, 0.25, 64)
+    assert row["spread_data"] > 0 and row["spread_next"] > 0
+    assert row["cost_ratio"] == pytest.approx(row["gamma"] * 0.25 * row["spread_next"] / row["reward"])
+    assert row["spread_per_reward"] == pytest.approx(row["spread_next"] / row["reward"])
+    assert json.loads((tmp_path / "s.json").read_text())["runs"][0]["spread_next"] == row["spread_next"]
+    # every member a copy of the first: no spread, so the lower bound costs nothing
+    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    for key, value in state["loss"].items():
+        if "qvalue_network_params" in key:
+            value.copy_(value[:1].expand_as(value))
+    checkpoint_io.save_checkpoint(run / "checkpoint.pt", state)
+    same = spread.main([str(run), "--pairs", "64"])[0]
+    assert same["spread_data"] == pytest.approx(0, abs=1e-5) and same["spread_next"] == pytest.approx(0, abs=1e-5)
+    assert same["q_data"] != pytest.approx(row["q_data"])  # the members changed, so did their mean
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        spread.main([str(tmp_path / "nothing")])

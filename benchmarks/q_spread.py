@@ -1,0 +1,120 @@
+"""What the lower bound in the Q target costs: the Q ensemble's spread against the reward per step.
+
+    python benchmarks/q_spread.py outputs/bdpo/hopper-medium/seed0 outputs/bdpo/walker2d-medium/seed0
+
+For each finished ``bdpo_offline.py`` run, on ``--pairs`` dataset transitions drawn from its own
+buffer (scaled rewards, as training sees them), with the run's final target networks:
+
+- ``q_data``: the target Q ensemble's mean on the data's ``(s, a)``, and ``spread_data``, the
+  members' population std there (mean over the pairs);
+- ``spread_next``: the members' std of ``mean_M Q_k(s', a')`` at the target actor's ``M`` actions
+  for the non-terminal next states, the quantity whose ``rho x`` the Q target subtracts;
+- ``reward``: the mean reward per transition;
+- ``spread_per_reward = spread_next / reward``: what one unit of ``rho`` in the Q target would cost;
+- ``cost_ratio = gamma x rho_Q x spread_next / reward``, with ``rho_Q`` the Q target's LCB weight
+  (``loss.qvalue_target_rho``, else ``loss.rho``). With a steady spread the Q target's fixed point
+  is ``(reward - gamma rho_Q spread) / (1 - gamma)`` (docs/design.md, "Pessimism in the Q
+  target"): at a ratio of 1 nothing is left of Q but the episode's end.
+
+Out: a Markdown table on stdout; with ``--out``, a JSON of every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from torchrl_bdpo import checkpoint as checkpoint_io
+from torchrl_bdpo.provenance import software_versions
+
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
+
+
+def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
+    sys.path.insert(0, str(SCRIPT_DIR))
+    from utils import make_bdpo_loss
+
+    from torchrl_bdpo.data import make_offline_buffer
+
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
+    cfg = OmegaConf.load(run / "config.yaml")
+    buffer = make_offline_buffer(cfg.env.dataset, pairs, reward_mode=cfg.env.reward_mode)
+    info = buffer.dataset_info
+    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
+    loss.load_state_dict(checkpoint_io.load_checkpoint(run / "checkpoint.pt")["loss"])
+    torch.manual_seed(seed)
+    batch = buffer.sample()
+    keys = loss.tensor_keys
+    obs, action = batch.get(keys.observation), batch.get(keys.action)
+    reward = batch.get(("next", keys.reward)).reshape(-1)
+    live = ~batch.get(("next", keys.terminated)).reshape(-1).bool()
+    next_obs = batch.get(("next", keys.observation))[live]
+    M = loss.num_samples
+    actor = loss.actor_network
+    with torch.no_grad():
+        q = loss._qvalue(loss.target_qvalue_network_params, obs, action).reshape(loss.num_qvalue_nets, -1)
+        with loss.target_actor_network_params.to_module(actor, preserve_module_state=False):
+            path = actor.sample_path(next_obs, num_samples=M)
+        obs_m = next_obs.unsqueeze(-2).expand(*next_obs.shape[:-1], M, next_obs.shape[-1])
+        q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action).mean(-1).reshape(loss.num_qvalue_nets, -1)
+    spread_next = float(q_next.std(0, correction=0).mean())
+    rho_q = float(loss.qvalue_target_rho)
+    mean_reward = float(reward.mean())
+    return {
+        "run": str(run),
+        "dataset": str(cfg.env.dataset),
+        "rho": float(loss.rho),
+        "rho_q": rho_q,
+        "gamma": float(loss.gamma),
+        "pairs": int(reward.numel()),
+        "q_data": float(q.mean()),
+        "spread_data": float(q.std(0, correction=0).mean()),
+        "spread_next": spread_next,
+        "reward": mean_reward,
+        "spread_per_reward": spread_next / mean_reward if mean_reward > 0 else float("nan"),
+        "cost_ratio": loss.gamma * rho_q * spread_next / mean_reward if mean_reward > 0 else float("nan"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | rho (Q target) | Q on data | spread, data | spread, next actions | reward per step | spread / reward | gamma rho spread / reward |"
+    lines = [head, "| " + " | ".join(["---"] * 8) + " |"]
+    for r in rows:
+        cells = (f"{r['rho']:g} ({r['rho_q']:g})", f"{r['q_data']:.1f}", f"{r['spread_data']:.3f}", f"{r['spread_next']:.3f}")
+        cells += (f"{r['reward']:.3f}", f"{r['spread_per_reward']:.2f}", f"{r['cost_ratio']:.2f}")
+        lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="bdpo_offline.py output folders (config.yaml, checkpoint.pt)")
+    p.add_argument("--pairs", type=int, default=2048, help="dataset transitions per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON out")
+    args = p.parse_args(argv)
+    if args.pairs < 1:
+        raise ValueError(f"--pairs={args.pairs}: expected >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    rows = [spread_of_run(run, args.pairs, args.seed) for run in args.runs]
+    print(table(rows))
+    if args.out is not None:
+        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out")}
+        machine = {**software_versions(), "threads": torch.get_num_threads()}
+        args.out.write_text(json.dumps({"settings": settings, "machine": machine, "seconds": time.perf_counter() - t0, "runs": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
