@@ -65,7 +65,7 @@ class EtaLagrangian(nn.Module):
         loss_eta.backward()
         self.optimizer.step()
         self.loss_module[0].set_eta(self.eta)
-        return {"eta": self.eta, "loss_eta": float(loss_eta)}
+        return {"eta": self.eta, "loss_eta": float(loss_eta.detach())}
 
     def state_dict(self, *args, **kwargs):
         return {"log_eta": self.log_eta.detach().clone(), "optimizer": self.optimizer.state_dict()}
