@@ -650,9 +650,9 @@ def test_acting_module_bad_selection(kwargs, match):
         (dict(rho=float("inf")), "rho=inf"),
         (dict(rho=1.0, aggregation="min"), "rho=1.0 with aggregation='min'"),
         (dict(gamma=1.5), "gamma=1.5"),
-        (dict(qvalue_target_rho=-0.5), r"qvalue_target_rho=-0.5: expected None \(use rho\) or a finite number >= 0"),
+        (dict(qvalue_target_rho=-0.5), "qvalue_target_rho=-0.5: expected a finite number >= 0"),
         (dict(qvalue_target_rho=float("nan")), "qvalue_target_rho=nan"),
-        (dict(rho=0.0, aggregation="min", qvalue_target_rho=1.0), "qvalue_target_rho=1.0 with aggregation='min'"),
+        (dict(rho=0.0, aggregation="min", qvalue_target_rho=1.0), "qvalue_target_rho=1.0 with aggregation='min': qvalue_target_rho weighs the std"),
         (dict(step_sampling="sobol"), r"step_sampling='sobol': expected one of \('uniform', 'stratified'\)"),
     ],
 )

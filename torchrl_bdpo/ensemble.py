@@ -17,19 +17,20 @@ from torch import nn
 AGGREGATIONS = ("lcb", "min", "mean")
 
 
-def check_aggregation(aggregation: str, rho: float, prefix: str = "") -> None:
+def check_aggregation(aggregation: str, rho: float, prefix: str = "", rho_name: str = "rho") -> None:
     """Raise a ``ValueError`` that names the value for an unknown ``aggregation``, a ``rho`` that is
     not a finite number >= 0, or a non-zero ``rho`` with a rule that ignores it (only ``lcb`` reads it).
 
-    ``prefix`` goes before both names in the message (``"eval."`` for a script's config keys).
+    ``prefix`` goes before both names in the message (``"eval."`` for a script's config keys);
+    ``rho_name`` is the weight's own name (``"qvalue_target_rho"`` for the Q target's).
     """
-    agg, r = f"{prefix}aggregation", f"{prefix}rho"
+    agg, r = f"{prefix}aggregation", f"{prefix}{rho_name}"
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"{agg}={aggregation!r}: expected one of {AGGREGATIONS}.")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0 or rho == float("inf"):
         raise ValueError(f"{r}={rho!r}: expected a finite number >= 0 (the LCB's weight on the ensemble's std; 0 makes the LCB the mean).")
     if rho != 0 and aggregation != "lcb":
-        raise ValueError(f"{r}={rho!r} with {agg}={aggregation!r}: rho weighs the std of {agg}='lcb' only; set {agg}=lcb or {r}=0.")
+        raise ValueError(f"{r}={rho!r} with {agg}={aggregation!r}: {rho_name} weighs the std of {agg}='lcb' only; set {agg}=lcb or {r}=0.")
 
 
 def aggregate_ensemble(values: torch.Tensor, aggregation: str = "lcb", rho: float = 0.0, dim: int = 0) -> torch.Tensor:

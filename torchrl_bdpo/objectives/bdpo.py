@@ -13,7 +13,7 @@ from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.select import QSelectActor
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
-from torchrl_bdpo.ensemble import aggregate_ensemble
+from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation
 from torchrl_bdpo.objectives.utils import TargetSoftUpdate, unwrap_exploration_wrappers
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
@@ -158,17 +158,7 @@ class BDPOLoss(DiffusionValueLoss):
             raise ValueError(f"gamma={gamma!r}: expected a discount in [0, 1].")
         self.gamma = gamma
         if qvalue_target_rho is not None:
-            r = qvalue_target_rho
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
-                raise ValueError(
-                    f"qvalue_target_rho={r!r}: expected None (use rho) or a finite number >= 0 (the Q target's "
-                    "weight on the ensemble's std; 0 makes it the mean)."
-                )
-            if r != 0 and aggregation != "lcb":
-                raise ValueError(
-                    f"qvalue_target_rho={r!r} with aggregation={aggregation!r}: it weighs the std of "
-                    "aggregation='lcb' only; set aggregation='lcb' or qvalue_target_rho=0 (or None)."
-                )
+            check_aggregation(aggregation, qvalue_target_rho, rho_name="qvalue_target_rho")
         self.qvalue_target_rho = self.rho if qvalue_target_rho is None else float(qvalue_target_rho)
         self.max_q_backup = max_q_backup
         self.train_behavior = train_behavior
