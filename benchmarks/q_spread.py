@@ -28,9 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
@@ -38,18 +36,9 @@ SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdp
 
 def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
-    from utils import make_bdpo_loss
+    from utils import load_offline_run
 
-    from torchrl_bdpo.data import make_offline_buffer
-
-    for name in ("config.yaml", "checkpoint.pt"):
-        if not (run / name).exists():
-            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
-    cfg = OmegaConf.load(run / "config.yaml")
-    buffer = make_offline_buffer(cfg.env.dataset, pairs, reward_mode=cfg.env.reward_mode)
-    info = buffer.dataset_info
-    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
-    loss.load_state_dict(checkpoint_io.load_checkpoint(run / "checkpoint.pt")["loss"])
+    cfg, buffer, loss, _ = load_offline_run(run, batch_size=pairs)
     torch.manual_seed(seed)
     batch = buffer.sample()
     keys = loss.tensor_keys

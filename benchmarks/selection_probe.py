@@ -30,9 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.ensemble import AGGREGATIONS
 from torchrl_bdpo.provenance import software_versions
 
@@ -99,24 +97,17 @@ def check_pooled_rules(rules: list[dict], candidates: list[str]) -> None:
 def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
     from torchrl.envs.utils import ExplorationType
-    from utils import make_bdpo_loss
+    from utils import load_offline_run
 
-    from torchrl_bdpo.data import episode_returns, make_offline_buffer
+    from torchrl_bdpo.data import episode_returns
     from torchrl_bdpo.diffusion import QSelectActor
     from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env
 
-    for name in ("config.yaml", "checkpoint.pt"):
-        if not (run / name).exists():
-            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
-    cfg = OmegaConf.load(run / "config.yaml")
-    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
-    buffer = make_offline_buffer(cfg.env.dataset, cfg.optim.batch_size, reward_mode=cfg.env.reward_mode)
+    cfg, buffer, loss, state = load_offline_run(run)
     info = buffer.dataset_info
     data_return = None
     if info.reward_scale:  # the data's mean episode return, in the env's raw rewards
         data_return = float((episode_returns(buffer.storage[: len(buffer)]) / info.reward_scale).mean())
-    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
-    loss.load_state_dict(state["loss"])
     env_seed = eval_seed(cfg.seed)  # the run's evaluation env seed
     env = make_eval_env(eval_env_id(info, cfg.env.get("eval_env")), cfg.eval.num_envs, env_seed, "cpu", info.action_scaling())
     sources = {"actor": (loss.actor_network, loss.target_actor_network_params), "behavior": (loss.behavior_network, loss.target_behavior_network_params)}

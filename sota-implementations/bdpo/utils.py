@@ -288,6 +288,26 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
     return loss.to(cfg.device)
 
 
+def load_offline_run(run: Path, batch_size: int | None = None) -> tuple[DictConfig, object, BDPOLoss, dict]:
+    """A finished ``bdpo_offline.py`` run folder as ``(cfg, buffer, loss, state)``: its config, its
+    dataset's replay buffer (``batch_size`` per draw; the run's own when ``None``), the loss holding
+    the checkpoint's weights and the checkpoint itself (``phase``, ``step``, ...). A folder without
+    ``config.yaml`` or ``checkpoint.pt`` is refused by name."""
+    from torchrl_bdpo.data import make_offline_buffer
+
+    run = Path(run)
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_offline.py run (it holds config.yaml and checkpoint.pt)")
+    cfg = OmegaConf.load(run / "config.yaml")
+    buffer = make_offline_buffer(cfg.env.dataset, batch_size or cfg.optim.batch_size, reward_mode=cfg.env.reward_mode)
+    info = buffer.dataset_info
+    loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
+    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    loss.load_state_dict(state["loss"])
+    return cfg, buffer, loss, state
+
+
 def chunk_compile_options(cfg: DictConfig) -> dict | None:
     """The loss's ``speed.ensemble_chunk_compile``: compiled steps without CUDA graphs run the ensembles'
     row chunks (CPU) through one compiled graph each, with the steps' own compile mode."""
