@@ -57,6 +57,7 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
     spread_next = float(q_next.std(0, correction=0).mean())
     rho_q = float(loss.qvalue_target_rho)
     mean_reward = float(reward.mean())
+    spread_per_reward = spread_next / mean_reward if mean_reward > 0 else float("nan")
     return {
         "run": str(run),
         "dataset": str(cfg.env.dataset),
@@ -68,8 +69,8 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         "spread_data": float(q.std(0, correction=0).mean()),
         "spread_next": spread_next,
         "reward": mean_reward,
-        "spread_per_reward": spread_next / mean_reward if mean_reward > 0 else float("nan"),
-        "cost_ratio": loss.gamma * rho_q * spread_next / mean_reward if mean_reward > 0 else float("nan"),
+        "spread_per_reward": spread_per_reward,
+        "cost_ratio": loss.gamma * rho_q * spread_per_reward,
     }
 
 
