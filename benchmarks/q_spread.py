@@ -7,8 +7,9 @@ buffer (scaled rewards, as training sees them), with the run's final target netw
 
 - ``q_data``: the target Q ensemble's mean on the data's ``(s, a)``, and ``spread_data``, the
   members' population std there (mean over the pairs);
-- ``spread_next``: the members' std of ``mean_M Q_k(s', a')`` at the target actor's ``M`` actions
-  for the non-terminal next states, the quantity whose ``rho x`` the Q target subtracts;
+- ``spread_next``: the members' std of ``mean_M Q_k(s', a')`` (``max_M`` with ``loss.max_q_backup``,
+  as the Q target reduces them) at the target actor's ``M`` actions for the non-terminal next
+  states, the quantity whose ``rho x`` the Q target subtracts;
 - ``reward``: the mean reward per transition;
 - ``spread_per_reward = spread_next / reward``: what one unit of ``rho`` in the Q target would cost;
 - ``cost_ratio = gamma x rho_Q x spread_next / reward``, with ``rho_Q`` the Q target's LCB weight
@@ -53,7 +54,8 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         with loss.target_actor_network_params.to_module(actor, preserve_module_state=False):
             path = actor.sample_path(next_obs, num_samples=M)
         obs_m = next_obs.unsqueeze(-2).expand(*next_obs.shape[:-1], M, next_obs.shape[-1])
-        q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action).mean(-1).reshape(loss.num_qvalue_nets, -1)
+        q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
+        q_next = (q_next.max(-1).values if loss.max_q_backup else q_next.mean(-1)).reshape(loss.num_qvalue_nets, -1)
     spread_next = float(q_next.std(0, correction=0).mean())
     rho_q = float(loss.qvalue_target_rho)
     mean_reward = float(reward.mean())
