@@ -264,6 +264,18 @@ def test_compiled_update_with_stratified_steps_matches_eager():
     assert_same_run(outs, ref_outs, upd, ref)
 
 
+def test_compiled_update_with_adaptive_q_target_pessimism_matches_eager():
+    """``qvalue_target_pessimism``: the compiled step (every next state's path, masked) finds the
+    weight eager finds on the live rows alone, and logs it."""
+    batches = cpu_batches(B=12)
+    ref = update_for(make_loss(qvalue_target_pessimism=0.5))
+    ref_outs = run_steps(ref, batches)
+    assert all(torch.isfinite(out["qvalue_target_rho"]) and out["qvalue_target_rho"] > 0 for out in ref_outs[::3])
+    upd = update_for(make_loss(qvalue_target_pessimism=0.5), compile=True, compile_backend="aot_eager")
+    outs = run_steps(upd, batches)
+    assert_same_run(outs, ref_outs, upd, ref)
+
+
 def test_compiled_update_matches_eager_past_the_q_row_capacity():
     """At 64 rows a compiled CPU step evaluates V_0 = Q on 36 selected rows, not all 64 x M."""
     batches = cpu_batches(B=64)

@@ -638,6 +638,78 @@ def test_acting_module_bad_selection(kwargs, match):
         make_loss().make_acting_module(**kwargs)
 
 
+def _next_spread_by_hand(loss, data, noise):
+    """The target critics' mean and population std at the next states' sampled actions (mean over M)."""
+    _, _, path = PathwiseKLLoss(loss.actor_network, loss.behavior_network).path_kl(data["next", "observation"], num_samples=M, noise=noise)
+    obs_m = data["next", "observation"].unsqueeze(1).expand(-1, M, OBS)
+    q_op, qs = loss.qvalue_network, []
+    for k in range(K):
+        with loss.target_qvalue_network_params[k].to_module(q_op):
+            qs.append(q_op.module(obs_m, path.action).squeeze(-1).mean(-1))
+    qs = torch.stack(qs).detach()
+    return qs.mean(0), qs.std(0, correction=0)
+
+
+@pytest.mark.parametrize("skip_terminal_next", [True, False])
+def test_qvalue_target_pessimism_costs_its_share_of_the_reward(skip_terminal_next):
+    """``qvalue_target_pessimism=kappa``: the Q target's LCB weight is ``kappa mean|r| / (gamma
+    mean std)`` over the live next states (by hand), so the pessimism ``gamma rho std`` costs kappa of
+    the mean |reward| on average; the targets equal a fixed ``qvalue_target_rho`` of that weight,
+    and the critic step logs it. Terminal rows neither pay nor count, with the skip and without."""
+    terminated = torch.tensor([False, True, False, False, True, False, False, False]).unsqueeze(-1)
+    data = make_batch(terminated=terminated)
+    data["next", "reward"] = data["next", "reward"] * 3 + 1  # a non-zero mean and mixed signs
+    noise = torch.randn(N + 1, 8, M, ACT)
+    kappa, gamma = 0.4, 0.95
+    loss = make_loss(rho=2.0, gamma=gamma, qvalue_target_pessimism=kappa, skip_terminal_next=skip_terminal_next)
+    mean, std = _next_spread_by_hand(loss, data, noise)
+    live = ~terminated.squeeze(-1)
+    rho_q = kappa * data["next", "reward"].abs().mean() / (gamma * std[live].mean())
+    torch.testing.assert_close(gamma * rho_q * std[live].mean(), kappa * data["next", "reward"].abs().mean())
+    target, path_kl, _ = loss.qvalue_target(data, noise=noise)
+    want = data["next", "reward"].squeeze(-1) + gamma * live * (mean - rho_q * std - 0.2 * path_kl)
+    torch.testing.assert_close(target, want, rtol=1e-5, atol=1e-5)
+    fixed = make_loss(rho=2.0, gamma=gamma, qvalue_target_rho=float(rho_q), skip_terminal_next=skip_terminal_next)
+    torch.testing.assert_close(fixed.qvalue_target(data, noise=noise)[0], target, rtol=1e-5, atol=1e-5)
+    # the critic step logs its own batch's weight (its paths draw noise first: seed 3's)
+    torch.manual_seed(3)
+    _, std3 = _next_spread_by_hand(loss, data, torch.randn(N + 1, 8, M, ACT))
+    torch.manual_seed(3)
+    _, meta = loss.qvalue_loss(data)
+    torch.testing.assert_close(meta["qvalue_target_rho"], kappa * data["next", "reward"].abs().mean() / (gamma * std3[live].mean()), rtol=1e-5, atol=0)
+    # the fixed weight is logged as it is
+    torch.manual_seed(3)
+    assert float(fixed.qvalue_loss(data)[1]["qvalue_target_rho"]) == pytest.approx(float(rho_q))
+
+
+def test_qvalue_target_pessimism_with_no_live_next_state():
+    """A batch whose next states are all terminal: the target is the reward, finite, and the logged
+    weight is NaN (nothing bootstraps), as the path KL is."""
+    data = make_batch(terminated=torch.ones(8, 1, dtype=torch.bool))
+    for skip in (True, False):
+        loss = make_loss(qvalue_target_pessimism=0.5, skip_terminal_next=skip)
+        target, _, _ = loss.qvalue_target(data)
+        torch.testing.assert_close(target, data["next", "reward"].squeeze(-1))
+        assert torch.isnan(loss.qvalue_loss(data)[1]["qvalue_target_rho"])
+    with pytest.raises(ValueError, match=r"qvalue_target_pessimism=0.5: the Q target's LCB weight is set from the batch's rewards; pass reward="):
+        loss.next_state_value(data["next", "observation"], data["next", "terminated"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(qvalue_target_pessimism=1.0), r"qvalue_target_pessimism=1.0: expected a number in \[0, 1\)"),
+        (dict(qvalue_target_pessimism=-0.1), r"qvalue_target_pessimism=-0.1: expected a number in \[0, 1\)"),
+        (dict(qvalue_target_pessimism=True), r"qvalue_target_pessimism=True: expected a number"),
+        (dict(rho=0.0, aggregation="min", qvalue_target_pessimism=0.5), r"qvalue_target_pessimism=0.5 with aggregation='min': .* set aggregation=lcb"),
+        (dict(qvalue_target_pessimism=0.5, qvalue_target_rho=1.0), r"qvalue_target_pessimism=0.5 and qvalue_target_rho=1.0 both set .* choose one"),
+    ],
+)
+def test_bad_pessimism_share(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_loss(**kwargs)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

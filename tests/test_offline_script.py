@@ -69,8 +69,21 @@ def test_qvalue_target_rho_reaches_the_loss(tmp_path, override, rho, expected):
     assert (loss.rho, loss.qvalue_target_rho) == (rho, expected)
     if override is None:
         old = utils.config_fingerprint(cfg)
-        del old["loss"]["qvalue_target_rho"]
+        del old["loss"]["qvalue_target_rho"], old["loss"]["qvalue_target_pessimism"]
         assert utils._prune(utils._with_later_keys(old)) == utils.config_fingerprint(cfg)
+
+
+def test_qvalue_target_pessimism_reaches_the_loss(tmp_path):
+    """``loss.qvalue_target_pessimism`` (null: a fixed weight) is the loss's share; with a fixed
+    ``loss.qvalue_target_rho`` too, or out of [0, 1), it is refused by name before anything runs."""
+    assert off.make_bdpo_loss(config(tmp_path), 11, 3).qvalue_target_pessimism is None
+    assert off.make_bdpo_loss(config(tmp_path, "loss.qvalue_target_pessimism=0.5"), 11, 3).qvalue_target_pessimism == 0.5
+    both = r"loss.qvalue_target_pessimism=0.5 and loss.qvalue_target_rho=1.0 both set the Q target's LCB weight: choose one"
+    with pytest.raises(ValueError, match=both):
+        off.train(config(tmp_path / "a", "loss.qvalue_target_pessimism=0.5", "loss.qvalue_target_rho=1.0"))
+    with pytest.raises(ValueError, match=r"loss.qvalue_target_pessimism=1.5: expected a number in \[0, 1\)"):
+        off.train(config(tmp_path / "b", "loss.qvalue_target_pessimism=1.5"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_smoke_outputs(tmp_path, dataset, monkeypatch):

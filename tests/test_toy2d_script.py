@@ -235,6 +235,7 @@ def test_train_scalars_entries():
         {
             "qvalue_pred": torch.tensor(1.5),
             "qvalue_target": torch.tensor(2.0),
+            "qvalue_target_rho": torch.tensor(0.75),
             "path_kl": torch.tensor(0.25),
             "value_pred": torch.tensor(3.0),
             "grad_norm_qvalue": torch.tensor(4.0),
@@ -250,6 +251,7 @@ def test_train_scalars_entries():
         "train/loss_value": 8.0,
         "train/qvalue_pred": 1.5,
         "train/qvalue_target": 2.0,
+        "train/qvalue_target_rho": 0.75,
         "train/path_kl": 0.25,
         "train/value_pred": 3.0,
         "train/grad_norm_qvalue": 4.0,
@@ -259,7 +261,8 @@ def test_train_scalars_entries():
         "train/steps_per_s": 12.5,
     }
     toy_row = utils.train_scalars(row, critic, 12.5, next_state_paths=False)
-    assert toy_row == {k: v for k, v in offline.items() if k not in ("train/qvalue_target", "train/path_kl", "train/kl_step_1", "train/kl_step_2")}
+    paths = ("train/qvalue_target", "train/qvalue_target_rho", "train/path_kl", "train/kl_step_1", "train/kl_step_2")
+    assert toy_row == {k: v for k, v in offline.items() if k not in paths}
 
 
 def test_a_refused_resume_leaves_the_runs_records_as_they_were(tmp_path):

@@ -33,6 +33,41 @@ def check_aggregation(aggregation: str, rho: float, prefix: str = "", rho_name: 
         raise ValueError(f"{r}={rho!r} with {agg}={aggregation!r}: {rho_name} weighs the std of {agg}='lcb' only; set {agg}=lcb or {r}=0.")
 
 
+def check_pessimism_share(share: float, aggregation: str, rho: float | None = None, prefix: str = "") -> None:
+    """Raise a ``ValueError`` that names the value for a Q-target pessimism share that is not a
+    number in [0, 1), an aggregation other than ``lcb``, or a fixed Q-target weight ``rho`` given too."""
+    name = f"{prefix}qvalue_target_pessimism"
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise ValueError(
+            f"{name}={share!r}: expected a number in [0, 1), the share of the reward per step that the Q "
+            f"target's pessimism costs (0.5 halves Q's fixed point; 1 would take all of it)."
+        )
+    if aggregation != "lcb":
+        raise ValueError(
+            f"{name}={share!r} with {prefix}aggregation={aggregation!r}: it sets the weight of the std of "
+            f"{prefix}aggregation='lcb' only; set {prefix}aggregation=lcb."
+        )
+    if rho is not None:
+        raise ValueError(
+            f"{name}={share!r} and {prefix}qvalue_target_rho={rho!r} both set the Q target's LCB weight: "
+            f"choose one (set {prefix}qvalue_target_rho to null / None)."
+        )
+
+
+def adaptive_lcb_weight(spread: torch.Tensor, reward: torch.Tensor, gamma: float, share: float, live: torch.Tensor | None = None) -> torch.Tensor:
+    """The LCB weight ``rho`` with ``gamma rho mean(spread) = share mean|reward|``, a 0-dim tensor.
+
+    ``spread`` is the ensemble's std per next state; ``live`` (0 / 1, the same shape) keeps the
+    mean to the states that bootstrap. A zero spread, or no live state, gives a finite weight
+    (the LCB then equals the mean), so that masked rows stay finite.
+    """
+    if live is None:
+        mean_spread = spread.mean()
+    else:
+        mean_spread = (spread * live).sum() / live.sum().clamp_min(1)
+    return share * reward.abs().mean() / (gamma * mean_spread).clamp_min(1e-12)
+
+
 def aggregate_ensemble(values: torch.Tensor, aggregation: str = "lcb", rho: float = 0.0, dim: int = 0) -> torch.Tensor:
     """Reduce the ensemble dim: ``lcb`` = mean - rho * std (population std), ``min`` or ``mean``."""
     if aggregation == "lcb":

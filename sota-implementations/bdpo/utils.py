@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_reference, make_schedule, make_value_operator
 from torchrl_bdpo import checkpoint as checkpoint_io
-from torchrl_bdpo.ensemble import check_aggregation
+from torchrl_bdpo.ensemble import check_aggregation, check_pessimism_share
 from torchrl_bdpo.diffusion.select import check_selection
 from torchrl_bdpo.diffusion import networks
 from torchrl_bdpo.objectives import BDPOLoss, TargetSoftUpdate
@@ -136,6 +136,14 @@ def validate_config(cfg: DictConfig) -> None:
         )
     except ValueError as err:
         problems.append(str(err).rstrip("."))
+    share = OmegaConf.select(cfg, "loss.qvalue_target_pessimism", default=None)
+    if share is not None:
+        try:
+            check_pessimism_share(
+                share, OmegaConf.select(cfg, "loss.aggregation", default="lcb"), OmegaConf.select(cfg, "loss.qvalue_target_rho", default=None), prefix="loss."
+            )
+        except ValueError as err:
+            problems.append(str(err).rstrip("."))
     backend = OmegaConf.select(cfg, "logger.backend", default="csv")
     if backend is None:
         backend = ""
@@ -284,6 +292,7 @@ def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalu
         speed=SpeedOptions(ensemble_chunk_rows=lc.get("ensemble_chunk_rows", "auto"), ensemble_chunk_compile=chunk_compile_options(cfg)),
         step_sampling=lc.get("step_sampling", "uniform"),
         qvalue_target_rho=lc.get("qvalue_target_rho"),
+        qvalue_target_pessimism=lc.get("qvalue_target_pessimism"),
     )
     return loss.to(cfg.device)
 
@@ -443,7 +452,7 @@ def train_step(update: BDPOUpdate, schedulers: dict, batch, step: int, optim_cfg
 # the critic step's entries logged with each phase-B log row, where the step has them; the
 # Q-target paths' entries only where next states have paths
 CRITIC_DIAGNOSTICS = ("qvalue_pred", "value_pred", "value_target", "value_step_kl", "grad_norm_qvalue", "grad_norm_value")
-PATH_DIAGNOSTICS = ("qvalue_target", "path_kl")
+PATH_DIAGNOSTICS = ("qvalue_target", "qvalue_target_rho", "path_kl")
 
 
 def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool = True) -> dict:
@@ -638,7 +647,7 @@ def training_state(loss, optimizers, schedulers, phase: str, step: int, cfg, sta
 
 # keys added to the configs after checkpoints were first written, with the value that those
 # checkpoints' runs used: a checkpoint without the key matches a config that has this value
-_LATER_KEYS = {"matmul_precision": "highest", "loss.step_sampling": "uniform", "loss.qvalue_target_rho": None}
+_LATER_KEYS = {"matmul_precision": "highest", "loss.step_sampling": "uniform", "loss.qvalue_target_rho": None, "loss.qvalue_target_pessimism": None}
 
 
 def _with_later_keys(saved: dict) -> dict:

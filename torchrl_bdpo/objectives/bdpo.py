@@ -13,7 +13,7 @@ from torchrl_bdpo.diffusion.actor import DiffusionActor
 from torchrl_bdpo.diffusion.select import QSelectActor
 from torchrl_bdpo.objectives.denoising import denoising_error, predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
-from torchrl_bdpo.ensemble import aggregate_ensemble, check_aggregation
+from torchrl_bdpo.ensemble import adaptive_lcb_weight, aggregate_ensemble, check_aggregation, check_pessimism_share
 from torchrl_bdpo.objectives.utils import TargetSoftUpdate, unwrap_exploration_wrappers
 from torchrl_bdpo.objectives.value import DiffusionValueLoss
 
@@ -64,6 +64,16 @@ class BDPOLoss(DiffusionValueLoss):
             is paid again at every bootstrap: with a steady spread it lowers Q's fixed point by
             ``gamma rho std / (1 - gamma)`` (docs/design.md, "Pessimism in the Q target"); ``0``
             keeps the lower bound where the actor chooses and out of Q's recursion.
+        qvalue_target_pessimism (float, optional): ``kappa``: set the Q target's LCB weight
+            per batch instead, ``rho_Q = kappa mean|r| / (gamma mean_s' std_k)``, so that the
+            pessimism ``gamma rho_Q std_k(s')`` costs, on average over the batch's live next
+            states, a share ``kappa`` of the reward per step; each state pays in proportion to
+            its critics' spread. Q's fixed point is then about ``(1 - kappa)`` times the
+            unpenalised one whatever the critics' spread, the reward scale and ``gamma`` (a
+            fixed ``rho`` costs ``gamma rho std / r``, which those three set; docs/design.md,
+            "Pessimism in the Q target"). For dense rewards of one sign (locomotion); keep a
+            fixed weight for sparse ones, whose batches can hold no reward. Not with
+            ``qvalue_target_rho``. Defaults to ``None`` (a fixed weight).
         aggregation (str): ``"lcb"`` | ``"min"`` | ``"mean"``. Defaults to ``"lcb"``.
         num_qvalue_nets (int): ensemble size ``K`` of Q and V. Defaults to 10.
         num_samples (int): ``M``. Defaults to 10.
@@ -111,6 +121,7 @@ class BDPOLoss(DiffusionValueLoss):
         "loss_behavior",
         "qvalue_pred",
         "qvalue_target",
+        "qvalue_target_rho",
         "path_kl",
         "kl_per_step",
         "value_pred",
@@ -140,6 +151,7 @@ class BDPOLoss(DiffusionValueLoss):
         train_behavior: bool = True,
         skip_terminal_next: bool = True,
         qvalue_target_rho: float | None = None,
+        qvalue_target_pessimism: float | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -160,6 +172,10 @@ class BDPOLoss(DiffusionValueLoss):
         if qvalue_target_rho is not None:
             check_aggregation(aggregation, qvalue_target_rho, rho_name="qvalue_target_rho")
         self.qvalue_target_rho = self.rho if qvalue_target_rho is None else float(qvalue_target_rho)
+        if qvalue_target_pessimism is not None:
+            check_pessimism_share(qvalue_target_pessimism, aggregation, qvalue_target_rho)
+            qvalue_target_pessimism = float(qvalue_target_pessimism)
+        self.qvalue_target_pessimism = qvalue_target_pessimism
         self.max_q_backup = max_q_backup
         self.train_behavior = train_behavior
         self.skip_terminal_next = skip_terminal_next
@@ -239,7 +255,14 @@ class BDPOLoss(DiffusionValueLoss):
         )
 
     # ------------------------------------------------------------ Q target
-    def next_state_value(self, next_observation: torch.Tensor, terminated: torch.Tensor, noise: torch.Tensor | None = None, all_terminal: bool = False):
+    def next_state_value(
+        self,
+        next_observation: torch.Tensor,
+        terminated: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        all_terminal: bool = False,
+        reward: torch.Tensor | None = None,
+    ):
         """``agg_k(mean_M Q^tgt_k(s', a'^0)) - eta * mean_M sum_n l_n(s', a'^n)`` per transition.
 
         Returns ``(value, path_kl, kl_per_step)`` with ``value`` and ``path_kl`` of the batch
@@ -251,7 +274,20 @@ class BDPOLoss(DiffusionValueLoss):
         that every next state is terminal: no path is sampled, as eager does when it finds no
         live row. Static graphs cannot look at the data, so :class:`BDPOUpdate` passes it for
         compiled CPU steps (bandits, such as the toy 2D tasks, have no live row at all).
+
+        ``reward`` (the batch's rewards) sets the LCB weight with ``qvalue_target_pessimism``,
+        which needs it; :meth:`qvalue_target` passes it.
         """
+        return self._next_state_value(next_observation, terminated, noise, all_terminal, reward)[:3]
+
+    def _next_state_value(self, next_observation, terminated, noise=None, all_terminal=False, reward=None):
+        """:meth:`next_state_value` and, fourth, the Q target's LCB weight (a 0-dim tensor; NaN
+        for an adaptive weight when no next state is live)."""
+        if self.qvalue_target_pessimism is not None and reward is None:
+            raise ValueError(
+                f"qvalue_target_pessimism={self.qvalue_target_pessimism}: the Q target's LCB weight is set "
+                f"from the batch's rewards; pass reward=... (qvalue_target does)."
+            )
         actor = self.actor_network
         N, M, A = actor.num_steps, self.num_samples, actor.action_dim
         batch = next_observation.shape[:-1]
@@ -274,7 +310,9 @@ class BDPOLoss(DiffusionValueLoss):
             # 0 * the noise: a graph would drop an unused draw, and the RNG stream would then
             # differ from eager's, which draws it (finite noise: exact zeros)
             zeros = noise.sum(0).sum((-2, -1)).mul(0).reshape(batch)
-            return zeros, zeros.clone(), next_observation.new_full((N,), float("nan"))
+            nan = next_observation.new_full((N,), float("nan"))
+            rho_q = nan[0] if self.qvalue_target_pessimism is not None else next_observation.new_tensor(self.qvalue_target_rho)
+            return zeros, zeros.clone(), nan, rho_q
         with self.target_actor_network_params.to_module(actor, preserve_module_state=False):
             path = actor.sample_path(obs, num_samples=M, noise=noise_rows)
         obs_m = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
@@ -285,18 +323,26 @@ class BDPOLoss(DiffusionValueLoss):
         path_kl = per_step.sum(0).mean(-1)
         q = self._qvalue(self.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
         q = q.max(-1).values if self.max_q_backup else q.mean(-1)
-        value = aggregate_ensemble(q, self.aggregation, self.qvalue_target_rho) - self.eta * path_kl
+        live = None if rows is not None else (~terminated.reshape(batch)).to(q.dtype)
+        if self.qvalue_target_pessimism is not None:
+            spread = q.std(0, correction=0)
+            rho_q = adaptive_lcb_weight(spread, reward, self.gamma, self.qvalue_target_pessimism, live)
+            value = q.mean(0) - rho_q * spread - self.eta * path_kl
+            if live is not None:  # a static graph's batch with no live row: no weight to report
+                rho_q = torch.where(live.sum() > 0, rho_q, rho_q.new_tensor(float("nan")))
+        else:
+            rho_q = q.new_tensor(self.qvalue_target_rho)
+            value = aggregate_ensemble(q, self.aggregation, self.qvalue_target_rho) - self.eta * path_kl
         if rows is not None:
             kl_per_step = per_step.mean((1, 2))
             numel = terminated.numel()
             value = value.new_zeros(numel).index_copy(0, rows, value).reshape(batch)
             path_kl = path_kl.new_zeros(numel).index_copy(0, rows, path_kl).reshape(batch)
         else:
-            live = (~terminated.reshape(batch)).to(value.dtype)
             value, path_kl = value * live, path_kl * live
             # mean over the non-terminal rows only (NaN if there are none), as with the skip
             kl_per_step = (per_step * live.unsqueeze(-1)).sum(tuple(range(1, per_step.ndim))) / (live.sum() * M)
-        return value, path_kl, kl_per_step
+        return value, path_kl, kl_per_step, rho_q
 
     # --------------------------------------------------------------- losses
     def qvalue_target(self, tensordict: TensorDictBase, noise: torch.Tensor | None = None, all_terminal: bool = False):
@@ -305,6 +351,10 @@ class BDPOLoss(DiffusionValueLoss):
         Returns ``(target, path_kl, kl_per_step)``; see :meth:`next_state_value` (and its
         ``all_terminal``).
         """
+        return self._qvalue_target(tensordict, noise, all_terminal)[:3]
+
+    def _qvalue_target(self, tensordict: TensorDictBase, noise: torch.Tensor | None = None, all_terminal: bool = False):
+        """:meth:`qvalue_target` and, fourth, the Q target's LCB weight (see :meth:`_next_state_value`)."""
         k = self.tensor_keys
         reward = tensordict.get(("next", k.reward))
         terminated = read_flag(tensordict, ("next", k.terminated), owner=type(self).__name__)
@@ -315,9 +365,7 @@ class BDPOLoss(DiffusionValueLoss):
                 f"it with loss.set_keys(terminated=...)."
             )
         with torch.no_grad():
-            next_value, path_kl, kl_per_step = self.next_state_value(
-                tensordict.get(("next", k.observation)), terminated, noise=noise, all_terminal=all_terminal
-            )
+            next_value, path_kl, kl_per_step, rho_q = self._next_state_value(tensordict.get(("next", k.observation)), terminated, noise, all_terminal, reward)
             done = read_flag(tensordict, ("next", k.done), owner=type(self).__name__)
             td = TensorDict(
                 {("next", k.reward): reward, ("next", k.terminated): terminated, ("next", k.done): terminated if done is None else done},
@@ -329,7 +377,7 @@ class BDPOLoss(DiffusionValueLoss):
             if steps is not None:
                 td.set(steps_key, steps)
             target = self.value_estimator.value_estimate(td, next_value=next_value.reshape(reward.shape))
-        return target.reshape(next_value.shape), path_kl, kl_per_step
+        return target.reshape(next_value.shape), path_kl, kl_per_step, rho_q
 
     def qvalue_loss(self, tensordict: TensorDictBase, all_terminal: bool = False) -> tuple[torch.Tensor, dict]:
         """The Q-ensemble TD loss with the KL-penalised target; returns ``(loss_qvalue, metadata)``.
@@ -338,7 +386,7 @@ class BDPOLoss(DiffusionValueLoss):
         """
         k = self.tensor_keys
         self._validate(tensordict, (k.observation, k.action, ("next", k.observation), ("next", k.reward)))
-        target, path_kl, kl_per_step = self.qvalue_target(tensordict, all_terminal=all_terminal)
+        target, path_kl, kl_per_step, rho_q = self._qvalue_target(tensordict, all_terminal=all_terminal)
         pred = self._qvalue(self.qvalue_network_params, tensordict.get(k.observation), tensordict.get(k.action))
         loss = (pred - target).pow(2).mean(0)
         terminated = read_flag(tensordict, ("next", k.terminated), owner=type(self).__name__)
@@ -346,6 +394,8 @@ class BDPOLoss(DiffusionValueLoss):
         metadata = {
             "qvalue_pred": pred.detach().mean(),
             "qvalue_target": target.detach().mean(),
+            # the Q target's LCB weight: qvalue_target_rho, or this batch's adaptive one
+            "qvalue_target_rho": rho_q,
             # mean over non-terminal next states; NaN (0/0) when there is none: no path was sampled
             "path_kl": (path_kl * live).sum() / live.sum(),
             "kl_per_step": kl_per_step.detach(),
