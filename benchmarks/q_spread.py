@@ -10,10 +10,11 @@ buffer (scaled rewards, as training sees them), with the run's final target netw
 - ``spread_next``: the members' std of ``mean_M Q_k(s', a')`` (``max_M`` with ``loss.max_q_backup``,
   as the Q target reduces them) at the target actor's ``M`` actions for the non-terminal next
   states, the quantity whose ``rho x`` the Q target subtracts;
-- ``reward``: the mean reward per transition;
+- ``reward``: the mean reward per transition (``reward_abs``: of its magnitude);
 - ``spread_per_reward = spread_next / reward``: what one unit of ``rho`` in the Q target would cost;
 - ``cost_ratio = gamma x rho_Q x spread_next / reward``, with ``rho_Q`` the Q target's LCB weight
-  (``loss.qvalue_target_rho``, else ``loss.rho``). With a steady spread the Q target's fixed point
+  (``loss.qvalue_target_rho``, else ``loss.rho``; with ``loss.qvalue_target_pessimism`` the weight
+  that rule sets on these pairs, whose cost ratio is then the share). With a steady spread the Q target's fixed point
   is ``(reward - gamma rho_Q spread) / (1 - gamma)`` (docs/design.md, "Pessimism in the Q
   target"): at a ratio of 1 nothing is left of Q but the episode's end.
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from torchrl_bdpo.ensemble import adaptive_lcb_weight
 from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
@@ -57,7 +59,11 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
         q_next = (q_next.max(-1).values if loss.max_q_backup else q_next.mean(-1)).reshape(loss.num_qvalue_nets, -1)
     spread_next = float(q_next.std(0, correction=0).mean())
-    rho_q = float(loss.qvalue_target_rho)
+    share = loss.qvalue_target_pessimism
+    if share is None:
+        rho_q = float(loss.qvalue_target_rho)
+    else:  # the weight the loss sets, on these pairs
+        rho_q = float(adaptive_lcb_weight(q_next.std(0, correction=0), reward, loss.gamma, share))
     mean_reward = float(reward.mean())
     spread_per_reward = spread_next / mean_reward if mean_reward > 0 else float("nan")
     return {
@@ -65,12 +71,14 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         "dataset": str(cfg.env.dataset),
         "rho": float(loss.rho),
         "rho_q": rho_q,
+        "qvalue_target_pessimism": share,
         "gamma": float(loss.gamma),
         "pairs": int(reward.numel()),
         "q_data": float(q.mean()),
         "spread_data": float(q.std(0, correction=0).mean()),
         "spread_next": spread_next,
         "reward": mean_reward,
+        "reward_abs": float(reward.abs().mean()),
         "spread_per_reward": spread_per_reward,
         "cost_ratio": loss.gamma * rho_q * spread_per_reward,
     }

@@ -546,3 +546,10 @@ def test_q_spread_reads_the_ensembles_spread_and_the_q_targets_rho(tmp_path, dat
     assert same["q_data"] != pytest.approx(row["q_data"])  # the members changed, so did their mean
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         spread.main([str(tmp_path / "nothing")])
+    # an adaptive weight: the one the loss's rule sets on these pairs, costing the share
+    adaptive = tmp_path / "adaptive"
+    off.train(config(adaptive, "loss.qvalue_target_pessimism=0.5"))
+    row = spread.main([str(adaptive), "--pairs", "64"])[0]
+    assert row["qvalue_target_pessimism"] == 0.5 and row["rho_q"] > 0
+    assert row["rho_q"] == pytest.approx(0.5 * row["reward_abs"] / (row["gamma"] * row["spread_next"]), rel=1e-4)
+    assert row["cost_ratio"] == pytest.approx(0.5 * row["reward_abs"] / row["reward"], rel=1e-4)

@@ -64,7 +64,9 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
     out = {}
     with torch.no_grad():
         states = spread(data).get("observation").to(device).float()
-        _, path_kl, _ = loss.next_state_value(states, torch.zeros(states.shape[0], dtype=torch.bool, device=device))
+        # only the paths' KL is read: the value (and an adaptive weight's reward) does not matter
+        none_terminal = torch.zeros(states.shape[0], dtype=torch.bool, device=device)
+        _, path_kl, _ = loss.next_state_value(states, none_terminal, reward=states.new_zeros(states.shape[0]))
         out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
         fair = spread(data[exact])
         out["policy_probe_states"] = int(fair.shape[0])
