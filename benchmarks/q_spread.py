@@ -10,6 +10,9 @@ buffer (scaled rewards, as training sees them), with the run's final target netw
 - ``spread_next``: the members' std of ``mean_M Q_k(s', a')`` (``max_M`` with ``loss.max_q_backup``,
   as the Q target reduces them) at the target actor's ``M`` actions for the non-terminal next
   states, the quantity whose ``rho x`` the Q target subtracts;
+- ``spread_q_corr``: the correlation, over those next states, of the members' std with their mean
+  Q, and ``spread_per_q``, the mean std over the mean |Q| there: where the spread grows with Q, a
+  lower bound ``rho x std`` takes a share of Q itself, as a shorter horizon would;
 - ``reward``: the mean reward per transition (``reward_abs``: of its magnitude);
 - ``spread_per_reward = spread_next / reward``: what one unit of ``rho`` in the Q target would cost;
 - ``cost_ratio = gamma x rho_Q x spread_next / reward``, with ``rho_Q`` the Q target's LCB weight
@@ -58,12 +61,14 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         obs_m = next_obs.unsqueeze(-2).expand(*next_obs.shape[:-1], M, next_obs.shape[-1])
         q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
         q_next = (q_next.max(-1).values if loss.max_q_backup else q_next.mean(-1)).reshape(loss.num_qvalue_nets, -1)
-    spread_next = float(q_next.std(0, correction=0).mean())
+    std_next, mean_next = q_next.std(0, correction=0), q_next.mean(0)
+    spread_next = float(std_next.mean())
+    spread_q_corr = float(torch.corrcoef(torch.stack([std_next, mean_next]))[0, 1]) if std_next.numel() > 1 else float("nan")
     share = loss.qvalue_target_pessimism
     if share is None:
         rho_q = float(loss.qvalue_target_rho)
     else:  # the weight the loss sets, on these pairs
-        rho_q = float(adaptive_lcb_weight(q_next.std(0, correction=0), reward, loss.gamma, share))
+        rho_q = float(adaptive_lcb_weight(std_next, reward, loss.gamma, share))
     mean_reward = float(reward.mean())
     spread_per_reward = spread_next / mean_reward if mean_reward > 0 else float("nan")
     return {
@@ -77,6 +82,8 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         "q_data": float(q.mean()),
         "spread_data": float(q.std(0, correction=0).mean()),
         "spread_next": spread_next,
+        "spread_q_corr": spread_q_corr,
+        "spread_per_q": spread_next / float(mean_next.abs().mean()),
         "reward": mean_reward,
         "reward_abs": float(reward.abs().mean()),
         "spread_per_reward": spread_per_reward,
@@ -85,10 +92,11 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| run | rho (Q target) | Q on data | spread, data | spread, next actions | reward per step | spread / reward | gamma rho spread / reward |"
-    lines = [head, "| " + " | ".join(["---"] * 8) + " |"]
+    head = "| run | rho (Q target) | Q on data | spread, data | spread, next actions | corr(spread, Q) | reward per step | spread / reward "
+    head += "| gamma rho spread / reward |"
+    lines = [head, "| " + " | ".join(["---"] * 9) + " |"]
     for r in rows:
-        cells = (f"{r['rho']:g} ({r['rho_q']:g})", f"{r['q_data']:.1f}", f"{r['spread_data']:.3f}", f"{r['spread_next']:.3f}")
+        cells = (f"{r['rho']:g} ({r['rho_q']:.3g})", f"{r['q_data']:.1f}", f"{r['spread_data']:.3f}", f"{r['spread_next']:.3f}", f"{r['spread_q_corr']:.2f}")
         cells += (f"{r['reward']:.3f}", f"{r['spread_per_reward']:.2f}", f"{r['cost_ratio']:.2f}")
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
