@@ -13,6 +13,13 @@ buffer (scaled rewards, as training sees them), with the run's final target netw
 - ``spread_q_corr``: the correlation, over those next states, of the members' std with their mean
   Q, and ``spread_per_q``, the mean std over the mean |Q| there: where the spread grows with Q, a
   lower bound ``rho x std`` takes a share of Q itself, as a shorter horizon would;
+- ``spread_actor_same`` / ``spread_behavior_same``: the members' std at ``M`` actions of the
+  target actor / of the behavior EMA at the data's own states ``s`` (mean over the states and
+  actions), next to ``spread_data`` at the data's action there, with ``q_actor_same`` /
+  ``q_behavior_same`` the members' mean Q at those actions, and ``frac_actor_below_data`` the
+  share of states where the actor's actions have a smaller spread than the data's action: an
+  ensemble whose spread grows off the data gives a lower bound that holds the actor near it;
+  one whose spread is smaller at the actor's actions than at the data's pulls it away;
 - ``reward``: the mean reward per transition (``reward_abs``: of its magnitude);
 - ``spread_per_reward = spread_next / reward``: what one unit of ``rho`` in the Q target would cost;
 - ``cost_ratio = gamma x rho_Q x spread_next / reward``, with ``rho_Q`` the Q target's LCB weight
@@ -61,6 +68,13 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         obs_m = next_obs.unsqueeze(-2).expand(*next_obs.shape[:-1], M, next_obs.shape[-1])
         q_next = loss._qvalue(loss.target_qvalue_network_params, obs_m, path.action)  # [K, rows, M]
         q_next = (q_next.max(-1).values if loss.max_q_backup else q_next.mean(-1)).reshape(loss.num_qvalue_nets, -1)
+        # the same states, three sources of actions: the data's, the actor's and the behavior's
+        same = {}
+        obs_s = obs.unsqueeze(-2).expand(*obs.shape[:-1], M, obs.shape[-1])
+        for name, net, params in (("actor", actor, loss.target_actor_network_params), ("behavior", loss.behavior_network, loss.target_behavior_network_params)):
+            with params.to_module(net, preserve_module_state=False):
+                acts = net.sample_path(obs, num_samples=M).action
+            same[name] = loss._qvalue(loss.target_qvalue_network_params, obs_s, acts)  # [K, rows, M]
     std_next, mean_next = q_next.std(0, correction=0), q_next.mean(0)
     spread_next = float(std_next.mean())
     spread_q_corr = float(torch.corrcoef(torch.stack([std_next, mean_next]))[0, 1]) if std_next.numel() > 1 else float("nan")
@@ -71,6 +85,8 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         rho_q = float(adaptive_lcb_weight(std_next, reward, loss.gamma, share))
     mean_reward = float(reward.mean())
     spread_per_reward = spread_next / mean_reward if mean_reward > 0 else float("nan")
+    spread_data_rows = q.std(0, correction=0)
+    spread_same = {k: v.std(0, correction=0) for k, v in same.items()}  # [rows, M]
     return {
         "run": str(run),
         "dataset": str(cfg.env.dataset),
@@ -80,7 +96,12 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
         "gamma": float(loss.gamma),
         "pairs": int(reward.numel()),
         "q_data": float(q.mean()),
-        "spread_data": float(q.std(0, correction=0).mean()),
+        "spread_data": float(spread_data_rows.mean()),
+        "spread_actor_same": float(spread_same["actor"].mean()),
+        "spread_behavior_same": float(spread_same["behavior"].mean()),
+        "q_actor_same": float(same["actor"].mean()),
+        "q_behavior_same": float(same["behavior"].mean()),
+        "frac_actor_below_data": float((spread_same["actor"].mean(-1) < spread_data_rows).float().mean()),
         "spread_next": spread_next,
         "spread_q_corr": spread_q_corr,
         "spread_per_q": spread_next / float(mean_next.abs().mean()),
@@ -92,11 +113,12 @@ def spread_of_run(run: Path, pairs: int, seed: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| run | rho (Q target) | Q on data | spread, data | spread, next actions | corr(spread, Q) | reward per step | spread / reward "
-    head += "| gamma rho spread / reward |"
-    lines = [head, "| " + " | ".join(["---"] * 9) + " |"]
+    head = "| run | rho (Q target) | Q on data | spread, data | spread, actor at s / behavior at s | spread, next actions | corr(spread, Q) "
+    head += "| reward per step | spread / reward | gamma rho spread / reward |"
+    lines = [head, "| " + " | ".join(["---"] * 10) + " |"]
     for r in rows:
-        cells = (f"{r['rho']:g} ({r['rho_q']:.3g})", f"{r['q_data']:.1f}", f"{r['spread_data']:.3f}", f"{r['spread_next']:.3f}", f"{r['spread_q_corr']:.2f}")
+        cells = (f"{r['rho']:g} ({r['rho_q']:.3g})", f"{r['q_data']:.1f}", f"{r['spread_data']:.3f}")
+        cells += (f"{r['spread_actor_same']:.3f} / {r['spread_behavior_same']:.3f}", f"{r['spread_next']:.3f}", f"{r['spread_q_corr']:.2f}")
         cells += (f"{r['reward']:.3f}", f"{r['spread_per_reward']:.2f}", f"{r['cost_ratio']:.2f}")
         lines.append(f"| {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -532,6 +532,7 @@ def test_q_spread_reads_the_ensembles_spread_and_the_q_targets_rho(tmp_path, dat
     row = spread.main([str(run), "--pairs", "64", "--out", str(tmp_path / "s.json")])[0]
     assert (row["rho"], row["rho_q"], row["pairs"]) == (1.0, 0.25, 64)
     assert row["spread_data"] > 0 and row["spread_next"] > 0
+    assert row["spread_actor_same"] > 0 and row["spread_behavior_same"] > 0 and 0 <= row["frac_actor_below_data"] <= 1
     assert -1 <= row["spread_q_corr"] <= 1 and row["spread_per_q"] > 0
     assert row["cost_ratio"] == pytest.approx(row["gamma"] * 0.25 * row["spread_next"] / row["reward"])
     assert row["spread_per_reward"] == pytest.approx(row["spread_next"] / row["reward"])
@@ -544,6 +545,7 @@ def test_q_spread_reads_the_ensembles_spread_and_the_q_targets_rho(tmp_path, dat
     checkpoint_io.save_checkpoint(run / "checkpoint.pt", state)
     same = spread.main([str(run), "--pairs", "64"])[0]
     assert same["spread_data"] == pytest.approx(0, abs=1e-5) and same["spread_next"] == pytest.approx(0, abs=1e-5)
+    assert same["spread_actor_same"] == pytest.approx(0, abs=1e-5) and same["spread_behavior_same"] == pytest.approx(0, abs=1e-5)
     assert same["spread_per_q"] == pytest.approx(0, abs=1e-5)
     assert same["q_data"] != pytest.approx(row["q_data"])  # the members changed, so did their mean
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
