@@ -272,7 +272,6 @@ def run(args) -> dict:
             np.random.seed(seed)
             peer = make_peer(algo, info.observation_dim, info.action_dim, args.steps, args.hidden)
             logger = get_logger("csv", logger_name=str(out / "logs"), experiment_name=f"{algo}_seed{seed}")
-            env.set_seed(eval_seed(seed))  # BDPO's evaluation seeds
             evals, t0 = [], time.perf_counter()
             for step in tqdm(range(1, args.steps + 1), desc=f"{algo} seed {seed}", disable=not args.progress):
                 row = peer.update(buffer.sample(), step)
@@ -282,7 +281,8 @@ def run(args) -> dict:
                     for k, v in row.items():
                         logger.log_scalar(k, v, step=step)
                 if step in eval_steps:
-                    returns = evaluate(env, peer.policy, args.episodes, args.max_steps, ExplorationType.DETERMINISTIC)
+                    # BDPO's evaluation start states
+                    returns = evaluate(env, peer.policy, args.episodes, args.max_steps, ExplorationType.DETERMINISTIC, seed=eval_seed(seed))
                     e = {"step": step, "mean": float(returns.mean()), "std": float(returns.std()), "returns": returns.tolist()}
                     if info.ref_min_score is not None and info.ref_max_score is not None:
                         e["normalized"] = float(info.normalized_score(returns.mean()))

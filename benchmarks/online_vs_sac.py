@@ -114,8 +114,7 @@ def run_sac(args, seed: int) -> dict:
             seconds["update"] += time.perf_counter() - t_update
         if frames % args.eval_every == 0:
             t_eval = time.perf_counter()
-            eval_env.set_seed(eval_seed(seed))
-            returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC)
+            returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC, seed=eval_seed(seed))
             row = {"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())}
             if out is not None:  # the last update's temperature and entropy estimate (-log pi of its actions, nats)
                 row.update(alpha=float(out["alpha"]), entropy=float(out["entropy"]))

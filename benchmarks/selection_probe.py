@@ -130,10 +130,9 @@ def probe_run(run: Path, rules: list[dict], candidates: list[str], episodes: int
                 network, params = sources[who]
                 policy = QSelectActor(network, actor_params=params, **kwargs)
             exploration = ExplorationType.RANDOM if rule["name"] == "one" else ExplorationType.DETERMINISTIC
-            env.set_seed(env_seed)  # every rule starts from the same initial states
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            returns, eps = evaluate(env, policy, episodes, cfg.eval.max_steps, exploration, keep_episodes=True)
+            returns, eps = evaluate(env, policy, episodes, cfg.eval.max_steps, exploration, keep_episodes=True, seed=env_seed)  # same start states
             stats = episode_stats(eps, cfg.loss.gamma)
             rows.append(
                 {

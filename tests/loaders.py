@@ -48,10 +48,11 @@ def assert_resume_is_step_for_step(script, buffer_factory: str, config, tmp_path
     """Train ``script`` (20 phase-A + 30 phase-B steps, checkpoints every 10) once whole, once
     crashing during phase-B step 17 (the buffer named ``buffer_factory`` in the script raises
     on its 38th batch) and resumed: the resumed run redoes steps 10..29 from the checkpoint
-    at 10, and every logged loss equals the whole run's."""
+    at 10, and every logged loss equals the whole run's. Returns both runs' summaries."""
     import pytest
 
-    full = script.train(config(tmp_path / "full", *overrides))["history"]
+    full_summary = script.train(config(tmp_path / "full", *overrides))
+    full = full_summary["history"]
     real = getattr(script, buffer_factory)
     calls = {"n": 0}
 
@@ -72,9 +73,11 @@ def assert_resume_is_step_for_step(script, buffer_factory: str, config, tmp_path
     with pytest.raises(Interrupt):
         script.train(config(tmp_path / "resumed", *overrides))
     monkeypatch.setattr(script, buffer_factory, real)
-    resumed = script.train(config(tmp_path / "resumed", *overrides, "checkpoint.resume=true"))["history"]
+    resumed_summary = script.train(config(tmp_path / "resumed", *overrides, "checkpoint.resume=true"))
+    resumed = resumed_summary["history"]
     assert len(resumed) == 20
     for a, b in zip(full[10:], resumed):
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    return full_summary, resumed_summary

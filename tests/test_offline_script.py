@@ -171,8 +171,37 @@ def test_eval_env_outputs_on_the_run_device(dataset):
             env.close()
 
 
-def test_resume_gives_the_same_losses_step_for_step(tmp_path, dataset, monkeypatch):
-    assert_resume_is_step_for_step(off, "make_offline_buffer", config, tmp_path, monkeypatch, "eval.episodes=0")
+def test_resume_gives_the_same_losses_and_evaluations(tmp_path, dataset, monkeypatch):
+    """Losses step for step, and every evaluation (phase A at 10 and 20, phase B at 15 and 30;
+    the policy, one sample, the behavior and its best of K) to the episode: the resumed process
+    evaluates at 15 first, the whole one after two phase-A evaluations, from the same states."""
+    full, resumed = assert_resume_is_step_for_step(off, "make_offline_buffer", config, tmp_path, monkeypatch)
+    assert [(r["phase"], r["step"]) for r in resumed["evaluations"]] == [("pretrain", 10), ("pretrain", 20), ("train", 15), ("train", 30)]
+    assert len(full["evaluations"]) == 4
+    for a, b in zip(full["evaluations"], resumed["evaluations"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == (b[key] if isinstance(a[key], str) or a[key] is None else pytest.approx(b[key], rel=1e-5, abs=1e-6)), (a["phase"], a["step"], key)
+
+
+def test_evaluations_start_from_the_same_states(dataset):
+    """``evaluate(..., seed=s)`` reseeds the env: two calls draw the same initial states (and a
+    fixed policy gets the same returns); without ``seed`` the second call continues the stream."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.envs.utils import ExplorationType
+
+    from torchrl_bdpo.envs import evaluate
+
+    still = TensorDictModule(lambda obs: torch.zeros(*obs.shape[:-1], 3), in_keys=["observation"], out_keys=["action"])
+    env = off.make_eval_env("Hopper-v5", 2, seed=7, device=torch.device("cpu"))
+    try:
+        runs = [evaluate(env, still, 4, 30, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=s) for s in (7, 7, None, 8)]
+    finally:
+        env.close()
+    first = [torch.stack([ep["observation"][0] for ep in eps]) for _, eps in runs]
+    assert first[0].shape == (4, 11) and torch.equal(first[0], first[1])
+    assert runs[0][0].tolist() == runs[1][0].tolist()
+    assert not torch.allclose(first[1], first[2]) and not torch.allclose(first[0], first[3])
 
 
 def test_bad_input(tmp_path, dataset):

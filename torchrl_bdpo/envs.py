@@ -108,7 +108,7 @@ def eval_env_id(info, override: str | None = None) -> str:
 
 
 def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device, action_scaling=None):
-    """The evaluation env, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
+    """The evaluation env seeded with ``seed``, its outputs on ``device`` (the policy's: on a GPU run the Gymnasium
     envs step on the CPU, and their observations reach the policy on the GPU).
 
     ``action_scaling``: a transform from the policy's [-1, 1] actions to the env's (the
@@ -133,8 +133,13 @@ def make_eval_env(env_id: str, num_envs: int, seed: int, device: torch.device, a
     return env
 
 
-def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episodes: bool = False):
+def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episodes: bool = False, seed: int | None = None):
     """Returns of ``episodes`` first episodes (each env counts the rewards up to its first done).
+
+    ``seed``: reseed ``env`` first (``env.set_seed(seed)``), so that every call starts from the
+    same initial states: the policy, its probes and the peers at every evaluation of a run, and
+    a resumed run's evaluations as an uninterrupted run's. Without it the env's random stream
+    continues from the previous call. The policy's own sampling draws from torch's generator.
 
     ``keep_episodes=True`` also returns each episode's steps, a TensorDict with
     ``observation``, ``action``, ``("next", "reward")`` and ``("next", "terminated")`` up to
@@ -142,6 +147,8 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episo
     """
     from torchrl.envs.utils import set_exploration_type
 
+    if seed is not None:
+        env.set_seed(seed)
     n_envs = env.batch_size.numel() if env.batch_size else 1
     returns, kept = [], []
     with set_exploration_type(exploration), torch.no_grad():

@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> dict:
 
         dataset_returns = (episode_returns(data) / info.reward_scale).numpy()
     env = None
+    env_seed = eval_seed(cfg.seed)  # every evaluation starts from the same states, resumed or not
     if e.episodes > 0:
         # Q diagnostic, logged with each evaluation: the target Q ensemble on a fixed set of
         # dataset (s, a) next to their Monte Carlo returns (scaled rewards), drawn where that
@@ -167,7 +168,7 @@ def train(cfg: DictConfig) -> dict:
             )
         probe = data[probe_rows]
         env_id = eval_env_id(info, cfg.env.get("eval_env"))
-        env = make_eval_env(env_id, e.num_envs, eval_seed(cfg.seed), device, info.action_scaling())
+        env = make_eval_env(env_id, e.num_envs, env_seed, device, info.action_scaling())
         check_env_compatibility(info, env)  # before any training
     loss = make_bdpo_loss(cfg, info.observation_dim, info.action_dim)
     optimizers, schedulers, update = make_training(cfg, loss)
@@ -192,10 +193,10 @@ def train(cfg: DictConfig) -> dict:
         if env is None:
             return None
         if phase_name == "pretrain":
-            returns = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM)
+            returns = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, seed=env_seed)
         else:
             # best-of-K by the target Q (DETERMINISTIC), the policy whose return is reported
-            returns, episodes = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True)
+            returns, episodes = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=env_seed)
         row = {
             "phase": phase_name,
             "step": step_,
@@ -215,10 +216,10 @@ def train(cfg: DictConfig) -> dict:
             if e.get("diagnostics", True):
                 # what separates the causes of a drop: the actor alone (one sample), the
                 # behavior alone, and Q on the actions the policy took against their return
-                one, one_eps = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True)
-                beh, beh_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True)
+                one, one_eps = evaluate(env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True, seed=env_seed)
+                beh, beh_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True, seed=env_seed)
                 # the behavior's candidates ranked by the same Q: Q's ranking apart from the actor's moves
-                beh_k, beh_k_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True)
+                beh_k, beh_k_eps = evaluate(env, behavior_policy, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=env_seed)
                 row.update(
                     return_one_sample_mean=float(one.mean()),
                     return_one_sample_std=float(one.std()),

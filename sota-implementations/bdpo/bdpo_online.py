@@ -329,9 +329,9 @@ def train(cfg: DictConfig) -> dict:
         if eval_env is None:
             return None
         t_eval = time.perf_counter()
-        eval_env.set_seed(eval_seed(cfg.seed))  # the same start states at every evaluation (and on resume)
-        best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC)
-        one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM)
+        # the same start states for both at every evaluation, and on resume
+        best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, seed=eval_seed(cfg.seed))
+        one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, seed=eval_seed(cfg.seed))
         row = {
             "frames": frames,
             "updates": updates,
