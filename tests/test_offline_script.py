@@ -533,9 +533,8 @@ def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dat
         ("avg/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3, selection="average")),
         ("elite2/3", ExplorationType.DETERMINISTIC, dict(num_candidates=3, selection="elite", num_elite=2)),
     ):
-        env.set_seed(eval_seed(cfg.seed))
         torch.manual_seed(0)
-        returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration)
+        returns = evaluate(env, loss.make_acting_module(**kwargs), 2, cfg.eval.max_steps, exploration, seed=eval_seed(cfg.seed))
         assert rows["actor", name]["returns"] == pytest.approx(returns.tolist(), rel=1e-6), name
     pooled = probe.main([str(run), "--rules", "mean/2", "--candidates", "pooled", "--episodes", "1"])[0]["rules"][0]
     assert pooled["candidates"] == "pooled" and 0 <= pooled["actor_pick_fraction"] <= 1 and len(pooled["returns"]) == 1
