@@ -16,9 +16,9 @@ seed, or one per seed), or ``--offline-overrides`` (run here first, once per see
 ``<out>/offline_seed<s>``). Runs are subprocesses, ``--jobs`` at a time with
 ``cpu_count // jobs`` torch threads each; a run already finished is read, not run again.
 
-Reported per run: the offline start (best-of-K return at frame 0), the lowest evaluation within
-the first ``--dip-frames`` frames over the start (the known offline-to-online dip; the goal is
->= 0.9), and the final evaluation over the start (the goal is > 1). The evaluations are few
+Reported per run: the offline start (the return at frame 0 under the run's acting rule, which
+the figure names), the lowest evaluation within the first ``--dip-frames`` frames over the start
+(the known offline-to-online dip; the goal is >= 0.9), and the final evaluation over the start (the goal is > 1). The evaluations are few
 episodes each; the training episodes (one sample of the acting policy, every episode the
 collector finishes) are many more, so each run also reports their mean and its standard error per
 ``--bin-frames`` window (the figure's right panel). Out: ``offline_to_online.json`` and
@@ -69,6 +69,18 @@ def binned_episodes(episodes: list, frames: int, width: int) -> list[dict]:
     return bins
 
 
+def run_acting_rule(summary: dict) -> str:
+    """The run's evaluation acting rule in words ("best of 10 by Q", "mean of 3 candidates"), from
+    the resolved config its ``summary.json`` holds."""
+    from omegaconf import OmegaConf
+
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    from utils import acting_rule
+
+    return acting_rule(OmegaConf.create(summary["config"]))
+
+
 def arm_stats(summary: dict, dip_frames: int, bin_frames: int = 5000) -> dict:
     rows = summary["evaluations"]
     if not rows or rows[0]["frames"] != 0:
@@ -76,6 +88,7 @@ def arm_stats(summary: dict, dip_frames: int, bin_frames: int = 5000) -> dict:
     start = rows[0]["return_mean"]
     early = [r["return_mean"] for r in rows[1:] if r["frames"] <= dip_frames]
     return {
+        "acting_rule": run_acting_rule(summary),
         "evals": [
             {"frames": r["frames"], "updates": r["updates"], "mean": r["return_mean"], "std": r["return_std"], "one_sample_mean": r["return_one_sample_mean"]}
             for r in rows
@@ -105,12 +118,14 @@ def plot(result: dict, out: Path) -> Path:
         if all(v is not None for row in bins for v in row):
             curve(ax_train, [b["frames"] for b in runs[0]["train_episodes"]], bins, LABELS[arm] + seeds, f"C{i}")
     start = float(np.mean(starts))
-    ax.axhline(start, color="k", ls="--", lw=1, label="offline start (best of K)")
+    rules = sorted({r["acting_rule"] for arm in ARMS for r in result["runs"][arm].values()})
+    rule = " / ".join(rules)  # one rule unless the arms' --online overrides differ
+    ax.axhline(start, color="k", ls="--", lw=1, label=f"offline start ({rule})")
     ax.axhline(0.9 * start, color="k", ls=":", lw=1, label="90% of the start")
     ax.axvline(result["settings"]["dip_frames"], color="gray", lw=0.8)
     one_sample_start = float(np.mean([r["evals"][0]["one_sample_mean"] for arm in ARMS for r in result["runs"][arm].values()]))
     ax_train.axhline(one_sample_start, color="k", ls="--", lw=1, label="offline start (one sample)")
-    ylabel = f"return, best of K ({result['settings']['episodes']} episodes)"
+    ylabel = f"return, {rule} ({result['settings']['episodes']} episodes)"
     train_label = f"training episodes, one sample\n(mean return per {result['settings']['bin_frames']} frames)"
     axes = [(ax, "online environment frames", ylabel), (ax_train, "online environment frames", train_label)]
     return finish(fig, axes, out / "offline_to_online.png", title=result["settings"].get("title"))

@@ -499,6 +499,23 @@ def test_eval_selection_average_skips_the_ranking(tmp_path, dataset, monkeypatch
     assert (elite["selection"], elite["num_elite"]) == ("elite", 2)
 
 
+def test_acting_rule_names_the_evaluations_rule(tmp_path):
+    """The figures and the printed result name the acting rule the evaluations used, not always
+    "best of K" (under ``eval.selection=average`` they showed the mean of the candidates as best of K)."""
+    cases = [
+        ((), "best of 3 by Q"),  # TINY config: 3 candidates, the paper's argmax of the ensemble mean
+        (("eval.num_candidates=10",), "best of 10 by Q"),
+        (("eval.num_candidates=1",), "one sample"),
+        (("eval.selection=average",), "mean of 3 candidates"),
+        (("eval.selection=elite", "eval.num_elite=2"), "mean of the 2 best of 3 by Q"),
+        (("eval.aggregation=lcb", "eval.rho=1.0"), "best of 3 by Q's lcb, rho 1"),
+        (("eval.aggregation=min",), "best of 3 by Q's min"),
+    ]
+    for overrides, expected in cases:
+        cfg = config(tmp_path, "eval.num_candidates=3", *overrides)
+        assert utils.acting_rule(cfg) == expected, overrides
+
+
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
     """benchmarks/selection_probe.py on a finished run: each rule's returns are those of the
     loss's own acting module with that rule, from the same initial states."""

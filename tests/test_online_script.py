@@ -202,6 +202,7 @@ def test_offline_to_online_harness_runs_both_arms_from_one_start(tmp_path, offli
         saved = json.loads((tmp_path / f"{arm}_seed0" / "summary.json").read_text())
         assert saved["config"]["replay"]["offline_fraction"] == fraction
     assert (tmp_path / "offline_to_online.png").exists()
+    assert online_run["acting_rule"] == offline_only["acting_rule"] == "best of 3 by Q"  # the figure's label
     assert result["machine"]["torchrl"] == metadata.version("torchrl")  # what made the numbers
     assert harness.main(argv)["runs"] == result["runs"]  # finished runs are read, not run again
     with pytest.raises(SystemExit):

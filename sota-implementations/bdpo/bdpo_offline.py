@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
+from utils import acting_rule, resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
@@ -76,7 +76,7 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
     return out
 
 
-def plot_evals(rows: list[dict], out: Path) -> Path | None:
+def plot_evals(rows: list[dict], out: Path, rule: str = "best of K by Q") -> Path | None:
     if not rows:
         return None
     from torchrl_bdpo.plotting import curve, finish, subplots
@@ -87,7 +87,7 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
     for phase, color in (("pretrain", "C0"), ("train", "C1")):
         pts = [r for r in rows if r["phase"] == phase]
         if pts:
-            label = "behavior (phase A)" if phase == "pretrain" else "BDPO, best of K by Q"
+            label = "behavior (phase A)" if phase == "pretrain" else f"BDPO, {rule}"
             mean_std = ([r["return_mean"] for r in pts], [r["return_std"] for r in pts])
             curve(ax, [r["global_step"] for r in pts], mean_std, label, color, band="std", marker=".")
     extra = [r for r in rows if "return_one_sample_mean" in r]
@@ -103,7 +103,7 @@ def plot_evals(rows: list[dict], out: Path) -> Path | None:
                 marker=".",
                 ls="-.",
                 color="C4",
-                label="behavior model, best of K by Q",
+                label=f"behavior model, {rule}",
             )
     if rows[0].get("dataset_return") is not None:
         ax.axhline(rows[0]["dataset_return"], color="gray", ls="--", label="dataset mean return")
@@ -259,7 +259,7 @@ def train(cfg: DictConfig) -> dict:
     final = next((r for r in reversed(eval_rows) if r["phase"] == "train"), None)
     trained = [r for r in eval_rows if r["phase"] == "train"]
     best = max(trained, key=lambda r: r["return_mean"]) if trained else None
-    figure = plot_evals(eval_rows, out_dir)
+    figure = plot_evals(eval_rows, out_dir, acting_rule(cfg))
     summary = write_summary(
         out_dir,
         cfg,

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import (  # noqa: E402
+    acting_rule,
     check_state_before_saving,
     hydra_main,
     load_checkpoint,
@@ -168,7 +169,7 @@ def make_train_env(name: str, seed: int):
     return env
 
 
-def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str) -> Path | None:
+def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str, rule: str = "best of K by Q") -> Path | None:
     if not rows and not train_returns:
         return None
     from torchrl_bdpo.plotting import curve, finish, subplots
@@ -179,10 +180,10 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
         ax.plot(x, y, ".", color="gray", alpha=0.4, ms=3, label="training episodes (exploration)")
     if rows:
         x = [r["frames"] for r in rows]
-        for key, label, color in (("return", "best of K by Q", "C1"), ("return_one_sample", "one sample", "C2")):
+        for key, label, color in (("return", rule, "C1"), ("return_one_sample", "one sample", "C2")):
             curve(ax, x, ([r[f"{key}_mean"] for r in rows], [r[f"{key}_std"] for r in rows]), label, color, band="std")
         if rows[0].get("start_return") is not None:
-            ax.axhline(rows[0]["start_return"], color="k", ls="--", lw=1, label="offline start (best of K)")
+            ax.axhline(rows[0]["start_return"], color="k", ls="--", lw=1, label=f"offline start ({rule})")
     return finish(fig, [(ax, "environment frames", "return")], out / "learning_curve.png", title=title)
 
 
@@ -413,7 +414,7 @@ def train(cfg: DictConfig) -> dict:
         eval_env.close()
 
     final = eval_rows[-1] if eval_rows else None
-    figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}")
+    figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}", acting_rule(cfg))
     summary = write_summary(
         out_dir,
         cfg,
@@ -429,7 +430,7 @@ def train(cfg: DictConfig) -> dict:
         time_s=dict(seconds),
     )
     result = (
-        f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} (best of K), {final['return_one_sample_mean']:.1f} (one sample)"
+        f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} ({acting_rule(cfg)}), {final['return_one_sample_mean']:.1f} (one sample)"
         if final
         else "no evaluation (eval.episodes=0)"
     )

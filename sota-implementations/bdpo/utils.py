@@ -84,6 +84,23 @@ def selection_kwargs(cfg: DictConfig) -> dict:
     }
 
 
+def acting_rule(cfg: DictConfig) -> str:
+    """The evaluation's acting rule (``eval.num_candidates`` and :func:`selection_kwargs`) in words,
+    for figures and printed results: ``"best of 10 by Q"``, ``"mean of 3 candidates"``,
+    ``"mean of the 5 best of 10 by Q"``; ``"by Q's lcb, rho 1"`` where the ranking is not the
+    ensemble mean."""
+    k = OmegaConf.select(cfg, "eval.num_candidates", default=None)
+    sel = selection_kwargs(cfg)
+    if k == 1:
+        return "one sample"
+    by = "by Q" if sel["aggregation"] == "mean" else f"by Q's {sel['aggregation']}" + (f", rho {sel['rho']:g}" if sel["aggregation"] == "lcb" else "")
+    if sel["selection"] == "average":
+        return f"mean of {k} candidates"
+    if sel["selection"] == "elite":
+        return f"mean of the {sel['num_elite']} best of {k} {by}"
+    return f"best of {k} {by}"
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check every integer and rate of a script's config before anything runs.
 
