@@ -18,11 +18,11 @@ seed, or one per seed), or ``--offline-overrides`` (run here first, once per see
 
 Reported per run: the offline start (the return at frame 0 under the run's acting rule, which
 the figure names), the lowest evaluation within the first ``--dip-frames`` frames over the start
-(the known offline-to-online dip; the goal is >= 0.9), and the final evaluation over the start (the goal is > 1). The evaluations are few
-episodes each; the training episodes (one sample of the acting policy, every episode the
-collector finishes) are many more, so each run also reports their mean and its standard error per
-``--bin-frames`` window (the figure's right panel). Out: ``offline_to_online.json`` and
-``offline_to_online.png`` in ``--out-dir``.
+(the known offline-to-online dip; the goal is >= 0.9), and the final evaluation over the start
+(the goal is > 1). The evaluations are few episodes each; the training episodes (one sample of
+the acting policy, every episode the collector finishes) are many more, so each run also reports
+their mean and its standard error per ``--bin-frames`` window (the figure's right panel). Out:
+``offline_to_online.json`` and ``offline_to_online.png`` in ``--out-dir``.
 """
 
 from __future__ import annotations

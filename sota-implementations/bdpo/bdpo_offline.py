@@ -76,7 +76,7 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
     return out
 
 
-def plot_evals(rows: list[dict], out: Path, rule: str = "best of K by Q") -> Path | None:
+def plot_evals(rows: list[dict], out: Path, rule: str) -> Path | None:
     if not rows:
         return None
     from torchrl_bdpo.plotting import curve, finish, subplots

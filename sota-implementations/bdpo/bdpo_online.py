@@ -169,7 +169,7 @@ def make_train_env(name: str, seed: int):
     return env
 
 
-def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str, rule: str = "best of K by Q") -> Path | None:
+def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Path, title: str, rule: str) -> Path | None:
     if not rows and not train_returns:
         return None
     from torchrl_bdpo.plotting import curve, finish, subplots
@@ -414,7 +414,8 @@ def train(cfg: DictConfig) -> dict:
         eval_env.close()
 
     final = eval_rows[-1] if eval_rows else None
-    figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}", acting_rule(cfg))
+    rule = acting_rule(cfg)
+    figure = plot_curve(eval_rows, train_returns, out_dir, f"BDPO {cfg.mode} on {env_name}", rule)
     summary = write_summary(
         out_dir,
         cfg,
@@ -430,7 +431,7 @@ def train(cfg: DictConfig) -> dict:
         time_s=dict(seconds),
     )
     result = (
-        f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} ({acting_rule(cfg)}), {final['return_one_sample_mean']:.1f} (one sample)"
+        f"final return {final['return_mean']:.1f} +- {final['return_std']:.1f} ({rule}), {final['return_one_sample_mean']:.1f} (one sample)"
         if final
         else "no evaluation (eval.episodes=0)"
     )
