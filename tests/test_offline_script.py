@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.helpers import make_loss_nan
 from tests.loaders import SCRIPT_DIR, TINY_MODEL, TINY_PHASES, assert_resume_is_step_for_step, load_script
@@ -48,9 +49,13 @@ def dataset(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = old
 
 
-def config(tmp_path, *overrides):
+def config(tmp_path, *overrides, env_id="Hopper-v5"):
+    """TINY with ``overrides``, its ``per_env`` values set for ``env_id`` (the dataset's: train
+    sets them so itself, test_budget_per_env_values_follow_the_datasets_env)."""
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
-        return compose("offline", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
+        cfg = compose("offline", overrides=[*TINY, f"output_dir={tmp_path}", *overrides])
+    utils.resolve_per_env(cfg, env_id)
+    return cfg
 
 
 @pytest.mark.parametrize("override, rows", [(None, 6400 // 2), ("loss.ensemble_chunk_rows=8", 8), ("loss.ensemble_chunk_rows=null", None)])
@@ -267,7 +272,7 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         walker = compose("offline", overrides=["task=generated-walker2d-medium", "budget=cpu"])
     for c in (cpu, walker):
-        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates) == (5.0, 0.999, 0.0, 3)
+        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates, c.eval.selection) == (5.0, 0.999, "per_env", 3, "per_env")
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
     assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
@@ -276,6 +281,60 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     # TINY: (30 - 5) / 2 -> 13 actor steps
     with pytest.raises(ValueError, match=r"actor_lr_decay_steps=12 is below the run's 13 actor steps"):
         utils.make_schedulers(config(tmp_path, "optim.actor_lr_decay_steps=12"), {"critic": None, "actor": None})
+
+
+def test_budget_per_env_values_follow_the_datasets_env(tmp_path, dataset, capsys):
+    """``budget=cpu``'s ``per_env`` values: an env's block where it has one (its Gymnasium id, a D4RL
+    id, any case or version), ``default`` for what the block leaves out and for any other env; a
+    value on the command line wins; ``train`` sets them from the dataset's metadata before the
+    config is checked and saved; an unset one is refused by name."""
+    from torchrl_bdpo.data import dataset_env_id
+
+    def composed(*overrides):
+        with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
+            return compose("offline", overrides=[*TINY, f"output_dir={tmp_path / 'run'}", *overrides])
+
+    hopper = {"loss.rho": 1.0, "eval.selection": "q"}
+    walker = {"loss.rho": 0.0, "eval.selection": "average"}
+    default = {"loss.rho": 0.0, "eval.selection": "q"}
+    cases = (
+        ("Hopper-v5", hopper),
+        ("hopper-medium-v2", hopper),
+        ("HOPPER-v4", hopper),
+        ("Walker2d-v5", walker),
+        ("HalfCheetah-v5", default),
+        ("Ant-v5", default),
+    )
+    for env_id, expected in cases:
+        cfg = composed()
+        assert utils.resolve_per_env(cfg, env_id) == expected, env_id
+        assert (cfg.loss.rho, cfg.eval.selection) == (expected["loss.rho"], expected["eval.selection"]), env_id
+    said = capsys.readouterr().out
+    assert "per_env for 'Hopper-v5': loss.rho=1.0 (Hopper), eval.selection=q (default)" in said
+    assert "per_env for 'Walker2d-v5': loss.rho=0.0 (default), eval.selection=average (Walker2d)" in said
+    assert utils.resolve_per_env(composed(), None) == default
+    # a command-line value replaces the placeholder: the block leaves it alone
+    cfg = composed("loss.rho=0.5")
+    assert utils.resolve_per_env(cfg, "Hopper-v5") == {"eval.selection": "q"} and cfg.loss.rho == 0.5
+    assert utils.resolve_per_env(composed("loss.rho=0.5", "eval.selection=elite", "eval.num_elite=2"), "Hopper-v5") == {}
+    # a config with no per_env table, or a key neither the block nor default has: the placeholder is named
+    with pytest.raises(ValueError, match=r"loss.rho='per_env', eval.selection='per_env': expected a value; the config has no per_env table"):
+        utils.resolve_per_env(composed("~per_env"), "Hopper-v5")
+    with pytest.raises(ValueError, match=r"eval.selection='per_env': the budget's per_env table has no value for it under 'Walker2d' or 'default'"):
+        utils.resolve_per_env(composed("~per_env.Walker2d.eval", "~per_env.default.eval"), "Walker2d-v5")
+    # unresolved, the values are refused by name before anything runs or is built
+    with pytest.raises(ValueError, match=r"loss.rho='per_env': expected a value; the offline script sets it from the dataset's env"):
+        utils.validate_config(composed())
+    with pytest.raises(ValueError, match=r"eval.selection='per_env': expected a value"):
+        off.make_bdpo_loss(composed(), 11, 3)
+    # the dataset names its env (metadata only); train sets the values from it and saves them
+    assert dataset_env_id("generated/hopper/random-v0") == "Hopper-v5"
+    assert dataset_env_id("hopper-medium-v2") == "hopper-medium-v2" and dataset_env_id("no-such-name") is None
+    off.train(composed("optim.steps=10", "optim.warmup=5", "eval.episodes=0"))
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert (saved.loss.rho, saved.eval.selection) == (1.0, "q")
+    off.train(composed("optim.steps=10", "optim.warmup=5", "eval.episodes=0", "env.eval_env=Walker2d-v5", f"output_dir={tmp_path / 'walker'}"))
+    assert OmegaConf.load(tmp_path / "walker" / "config.yaml").eval.selection == "average"  # env.eval_env names the env
 
 
 def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
@@ -519,7 +578,6 @@ def test_acting_rule_names_the_evaluations_rule(tmp_path):
 def test_selection_probe_plays_each_rule_as_the_acting_module_does(tmp_path, dataset):
     """benchmarks/selection_probe.py on a finished run: each rule's returns are those of the
     loss's own acting module with that rule, from the same initial states."""
-    from omegaconf import OmegaConf
     from torchrl.envs.utils import ExplorationType
 
     from tests.loaders import load_benchmark

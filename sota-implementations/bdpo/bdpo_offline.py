@@ -23,9 +23,9 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import acting_rule, resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
+from utils import acting_rule, per_env_paths, resolve_per_env, resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
-from torchrl_bdpo.data import check_env_compatibility, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
+from torchrl_bdpo.data import check_env_compatibility, dataset_env_id, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env  # noqa: E402
 
@@ -124,7 +124,19 @@ def plot_evals(rows: list[dict], out: Path, rule: str) -> Path | None:
     return finish(fig, labels, out / "eval_returns.png")
 
 
+def resolve_budget(cfg: DictConfig) -> dict:
+    """The budget's per-environment values (``per_env`` in ``config/budget/cpu.yaml``) for the
+    dataset's env, set before the run's config is checked and saved (utils.resolve_per_env);
+    ``env.eval_env``, where set, names the env. Reads the dataset's metadata only when a value
+    is ``per_env``."""
+    if not per_env_paths(cfg):
+        return {}
+    env_id = cfg.env.get("eval_env") or dataset_env_id(cfg.env.dataset, download=cfg.env.download)
+    return resolve_per_env(cfg, env_id)
+
+
 def train(cfg: DictConfig) -> dict:
+    resolve_budget(cfg)
     out_dir, resume_state, finished = start_run(cfg)
     if finished is not None:
         return finished

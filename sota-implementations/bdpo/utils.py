@@ -101,6 +101,82 @@ def acting_rule(cfg: DictConfig) -> str:
     return f"best of {k} {by}"
 
 
+PER_ENV = "per_env"  # a config value the budget sets per environment (its ``per_env`` table; resolve_per_env)
+
+
+def per_env_paths(cfg: DictConfig) -> list[str]:
+    """The dotted keys of ``cfg`` that read :data:`PER_ENV`, still to be set by :func:`resolve_per_env`."""
+    return _per_env_paths(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _per_env_paths(node, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is :data:`PER_ENV` (the ``per_env`` table itself aside)."""
+    paths = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if path != "per_env":
+                paths += _per_env_paths(value, path + ".")
+        elif isinstance(value, str) and value == PER_ENV:
+            paths.append(path)
+    return paths
+
+
+def check_per_env_resolved(cfg: DictConfig) -> None:
+    """A ``ValueError`` that names each value still reading :data:`PER_ENV` (see :func:`resolve_per_env`)."""
+    unresolved = per_env_paths(cfg)
+    if unresolved:
+        raise ValueError(
+            "invalid config values:\n  "
+            + "\n  ".join(
+                f"{p}={PER_ENV!r}: expected a value; the offline script sets it from the dataset's env (resolve_per_env), or set it on the command line"
+                for p in unresolved
+            )
+        )
+
+
+def env_family(env_id: str) -> str:
+    """An env id without its version or dataset level: ``"Hopper-v5"`` and ``"hopper-medium-v2"`` -> ``"hopper"``."""
+    return str(env_id).rsplit("/", 1)[-1].split("-")[0].lower()
+
+
+def resolve_per_env(cfg: DictConfig, env_id: str | None) -> dict:
+    """Set each config value that reads ``per_env`` to the budget's value for the dataset's env.
+
+    ``budget=cpu`` sets ``loss.rho`` and ``eval.selection`` to ``per_env``. Its ``per_env``
+    table holds them under ``default`` and, where an environment family departs from it, under
+    that family's name (``Hopper``, ...; matched without case or version); a family's block
+    names only what it changes. The paper keeps eta and rho per task in the same way
+    (docs/results/locomotion.md has what each block was measured on). A value given on the
+    command line replaces the placeholder, so it wins. Returns the values set (dotted key ->
+    value) and prints them with the block each came from; a placeholder that neither the env's
+    block nor ``default`` covers raises a ``ValueError`` that names it.
+    """
+    paths = per_env_paths(cfg)
+    if not paths:
+        return {}
+    table = OmegaConf.select(cfg, "per_env", default=None)
+    if table is None:
+        named = ", ".join(f"{p}={PER_ENV!r}" for p in paths)
+        raise ValueError(f"{named}: expected a value; the config has no per_env table to take it from. Set each on the command line.")
+    family = None if env_id is None else env_family(env_id)
+    names = {str(k).lower(): k for k in table if k != "default"}
+    name = names.get(family)
+    values, sources = {}, {}
+    for path in paths:
+        for block in (name, "default"):
+            value = PER_ENV if block is None or table.get(block) is None else OmegaConf.select(table[block], path, default=PER_ENV)
+            if not (isinstance(value, str) and value == PER_ENV):
+                break
+        else:
+            raise ValueError(f"{path}={PER_ENV!r}: the budget's per_env table has no value for it under {name or family!r} or 'default'; set {path}=<value>.")
+        OmegaConf.update(cfg, path, value, merge=False)
+        values[path], sources[path] = value, block
+    said = ", ".join(f"{k}={v} ({sources[k]})" for k, v in values.items())
+    print(f"per_env for {env_id!r}: {said}, from the budget's per_env table; set any of them on the command line to change it")
+    return values
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check every integer and rate of a script's config before anything runs.
 
@@ -109,6 +185,7 @@ def validate_config(cfg: DictConfig) -> None:
     ``device=cuda`` needs CUDA, ``compile.cudagraphs`` needs a CUDA device, and
     ``logger.backend`` must be one torchrl knows.
     """
+    check_per_env_resolved(cfg)
     problems = []
     for dotted, kind, lo, hi in _CHECKS:
         value = OmegaConf.select(cfg, dotted, default="<missing>")
@@ -278,6 +355,7 @@ def set_matmul_precision(cfg: DictConfig) -> str:
 def make_bdpo_loss(cfg: DictConfig, observation_dim: int, action_dim: int, qvalue_network=None, reference: str | None = None) -> BDPOLoss:
     """BDPO's loss from the config; ``qvalue_network`` replaces the Q ensemble (e.g. a known reward);
     ``reference`` (``"uniform"`` | ``"gaussian"``) replaces the behavior model by an analytic one."""
+    check_per_env_resolved(cfg)
     d, c, lc = cfg.diffusion, cfg.critic, cfg.loss
 
     def diffusion_model():
@@ -618,8 +696,9 @@ def check_state_before_saving(loss, sample_batch, phase: str, step: int, checkpo
 
 # ---------------------------------------------------------------- checkpoints
 # what may change when a run resumes: where it writes and logs, how it compiles (no number
-# changes), how it evaluates, and the learning rates (the advice after a divergence)
-RESUMABLE = ("output_dir", "checkpoint", "logger", "compile", "eval", "threads")
+# changes), how it evaluates, the learning rates (the advice after a divergence), and the
+# budget's per_env table (its values for the run's env are in the keys it set, which must match)
+RESUMABLE = ("output_dir", "checkpoint", "logger", "compile", "eval", "threads", "per_env")
 LEARNING_RATES = ("behavior_lr", "critic_lr", "actor_lr")
 
 

@@ -452,6 +452,25 @@ def _minari_ref_scores(dataset) -> tuple[float | None, float | None, str | None]
     return meta.get("ref_min_score"), meta.get("ref_max_score"), env_id
 
 
+def dataset_env_id(dataset: str | os.PathLike, *, download: bool = True) -> str | None:
+    """The environment id a dataset names, read without loading its transitions.
+
+    A local Minari dataset or a Minari id: its metadata's ``env_spec`` (a Minari id not stored
+    locally is downloaded when ``download``); a D4RL id: the id itself (``"hopper-medium-v2"``,
+    which :func:`torchrl_bdpo.envs.eval_env_id` maps to ``Hopper-v5``). ``None`` where the
+    metadata names no environment, or the name is none of these (:func:`make_offline_buffer`
+    then says why it cannot load it).
+    """
+    name = str(dataset)
+    if os.path.exists(name):
+        return _minari_ref_scores(_open_minari(Path(name)))[2]
+    if _D4RL_PATTERN.match(name):
+        return name
+    if "/" in name and not (os.path.isabs(name) or name.startswith((".", "~"))):
+        return _minari_ref_scores(_load_minari_id(name, download))[2]
+    return None
+
+
 def load_d4rl_transitions(dataset_id: str, **kwargs) -> tuple[TensorDict, int]:
     """D4RL transitions through torchrl's ``D4RLExperienceReplay(direct_download=True)``.
 
