@@ -3,15 +3,18 @@ one-sample return must not fall below the behavior model's by more than the eval
 
 Slow (``-m slow``): on a machine without the suite's datasets it first makes them with
 ``benchmarks/robustness_suite.py generate`` (SAC on Hopper-v5, ~35 min on 2 cores; kept in
-``MINARI_DATASETS_PATH`` for the next run), then trains ``budget=cpu`` as it is, 20k + 30k steps
+``MINARI_DATASETS_PATH`` for the next run), then trains ``budget=cpu`` as it is (its Hopper ``per_env`` block), 20k + 30k steps
 (~30 min), and checks the evaluation 5k phase-B steps past the actor's start and the last one.
 The whole schedule runs: the learning rates' cosines span phase B, so a shorter run would test
 another schedule (one with ``optim.steps=15000`` passed, 1167 against 750, on 2026-12-02).
 The budget before eta 5 failed it (the actor's first 1000 steps cost ~1/3 of the return); with
 eta 5 it held in runs of the same settings and seed (2026-12-04, gamma 0.995: 856 against 822
-at 15k, 1287 against 768 at 30k; gamma 0.999, the budget as it is: 1417 against 812 at 15k,
-1432 against 695 at 30k). On the set made again on another VM (mean 772; 2026-12-04) it passed
-in 2034 s beside another run: 1289 against 789 at 15k, 1354 against 820 at 30k.
+at 15k, 1287 against 768 at 30k; gamma 0.999 at rho 0: 1417 against 812 at 15k, 1432 against
+695 at 30k). On the set made again on another VM (mean 772; 2026-12-04) it passed at rho 0 in
+2034 s beside another run: 1289 against 789 at 15k, 1354 against 820 at 30k. The budget now
+takes its Hopper ``per_env`` values here (rho 1, best of 3 by Q); the same run with those as
+overrides (2026-12-05, 1743 s beside another run) ended with one sample at 859 against the
+behavior's 679.
 """
 
 import math
