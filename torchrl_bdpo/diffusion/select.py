@@ -83,8 +83,8 @@ class QSelectActor(TensorDictModuleBase):
         aggregation (str): how the ensemble's ``Q`` of a candidate is reduced before the argmax:
             ``"mean"`` (the paper's), ``"lcb"`` (mean - ``rho`` x std) or ``"min"``. The lower
             bounds aim at the winner's curse of an argmax over a Q that overrates some of the
-            actor's actions; with 4 critics on Hopper fewer candidates did more (the tenth
-            section of docs/results/locomotion.md). Defaults to ``"mean"``.
+            actor's actions; with 4 critics on Hopper fewer candidates did more
+            (docs/results/locomotion.md, "What each change did"). Defaults to ``"mean"``.
         rho (float): the LCB's weight (``aggregation="lcb"`` only). Defaults to 0.
         selection (str): ``"q"``, the candidate with the best aggregated Q (the paper's), or
             ``"average"``, the mean of the ``num_candidates`` candidates (a Monte Carlo estimate of
