@@ -329,7 +329,10 @@ def test_budget_per_env_values_follow_the_datasets_env(tmp_path, dataset, capsys
         off.make_bdpo_loss(composed(), 11, 3)
     # the dataset names its env (metadata only); train sets the values from it and saves them
     assert dataset_env_id("generated/hopper/random-v0") == "Hopper-v5"
-    assert dataset_env_id("hopper-medium-v2") == "hopper-medium-v2" and dataset_env_id("no-such-name") is None
+    assert dataset_env_id("hopper-medium-v2") == "hopper-medium-v2"
+    for bad in ("no-such-name", "./no/such/folder"):
+        with pytest.raises(FileNotFoundError, match=re.escape(repr(bad))):
+            dataset_env_id(bad)
     off.train(composed("optim.steps=10", "optim.warmup=5", "eval.episodes=0"))
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert (saved.loss.rho, saved.eval.selection) == (1.0, "q")

@@ -458,17 +458,36 @@ def dataset_env_id(dataset: str | os.PathLike, *, download: bool = True) -> str 
     A local Minari dataset or a Minari id: its metadata's ``env_spec`` (a Minari id not stored
     locally is downloaded when ``download``); a D4RL id: the id itself (``"hopper-medium-v2"``,
     which :func:`torchrl_bdpo.envs.eval_env_id` maps to ``Hopper-v5``). ``None`` where the
-    metadata names no environment, or the name is none of these (:func:`make_offline_buffer`
-    then says why it cannot load it).
+    metadata names no environment. A name that is none of these raises the error that
+    :func:`make_offline_buffer` gives for it.
     """
     name = str(dataset)
-    if os.path.exists(name):
-        return _minari_ref_scores(_open_minari(Path(name)))[2]
-    if _D4RL_PATTERN.match(name):
+    source = _dataset_source(name)
+    if source == "d4rl":
         return name
-    if "/" in name and not (os.path.isabs(name) or name.startswith((".", "~"))):
-        return _minari_ref_scores(_load_minari_id(name, download))[2]
-    return None
+    mds = _open_minari(Path(name)) if source == "minari-local" else _load_minari_id(name, download)
+    return _minari_ref_scores(mds)[2]
+
+
+def _dataset_source(name: str) -> str:
+    """Which kind of dataset ``name`` is: ``"minari-local"`` (an existing path), ``"d4rl"`` (a
+    D4RL id) or ``"minari"`` (a Minari id); a clear error for a missing path or any other name."""
+    if os.path.exists(name):
+        return "minari-local"
+    if os.path.isabs(name) or name.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"dataset path {name!r} does not exist (a path, not a Minari id: those look like "
+            f"'mujoco/hopper/medium-v0'). Check the path; it must be the dataset folder holding 'data/'."
+        )
+    if _D4RL_PATTERN.match(name):
+        return "d4rl"
+    if "/" in name:
+        return "minari"
+    raise FileNotFoundError(
+        f"dataset {name!r} is neither an existing path, a D4RL id (e.g. 'hopper-medium-v2'; "
+        f"known: {', '.join(D4RL_LOCOMOTION[:3])}, ..., {', '.join(D4RL_ANTMAZE[:2])}, ...) nor "
+        f"a Minari id (namespace/.../name-vN, e.g. 'mujoco/hopper/medium-v0'). {GENERATE_HINT}"
+    )
 
 
 def load_d4rl_transitions(dataset_id: str, **kwargs) -> tuple[TensorDict, int]:
@@ -557,32 +576,15 @@ def make_offline_buffer(
     ref_min = ref_max = env_id = None
     dropped = 0
     mds = None
-    if os.path.exists(name):
-        mds = _open_minari(Path(name))
-        td = _read_minari(mds, name)
-        ref_min, ref_max, env_id = _minari_ref_scores(mds)
-        source = "minari-local"
-    elif os.path.isabs(name) or name.startswith((".", "~")):
-        raise FileNotFoundError(
-            f"dataset path {name!r} does not exist (a path, not a Minari id: those look like "
-            f"'mujoco/hopper/medium-v0'). Check the path; it must be the dataset folder holding 'data/'."
-        )
-    elif _D4RL_PATTERN.match(name):
+    source = _dataset_source(name)
+    if source == "d4rl":
         td, dropped = load_d4rl_transitions(name)
         ref_min, ref_max = D4RL_REF_SCORES[name.split("-")[0]]
         env_id = name
-        source = "d4rl"
-    elif "/" in name:
-        mds = _load_minari_id(name, download)
+    else:
+        mds = _open_minari(Path(name)) if source == "minari-local" else _load_minari_id(name, download)
         td = _read_minari(mds, name)
         ref_min, ref_max, env_id = _minari_ref_scores(mds)
-        source = "minari"
-    else:
-        raise FileNotFoundError(
-            f"dataset {name!r} is neither an existing path, a D4RL id (e.g. 'hopper-medium-v2'; "
-            f"known: {', '.join(D4RL_LOCOMOTION[:3])}, ..., {', '.join(D4RL_ANTMAZE[:2])}, ...) nor "
-            f"a Minari id (namespace/.../name-vN, e.g. 'mujoco/hopper/medium-v0'). {GENERATE_HINT}"
-        )
     if reward_mode == "auto":
         reward_mode = "antmaze" if "antmaze" in name else "locomotion"
     scale = reward_scale_for(td, reward_mode)
