@@ -272,7 +272,14 @@ def test_paper_settings_follow_the_authors_scripts(tmp_path):
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         walker = compose("offline", overrides=["task=generated-walker2d-medium", "budget=cpu"])
     for c in (cpu, walker):
-        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.eval.num_candidates, c.eval.selection) == (5.0, 0.999, "per_env", 3, "per_env")
+        assert (c.loss.eta, c.loss.gamma, c.loss.rho, c.loss.qvalue_target_pessimism, c.eval.num_candidates, c.eval.selection) == (
+            5.0,
+            0.999,
+            "per_env",
+            "per_env",
+            3,
+            "per_env",
+        )
     with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
         umaze_diverse = compose("offline", overrides=["task=antmaze-umaze-diverse-v2"])
     assert umaze_diverse.eval.num_candidates == 1 and umaze_diverse.loss.gamma == 0.995
@@ -294,31 +301,39 @@ def test_budget_per_env_values_follow_the_datasets_env(tmp_path, dataset, capsys
         with initialize_config_dir(config_dir=str(SCRIPT_DIR / "config"), version_base="1.3"):
             return compose("offline", overrides=[*TINY, f"output_dir={tmp_path / 'run'}", *overrides])
 
-    hopper = {"loss.rho": 1.0, "eval.selection": "q"}
-    walker = {"loss.rho": 0.0, "eval.selection": "average"}
-    default = {"loss.rho": 0.0, "eval.selection": "q"}
+    default = {"loss.rho": 0.0, "loss.qvalue_target_pessimism": None, "eval.selection": "q"}
+    hopper = {**default, "loss.rho": 1.0}
+    walker = {**default, "eval.selection": "average"}
+    cheetah = {**default, "loss.qvalue_target_pessimism": 0.8}
     cases = (
         ("Hopper-v5", hopper),
         ("hopper-medium-v2", hopper),
         ("HOPPER-v4", hopper),
         ("Walker2d-v5", walker),
-        ("HalfCheetah-v5", default),
+        ("HalfCheetah-v5", cheetah),
+        ("halfcheetah-medium-replay-v2", cheetah),
         ("Ant-v5", default),
     )
+    keys = tuple(default)
     for env_id, expected in cases:
         cfg = composed()
         assert utils.resolve_per_env(cfg, env_id) == expected, env_id
-        assert (cfg.loss.rho, cfg.eval.selection) == (expected["loss.rho"], expected["eval.selection"]), env_id
+        assert tuple(OmegaConf.select(cfg, k) for k in keys) == tuple(expected[k] for k in keys), env_id
+        utils.validate_config(cfg)  # each block's values pass the config's checks (a share needs aggregation lcb, no qvalue_target_rho)
     said = capsys.readouterr().out
-    assert "per_env for 'Hopper-v5': loss.rho=1.0 (Hopper), eval.selection=q (default)" in said
-    assert "per_env for 'Walker2d-v5': loss.rho=0.0 (default), eval.selection=average (Walker2d)" in said
+    assert "per_env for 'Hopper-v5': loss.rho=1.0 (Hopper), loss.qvalue_target_pessimism=None (default), eval.selection=q (default)" in said
+    assert "per_env for 'Walker2d-v5': loss.rho=0.0 (default), loss.qvalue_target_pessimism=None (default), eval.selection=average (Walker2d)" in said
+    assert "per_env for 'HalfCheetah-v5': loss.rho=0.0 (default), loss.qvalue_target_pessimism=0.8 (HalfCheetah), eval.selection=q (default)" in said
     assert utils.resolve_per_env(composed(), None) == default
     # a command-line value replaces the placeholder: the block leaves it alone
     cfg = composed("loss.rho=0.5")
-    assert utils.resolve_per_env(cfg, "Hopper-v5") == {"eval.selection": "q"} and cfg.loss.rho == 0.5
-    assert utils.resolve_per_env(composed("loss.rho=0.5", "eval.selection=elite", "eval.num_elite=2"), "Hopper-v5") == {}
+    assert utils.resolve_per_env(cfg, "Hopper-v5") == {"loss.qvalue_target_pessimism": None, "eval.selection": "q"} and cfg.loss.rho == 0.5
+    assert utils.resolve_per_env(composed("loss.rho=0.5", "loss.qvalue_target_pessimism=null", "eval.selection=elite", "eval.num_elite=2"), "Hopper-v5") == {}
     # a config with no per_env table, or a key neither the block nor default has: the placeholder is named
-    with pytest.raises(ValueError, match=r"loss.rho='per_env', eval.selection='per_env': expected a value; the config has no per_env table"):
+    with pytest.raises(
+        ValueError,
+        match=r"loss.rho='per_env', loss.qvalue_target_pessimism='per_env', eval.selection='per_env': expected a value; the config has no per_env table",
+    ):
         utils.resolve_per_env(composed("~per_env"), "Hopper-v5")
     with pytest.raises(ValueError, match=r"eval.selection='per_env': the budget's per_env table has no value for it under 'Walker2d' or 'default'"):
         utils.resolve_per_env(composed("~per_env.Walker2d.eval", "~per_env.default.eval"), "Walker2d-v5")
