@@ -35,6 +35,9 @@ from torchrl_bdpo.provenance import software_versions
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
 
+PROBE_KEYS = ("q_policy", "mc_return_policy", "policy_probe_states", "path_kl_mean", "path_kl_p90")
+
+
 def run_bdpo(args, seed: int, out: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
@@ -60,7 +63,15 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
     summary = bdpo_online.train(cfg)
     return {
         "evals": [
-            {"frames": r["frames"], "mean": r["return_mean"], "std": r["return_std"], "one_sample_mean": r["return_one_sample_mean"], "eta": r["eta"]}
+            {
+                "frames": r["frames"],
+                "mean": r["return_mean"],
+                "std": r["return_std"],
+                "one_sample_mean": r["return_one_sample_mean"],
+                "eta": r["eta"],
+                # Q on the best-of-K policy's actions against their MC return, the path KL per state
+                **{k: r[k] for k in PROBE_KEYS if k in r},
+            }
             for r in summary["evaluations"]
         ],
         "wall_s": summary["wall_time_s"],

@@ -4,6 +4,7 @@ import json
 import time
 from importlib import metadata
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -49,6 +50,28 @@ def test_online_run_outputs(tmp_path):
     seconds = summary["time_s"]
     assert set(seconds) == {"collect", "update", "eval"} and min(seconds.values()) > 0
     assert sum(seconds.values()) <= summary["wall_time_s"]
+
+
+def test_evaluations_probe_q_on_the_policy_actions_without_moving_the_training(tmp_path, monkeypatch):
+    """Every evaluation logs Q on the best-of-K policy's actions against their Monte Carlo
+    return (scaled rewards) and the path KL per state. The probe draws paths on a forked
+    generator: the run is the one it would be without it, to the last parameter."""
+    # gamma 0.5: a horizon of 7 steps, so 13 of each 20-step evaluation episode have an exact return
+    summary = online.train(config(tmp_path / "probe", "loss.gamma=0.5", "env.reward_scale=2.0"))
+    for r in summary["evaluations"]:
+        assert r["policy_probe_states"] == 2 * 13
+        assert r["mc_return_policy"] < 0 and np.isfinite(r["q_policy"])  # Pendulum's rewards are <= 0
+        assert r["path_kl_mean"] > 0 and r["path_kl_p90"] > 0
+    logs = tmp_path / "probe" / "logs" / "bdpo_online" / "scalars" / "eval"
+    assert (logs / "q_policy.csv").exists() and (logs / "mc_return_policy.csv").exists()
+    monkeypatch.setattr(online, "policy_value_probe", lambda *args, **kwargs: {})
+    without = online.train(config(tmp_path / "without", "loss.gamma=0.5", "env.reward_scale=2.0"))
+    keep = ("frames", "updates", "eta", "return_mean", "return_std", "return_one_sample_mean", "return_one_sample_std")
+    assert [{k: r[k] for k in keep} for r in summary["evaluations"]] == [{k: r[k] for k in keep} for r in without["evaluations"]]
+    a = checkpoint_io.load_checkpoint(tmp_path / "probe" / "checkpoint.pt")
+    b = checkpoint_io.load_checkpoint(tmp_path / "without" / "checkpoint.pt")
+    for key, value in a["loss"].items():
+        torch.testing.assert_close(b["loss"][key], value, rtol=0, atol=0, msg=key)
 
 
 def test_resume_gives_the_same_run(tmp_path, monkeypatch):
@@ -291,6 +314,9 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
     assert all(e["alpha"] > 0 and "entropy" in e for e in sac["evals"])  # SAC's temperature and entropy, logged
+    # BDPO's evaluations carry the probe: the path KL per state (the 2 Pendulum episodes run 200
+    # steps to their time limit, fewer than the horizon at gamma 0.99: no exact return, no Q row)
+    assert all(e["path_kl_mean"] > 0 and e["policy_probe_states"] == 0 and "q_policy" not in e for e in bdpo["evals"])
     for run in (bdpo, sac):  # both split their time the same way, within their wall time
         assert min(run["time_s"].values()) > 0 and sum(run["time_s"].values()) <= run["wall_s"]
     assert (tmp_path / "online_vs_sac.png").exists()

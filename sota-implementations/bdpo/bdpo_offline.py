@@ -23,57 +23,12 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import acting_rule, per_env_paths, resolve_per_env, resume_phases, run_phases, run_start, selection_kwargs, start_run, write_summary  # noqa: E402
+from utils import acting_rule, per_env_paths, policy_value_probe, resolve_per_env, resume_phases, run_phases  # noqa: E402
+from utils import run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, dataset_env_id, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
 from torchrl_bdpo.diffusion import QSelectActor  # noqa: E402
 from torchrl_bdpo.envs import episode_stats, eval_env_id, eval_seed, evaluate, make_eval_env  # noqa: E402
-
-
-def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
-    """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
-
-    Over the states of evaluation ``episodes`` (from :func:`evaluate`): ``path_kl_mean`` /
-    ``path_kl_p90`` are the target actor's path KL to the behavior EMA (nats) at every state.
-    ``q_policy`` is the target Q ensemble's mean on the (s, a) the policy took and
-    ``mc_return_policy`` the discounted return that followed (rewards scaled as in training),
-    over the steps whose return a time limit did not cut (:func:`exact_return_mask`: the
-    episode fell, or more than the horizon, gamma^k <= 0.01, was left), so that the comparison
-    is fair; ``policy_probe_states`` counts them. Where there are none (every episode ran to
-    its time limit with less than the horizon left: at gamma 0.999 a 1000-step episode),
-    ``q_policy`` is not logged. Overestimation on the policy's actions (not only on the
-    data's) is how a policy that exploits Q errors shows.
-    """
-    from torchrl_bdpo.data import discounted_returns, exact_return_mask
-
-    if not episodes:
-        return {}
-    rows = []
-    for i, ep in enumerate(episodes):
-        ep = ep.clone()
-        ep.set(("next", "reward"), ep.get(("next", "reward")).float() * reward_scale)
-        ep.set("episode", torch.full((ep.shape[0],), i, dtype=torch.long))
-        rows.append(ep)
-    data = torch.cat(rows)
-    data.set("mc", discounted_returns(data, gamma).float())
-    exact = exact_return_mask(data, gamma)
-
-    def spread(td):  # at most max_rows states, spread over the episodes
-        return td[torch.linspace(0, td.shape[0] - 1, max_rows).long()] if td.shape[0] > max_rows else td
-
-    out = {}
-    with torch.no_grad():
-        states = spread(data).get("observation").to(device).float()
-        # only the paths' KL is read: the value (and an adaptive weight's reward) does not matter
-        none_terminal = torch.zeros(states.shape[0], dtype=torch.bool, device=device)
-        _, path_kl, _ = loss.next_state_value(states, none_terminal, reward=states.new_zeros(states.shape[0]))
-        out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
-        fair = spread(data[exact])
-        out["policy_probe_states"] = int(fair.shape[0])
-        if fair.shape[0]:
-            q = loss._qvalue(loss.target_qvalue_network_params, fair.get("observation").to(device).float(), fair.get("action").to(device).float())
-            out.update(q_policy=float(q.mean()), mc_return_policy=float(fair.get("mc").mean()))
-    return out
 
 
 def plot_evals(rows: list[dict], out: Path, rule: str) -> Path | None:

@@ -52,6 +52,7 @@ from utils import (  # noqa: E402
     make_bdpo_loss,
     make_logger,
     make_training,
+    policy_value_probe,
     run_start,
     save_checkpoint,
     selection_kwargs,
@@ -174,7 +175,9 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
         return None
     from torchrl_bdpo.plotting import curve, finish, subplots
 
-    fig, (ax,) = subplots()
+    probe = [r for r in rows if "q_policy" in r]
+    fig, axes = subplots(2, width=11, height=3.5) if probe else subplots()
+    ax = axes[0]
     if train_returns:
         x, y = zip(*train_returns)
         ax.plot(x, y, ".", color="gray", alpha=0.4, ms=3, label="training episodes (exploration)")
@@ -184,7 +187,13 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
             curve(ax, x, ([r[f"{key}_mean"] for r in rows], [r[f"{key}_std"] for r in rows]), label, color, band="std")
         if rows[0].get("start_return") is not None:
             ax.axhline(rows[0]["start_return"], color="k", ls="--", lw=1, label=f"offline start ({rule})")
-    return finish(fig, [(ax, "environment frames", "return")], out / "learning_curve.png", title=title)
+    panels = [(ax, "environment frames", "return")]
+    if probe:  # overestimation on the policy's own actions: Q above the return that followed
+        x = [r["frames"] for r in probe]
+        axes[1].plot(x, [r["q_policy"] for r in probe], marker=".", color="C3", label="target Q on the policy's actions")
+        axes[1].plot(x, [r["mc_return_policy"] for r in probe], ls="--", marker=".", color="C3", alpha=0.5, label="their MC return")
+        panels.append((axes[1], "environment frames", "discounted return (scaled rewards)"))
+    return finish(fig, panels, out / "learning_curve.png", title=title)
 
 
 def offline_data(cfg: DictConfig, offline_cfg: DictConfig | None):
@@ -331,7 +340,7 @@ def train(cfg: DictConfig) -> dict:
             return None
         t_eval = time.perf_counter()
         # the same start states for both at every evaluation, and on resume
-        best = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, seed=eval_seed(cfg.seed))
+        best, episodes = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=eval_seed(cfg.seed))
         one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, seed=eval_seed(cfg.seed))
         row = {
             "frames": frames,
@@ -342,6 +351,11 @@ def train(cfg: DictConfig) -> dict:
             "return_one_sample_mean": float(one.mean()),
             "return_one_sample_std": float(one.std()),
         }
+        # Q on the actions the best-of-K policy took against their Monte Carlo return, and the
+        # path KL per state; on a forked generator, so the probe leaves the training's draws as
+        # they would be without it
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            row.update(policy_value_probe(loss, episodes, reward_scale, cfg.loss.gamma, device))
         if info is not None and info.ref_min_score is not None and info.ref_max_score is not None:
             row["score_mean"] = float(info.normalized_score(best.mean()))
         if eval_rows and "start_return" in eval_rows[0]:
