@@ -11,7 +11,10 @@ overrides). SAC is TorchRL's ``SACLoss`` with its sota script's settings (2 x 25
 TanhNormal actor, clipped double Q, automatic temperature, lr 3e-4, target EMA 0.005, batch
 256) on the same frames, ``frames_per_batch``, ``init_random_frames`` and updates per frame.
 Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the same start
-states (SAC deterministic; BDPO best-of-K and one sample). Out: ``online_vs_sac.json`` (every
+states (SAC deterministic; BDPO best-of-K and one sample). At each evaluation both also log their
+target Q's mean on the actions their evaluated policy took against the Monte Carlo return that
+followed (``q_policy``, ``mc_return_policy``, over the steps whose return a time limit did not
+cut), so that overestimation on each one's own actions compares. Out: ``online_vs_sac.json`` (every
 evaluation, env frames/s, seconds in collection / updates / evaluations and torch threads of
 each run) and ``online_vs_sac.png``. ``--merge`` joins the JSONs of runs made apart (other
 seeds, one algorithm each) into one JSON and figure; their settings must agree.
@@ -82,6 +85,24 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
     }
 
 
+SAC_GAMMA = 0.99
+
+
+def sac_target_q(loss):
+    """``q(observation, action)``: the mean of a TorchRL ``SACLoss``'s target Q ensemble, the Q
+    its TD targets read (a functional call: the loss's modules and parameters are left as they are)."""
+    from tensordict import TensorDict
+
+    net, params = loss.qvalue_network, loss.target_qvalue_network_params
+
+    def q(observation, action):
+        td = TensorDict({"observation": observation, "action": action}, [observation.shape[0]])
+        values = [torch.func.functional_call(net, dict(params[i].flatten_keys(".").items()), (td.clone(),)) for i in range(params.shape[0])]
+        return torch.stack([v.get("state_action_value") for v in values]).mean(0)
+
+    return q
+
+
 def run_sac(args, seed: int) -> dict:
     """TorchRL's SAC (sota settings) on the same frames and updates per frame."""
     from torchrl.collectors import Collector
@@ -94,7 +115,10 @@ def run_sac(args, seed: int) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     env, eval_env = make_env(args.env, seed), make_env(args.env, eval_seed(seed))
-    actor, loss = make_sac(env, 256, 0.99)
+    actor, loss = make_sac(env, 256, SAC_GAMMA)
+    sys.path.insert(0, str(SCRIPT_DIR))
+    from utils import q_policy_probe
+
     updater = SoftUpdate(loss, tau=0.005)
     optims = [
         torch.optim.Adam(loss.actor_network_params.parameters(), lr=3e-4),
@@ -125,8 +149,9 @@ def run_sac(args, seed: int) -> dict:
             seconds["update"] += time.perf_counter() - t_update
         if frames % args.eval_every == 0:
             t_eval = time.perf_counter()
-            returns = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC, seed=eval_seed(seed))
+            returns, episodes = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=eval_seed(seed))
             row = {"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())}
+            row.update(q_policy_probe(sac_target_q(loss), episodes, 1.0, SAC_GAMMA, torch.device("cpu")))
             if out is not None:  # the last update's temperature and entropy estimate (-log pi of its actions, nats)
                 row.update(alpha=float(out["alpha"]), entropy=float(out["entropy"]))
             evals.append(row)

@@ -314,6 +314,7 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert [e["frames"] for e in bdpo["evals"]] == [e["frames"] for e in sac["evals"]] == [200, 400]
     assert bdpo["frames_per_s"] > 0 and sac["frames_per_s"] > 0
     assert all(e["alpha"] > 0 and "entropy" in e for e in sac["evals"])  # SAC's temperature and entropy, logged
+    assert all(e["policy_probe_states"] == 0 and "q_policy" not in e for e in sac["evals"])  # the same probe, same episodes
     # BDPO's evaluations carry the probe: the path KL per state (the 2 Pendulum episodes run 200
     # steps to their time limit, fewer than the horizon at gamma 0.99: no exact return, no Q row)
     assert all(e["path_kl_mean"] > 0 and e["policy_probe_states"] == 0 and "q_policy" not in e for e in bdpo["evals"])
@@ -323,6 +324,52 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert result["machine"]["threads"] == 1 and "threads=1" in bdpo["overrides"]
     assert result["machine"]["torch"] == metadata.version("torch") and result["machine"]["cpu"]
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
+
+
+def test_sac_probe_reads_sacs_target_q_on_its_own_actions():
+    """The harness's SAC probe: the mean of SACLoss's two target Qs (not its online ones), on the
+    steps whose Monte Carlo return is exact, against that return (q_policy_probe)."""
+    from tensordict import TensorDict
+
+    from torchrl_bdpo.data.generate import make_sac
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("online_vs_sac")
+    import utils  # the scripts' helpers (on sys.path once load_script ran)
+
+    torch.manual_seed(0)
+    _, loss = make_sac(online.make_train_env("Pendulum-v1", 0), 16, 0.99)
+    loss.target_qvalue_network_params.apply_(lambda t: t.data.copy_(torch.randn_like(t)))  # targets apart from the online Qs
+    obs, act = torch.randn(6, 3), torch.rand(6, 1) * 2 - 1
+    want = []
+    with torch.no_grad():
+        for i in range(2):
+            with loss.target_qvalue_network_params[i].to_module(loss.qvalue_network):
+                want.append(loss.qvalue_network(TensorDict({"observation": obs, "action": act}, [6])).get("state_action_value"))
+        got = harness.sac_target_q(loss)(obs, act)
+    torch.testing.assert_close(got, (want[0] + want[1]) / 2)
+    # an episode that fell after 4 steps and one cut by its time limit at 10 (gamma 0.5: 7 steps of horizon)
+    T = (4, 10)
+    episodes = [
+        TensorDict(
+            {
+                "observation": obs.repeat(2, 1)[:t],
+                "action": act.repeat(2, 1)[:t],
+                ("next", "reward"): -torch.ones(t, 1),
+                ("next", "terminated"): torch.arange(t).unsqueeze(-1) == t - 1 if t == 4 else torch.zeros(t, 1, dtype=torch.bool),
+            },
+            [t],
+        )
+        for t in T
+    ]
+    out = utils.q_policy_probe(harness.sac_target_q(loss), episodes, 1.0, 0.5, torch.device("cpu"))
+    assert out["policy_probe_states"] == 4 + 3
+    mc = [-(1 - 0.5 ** (4 - t)) / 0.5 for t in range(4)] + [-(1 - 0.5 ** (10 - t)) / 0.5 for t in range(3)]
+    assert out["mc_return_policy"] == pytest.approx(np.mean(mc), rel=1e-6)
+    rows_obs = torch.cat([obs.repeat(2, 1)[:4], obs.repeat(2, 1)[:3]])
+    rows_act = torch.cat([act.repeat(2, 1)[:4], act.repeat(2, 1)[:3]])
+    with torch.no_grad():
+        assert out["q_policy"] == pytest.approx(float(harness.sac_target_q(loss)(rows_obs, rows_act).mean()), rel=1e-6)
 
 
 def test_online_vs_sac_harness_runs_one_algorithm_and_merges(tmp_path):

@@ -550,29 +550,11 @@ CRITIC_DIAGNOSTICS = ("qvalue_pred", "value_pred", "value_target", "value_step_k
 PATH_DIAGNOSTICS = ("qvalue_target", "qvalue_target_rho", "path_kl")
 
 
-def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
-    """Q on the policy's own actions against their Monte Carlo return, and the path KL per state.
-
-    Over the states of evaluation ``episodes`` (from :func:`evaluate`): ``path_kl_mean`` /
-    ``path_kl_p90`` are the target actor's path KL to the reference (nats) at every state: the
-    behavior EMA offline, the uniform policy online.
-    ``q_policy`` is the target Q ensemble's mean on the (s, a) the policy took and
-    ``mc_return_policy`` the discounted return that followed (rewards scaled as in training),
-    over the steps whose return a time limit did not cut (:func:`exact_return_mask`: the
-    episode fell, or more than the horizon, gamma^k <= 0.01, was left), so that the comparison
-    is fair; ``policy_probe_states`` counts them. Where there are none (every episode ran to
-    its time limit with less than the horizon left: at gamma 0.999 a 1000-step episode),
-    ``q_policy`` is not logged. Overestimation on the policy's actions (not only on the
-    data's) is how a policy that exploits Q errors shows.
-
-    It draws the paths from torch's generator; a caller that must not move the training's
-    random stream (the online script, whose evaluations sit between collections) wraps it in
-    ``torch.random.fork_rng``.
-    """
+def _probe_rows(episodes, reward_scale: float, gamma: float):
+    """The evaluation ``episodes`` in one TensorDict, rewards scaled, with each step's discounted
+    return-to-go (``mc``), and the mask of the steps whose return a time limit did not cut."""
     from torchrl_bdpo.data import discounted_returns, exact_return_mask
 
-    if not episodes:
-        return {}
     rows = []
     for i, ep in enumerate(episodes):
         ep = ep.clone()
@@ -581,23 +563,65 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
         rows.append(ep)
     data = torch.cat(rows)
     data.set("mc", discounted_returns(data, gamma).float())
-    exact = exact_return_mask(data, gamma)
+    return data, exact_return_mask(data, gamma)
 
-    def spread(td):  # at most max_rows states, spread over the episodes
-        return td[torch.linspace(0, td.shape[0] - 1, max_rows).long()] if td.shape[0] > max_rows else td
 
+def _spread(td, max_rows: int):
+    """At most ``max_rows`` rows of ``td``, spread evenly over it (over the episodes)."""
+    return td[torch.linspace(0, td.shape[0] - 1, max_rows).long()] if td.shape[0] > max_rows else td
+
+
+def _q_rows(q_fn, data, exact, device, max_rows: int) -> dict:
+    fair = _spread(data[exact], max_rows)
+    out = {"policy_probe_states": int(fair.shape[0])}
+    if fair.shape[0]:
+        with torch.no_grad():
+            q = q_fn(fair.get("observation").to(device).float(), fair.get("action").to(device).float())
+        out.update(q_policy=float(q.mean()), mc_return_policy=float(fair.get("mc").mean()))
+    return out
+
+
+def q_policy_probe(q_fn, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
+    """Q on the policy's own actions against their Monte Carlo return, for any critic.
+
+    ``q_fn(observation, action)`` gives Q per row (any shape whose mean is the batch's mean Q).
+    Over the steps of evaluation ``episodes`` (from :func:`evaluate`) whose return a time limit
+    did not cut (:func:`exact_return_mask`: the episode fell, or more than the horizon,
+    gamma^k <= 0.01, was left): ``q_policy``, Q's mean on the (s, a) the policy took;
+    ``mc_return_policy``, the discounted return that followed (rewards times ``reward_scale``,
+    as in training); ``policy_probe_states``, how many steps. Where no step's return is exact
+    (every episode ran to its time limit with less than the horizon left: at gamma 0.999 a
+    1000-step episode) only the count (0) is returned. Overestimation on the policy's actions
+    (not only on the data's) is how a policy that exploits Q errors shows. Draws nothing.
+    """
+    if not episodes:
+        return {}
+    data, exact = _probe_rows(episodes, reward_scale, gamma)
+    return _q_rows(q_fn, data, exact, device, max_rows)
+
+
+def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
+    """:func:`q_policy_probe` with BDPO's target Q ensemble (its mean), and the path KL per state.
+
+    ``path_kl_mean`` / ``path_kl_p90``: the target actor's path KL to the reference (nats), at
+    every state of the evaluation ``episodes`` (at most ``max_rows``, spread over them): the
+    behavior EMA offline, the uniform policy online.
+
+    It draws the paths from torch's generator; a caller that must not move the training's
+    random stream (the online script, whose evaluations sit between collections) wraps it in
+    ``torch.random.fork_rng``.
+    """
+    if not episodes:
+        return {}
+    data, exact = _probe_rows(episodes, reward_scale, gamma)
     out = {}
     with torch.no_grad():
-        states = spread(data).get("observation").to(device).float()
+        states = _spread(data, max_rows).get("observation").to(device).float()
         # only the paths' KL is read: the value (and an adaptive weight's reward) does not matter
         none_terminal = torch.zeros(states.shape[0], dtype=torch.bool, device=device)
         _, path_kl, _ = loss.next_state_value(states, none_terminal, reward=states.new_zeros(states.shape[0]))
-        out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
-        fair = spread(data[exact])
-        out["policy_probe_states"] = int(fair.shape[0])
-        if fair.shape[0]:
-            q = loss._qvalue(loss.target_qvalue_network_params, fair.get("observation").to(device).float(), fair.get("action").to(device).float())
-            out.update(q_policy=float(q.mean()), mc_return_policy=float(fair.get("mc").mean()))
+    out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
+    out.update(_q_rows(lambda s, a: loss._qvalue(loss.target_qvalue_network_params, s, a), data, exact, device, max_rows))
     return out
 
 
