@@ -118,6 +118,7 @@ def test_smoke_outputs(tmp_path, dataset, monkeypatch):
         "return_behavior_best_of_k_mean",
         "q_policy",
         "mc_return_policy",
+        "mc_soft_return_policy",
         "path_kl_mean",
         "path_kl_p90",
     ):
@@ -357,7 +358,9 @@ def test_budget_per_env_values_follow_the_datasets_env(tmp_path, dataset, capsys
 
 def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
     """Q on the policy's actions and their MC return: a terminated episode counts whole, a
-    time-limited one loses the steps whose return-to-go the limit cut (gamma^k > 0.01 left)."""
+    time-limited one loses the steps whose return-to-go the limit cut (gamma^k > 0.01 left).
+    The soft return subtracts gamma * eta * path KL of each live next state, drawn on a fork
+    of the generator that starts where the path KL's draws left it."""
     from tensordict import TensorDict
 
     from torchrl_bdpo.diffusion import DiffusionActor, EpsilonNetwork, make_qvalue_operator, make_schedule, make_value_operator
@@ -372,14 +375,31 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
     def episode(T, terminated):
         term = torch.zeros(T, 1, dtype=torch.bool)
         term[-1] = terminated
+        obs = torch.randn(T + 1, 3)
         return TensorDict(
-            {"observation": torch.randn(T, 3), "action": torch.rand(T, 2) * 2 - 1, ("next", "reward"): torch.ones(T, 1), ("next", "terminated"): term}, [T]
+            {
+                "observation": obs[:-1],
+                "action": torch.rand(T, 2) * 2 - 1,
+                ("next", "reward"): torch.ones(T, 1),
+                ("next", "terminated"): term,
+                ("next", "observation"): obs[1:],
+            },
+            [T],
         )
+
+    def returns_to_go(rewards, gamma):
+        out, g = [], 0.0
+        for r in reversed(rewards):
+            g = r + gamma * g
+            out.append(g)
+        return out[::-1]
 
     gamma, scale = 0.5, 2.0  # horizon: ceil(log 0.01 / log 0.5) = 7 steps
     short = episode(4, terminated=True)  # all 4 steps kept: returns-to-go 2 * (1 - 0.5^(4-t)) / 0.5
     cut = episode(10, terminated=False)  # 10 - 7 = 3 steps kept
+    torch.manual_seed(1)
     out = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
+    after_probe = torch.rand(3)
     mc_short = [scale * (1 - gamma ** (4 - t)) / (1 - gamma) for t in range(4)]
     mc_cut = [scale * (1 - gamma ** (10 - t)) / (1 - gamma) for t in range(3)]
     assert out["policy_probe_states"] == 7
@@ -390,15 +410,36 @@ def test_policy_value_probe_pins_the_monte_carlo_return_and_q():
         q = loss._qvalue(loss.target_qvalue_network_params, obs, act)
     assert out["q_policy"] == pytest.approx(float(q.mean()), rel=1e-6)
     assert out["path_kl_mean"] > 0 and out["path_kl_p90"] >= out["path_kl_mean"] * 0.5
+    # the same draws by hand: the path KL at the 14 states, then (forked) eta * path KL at the next states
+    torch.manual_seed(1)
+    states = torch.cat([short["observation"], cut["observation"]])
+    with torch.no_grad():
+        loss.next_state_value(states, torch.zeros(14, dtype=torch.bool), reward=torch.zeros(14))
+        assert torch.equal(torch.rand(3), after_probe)  # the soft return's paths left the stream alone
+        torch.manual_seed(1)
+        loss.next_state_value(states, torch.zeros(14, dtype=torch.bool), reward=torch.zeros(14))
+        next_states = torch.cat([short["next", "observation"], cut["next", "observation"]])
+        kl = loss.next_state_value(next_states, torch.zeros(14, dtype=torch.bool), reward=torch.zeros(14))[1]
+    penalty = (0.2 * kl).tolist()
+    penalty[3] = 0.0  # the short episode's last next state is terminal
+    soft_short = returns_to_go([scale - gamma * penalty[t] for t in range(4)], gamma)
+    soft_cut = returns_to_go([scale - gamma * penalty[4 + t] for t in range(10)], gamma)[:3]
+    assert out["mc_soft_return_policy"] == pytest.approx(np.mean(soft_short + soft_cut), rel=1e-5)
+    assert out["mc_soft_return_policy"] < out["mc_return_policy"]
     loss.init_actor_from_behavior()  # the target actor becomes the behavior EMA: no KL left
     same = off.policy_value_probe(loss, [short, cut], scale, gamma, torch.device("cpu"))
     assert same["path_kl_mean"] == pytest.approx(0.0, abs=1e-10) and same["q_policy"] == out["q_policy"]
+    assert same["mc_soft_return_policy"] == pytest.approx(same["mc_return_policy"], rel=1e-6)
     # an episode shorter than the horizon and cut by the time limit: no fair Q comparison, but
     # the path KL is still measured over its states (at gamma 0.999 every 1000-step episode is such)
     cut_only = off.policy_value_probe(loss, [episode(5, terminated=False)], scale, gamma, torch.device("cpu"))
     assert cut_only["policy_probe_states"] == 0 and "q_policy" not in cut_only and "mc_return_policy" not in cut_only
+    assert "mc_soft_return_policy" not in cut_only
     assert cut_only["path_kl_mean"] == pytest.approx(0.0, abs=1e-10)  # the actor is the behavior here
     assert off.policy_value_probe(loss, [], scale, gamma, torch.device("cpu")) == {}
+    # episodes without their next observations (kept by evaluate) cannot give the soft return
+    with pytest.raises(KeyError, match="'next', 'observation'"):
+        off.policy_value_probe(loss, [short.exclude(("next", "observation"))], scale, gamma, torch.device("cpu"))
 
 
 def test_a_diverged_state_is_never_checkpointed(tmp_path, dataset, monkeypatch):

@@ -142,8 +142,8 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episo
     continues from the previous call. The policy's own sampling draws from torch's generator.
 
     ``keep_episodes=True`` also returns each episode's steps, a TensorDict with
-    ``observation``, ``action``, ``("next", "reward")`` and ``("next", "terminated")`` up to
-    and including its first done: ``(returns, episodes)``.
+    ``observation``, ``action``, ``("next", "reward")``, ``("next", "terminated")`` and
+    ``("next", "observation")`` up to and including its first done: ``(returns, episodes)``.
     """
     from torchrl.envs.utils import set_exploration_type
 
@@ -160,7 +160,10 @@ def evaluate(env, policy, episodes: int, max_steps: int, exploration, keep_episo
             before_first_done = (done.cumsum(-1) - done) == 0  # steps up to and including the first done
             returns += (reward * before_first_done).sum(-1).tolist()
             if keep_episodes:
-                kept += [td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated")).cpu() for i in range(n_envs)]
+                kept += [
+                    td[i][before_first_done[i]].select("observation", "action", ("next", "reward"), ("next", "terminated"), ("next", "observation")).cpu()
+                    for i in range(n_envs)
+                ]
     returns = np.asarray(returns[:episodes])
     return (returns, kept[:episodes]) if keep_episodes else returns
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scripts' utils
 from utils import hydra_main, log_scalars, make_bdpo_loss, make_logger, make_training  # noqa: E402
-from utils import acting_rule, per_env_paths, policy_value_probe, resolve_per_env, resume_phases, run_phases  # noqa: E402
+from utils import acting_rule, per_env_paths, plot_probe_returns, policy_value_probe, resolve_per_env, resume_phases, run_phases  # noqa: E402
 from utils import run_start, selection_kwargs, start_run, write_summary  # noqa: E402
 
 from torchrl_bdpo.data import check_env_compatibility, dataset_env_id, discounted_returns, exact_return_mask, make_offline_buffer  # noqa: E402
@@ -74,7 +74,7 @@ def plot_evals(rows: list[dict], out: Path, rule: str) -> Path | None:
         if pol:
             xp = [r["global_step"] for r in pol]
             ax.plot(xp, [r["q_policy"] for r in pol], marker=".", color="C3", label="target Q on the policy's (s, a)")
-            ax.plot(xp, [r["mc_return_policy"] for r in pol], ls="--", marker=".", color="C3", alpha=0.5, label="their MC return")
+            plot_probe_returns(ax, xp, pol, "C3")
         labels.append((ax, "gradient steps", "value (scaled rewards)"))
     return finish(fig, labels, out / "eval_returns.png")
 

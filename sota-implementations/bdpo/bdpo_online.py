@@ -52,6 +52,7 @@ from utils import (  # noqa: E402
     make_bdpo_loss,
     make_logger,
     make_training,
+    plot_probe_returns,
     policy_value_probe,
     run_start,
     save_checkpoint,
@@ -191,7 +192,7 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
     if probe:  # overestimation on the policy's own actions: Q above the return that followed
         x = [r["frames"] for r in probe]
         axes[1].plot(x, [r["q_policy"] for r in probe], marker=".", color="C3", label="target Q on the policy's actions")
-        axes[1].plot(x, [r["mc_return_policy"] for r in probe], ls="--", marker=".", color="C3", alpha=0.5, label="their MC return")
+        plot_probe_returns(axes[1], x, probe, "C3")
         panels.append((axes[1], "environment frames", "discounted return (scaled rewards)"))
     return finish(fig, panels, out / "learning_curve.png", title=title)
 

@@ -550,9 +550,15 @@ CRITIC_DIAGNOSTICS = ("qvalue_pred", "value_pred", "value_target", "value_step_k
 PATH_DIAGNOSTICS = ("qvalue_target", "qvalue_target_rho", "path_kl")
 
 
-def _probe_rows(episodes, reward_scale: float, gamma: float):
+def _probe_rows(episodes, reward_scale: float, gamma: float, next_penalty=None, device=None, chunk: int = 4096):
     """The evaluation ``episodes`` in one TensorDict, rewards scaled, with each step's discounted
-    return-to-go (``mc``), and the mask of the steps whose return a time limit did not cut."""
+    return-to-go (``mc``), and the mask of the steps whose return a time limit did not cut.
+
+    With ``next_penalty`` (``next_observation -> [rows]``, in scaled-reward units) also
+    ``mc_soft``: the return-to-go of ``r_t - gamma * next_penalty(s_{t+1})`` (no penalty where
+    ``s_{t+1}`` is terminal), the soft return a critic whose TD target subtracts that term
+    estimates. It reads ``("next", "observation")``, ``chunk`` rows at a time on ``device``.
+    """
     from torchrl_bdpo.data import discounted_returns, exact_return_mask
 
     rows = []
@@ -563,6 +569,20 @@ def _probe_rows(episodes, reward_scale: float, gamma: float):
         rows.append(ep)
     data = torch.cat(rows)
     data.set("mc", discounted_returns(data, gamma).float())
+    if next_penalty is not None:
+        if ("next", "observation") not in data.keys(True):
+            raise KeyError(
+                "the soft return needs each step's ('next', 'observation'); pass episodes from "
+                "torchrl_bdpo.envs.evaluate(..., keep_episodes=True), which keep it."
+            )
+        next_obs = data.get(("next", "observation")).float()
+        with torch.no_grad():
+            penalty = torch.cat([next_penalty(o.to(device)).reshape(-1).float().cpu() for o in next_obs.split(chunk)])
+        reward = data.get(("next", "reward"))
+        live = ~data.get(("next", "terminated")).reshape(-1)
+        soft = data.clone(False)
+        soft.set(("next", "reward"), reward - gamma * (penalty * live).reshape(reward.shape))
+        data.set("mc_soft", discounted_returns(soft, gamma).float())
     return data, exact_return_mask(data, gamma)
 
 
@@ -578,10 +598,12 @@ def _q_rows(q_fn, data, exact, device, max_rows: int) -> dict:
         with torch.no_grad():
             q = q_fn(fair.get("observation").to(device).float(), fair.get("action").to(device).float())
         out.update(q_policy=float(q.mean()), mc_return_policy=float(fair.get("mc").mean()))
+        if "mc_soft" in fair.keys():
+            out["mc_soft_return_policy"] = float(fair.get("mc_soft").mean())
     return out
 
 
-def q_policy_probe(q_fn, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
+def q_policy_probe(q_fn, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048, next_penalty=None) -> dict:
     """Q on the policy's own actions against their Monte Carlo return, for any critic.
 
     ``q_fn(observation, action)`` gives Q per row (any shape whose mean is the batch's mean Q).
@@ -592,24 +614,45 @@ def q_policy_probe(q_fn, episodes, reward_scale: float, gamma: float, device, ma
     as in training); ``policy_probe_states``, how many steps. Where no step's return is exact
     (every episode ran to its time limit with less than the horizon left: at gamma 0.999 a
     1000-step episode) only the count (0) is returned. Overestimation on the policy's actions
-    (not only on the data's) is how a policy that exploits Q errors shows. Draws nothing.
+    (not only on the data's) is how a policy that exploits Q errors shows.
+
+    A soft critic (its TD target subtracts ``gamma * next_penalty(s')``: SAC's
+    ``alpha * log pi(a'|s')``, BDPO's ``eta * path KL(s')``) estimates the soft return, not the
+    raw one: ``next_penalty`` adds ``mc_soft_return_policy``, the same steps' return of the
+    penalised rewards (docs/design.md section 1). The probe draws only what ``next_penalty``
+    draws.
     """
     if not episodes:
         return {}
-    data, exact = _probe_rows(episodes, reward_scale, gamma)
+    data, exact = _probe_rows(episodes, reward_scale, gamma, next_penalty, device)
     return _q_rows(q_fn, data, exact, device, max_rows)
 
 
+def bdpo_next_penalty(loss):
+    """``next_observation -> eta * path KL``: what BDPO's Q target subtracts (over ``gamma``) at
+    the next state, the target actor's path KL to the reference (one draw of its ``num_samples``
+    paths per state) times the current eta."""
+    eta = float(loss.eta)
+
+    def penalty(obs):
+        none_terminal = torch.zeros(obs.shape[0], dtype=torch.bool, device=obs.device)
+        return eta * loss.next_state_value(obs, none_terminal, reward=obs.new_zeros(obs.shape[0]))[1]
+
+    return penalty
+
+
 def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device, max_rows: int = 2048) -> dict:
-    """:func:`q_policy_probe` with BDPO's target Q ensemble (its mean), and the path KL per state.
+    """:func:`q_policy_probe` with BDPO's target Q ensemble (its mean), the soft return of
+    :func:`bdpo_next_penalty` and the path KL per state.
 
     ``path_kl_mean`` / ``path_kl_p90``: the target actor's path KL to the reference (nats), at
     every state of the evaluation ``episodes`` (at most ``max_rows``, spread over them): the
     behavior EMA offline, the uniform policy online.
 
-    It draws the paths from torch's generator; a caller that must not move the training's
-    random stream (the online script, whose evaluations sit between collections) wraps it in
-    ``torch.random.fork_rng``.
+    It draws the path KL's paths from torch's generator; a caller that must not move the
+    training's random stream (the online script, whose evaluations sit between collections)
+    wraps it in ``torch.random.fork_rng``. The soft return's paths (at every next state) draw on
+    a fork of their own, so they leave the caller's stream where the path KL left it.
     """
     if not episodes:
         return {}
@@ -621,8 +664,20 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
         none_terminal = torch.zeros(states.shape[0], dtype=torch.bool, device=device)
         _, path_kl, _ = loss.next_state_value(states, none_terminal, reward=states.new_zeros(states.shape[0]))
     out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        data, exact = _probe_rows(episodes, reward_scale, gamma, bdpo_next_penalty(loss), device)
     out.update(_q_rows(lambda s, a: loss._qvalue(loss.target_qvalue_network_params, s, a), data, exact, device, max_rows))
     return out
+
+
+def plot_probe_returns(ax, x, rows, color: str) -> None:
+    """The probe's returns on ``ax``: the soft MC return (what a soft Q estimates; dashed) where
+    the rows have it, and the raw one (dotted, fainter): Q is to be read against the soft one."""
+    if all("mc_soft_return_policy" in r for r in rows):
+        ax.plot(x, [r["mc_soft_return_policy"] for r in rows], ls="--", marker=".", color=color, alpha=0.6, label="their soft MC return")
+        ax.plot(x, [r["mc_return_policy"] for r in rows], ls=":", color=color, alpha=0.35, label="their raw MC return")
+    else:
+        ax.plot(x, [r["mc_return_policy"] for r in rows], ls="--", marker=".", color=color, alpha=0.5, label="their MC return")
 
 
 def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool = True) -> dict:
