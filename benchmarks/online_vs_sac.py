@@ -14,7 +14,9 @@ Both are evaluated at the same frames by ``torchrl_bdpo.envs.evaluate`` from the
 states (SAC deterministic; BDPO best-of-K and one sample). At each evaluation both also log their
 target Q's mean on the actions their evaluated policy took against the Monte Carlo return that
 followed (``q_policy``, ``mc_return_policy``, over the steps whose return a time limit did not
-cut), so that overestimation on each one's own actions compares. Out: ``online_vs_sac.json`` (every
+cut), and the soft return their soft Q estimates (``mc_soft_return_policy``: the rewards less
+gamma times the next state's penalty, SAC's ``alpha * log pi``, BDPO's ``eta * path KL``), so
+that overestimation on each one's own actions compares. Out: ``online_vs_sac.json`` (every
 evaluation, env frames/s, seconds in collection / updates / evaluations and torch threads of
 each run) and ``online_vs_sac.png``. ``--merge`` joins the JSONs of runs made apart (other
 seeds, one algorithm each) into one JSON and figure; their settings must agree.
@@ -38,7 +40,7 @@ from torchrl_bdpo.provenance import software_versions
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
 
-PROBE_KEYS = ("q_policy", "mc_return_policy", "policy_probe_states", "path_kl_mean", "path_kl_p90")
+PROBE_KEYS = ("q_policy", "mc_return_policy", "mc_soft_return_policy", "policy_probe_states", "path_kl_mean", "path_kl_p90")
 
 
 def run_bdpo(args, seed: int, out: Path) -> dict:
@@ -103,6 +105,26 @@ def sac_target_q(loss):
     return q
 
 
+def sac_next_penalty(loss):
+    """``next_observation -> alpha * log pi(a'|s')``, ``a'`` one draw of SAC's actor: what a
+    TorchRL ``SACLoss`` (v2) target subtracts (over ``gamma``) at the next state, with the loss's
+    current temperature. Draws from torch's generator (the harness forks it)."""
+    from tensordict import TensorDict
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    log_alpha, bounds = loss.log_alpha.detach(), (loss.min_log_alpha, loss.max_log_alpha)
+    alpha = float((log_alpha.clamp(*bounds) if any(b is not None for b in bounds) else log_alpha).exp())  # as SACLoss._alpha
+
+    def penalty(observation):
+        td = TensorDict({"observation": observation}, [observation.shape[0]])
+        with set_exploration_type(ExplorationType.RANDOM), loss.actor_network_params.to_module(loss.actor_network):
+            dist = loss.actor_network.get_dist(td)
+            action = dist.rsample()
+            return alpha * dist.log_prob(action)
+
+    return penalty
+
+
 def run_sac(args, seed: int) -> dict:
     """TorchRL's SAC (sota settings) on the same frames and updates per frame."""
     from torchrl.collectors import Collector
@@ -151,7 +173,8 @@ def run_sac(args, seed: int) -> dict:
             t_eval = time.perf_counter()
             returns, episodes = evaluate(eval_env, actor, args.episodes, 1000, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=eval_seed(seed))
             row = {"frames": frames, "mean": float(returns.mean()), "std": float(returns.std())}
-            row.update(q_policy_probe(sac_target_q(loss), episodes, 1.0, SAC_GAMMA, torch.device("cpu")))
+            with torch.random.fork_rng():  # the soft return's draws leave SAC's stream as it was
+                row.update(q_policy_probe(sac_target_q(loss), episodes, 1.0, SAC_GAMMA, torch.device("cpu"), next_penalty=sac_next_penalty(loss)))
             if out is not None:  # the last update's temperature and entropy estimate (-log pi of its actions, nats)
                 row.update(alpha=float(out["alpha"]), entropy=float(out["entropy"]))
             evals.append(row)

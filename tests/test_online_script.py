@@ -62,8 +62,9 @@ def test_evaluations_probe_q_on_the_policy_actions_without_moving_the_training(t
         assert r["policy_probe_states"] == 2 * 13
         assert r["mc_return_policy"] < 0 and np.isfinite(r["q_policy"])  # Pendulum's rewards are <= 0
         assert r["path_kl_mean"] > 0 and r["path_kl_p90"] > 0
+        assert r["mc_soft_return_policy"] < r["mc_return_policy"]  # less eta * path KL > 0 at each live next state
     logs = tmp_path / "probe" / "logs" / "bdpo_online" / "scalars" / "eval"
-    assert (logs / "q_policy.csv").exists() and (logs / "mc_return_policy.csv").exists()
+    assert all((logs / f"{k}.csv").exists() for k in ("q_policy", "mc_return_policy", "mc_soft_return_policy"))
     monkeypatch.setattr(online, "policy_value_probe", lambda *args, **kwargs: {})
     without = online.train(config(tmp_path / "without", "loss.gamma=0.5", "env.reward_scale=2.0"))
     keep = ("frames", "updates", "eta", "return_mean", "return_std", "return_one_sample_mean", "return_one_sample_std")
@@ -370,6 +371,76 @@ def test_sac_probe_reads_sacs_target_q_on_its_own_actions():
     rows_act = torch.cat([act.repeat(2, 1)[:4], act.repeat(2, 1)[:3]])
     with torch.no_grad():
         assert out["q_policy"] == pytest.approx(float(harness.sac_target_q(loss)(rows_obs, rows_act).mean()), rel=1e-6)
+
+
+def test_sac_soft_return_subtracts_what_sacs_own_target_subtracts():
+    """The SAC probe's next-state penalty is alpha * log pi(a'|s') with SACLoss's own draw: SACLoss's
+    TD target is r + gamma * (min target Q at that a' - the penalty).
+    The probe's soft return uses it with gamma, and draws nothing the run would see (the harness
+    forks the generator)."""
+    from tensordict import TensorDict
+
+    from torchrl_bdpo.data.generate import make_sac
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("online_vs_sac")
+    import utils
+
+    torch.manual_seed(0)
+    _, loss = make_sac(online.make_train_env("Pendulum-v1", 0), 16, 0.99)
+    loss.target_qvalue_network_params.apply_(lambda t: t.data.copy_(torch.randn_like(t)))
+    with torch.no_grad():
+        loss.log_alpha.fill_(np.log(0.3))
+    B = 8
+    obs, next_obs, reward = torch.randn(B, 3), torch.randn(B, 3), torch.randn(B, 1)
+    batch = TensorDict(
+        {
+            "observation": obs,
+            "action": torch.rand(B, 1) * 2 - 1,
+            "next": {
+                "observation": next_obs,
+                "reward": reward,
+                "done": torch.zeros(B, 1, dtype=torch.bool),
+                "terminated": torch.zeros(B, 1, dtype=torch.bool),
+                "truncated": torch.zeros(B, 1, dtype=torch.bool),
+            },
+        },
+        [B],
+    )
+    torch.manual_seed(5)
+    sac_target = loss._compute_target_v2(batch).reshape(B)  # r + gamma * (min_k Q'_k(s', a') - alpha log pi(a'|s'))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        penalty = harness.sac_next_penalty(loss)(next_obs).reshape(B)
+        torch.manual_seed(5)
+        with loss.actor_network_params.to_module(loss.actor_network):
+            next_action = loss.actor_network.get_dist(TensorDict({"observation": next_obs}, [B])).rsample()
+        q = []
+        for i in range(2):
+            with loss.target_qvalue_network_params[i].to_module(loss.qvalue_network):
+                q.append(loss.qvalue_network(TensorDict({"observation": next_obs, "action": next_action}, [B])).get("state_action_value"))
+        min_q = torch.minimum(q[0], q[1]).reshape(B)
+    torch.testing.assert_close(sac_target, reward.reshape(B) + 0.99 * (min_q - penalty), rtol=1e-5, atol=1e-5)
+    # in the probe: one episode that falls after 3 steps, gamma 0.5, a constant reward of 1
+    T = 3
+    episode = TensorDict(
+        {
+            "observation": obs[:T],
+            "action": torch.zeros(T, 1),
+            ("next", "reward"): torch.ones(T, 1),
+            ("next", "terminated"): torch.arange(T).unsqueeze(-1) == T - 1,
+            ("next", "observation"): next_obs[:T],
+        },
+        [T],
+    )
+    torch.manual_seed(7)
+    out = utils.q_policy_probe(harness.sac_target_q(loss), [episode], 1.0, 0.5, torch.device("cpu"), next_penalty=harness.sac_next_penalty(loss))
+    torch.manual_seed(7)
+    with torch.no_grad():
+        p = harness.sac_next_penalty(loss)(next_obs[:T]).reshape(T).tolist()
+    soft = [1 - 0.5 * p[0] + 0.5 * (1 - 0.5 * p[1] + 0.5 * 1), 1 - 0.5 * p[1] + 0.5 * 1, 1.0]  # s'_3 is terminal: no penalty
+    assert out["mc_soft_return_policy"] == pytest.approx(np.mean(soft), rel=1e-5)
+    assert out["mc_return_policy"] == pytest.approx(np.mean([1.75, 1.5, 1.0]), rel=1e-6)
 
 
 def test_online_vs_sac_harness_runs_one_algorithm_and_merges(tmp_path):
