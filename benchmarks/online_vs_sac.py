@@ -40,7 +40,11 @@ from torchrl_bdpo.provenance import software_versions
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
 
-PROBE_KEYS = ("q_policy", "mc_return_policy", "mc_soft_return_policy", "policy_probe_states", "path_kl_mean", "path_kl_p90")
+PROBE_KEYS = tuple(
+    f"{k}{suffix}"
+    for suffix in ("", "_one_sample")  # BDPO's best-of-K and one-sample evaluations
+    for k in ("q_policy", "mc_return_policy", "mc_soft_return_policy", "policy_probe_states", "path_kl_mean", "path_kl_p90")
+)
 
 
 def run_bdpo(args, seed: int, out: Path) -> dict:

@@ -63,8 +63,11 @@ def test_evaluations_probe_q_on_the_policy_actions_without_moving_the_training(t
         assert r["mc_return_policy"] < 0 and np.isfinite(r["q_policy"])  # Pendulum's rewards are <= 0
         assert r["path_kl_mean"] > 0 and r["path_kl_p90"] > 0
         assert r["mc_soft_return_policy"] < r["mc_return_policy"]  # less eta * path KL > 0 at each live next state
+        # the one-sample policy's own episodes (other actions, so another Q and other returns)
+        assert r["policy_probe_states_one_sample"] == 2 * 13 and r["q_policy_one_sample"] != r["q_policy"]
+        assert r["mc_soft_return_policy_one_sample"] < r["mc_return_policy_one_sample"] < 0
     logs = tmp_path / "probe" / "logs" / "bdpo_online" / "scalars" / "eval"
-    assert all((logs / f"{k}.csv").exists() for k in ("q_policy", "mc_return_policy", "mc_soft_return_policy"))
+    assert all((logs / f"{k}{x}.csv").exists() for k in ("q_policy", "mc_return_policy", "mc_soft_return_policy") for x in ("", "_one_sample"))
     monkeypatch.setattr(online, "policy_value_probe", lambda *args, **kwargs: {})
     without = online.train(config(tmp_path / "without", "loss.gamma=0.5", "env.reward_scale=2.0"))
     keep = ("frames", "updates", "eta", "return_mean", "return_std", "return_one_sample_mean", "return_one_sample_std")

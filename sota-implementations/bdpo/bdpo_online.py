@@ -191,8 +191,12 @@ def plot_curve(rows: list[dict], train_returns: list[tuple[int, float]], out: Pa
     panels = [(ax, "environment frames", "return")]
     if probe:  # overestimation on the policy's own actions: Q above the return that followed
         x = [r["frames"] for r in probe]
-        axes[1].plot(x, [r["q_policy"] for r in probe], marker=".", color="C3", label="target Q on the policy's actions")
-        plot_probe_returns(axes[1], x, probe, "C3")
+        for suffix, who, color in (("", rule, "C1"), ("_one_sample", "one sample", "C2")):
+            rows_with = [r for r in probe if f"q_policy{suffix}" in r]
+            if rows_with:
+                xs = [r["frames"] for r in rows_with]
+                axes[1].plot(xs, [r[f"q_policy{suffix}"] for r in rows_with], marker=".", color=color, label=f"target Q on the actions ({who})")
+                plot_probe_returns(axes[1], xs, rows_with, color, suffix, f" ({who})")
         panels.append((axes[1], "environment frames", "discounted return (scaled rewards)"))
     return finish(fig, panels, out / "learning_curve.png", title=title)
 
@@ -342,7 +346,7 @@ def train(cfg: DictConfig) -> dict:
         t_eval = time.perf_counter()
         # the same start states for both at every evaluation, and on resume
         best, episodes = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.DETERMINISTIC, keep_episodes=True, seed=eval_seed(cfg.seed))
-        one = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, seed=eval_seed(cfg.seed))
+        one, one_eps = evaluate(eval_env, acting, e.episodes, e.max_steps, ExplorationType.RANDOM, keep_episodes=True, seed=eval_seed(cfg.seed))
         row = {
             "frames": frames,
             "updates": updates,
@@ -353,10 +357,13 @@ def train(cfg: DictConfig) -> dict:
             "return_one_sample_std": float(one.std()),
         }
         # Q on the actions the best-of-K policy took against their Monte Carlo return, and the
-        # path KL per state; on a forked generator, so the probe leaves the training's draws as
-        # they would be without it
+        # path KL per state; the same for the one-sample policy (suffix _one_sample), the actor
+        # the collector and the Q target sample, whose actions no ranking by Q picked; on a
+        # forked generator, so the probe leaves the training's draws as they would be without it
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             row.update(policy_value_probe(loss, episodes, reward_scale, cfg.loss.gamma, device))
+            one_probe = policy_value_probe(loss, one_eps, reward_scale, cfg.loss.gamma, device)
+            row.update({f"{k}_one_sample": v for k, v in one_probe.items()})
         if info is not None and info.ref_min_score is not None and info.ref_max_score is not None:
             row["score_mean"] = float(info.normalized_score(best.mean()))
         if eval_rows and "start_return" in eval_rows[0]:

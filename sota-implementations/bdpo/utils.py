@@ -670,14 +670,15 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
     return out
 
 
-def plot_probe_returns(ax, x, rows, color: str) -> None:
-    """The probe's returns on ``ax``: the soft MC return (what a soft Q estimates; dashed) where
-    the rows have it, and the raw one (dotted, fainter): Q is to be read against the soft one."""
-    if all("mc_soft_return_policy" in r for r in rows):
-        ax.plot(x, [r["mc_soft_return_policy"] for r in rows], ls="--", marker=".", color=color, alpha=0.6, label="their soft MC return")
-        ax.plot(x, [r["mc_return_policy"] for r in rows], ls=":", color=color, alpha=0.35, label="their raw MC return")
+def plot_probe_returns(ax, x, rows, color: str, suffix: str = "", who: str = "") -> None:
+    """The probe's returns on ``ax`` (the row keys ending in ``suffix``; ``who`` tags the labels):
+    the soft MC return (what a soft Q estimates; dashed) where the rows have it, and the raw one
+    (dotted, fainter): Q is to be read against the soft one."""
+    if all(f"mc_soft_return_policy{suffix}" in r for r in rows):
+        ax.plot(x, [r[f"mc_soft_return_policy{suffix}"] for r in rows], ls="--", marker=".", color=color, alpha=0.6, label=f"their soft MC return{who}")
+        ax.plot(x, [r[f"mc_return_policy{suffix}"] for r in rows], ls=":", color=color, alpha=0.35, label=f"their raw MC return{who}")
     else:
-        ax.plot(x, [r["mc_return_policy"] for r in rows], ls="--", marker=".", color=color, alpha=0.5, label="their MC return")
+        ax.plot(x, [r[f"mc_return_policy{suffix}"] for r in rows], ls="--", marker=".", color=color, alpha=0.5, label=f"their MC return{who}")
 
 
 def train_scalars(row: dict, critic, steps_per_s: float, next_state_paths: bool = True) -> dict:
