@@ -570,20 +570,26 @@ def _probe_rows(episodes, reward_scale: float, gamma: float, next_penalty=None, 
     data = torch.cat(rows)
     data.set("mc", discounted_returns(data, gamma).float())
     if next_penalty is not None:
-        if ("next", "observation") not in data.keys(True):
-            raise KeyError(
-                "the soft return needs each step's ('next', 'observation'); pass episodes from "
-                "torchrl_bdpo.envs.evaluate(..., keep_episodes=True), which keep it."
-            )
-        next_obs = data.get(("next", "observation")).float()
-        with torch.no_grad():
-            penalty = torch.cat([next_penalty(o.to(device)).reshape(-1).float().cpu() for o in next_obs.split(chunk)])
-        reward = data.get(("next", "reward"))
-        live = ~data.get(("next", "terminated")).reshape(-1)
-        soft = data.clone(False)
-        soft.set(("next", "reward"), reward - gamma * (penalty * live).reshape(reward.shape))
-        data.set("mc_soft", discounted_returns(soft, gamma).float())
+        _set_soft_returns(data, gamma, next_penalty, device, chunk)
     return data, exact_return_mask(data, gamma)
+
+
+def _set_soft_returns(data, gamma: float, next_penalty, device, chunk: int = 4096) -> None:
+    """Sets ``mc_soft`` on the rows of :func:`_probe_rows` (see there)."""
+    from torchrl_bdpo.data import discounted_returns
+
+    if ("next", "observation") not in data.keys(True):
+        raise KeyError(
+            "the soft return needs each step's ('next', 'observation'); pass episodes from torchrl_bdpo.envs.evaluate(..., keep_episodes=True), which keep it."
+        )
+    next_obs = data.get(("next", "observation")).float()
+    with torch.no_grad():
+        penalty = torch.cat([next_penalty(o.to(device)).reshape(-1).float().cpu() for o in next_obs.split(chunk)])
+    reward = data.get(("next", "reward"))
+    live = ~data.get(("next", "terminated")).reshape(-1)
+    soft = data.clone(False)
+    soft.set(("next", "reward"), reward - gamma * (penalty * live).reshape(reward.shape))
+    data.set("mc_soft", discounted_returns(soft, gamma).float())
 
 
 def _spread(td, max_rows: int):
@@ -665,7 +671,7 @@ def policy_value_probe(loss, episodes, reward_scale: float, gamma: float, device
         _, path_kl, _ = loss.next_state_value(states, none_terminal, reward=states.new_zeros(states.shape[0]))
     out.update(path_kl_mean=float(path_kl.mean()), path_kl_p90=float(path_kl.quantile(0.9)))
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        data, exact = _probe_rows(episodes, reward_scale, gamma, bdpo_next_penalty(loss), device)
+        _set_soft_returns(data, gamma, bdpo_next_penalty(loss), device)
     out.update(_q_rows(lambda s, a: loss._qvalue(loss.target_qvalue_network_params, s, a), data, exact, device, max_rows))
     return out
 
