@@ -538,3 +538,54 @@ def test_action_entropy_reads_a_run_and_its_shares_add_up(tmp_path):
             assert x["interior_kl_uniform"] == pytest.approx(0.6931471805599453 - x["interior_entropy"])
     written = json.loads(out.read_text())
     assert written["runs"][0]["actor"] == row["actor"] and written["machine"]["torch"] == metadata.version("torch")
+
+
+def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
+    """benchmarks/online_checkpoint_probe.py: the policy's a^n are its own chain's (drawn by hand
+    with the same draws), the target actor acts as the run's acting module, and an online actor
+    equal to its target gains nothing."""
+    from omegaconf import OmegaConf
+    from torchrl.envs.utils import ExplorationType
+
+    from tests.loaders import load_benchmark
+    from torchrl_bdpo.envs import eval_seed, evaluate
+
+    import utils
+
+    probe = load_benchmark("online_checkpoint_probe")
+    run = tmp_path / "run"
+    online.train(config(run))
+    out = tmp_path / "probe.json"
+    (row,) = probe.main([str(run), "--episodes", "2", "--states", "64", "--recent", "200", "--out", str(out)])
+    assert row["frames"] == 400 and json.loads(out.read_text())["runs"][0]["value_chain"] == row["value_chain"]
+    for where in ("replay", "recent"):
+        data, policy = row["value_chain"][where]["data"], row["value_chain"][where]["policy"]
+        assert [v["rows"] for v in data.values()] == [v["rows"] for v in policy.values()] and sum(v["rows"] for v in data.values()) == 64
+        for v in (*data.values(), *policy.values()):
+            if v["rows"]:
+                assert v["v_rms_error"] >= abs(v["v_bias"]) and all(np.isfinite(list(v.values())))
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    loss = utils.make_bdpo_loss(cfg, 3, 1, reference=cfg.reference)
+    loss.load_state_dict(state["loss"])
+    obs = torch.randn(6, 3)
+    n = torch.tensor([1, 2, 3, 4, 5, 1])
+    torch.manual_seed(3)
+    got = probe.own_chain_steps(loss, obs, n)
+    torch.manual_seed(3)
+    noise = torch.randn(cfg.diffusion.num_steps + 1, 6, 1, 1)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        path = loss.actor_network.sample_path(obs, num_samples=1, noise=noise)
+    torch.testing.assert_close(got, torch.stack([path.actions[n[i], i, 0] for i in range(6)]), rtol=0, atol=0)
+
+    # the target actor's best-of-K is the run's acting module's, at the same seed
+    env = online.make_train_env(cfg.env.name, eval_seed(cfg.seed))
+    torch.manual_seed(0)
+    acting = loss.make_acting_module(num_candidates=cfg.eval.num_candidates, **utils.selection_kwargs(cfg))
+    want = evaluate(env, acting, 2, cfg.eval.max_steps, ExplorationType.DETERMINISTIC, seed=eval_seed(cfg.seed))
+    assert row["acting"]["target_actor/best_of_k"]["returns"] == pytest.approx(want.tolist(), abs=1e-4)
+
+    loss.actor_network_params.data.copy_(loss.target_actor_network_params.data)
+    steps = probe.step_errors(loss, obs, probe.own_chain_steps(loss, obs, n), n, seed=5)
+    assert all(v["online_actor_gain"] == 0 for v in steps.values() if v["rows"])
