@@ -83,6 +83,7 @@ def run_bdpo(args, seed: int, out: Path) -> dict:
             }
             for r in summary["evaluations"]
         ],
+        "train_returns": [list(x) for x in summary["train_episode_returns"]],
         "wall_s": summary["wall_time_s"],
         "frames_per_s": summary["frames"] / summary["wall_time_s"],
         "time_s": summary["time_s"],
@@ -129,6 +130,22 @@ def sac_next_penalty(loss):
     return penalty
 
 
+def episode_ends(batch, frames: int, running: float) -> tuple[list[tuple[int, float]], float]:
+    """The training episodes that end in a collector batch of one env, in time order:
+    ``([(frames, return), ...], running)``, with ``running`` the unfinished episode's reward so
+    far (carry it into the next batch). ``frames`` is the frame count after the batch, as
+    ``bdpo_online``'s ``train_episode_returns`` records it. Reads the batch only: no draws."""
+    rewards = batch.get(("next", "reward")).reshape(-1).tolist()
+    dones = batch.get(("next", "done")).reshape(-1).tolist()
+    ends = []
+    for r, d in zip(rewards, dones):
+        running += r
+        if d:
+            ends.append((frames, running))
+            running = 0.0
+    return ends, running
+
+
 def run_sac(args, seed: int) -> dict:
     """TorchRL's SAC (sota settings) on the same frames and updates per frame."""
     from torchrl.collectors import Collector
@@ -154,12 +171,15 @@ def run_sac(args, seed: int) -> dict:
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
     collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames, init_random_frames=args.init_random_frames)
     frames, evals, t0, out = 0, [], time.perf_counter(), None
+    train_returns, running = [], 0.0
     seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}  # as bdpo_online's summary splits them
     t_mark = time.perf_counter()
     for batch in tqdm(collector, total=args.frames // args.frames_per_batch, desc=f"SAC {args.env} seed {seed}"):
         seconds["collect"] += time.perf_counter() - t_mark
         rb.extend(batch.reshape(-1))
         frames += batch.numel()
+        ends, running = episode_ends(batch, frames, running)
+        train_returns += ends
         if frames >= args.init_random_frames:
             t_update = time.perf_counter()
             for _ in range(max(1, round(args.utd_ratio * batch.numel()))):
@@ -186,7 +206,14 @@ def run_sac(args, seed: int) -> dict:
         t_mark = time.perf_counter()
     collector.shutdown()
     wall = time.perf_counter() - t0
-    return {"evals": evals, "wall_s": wall, "frames_per_s": frames / wall, "time_s": seconds, "threads": torch.get_num_threads()}
+    return {
+        "evals": evals,
+        "train_returns": train_returns,
+        "wall_s": wall,
+        "frames_per_s": frames / wall,
+        "time_s": seconds,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def plot(result: dict, out: Path) -> Path:

@@ -328,6 +328,27 @@ def test_online_vs_sac_harness_evaluates_both_at_the_same_frames(tmp_path):
     assert result["machine"]["threads"] == 1 and "threads=1" in bdpo["overrides"]
     assert result["machine"]["torch"] == metadata.version("torch") and result["machine"]["cpu"]
     assert json.loads((tmp_path / "online_vs_sac.json").read_text())["runs"]["sac"]["0"]["evals"] == sac["evals"]
+    # both log their training episodes as (frames, return): Pendulum's end at its 200-step limit
+    for run in (bdpo, sac):
+        assert [f for f, _ in run["train_returns"]] == [200, 400] and all(r < 0 for _, r in run["train_returns"])
+
+
+def test_harness_counts_training_episodes_across_batches():
+    """``episode_ends`` sums each episode's rewards across collector batches, as ``RewardSum`` does."""
+    from tensordict import TensorDict
+
+    from tests.loaders import load_benchmark
+
+    harness = load_benchmark("online_vs_sac")
+
+    def batch(rewards, dones):
+        n = len(rewards)
+        return TensorDict({"next": {"reward": torch.tensor(rewards).reshape(1, n, 1), "done": torch.tensor(dones).reshape(1, n, 1)}}, [1, n])
+
+    ends, running = harness.episode_ends(batch([1.0, 2.0, 3.0], [False, True, False]), 3, 0.0)
+    assert ends == [(3, 3.0)] and running == 3.0
+    ends, running = harness.episode_ends(batch([4.0, 5.0, 6.0], [True, False, True]), 6, running)
+    assert ends == [(6, 7.0), (6, 11.0)] and running == 0.0
 
 
 def test_sac_probe_reads_sacs_target_q_on_its_own_actions():
