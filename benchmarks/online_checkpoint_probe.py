@@ -6,7 +6,9 @@ For each run folder (its ``config.yaml`` and ``checkpoint.pt``):
 
 - ``acting``: the return of ``--episodes`` evaluation episodes (the run's evaluation start
   states) acting with the EMA target actor, as the run does, and with the online actor; each
-  with best-of-K by target Q (``DETERMINISTIC``) and with one sample (``RANDOM``).
+  with best-of-K by target Q (``DETERMINISTIC``) and with one sample (``RANDOM``); with the
+  episodes' lengths and the mean reward per step (on Hopper and Walker2d, ~1 per step for
+  the whole time limit is the alive bonus of a policy that stands still).
 - ``value_chain``: at ``--states`` replay states (drawn from the whole replay and from its last
   ``--recent`` transitions), per diffusion step ``n``, V's error against its one-step target
   ``E V_{n-1}(s, a^{n-1}) - eta l_n`` (docs/design.md: the quantity V's loss fits) and the online
@@ -113,8 +115,14 @@ def acting(loss, cfg, episodes: int, seed: int) -> dict:
         )
         for mode, exploration in (("best_of_k", ExplorationType.DETERMINISTIC), ("one_sample", ExplorationType.RANDOM)):
             torch.manual_seed(seed)
-            returns = evaluate(env, module, episodes, cfg.eval.max_steps, exploration, seed=eval_seed(cfg.seed))
-            out[f"{who}/{mode}"] = {"returns": [float(r) for r in returns], "mean": float(returns.mean())}
+            returns, kept = evaluate(env, module, episodes, cfg.eval.max_steps, exploration, keep_episodes=True, seed=eval_seed(cfg.seed))
+            out[f"{who}/{mode}"] = {
+                "returns": [float(r) for r in returns],
+                "mean": float(returns.mean()),
+                "lengths": [int(e.shape[0]) for e in kept],
+                # Hopper and Walker2d pay 1 per step alive: ~1 per step is standing, not a gait
+                "reward_per_step": float(sum(float(e["next", "reward"].sum()) for e in kept) / sum(e.shape[0] for e in kept)),
+            }
     env.close()
     return out
 
@@ -157,7 +165,7 @@ def main(argv=None) -> list[dict]:
                 cells = " ".join(f"{k}: {v['v_rms_error']:.2f}/{v['target']:.1f}/{v['online_actor_gain']:+.3f}" for k, v in steps.items())
                 print(f"  V error / target / actor gain, {where}, a^n from {kind}: {cells}")
         for name, x in r.get("acting", {}).items():
-            print(f"  {name}: {x['mean']:.1f}")
+            print(f"  {name}: {x['mean']:.1f} (lengths {min(x['lengths'])}-{max(x['lengths'])}, {x['reward_per_step']:.3f} per step)")
     if args.out is not None:
         machine = {**software_versions(), "threads": torch.get_num_threads()}
         args.out.write_text(

@@ -606,6 +606,9 @@ def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
     acting = loss.make_acting_module(num_candidates=cfg.eval.num_candidates, **utils.selection_kwargs(cfg))
     want = evaluate(env, acting, 2, cfg.eval.max_steps, ExplorationType.DETERMINISTIC, seed=eval_seed(cfg.seed))
     assert row["acting"]["target_actor/best_of_k"]["returns"] == pytest.approx(want.tolist(), abs=1e-4)
+    for x in row["acting"].values():  # Pendulum's episodes run to the time limit: return = length x reward per step
+        assert x["lengths"] == [cfg.eval.max_steps] * 2
+        assert x["reward_per_step"] == pytest.approx(sum(x["returns"]) / sum(x["lengths"]), rel=1e-5)
 
     loss.actor_network_params.data.copy_(loss.target_actor_network_params.data)
     steps = probe.step_errors(loss, obs, probe.own_chain_steps(loss, obs, n), n, seed=5)
