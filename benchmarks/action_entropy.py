@@ -32,9 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.metrics import knn_entropy
 from torchrl_bdpo.objectives.denoising import predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
@@ -77,14 +75,11 @@ def policy_spread(loss, params, states: torch.Tensor, samples: int, kl_paths: in
 
 def analyse(run: Path, states: int, recent: int, samples: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
-    from utils import make_bdpo_loss
+    from utils import load_online_run
 
-    cfg = OmegaConf.load(run / "config.yaml")
-    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    cfg, loss, state = load_online_run(run)
     data = state["replay"]["data"]
     obs, action_dim = data["observation"].float(), data["action"].shape[-1]
-    loss = make_bdpo_loss(cfg, obs.shape[-1], action_dim, reference=cfg.reference if cfg.mode == "online" else None)
-    loss.load_state_dict(state["loss"])
     g = torch.Generator().manual_seed(seed)
     window = min(recent, len(obs))
     picks = len(obs) - 1 - torch.randperm(window, generator=g)[:states]

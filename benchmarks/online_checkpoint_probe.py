@@ -35,9 +35,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-
-from torchrl_bdpo import checkpoint as checkpoint_io
 from torchrl_bdpo.provenance import software_versions
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
@@ -129,15 +126,10 @@ def acting(loss, cfg, episodes: int, seed: int) -> dict:
 
 def analyse(run: Path, episodes: int, states: int, recent: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
-    from utils import make_bdpo_loss
+    from utils import load_online_run
 
-    cfg = OmegaConf.load(run / "config.yaml")
-    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    cfg, loss, state = load_online_run(run)
     data = state["replay"]["data"]
-    loss = make_bdpo_loss(cfg, data["observation"].shape[-1], data["action"].shape[-1], reference=cfg.reference if cfg.mode == "online" else None)
-    loss.load_state_dict(state["loss"])
-    if state.get("eta_value") is not None:
-        loss.set_eta(state["eta_value"])
     row = {"run": str(run), "frames": state["frames"], "eta": float(loss.eta), "replay": len(data)}
     row["value_chain"] = value_chain(loss, data, states, recent, seed)
     if episodes > 0:

@@ -565,7 +565,6 @@ def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
     """benchmarks/online_checkpoint_probe.py: the policy's a^n are its own chain's (drawn by hand
     with the same draws), the target actor acts as the run's acting module, and an online actor
     equal to its target gains nothing."""
-    from omegaconf import OmegaConf
     from torchrl.envs.utils import ExplorationType
 
     from tests.loaders import load_benchmark
@@ -586,10 +585,11 @@ def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
             if v["rows"]:
                 assert v["v_rms_error"] >= abs(v["v_bias"]) and all(np.isfinite(list(v.values())))
 
-    cfg = OmegaConf.load(run / "config.yaml")
-    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
-    loss = utils.make_bdpo_loss(cfg, 3, 1, reference=cfg.reference)
-    loss.load_state_dict(state["loss"])
+    cfg, loss, state = utils.load_online_run(run)  # the probe's loader: the checkpoint's weights at its eta
+    assert float(loss.eta) == pytest.approx(state["eta_value"]) and state["frames"] == 400
+    torch.testing.assert_close(dict(loss.state_dict()), dict(state["loss"]), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="no config.yaml; pass the folder of a bdpo_online.py run"):
+        utils.load_online_run(tmp_path)
     obs = torch.randn(6, 3)
     n = torch.tensor([1, 2, 3, 4, 5, 1])
     torch.manual_seed(3)

@@ -412,6 +412,30 @@ def load_offline_run(run: Path, batch_size: int | None = None) -> tuple[DictConf
     return cfg, buffer, loss, state
 
 
+def load_online_run(run: Path) -> tuple[DictConfig, BDPOLoss, dict]:
+    """A ``bdpo_online.py`` run folder as ``(cfg, loss, state)``: its config, the loss holding the
+    checkpoint's weights at the checkpoint's eta, and the checkpoint itself (``frames``, the
+    online replay under ``replay``, ...). A folder without ``config.yaml`` or ``checkpoint.pt``,
+    or a checkpoint with an empty replay, is refused by name."""
+    run = Path(run)
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"{run}: no {name}; pass the folder of a bdpo_online.py run (it holds config.yaml and checkpoint.pt)")
+    cfg = OmegaConf.load(run / "config.yaml")
+    state = checkpoint_io.load_checkpoint(run / "checkpoint.pt")
+    data = state["replay"]["data"]
+    if data is None:
+        raise ValueError(
+            f"{run}/checkpoint.pt: its online replay is empty; it sets the observation and action dims. Pass a checkpoint written after collection."
+        )
+    reference = cfg.reference if cfg.mode == "online" else None
+    loss = make_bdpo_loss(cfg, data["observation"].shape[-1], data["action"].shape[-1], reference=reference)
+    loss.load_state_dict(state["loss"])
+    if state.get("eta_value") is not None:
+        loss.set_eta(state["eta_value"])
+    return cfg, loss, state
+
+
 def chunk_compile_options(cfg: DictConfig) -> dict | None:
     """The loss's ``speed.ensemble_chunk_compile``: compiled steps without CUDA graphs run the ensembles'
     row chunks (CPU) through one compiled graph each, with the steps' own compile mode."""
