@@ -21,7 +21,7 @@ TINY = """
 collector.total_frames=400 collector.frames_per_batch=100 collector.init_random_frames=100 optim.warmup=20
 optim.actor_every=2 optim.batch_size=32 optim.utd_ratio=0.5 diffusion.hidden=16
 diffusion.depth=2 critic.hidden=16 eval.interval=200 eval.episodes=2
-eval.max_steps=20 eval.num_candidates=3 logger.log_interval=100 checkpoint.interval=200
+eval.max_steps=20 eval.num_candidates=3 logger.log_interval=100 checkpoint.interval=200 reference_fit.steps=10
 """.split()
 
 
@@ -44,6 +44,10 @@ def test_online_run_outputs(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["final"] == rows[-1]
     logs = tmp_path / "logs" / "bdpo_online" / "scalars"
     assert (logs / "train" / "loss_actor.csv").exists() and (logs / "eval" / "return_one_sample_mean.csv").exists()
+    # the fresh actor was fitted to the uniform reference before its first update, once
+    fit = summary["reference_fit"]
+    assert fit["kl_end"] < fit["kl_start"] and fit["seconds"] > 0
+    assert (logs / "train" / "reference_fit_kl_end.csv").read_text().splitlines() == [f"100,{fit['kl_end']}"]
     # Pendulum's episodes (200 steps) end in the training curve
     assert len(summary["train_episode_returns"]) >= 1
     # the time split: collection (acting, env steps), updates, evaluations, within the wall time
@@ -144,7 +148,7 @@ def offline_run(tmp_path_factory):
         os.environ["MINARI_DATASETS_PATH"] = old
 
 
-O2O = ["mode=offline2online", "env.name=null", "collector.init_random_frames=0", "reference=behavior"]
+O2O = ["mode=offline2online", "env.name=null", "collector.init_random_frames=0", "reference=behavior", "reference_fit.steps=0"]
 
 
 @pytest.mark.parametrize("reference", ["behavior", "behavior_train"])
@@ -260,10 +264,22 @@ def test_bad_inputs(tmp_path, offline_run):
         online.train(config(tmp_path / "c", *O2O, f"offline.run={empty}"))
     with pytest.raises(ValueError, match="observation dim"):
         online.train(
-            config(tmp_path / "d", *O2O[:1], "env.name=Pendulum-v1", "collector.init_random_frames=0", "reference=behavior", f"offline.run={offline_run}")
+            config(
+                tmp_path / "d",
+                *O2O[:1],
+                "env.name=Pendulum-v1",
+                "collector.init_random_frames=0",
+                "reference=behavior",
+                "reference_fit.steps=0",
+                f"offline.run={offline_run}",
+            )
         )
     with pytest.raises(ValueError, match="collector.total_frames=450: expected a multiple"):
         online.train(config(tmp_path / "e", "collector.total_frames=450"))
+    with pytest.raises(ValueError, match="reference_fit.steps=5: mode=offline2online starts the actor from the offline run"):
+        online.train(config(tmp_path / "h", *O2O, "reference_fit.steps=5", f"offline.run={offline_run}"))
+    with pytest.raises(ValueError, match="reference_fit.batch_size=0: expected an integer >= 1"):
+        online.train(config(tmp_path / "i", "reference_fit.batch_size=0"))
     with pytest.raises(ValueError, match="optim.utd_ratio=0"):
         online.train(config(tmp_path / "f", "optim.utd_ratio=0"))
     with pytest.raises(ValueError, match=r"replay.offline_fraction=1.5: expected a number in \(0, 1\]"):

@@ -9,7 +9,10 @@
 ``mode=online``: maximum-entropy RL. The reference is the uniform policy on the action box
 (``reference=uniform``; docs/design.md section 5) and eta is the temperature, fixed or automatic
 (``auto_eta.enabled``: :class:`~torchrl_bdpo.training.EtaLagrangian` toward
-``auto_eta.target_kl_per_dim`` nats of path KL per action dimension).
+``auto_eta.target_kl_per_dim`` nats of path KL per action dimension). Before its first update the
+fresh actor is fitted to the reference on the replay's states (``reference_fit``,
+:func:`~torchrl_bdpo.training.fit_actor_to_reference`), so that it starts where the regulariser
+pulls it instead of at a random network's near-bang-bang actions.
 
 ``mode=offline2online``: starts from an offline BDPO run after phase B (``offline.run``, its
 ``config.yaml`` and ``checkpoint.pt``; or ``offline.overrides`` runs bdpo_offline.py first into
@@ -115,6 +118,12 @@ def check_online_config(cfg: DictConfig) -> None:
             problems.append(
                 f"{key}={value}: expected a multiple of collector.frames_per_batch={c.frames_per_batch} (it is counted in frames, checked after each batch)"
             )
+    f = cfg.reference_fit
+    for key, value, low in (("reference_fit.steps", f.steps, 0), ("reference_fit.batch_size", f.batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key}={value!r}: expected an integer >= {low}")
+    if cfg.mode == "offline2online" and f.steps:
+        problems.append(f"reference_fit.steps={f.steps}: mode=offline2online starts the actor from the offline run; set reference_fit.steps=0")
     if cfg.mode == "offline2online" and not cfg.offline.run and not cfg.offline.overrides:
         problems.append(
             "mode=offline2online needs an offline start: offline.run=<an offline run's folder (config.yaml, "
@@ -259,6 +268,19 @@ class Replay:
             self.online._writer._write_count = stored["write_count"]
 
 
+def fit_to_reference(loss, replay: Replay, fit: DictConfig, device: torch.device) -> dict:
+    """The fresh actor (and its target) fitted to the reference on the online replay's states."""
+    from torchrl_bdpo.training import fit_actor_to_reference
+
+    n = len(replay.online)
+    observation = replay.online.storage._storage[:n].get("observation").to(device)
+    t0 = time.perf_counter()
+    result = fit_actor_to_reference(loss, observation, steps=fit.steps, batch_size=fit.batch_size, lr=fit.lr)
+    result["seconds"] = time.perf_counter() - t0
+    print(f"actor fitted to the reference on {n} states: path KL {result['kl_start']:.3g} -> {result['kl_end']:.3g} nats ({fit.steps} steps)")
+    return result
+
+
 def train(cfg: DictConfig) -> dict:
     from torchrl.collectors import Collector
     from torchrl.envs.utils import ExplorationType
@@ -302,12 +324,14 @@ def train(cfg: DictConfig) -> dict:
     logger = make_logger(cfg, out_dir)
     ckpt = out_dir / "checkpoint.pt"
     frames = updates = 0
+    reference_fit = None  # the fit's path KL before and after, once it has run
     eval_rows: list[dict] = []
     train_returns: list[tuple[int, float]] = []
     if resume_state is not None:
         _, updates = load_checkpoint(resume_state, cfg, loss, optimizers, schedulers)
         frames = resume_state["frames"]
         eval_rows, train_returns = resume_state["evals"], [tuple(x) for x in resume_state["train_returns"]]
+        reference_fit = resume_state.get("reference_fit")
         replay.load_state_dict(resume_state["replay"])
         if tuner is not None:
             tuner.load_state_dict(resume_state["eta"])
@@ -330,6 +354,7 @@ def train(cfg: DictConfig) -> dict:
             frames=frames,
             evals=eval_rows,
             train_returns=[list(x) for x in train_returns],
+            reference_fit=reference_fit,
             replay=replay.state_dict(),
             eta=tuner.state_dict() if tuner is not None else None,
             eta_value=float(loss.eta),
@@ -399,6 +424,9 @@ def train(cfg: DictConfig) -> dict:
             row = critic = None
             if frames >= c.init_random_frames and replay.ready():
                 t_update = time.perf_counter()
+                if updates == 0 and cfg.reference_fit.steps and reference_fit is None:
+                    reference_fit = fit_to_reference(loss, replay, cfg.reference_fit, device)
+                    log_scalars(logger, {f"train/reference_fit_{k}": v for k, v in reference_fit.items()}, frames)
                 for _ in range(max(1, round(o.utd_ratio * batch.numel()))):
                     row, critic = train_step(update, schedulers, replay.sample().to(device), updates, o, written)
                     if tuner is not None:
@@ -449,6 +477,7 @@ def train(cfg: DictConfig) -> dict:
         best=max(eval_rows, key=lambda r: r["return_mean"]) if eval_rows else None,
         evaluations=eval_rows,
         train_episode_returns=train_returns,
+        reference_fit=reference_fit,
         figure=None if figure is None else str(figure),
         time_s=dict(seconds),
     )
