@@ -36,7 +36,7 @@ import torch
 from torchrl_bdpo.metrics import knn_entropy
 from torchrl_bdpo.objectives.denoising import predict_eps_with
 from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -121,10 +121,7 @@ def main(argv=None) -> list[dict]:
                 f"(SAC at its target entropy: {r['sac_target_kl_uniform']:.2f})"
             )
     if args.out is not None:
-        machine = {**software_versions(), "threads": torch.get_num_threads()}
-        args.out.write_text(
-            json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("runs", "out")}, "machine": machine, "runs": rows}, indent=2)
-        )
+        args.out.write_text(json.dumps(run_record(args, runs=rows), indent=2))
     return rows
 
 

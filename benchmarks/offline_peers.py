@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from torchrl_bdpo.data import episode_returns, make_offline_buffer
 from torchrl_bdpo.envs import eval_env_id, eval_seed, evaluate, make_eval_env
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 ALGOS = ("iql", "cql", "td3bc", "bc")
 
@@ -259,12 +259,8 @@ def run(args) -> dict:
     dataset_returns = (episode_returns(data) / info.reward_scale).numpy() if info.reward_scale else None
     env = make_eval_env(eval_env_id(info, args.eval_env), 1, 0, torch.device("cpu"), info.action_scaling())
     eval_steps = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
-    result = {
-        "dataset": {**info.as_dict(), "mean_return": float(dataset_returns.mean()) if dataset_returns is not None else None},
-        "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "machine": {**software_versions(), "threads": torch.get_num_threads()},
-        "runs": {},
-    }
+    dataset = {**info.as_dict(), "mean_return": float(dataset_returns.mean()) if dataset_returns is not None else None}
+    result = run_record(args, leave_out=("out_dir",), dataset=dataset, runs={})
     path = out / "peers.json"
     for algo in args.algos:
         for seed in args.seeds:

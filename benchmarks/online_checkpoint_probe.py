@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 import torch
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -159,10 +159,7 @@ def main(argv=None) -> list[dict]:
         for name, x in r.get("acting", {}).items():
             print(f"  {name}: {x['mean']:.1f} (lengths {min(x['lengths'])}-{max(x['lengths'])}, {x['reward_per_step']:.3f} per step)")
     if args.out is not None:
-        machine = {**software_versions(), "threads": torch.get_num_threads()}
-        args.out.write_text(
-            json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("runs", "out")}, "machine": machine, "runs": rows}, indent=2)
-        )
+        args.out.write_text(json.dumps(run_record(args, runs=rows), indent=2))
     return rows
 
 

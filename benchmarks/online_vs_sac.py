@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from torchrl_bdpo.envs import eval_seed, evaluate, make_env
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -312,11 +312,7 @@ def main(argv=None) -> dict:
             p.error(f"--threads {args.threads}: expected an integer >= 1")
         torch.set_num_threads(args.threads)
         args.bdpo = [f"threads={args.threads}", *args.bdpo]
-    result = {
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")},
-        "machine": {**software_versions(), "threads": torch.get_num_threads()},
-        "runs": {"bdpo": {}, "sac": {}},
-    }
+    result = run_record(args, leave_out=("out_dir", "merge"), runs={"bdpo": {}, "sac": {}})
     path = out / "online_vs_sac.json"
     for seed in args.seeds:
         if "sac" in args.algos:

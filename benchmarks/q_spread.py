@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from torchrl_bdpo.ensemble import adaptive_lcb_weight
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 
@@ -140,9 +140,7 @@ def main(argv=None) -> list[dict]:
     rows = [spread_of_run(run, args.pairs, args.seed) for run in args.runs]
     print(table(rows))
     if args.out is not None:
-        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out")}
-        machine = {**software_versions(), "threads": torch.get_num_threads()}
-        args.out.write_text(json.dumps({"settings": settings, "machine": machine, "seconds": time.perf_counter() - t0, "runs": rows}, indent=2))
+        args.out.write_text(json.dumps(run_record(args, seconds=time.perf_counter() - t0, runs=rows), indent=2))
     return rows
 
 

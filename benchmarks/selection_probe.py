@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from torchrl_bdpo.ensemble import AGGREGATIONS
-from torchrl_bdpo.provenance import software_versions
+from torchrl_bdpo.provenance import run_record
 
 SCRIPT_DIR = Path(__file__).resolve().parents[1] / "sota-implementations" / "bdpo"
 RULE = re.compile(r"^(?P<agg>[a-z]+)(?:-(?P<rho>[0-9.]+))?/(?P<k>[0-9]+)$")
@@ -210,9 +210,7 @@ def main(argv=None) -> list[dict]:
     results = [probe_run(run, rules, args.candidates, args.episodes, args.seed) for run in args.runs]
     print(table(results) + "\n\ncells: return mean +- std over episodes (mean episode length)[, share of the pool's picks that were the actor's]")
     if args.out is not None:
-        settings = {k: v for k, v in vars(args).items() if k not in ("runs", "out", "plot")}
-        machine = {**software_versions(), "threads": torch.get_num_threads()}
-        args.out.write_text(json.dumps({"settings": settings, "machine": machine, "seconds": time.perf_counter() - t0, "runs": results}, indent=2))
+        args.out.write_text(json.dumps(run_record(args, leave_out=("runs", "out", "plot"), seconds=time.perf_counter() - t0, runs=results), indent=2))
     if args.plot is not None:
         plot(results, args.plot, args.episodes)
     return results

@@ -22,3 +22,17 @@ def test_a_missing_package_is_none(monkeypatch):
     monkeypatch.setattr(prov, "PACKAGES", ("torch", "no-such-package-here"))
     v = prov.software_versions()
     assert v["no-such-package-here"] is None and v["torch"] is not None
+
+
+def test_report_records_the_settings_and_the_machine(tmp_path):
+    import argparse
+    import json
+
+    from torchrl_bdpo.provenance import machine, run_record
+
+    args = argparse.Namespace(runs=[tmp_path], out=tmp_path / "x.json", seed=3, cache=tmp_path / "c")
+    record = run_record(args, rows=[1, 2])
+    assert record["settings"] == {"seed": 3, "cache": str(tmp_path / "c")}  # inputs and outputs left out, paths as text
+    assert record["machine"] == {**software_versions(), "threads": torch.get_num_threads()} == machine()
+    assert record["rows"] == [1, 2]
+    assert json.loads(json.dumps(record)) == record

@@ -37,3 +37,20 @@ def software_versions() -> dict:
             out[name] = None
     out.update(python=platform.python_version(), platform=platform.platform(), cpu=cpu_model())
     return out
+
+
+def machine() -> dict:
+    """:func:`software_versions` and torch's thread count: the ``"machine"`` entry of a benchmark's JSON."""
+    import torch
+
+    return {**software_versions(), "threads": torch.get_num_threads()}
+
+
+def run_record(args, *, leave_out: tuple[str, ...] = ("runs", "out"), **payload) -> dict:
+    """A benchmark's JSON record: ``{"settings", "machine", **payload}``.
+
+    ``settings`` is ``vars(args)`` (an ``argparse.Namespace``) without the ``leave_out`` entries
+    (inputs and outputs that are not settings) and with paths as strings.
+    """
+    settings = {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in vars(args).items() if k not in leave_out}
+    return {"settings": settings, "machine": machine(), **payload}
