@@ -93,23 +93,12 @@ def acting(loss, cfg, episodes: int, seed: int) -> dict:
     from torchrl.envs.utils import ExplorationType
     from utils import selection_kwargs
 
-    from torchrl_bdpo.diffusion import QSelectActor
     from torchrl_bdpo.envs import eval_seed, evaluate
 
     env = online.make_train_env(cfg.env.name, eval_seed(cfg.seed))
     out = {}
     for who, params in (("target_actor", loss.target_actor_network_params), ("actor", loss.actor_network_params)):
-        module = QSelectActor(
-            loss.actor_network,
-            loss.qvalue_network,
-            actor_params=params,
-            qvalue_params=loss.target_qvalue_network_params,
-            num_qvalue_nets=loss.num_qvalue_nets,
-            num_candidates=cfg.eval.num_candidates,
-            observation_key=loss.tensor_keys.observation,
-            action_key=loss.tensor_keys.action,
-            **selection_kwargs(cfg),
-        )
+        module = loss.make_acting_module(num_candidates=cfg.eval.num_candidates, actor_params=params, **selection_kwargs(cfg))
         for mode, exploration in (("best_of_k", ExplorationType.DETERMINISTIC), ("one_sample", ExplorationType.RANDOM)):
             torch.manual_seed(seed)
             returns, kept = evaluate(env, module, episodes, cfg.eval.max_steps, exploration, keep_episodes=True, seed=eval_seed(cfg.seed))

@@ -502,6 +502,19 @@ def test_acting_module():
     idx = target_ensemble_q(loss, obs, cands).mean(0).argmax(-1)
     torch.testing.assert_close(best, cands[torch.arange(5), idx])
     assert q.shape == (1, 5, 6, 1)
+    # actor_params: the online actor acts instead of its target (they differ after a step)
+    with torch.no_grad():
+        for p in loss.actor_network_params.values(True, True):
+            p.add_(0.1 * torch.randn_like(p))
+    online = loss.make_acting_module(num_candidates=6, actor_params=loss.actor_network_params)
+    with set_exploration_type(ExplorationType.RANDOM):
+        torch.manual_seed(4)
+        got = online(td.clone())["action"]
+    torch.manual_seed(4)
+    with loss.actor_network_params.to_module(loss.actor_network):
+        want = loss.actor_network.sample_path(obs).action
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, one)
 
 
 def test_acting_module_ranks_by_the_chosen_aggregation():

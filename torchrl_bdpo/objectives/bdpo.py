@@ -236,16 +236,17 @@ class BDPOLoss(DiffusionValueLoss):
         mine.data.copy_(src.data)
         self.target_actor_network_params.data.copy_(src.data)
 
-    def make_acting_module(self, num_candidates: int = 10, **kwargs):
+    def make_acting_module(self, num_candidates: int = 10, *, actor_params=None, **kwargs):
         """A :class:`~torchrl_bdpo.diffusion.QSelectActor` over the target actor and target Q.
 
-        It shares their storage, so it always acts with the current targets. ``kwargs``
-        (``compile``, ``cudagraphs``, ``validate``, ...) go to :class:`QSelectActor`.
+        It shares their storage, so it always acts with the current targets. ``actor_params``
+        replaces the target actor's (e.g. ``loss.actor_network_params``: the online actor, as a
+        probe). ``kwargs`` (``compile``, ``cudagraphs``, ``validate``, ...) go to :class:`QSelectActor`.
         """
         return QSelectActor(
             self.actor_network,
             self.qvalue_network,
-            actor_params=self.target_actor_network_params,
+            actor_params=self.target_actor_network_params if actor_params is None else actor_params,
             qvalue_params=self.target_qvalue_network_params,
             num_qvalue_nets=self.num_qvalue_nets,
             num_candidates=num_candidates,
