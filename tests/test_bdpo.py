@@ -981,7 +981,7 @@ def test_init_actor_from_behavior_is_the_hand_over():
         num_samples=M,
         train_behavior=False,
     )
-    with pytest.raises(ValueError, match=r"init_actor_from_behavior: the behavior network's parameters do not match.*DenoisingLoss"):
+    with pytest.raises(ValueError, match=r"init_actor_from_behavior: the behavior network's parameters do not match.*fit_actor_to_reference"):
         analytic.init_actor_from_behavior()
     out = analytic(data)  # the analytic reference trains the rest as a behavior would
     assert torch.isfinite(out["loss_qvalue"]) and torch.isfinite(out["loss_actor"]) and "loss_behavior" not in out.keys()

@@ -222,7 +222,7 @@ class BDPOLoss(DiffusionValueLoss):
 
         Raises a ``ValueError`` when the behavior's parameters do not match the actor's (an
         analytic reference from :func:`~torchrl_bdpo.diffusion.make_reference` has none: fit
-        the actor to it with :class:`DenoisingLoss` on its samples instead).
+        the actor to it with :func:`~torchrl_bdpo.training.fit_actor_to_reference` instead).
         """
         src = self.target_behavior_network_params
         mine = self.actor_network_params
@@ -231,7 +231,7 @@ class BDPOLoss(DiffusionValueLoss):
                 "init_actor_from_behavior: the behavior network's parameters do not match the actor's "
                 f"({len(list(src.keys(True, True)))} vs {len(list(mine.keys(True, True)))} entries, or other "
                 "shapes). Build both with the same EpsilonNetwork settings; for an analytic reference, fit "
-                "the actor to the reference's samples with DenoisingLoss instead."
+                "the actor to it with torchrl_bdpo.training.fit_actor_to_reference(loss, observations) instead."
             )
         mine.data.copy_(src.data)
         self.target_actor_network_params.data.copy_(src.data)
