@@ -253,10 +253,13 @@ class Replay:
         """Whether a training batch can be drawn (the offline data always; online, a batch stored)."""
         return self.mixed is not None or len(self.online) >= self.batch_size
 
+    def stored(self):
+        """The online transitions stored so far (a view of the storage)."""
+        return self.online.storage._storage[: len(self.online)]
+
     def state_dict(self) -> dict:
-        n = len(self.online)
         return {
-            "data": self.online.storage._storage[:n].clone() if n else None,
+            "data": self.stored().clone() if len(self.online) else None,
             "cursor": self.online._writer._cursor,
             "write_count": self.online._writer._write_count,
         }
@@ -272,12 +275,13 @@ def fit_to_reference(loss, replay: Replay, fit: DictConfig, device: torch.device
     """The fresh actor (and its target) fitted to the reference on the online replay's states."""
     from torchrl_bdpo.training import fit_actor_to_reference
 
-    n = len(replay.online)
-    observation = replay.online.storage._storage[:n].get("observation").to(device)
+    observation = replay.stored().get("observation").to(device)
     t0 = time.perf_counter()
     result = fit_actor_to_reference(loss, observation, steps=fit.steps, batch_size=fit.batch_size, lr=fit.lr)
     result["seconds"] = time.perf_counter() - t0
-    print(f"actor fitted to the reference on {n} states: path KL {result['kl_start']:.3g} -> {result['kl_end']:.3g} nats ({fit.steps} steps)")
+    print(
+        f"actor fitted to the reference on {observation.shape[0]} states: path KL {result['kl_start']:.3g} -> {result['kl_end']:.3g} nats ({fit.steps} steps)"
+    )
     return result
 
 
@@ -424,7 +428,7 @@ def train(cfg: DictConfig) -> dict:
             row = critic = None
             if frames >= c.init_random_frames and replay.ready():
                 t_update = time.perf_counter()
-                if updates == 0 and cfg.reference_fit.steps and reference_fit is None:
+                if updates == 0 and cfg.reference_fit.steps:
                     reference_fit = fit_to_reference(loss, replay, cfg.reference_fit, device)
                     log_scalars(logger, {f"train/reference_fit_{k}": v for k, v in reference_fit.items()}, frames)
                 for _ in range(max(1, round(o.utd_ratio * batch.numel()))):

@@ -80,9 +80,12 @@ def fit_actor_to_reference(
     if not leaves:
         raise ValueError("fit_actor_to_reference: the actor has no trainable parameters.")
     device = observation.device
-    probe_rows = torch.randint(0, observation.shape[0], (batch_size,), generator=generator, device=generator.device if generator is not None else "cpu").to(
-        device
-    )
+
+    def draw_rows() -> torch.Tensor:
+        rows = torch.randint(0, observation.shape[0], (batch_size,), generator=generator, device=device if generator is None else generator.device)
+        return rows.to(device)
+
+    probe_rows = draw_rows()
 
     def probe() -> float:
         # the same reference paths before and after: a forked RNG with a fixed seed
@@ -93,10 +96,7 @@ def fit_actor_to_reference(
     kl_start = probe()
     optimizer = torch.optim.Adam(leaves, lr=lr)
     for _ in range(steps):
-        rows = torch.randint(0, observation.shape[0], (batch_size,), generator=generator, device=generator.device if generator is not None else "cpu").to(
-            device
-        )
-        value = reference_path_kl(loss, observation[rows]).mean()
+        value = reference_path_kl(loss, observation[draw_rows()]).mean()
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
