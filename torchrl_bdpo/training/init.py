@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from torchrl_bdpo.objectives.denoising import predict_eps_with
+from torchrl_bdpo.objectives.pathwise_kl import path_step_inputs
 
 __all__ = ["fit_actor_to_reference", "reference_path_kl"]
 
@@ -38,10 +39,7 @@ def reference_path_kl(loss, observation: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         with loss.target_behavior_network_params.to_module(reference, preserve_module_state=False):
             path = reference.sample_path(observation)
-    steps = torch.arange(1, actor.num_steps + 1, device=observation.device)
-    steps = steps.view(-1, 1).expand(-1, observation.shape[0])
-    obs = observation.unsqueeze(0).expand(actor.num_steps, *observation.shape)
-    action_n = path.actions[1:]  # a^n for n = 1..N: the input of step n
+    action_n, steps, obs = path_step_inputs(observation, path)  # a^n, n, s for n = 1..N
     eps_pi = predict_eps_with(actor, loss.actor_network_params, action_n, steps, obs)
     return actor.schedule.step_kl(eps_pi, path.eps.detach(), steps).sum(0)
 
