@@ -169,7 +169,14 @@ def run_sac(args, seed: int) -> dict:
         torch.optim.Adam([loss.log_alpha], lr=3e-4),
     ]
     rb = TensorDictReplayBuffer(storage=LazyTensorStorage(args.frames), batch_size=256)
-    collector = Collector(env, actor, frames_per_batch=args.frames_per_batch, total_frames=args.frames, init_random_frames=args.init_random_frames)
+    collector = Collector(
+        env,
+        actor,
+        frames_per_batch=args.frames_per_batch,
+        total_frames=args.frames,
+        init_random_frames=args.init_random_frames,
+        auto_register_policy_transforms=False,  # SAC's actor is not recurrent
+    )
     frames, evals, t0, out = 0, [], time.perf_counter(), None
     train_returns, running = [], 0.0
     seconds = {"collect": 0.0, "update": 0.0, "eval": 0.0}  # as bdpo_online's summary splits them

@@ -138,6 +138,36 @@ def test_collector_data_joins_the_offline_buffer_in_its_keys_and_scale(tmp_path,
     env.close()
 
 
+def test_acting_module_needs_no_recurrent_transforms():
+    """torchrl 0.14 warns that a Collector's env lacks ``InitTracker`` unless told
+    ``auto_register_policy_transforms``; from 0.15 it appends it by default. The acting module is
+    not recurrent: False collects as before, and True (0.15's default) adds only ``is_init``, which
+    the acting module ignores and the offline layout leaves out."""
+    import warnings
+
+    from torchrl.collectors import Collector
+
+    from torchrl_bdpo.data.online import TRANSITION_KEYS, to_offline_layout
+
+    loss = make_loss()
+    batches = {}
+    for flag in (False, True):
+        env = pendulum()
+        env.set_seed(0)
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collector = Collector(env, loss.make_acting_module(num_candidates=2), frames_per_batch=10, total_frames=10, auto_register_policy_transforms=flag)
+            batches[flag] = next(iter(collector))
+            collector.shutdown()
+        assert not [w for w in caught if "missing transforms required by the policy" in str(w.message)]
+    assert "is_init" not in batches[False].keys() and "is_init" in batches[True].keys()
+    torch.testing.assert_close(batches[True]["action"], batches[False]["action"])  # the same draws
+    laid_out = to_offline_layout(batches[True])
+    assert set(laid_out.keys(True, True)) == set(TRANSITION_KEYS)
+    assert torch.isfinite(loss(laid_out)["loss_qvalue"])
+
+
 def test_bdpo_runs_under_torchrls_trainer_with_its_cadence():
     """A torchrl Trainer, a Collector on Pendulum (ActionScaling), and BDPO's stepper: the critics
     every step, the actor every 3rd after 2; the trainer averages the same keys every step."""

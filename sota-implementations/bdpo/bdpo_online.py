@@ -415,7 +415,14 @@ def train(cfg: DictConfig) -> dict:
     while frames < c.total_frames:
         segment = min(cfg.checkpoint.interval - frames % cfg.checkpoint.interval, c.total_frames - frames)
         env.set_seed(cfg.seed + frames)
-        collector = Collector(env, acting, frames_per_batch=c.frames_per_batch, total_frames=segment, init_random_frames=max(0, c.init_random_frames - frames))
+        collector = Collector(
+            env,
+            acting,
+            frames_per_batch=c.frames_per_batch,
+            total_frames=segment,
+            init_random_frames=max(0, c.init_random_frames - frames),
+            auto_register_policy_transforms=False,  # not recurrent: no InitTracker (docs/composing.md)
+        )
         t_mark = time.perf_counter()
         for batch in collector:
             seconds["collect"] += time.perf_counter() - t_mark

@@ -334,7 +334,9 @@ class DatasetGenerator:
         splitter = EpisodeSplitter()
         episodes: list[TensorDict] = []
         fpb = min(self.cfg.frames_per_batch, frames)
-        collector = Collector(env, policy, frames_per_batch=fpb, total_frames=-1, exploration_type=exploration or ExplorationType.RANDOM)
+        collector = Collector(
+            env, policy, frames_per_batch=fpb, total_frames=-1, exploration_type=exploration or ExplorationType.RANDOM, auto_register_policy_transforms=False
+        )
         got = 0
         with tqdm(total=frames, desc=desc, disable=not self.cfg.progress) as bar:
             for batch in collector:
@@ -503,7 +505,12 @@ class DatasetGenerator:
         weak_lo, weak_hi = (f * cfg.reference_expert_return for f in cfg.weak_band)
         frames = state["frames"]
         collector = Collector(
-            sac.env, sac.actor, frames_per_batch=cfg.frames_per_batch, total_frames=-1, init_random_frames=max(0, cfg.init_random_frames - frames)
+            sac.env,
+            sac.actor,
+            frames_per_batch=cfg.frames_per_batch,
+            total_frames=-1,
+            init_random_frames=max(0, cfg.init_random_frames - frames),
+            auto_register_policy_transforms=False,
         )
         updates_per_batch = max(1, int(round(cfg.utd_ratio * cfg.frames_per_batch)))
         last_ckpt = frames
