@@ -21,10 +21,16 @@ For each run folder (its ``config.yaml`` and ``checkpoint.pt``):
     acting policy's chain goes.
 
   The two share the states and the steps ``n``; target and gain share the ``a^{n-1}`` draws.
+- ``policy_shift``: at ``--states`` replay states (the same two draws), how far the target
+  actor's actions are from the actions the replay holds there (drawn by the older policies that
+  collected it) against how far two of its own samples are from each other; target Q's gain of
+  its action over the replay's (what the actor believes it has gained on the states Q was
+  trained on); the critics' spread at each; and each one's mean action.
 
 If V or the actor were poorly trained where the policy's own chain goes (online, the replay's
 actions come from ever older policies), the ``policy`` errors and gains would stand out from the
-``data`` ones.
+``data`` ones. If a collapsed checkpoint had moved onto Q's errors at the replay's states, its
+``policy_shift`` distance and Q gain would stand out from a healthy checkpoint's.
 """
 
 from __future__ import annotations
@@ -87,6 +93,38 @@ def value_chain(loss, data, states: int, recent: int, seed: int) -> dict:
     return out
 
 
+def shift_at(loss, observation: torch.Tensor, action: torch.Tensor, seed: int) -> dict:
+    """The target actor's samples at ``observation`` against the replay's ``action`` there (module doc)."""
+    actor = loss.actor_network
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        with loss.target_actor_network_params.to_module(actor, preserve_module_state=False):
+            samples = actor.sample_path(observation, num_samples=2).actions[0]  # a^0: [B, 2, A]
+        mine, other = samples.unbind(-2)
+        q_mine = loss._qvalue(loss.target_qvalue_network_params, observation, mine)  # [K, B]
+        q_replay = loss._qvalue(loss.target_qvalue_network_params, observation, action)
+    return {
+        "to_replay": float((mine - action).norm(dim=-1).mean()),
+        "to_itself": float((mine - other).norm(dim=-1).mean()),
+        "q_policy": float(q_mine.mean()),
+        "q_replay": float(q_replay.mean()),
+        "q_gain": float((q_mine.mean(0) - q_replay.mean(0)).mean()),
+        "critic_std_policy": float(q_mine.std(0, unbiased=False).mean()),
+        "critic_std_replay": float(q_replay.std(0, unbiased=False).mean()),
+        "mean_action_policy": mine.mean(0).tolist(),
+        "mean_action_replay": action.mean(0).tolist(),
+    }
+
+
+def policy_shift(loss, data, states: int, recent: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for where, low in (("replay", 0), ("recent", max(len(data) - recent, 0))):
+        idx = torch.randint(low, len(data), (states,), generator=g)
+        out[where] = shift_at(loss, data["observation"][idx].float(), data["action"][idx].float(), seed + 3)
+    return out
+
+
 def acting(loss, cfg, episodes: int, seed: int) -> dict:
     sys.path.insert(0, str(SCRIPT_DIR))
     import bdpo_online as online
@@ -121,6 +159,7 @@ def analyse(run: Path, episodes: int, states: int, recent: int, seed: int) -> di
     data = state["replay"]["data"]
     row = {"run": str(run), "frames": state["frames"], "eta": float(loss.eta), "replay": len(data)}
     row["value_chain"] = value_chain(loss, data, states, recent, seed)
+    row["policy_shift"] = policy_shift(loss, data, states, recent, seed)
     if episodes > 0:
         row["acting"] = acting(loss, cfg, episodes, seed)
     return row
@@ -145,6 +184,11 @@ def main(argv=None) -> list[dict]:
             for kind, steps in kinds.items():
                 cells = " ".join(f"{k}: {v['v_rms_error']:.2f}/{v['target']:.1f}/{v['online_actor_gain']:+.3f}" for k, v in steps.items())
                 print(f"  V error / target / actor gain, {where}, a^n from {kind}: {cells}")
+        for where, x in r["policy_shift"].items():
+            print(
+                f"  policy shift, {where}: to the replay's actions {x['to_replay']:.3f} (own spread {x['to_itself']:.3f}), "
+                f"Q gain {x['q_gain']:+.2f} on {x['q_replay']:.1f}, critic std {x['critic_std_policy']:.2f} / {x['critic_std_replay']:.2f}"
+            )
         for name, x in r.get("acting", {}).items():
             print(f"  {name}: {x['mean']:.1f} (lengths {min(x['lengths'])}-{max(x['lengths'])}, {x['reward_per_step']:.3f} per step)")
     if args.out is not None:

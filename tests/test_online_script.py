@@ -634,3 +634,16 @@ def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
     loss.actor_network_params.data.copy_(loss.target_actor_network_params.data)
     steps = probe.step_errors(loss, obs, probe.own_chain_steps(loss, obs, n), n, seed=5)
     assert all(v["online_actor_gain"] == 0 for v in steps.values() if v["rows"])
+
+    # policy shift: the run's row reads the replay; against the target actor's own first sample
+    # (the same draws) it is exactly nowhere, and its Q gain is exactly 0
+    for where in ("replay", "recent"):
+        x = row["policy_shift"][where]
+        assert x["to_replay"] > 0 and x["to_itself"] > 0 and len(x["mean_action_policy"]) == 1
+        assert x["q_gain"] == pytest.approx(x["q_policy"] - x["q_replay"], abs=1e-4)
+    torch.manual_seed(7)
+    with loss.target_actor_network_params.to_module(loss.actor_network):
+        own = loss.actor_network.sample_path(obs, num_samples=2).actions[0, :, 0]
+    same = probe.shift_at(loss, obs, own, seed=7)
+    assert same["to_replay"] == 0 and same["q_gain"] == 0 and same["critic_std_policy"] == same["critic_std_replay"] > 0
+    assert same["to_itself"] > 0 and same["mean_action_policy"] == pytest.approx(own.mean(0).tolist())
