@@ -79,12 +79,18 @@ def step_errors(loss, observation: torch.Tensor, action_n: torch.Tensor, n: torc
     return out
 
 
-def value_chain(loss, data, states: int, recent: int, seed: int) -> dict:
+def replay_draws(data, states: int, recent: int, seed: int):
+    """``(where, observation, action)`` at ``states`` rows drawn from the whole replay and from its
+    last ``recent`` transitions; the same rows for the same ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    out = {}
     for where, low in (("replay", 0), ("recent", max(len(data) - recent, 0))):
         idx = torch.randint(low, len(data), (states,), generator=g)
-        obs, act = data["observation"][idx].float(), data["action"][idx].float()
+        yield where, data["observation"][idx].float(), data["action"][idx].float()
+
+
+def value_chain(loss, data, states: int, recent: int, seed: int) -> dict:
+    out = {}
+    for where, obs, act in replay_draws(data, states, recent, seed):
         torch.manual_seed(seed)
         noised, n, _ = loss.actor_network.schedule.noise_action(act)
         torch.manual_seed(seed + 1)
@@ -117,12 +123,7 @@ def shift_at(loss, observation: torch.Tensor, action: torch.Tensor, seed: int) -
 
 
 def policy_shift(loss, data, states: int, recent: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for where, low in (("replay", 0), ("recent", max(len(data) - recent, 0))):
-        idx = torch.randint(low, len(data), (states,), generator=g)
-        out[where] = shift_at(loss, data["observation"][idx].float(), data["action"][idx].float(), seed + 3)
-    return out
+    return {where: shift_at(loss, obs, act, seed + 3) for where, obs, act in replay_draws(data, states, recent, seed)}
 
 
 def acting(loss, cfg, episodes: int, seed: int) -> dict:

@@ -636,7 +636,7 @@ def test_checkpoint_probe_draws_the_own_chain_and_acts_as_the_run(tmp_path):
     assert all(v["online_actor_gain"] == 0 for v in steps.values() if v["rows"])
 
     # policy shift: the run's row reads the replay; against the target actor's own first sample
-    # (the same draws) it is exactly nowhere, and its Q gain is exactly 0
+    # (the same draws) its distance and its Q gain are exactly 0
     for where in ("replay", "recent"):
         x = row["policy_shift"][where]
         assert x["to_replay"] > 0 and x["to_itself"] > 0 and len(x["mean_action_policy"]) == 1
